@@ -1,0 +1,217 @@
+"""The paper's layers that torch does not provide as the paper defines them.
+
+* ``LocalResponseNorm``: the paper's cross-map normalisation, with a custom autograd
+  function (one cheap forward, an analytic backward that reuses the forward's work).
+* ``SeededDropout``: dropout whose mask is a pure function of
+  (seed, step, layer, column, global sample index, unit), so it does not change with
+  how a batch is split into micro-batches, pipeline stages or replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ---------------------------------------------------------------------------------------------
+# Local response normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+def _window_sum(t: Tensor, size: int) -> Tensor:
+    """Sum over ``size`` neighbouring channels, clamped at the edges.  (B, C, H, W) -> same.
+
+    Shifted adds of a channel-padded copy: ``size - 1`` adds of the whole tensor, no
+    im2col, no pooling kernel. The window is symmetric for odd ``size``, so this
+    operator is its own adjoint (the backward uses it too).
+    """
+    lo = size // 2
+    hi = size - 1 - lo
+    c = t.shape[1]
+    padded = F.pad(t, (0, 0, 0, 0, lo, hi))  # (B, C + size - 1, H, W)
+    out = padded[:, 0:c].clone()
+    for i in range(1, size):
+        out += padded[:, i : i + c]
+    return out
+
+
+def _pow_neg_beta(d: Tensor, beta: float) -> Tensor:
+    """d ** -beta; for the paper's beta = 3/4 as rsqrt(d) * sqrt(rsqrt(d)), much cheaper than pow."""
+    if beta == 0.75:
+        r = torch.rsqrt(d)
+        return r * torch.sqrt(r)
+    return d.pow(-beta)
+
+
+class _LRNFunction(torch.autograd.Function):
+    """b = a * d^-beta with d = k + alpha * S(a^2), S the channel window sum.
+
+    Backward: db_i/da_j = delta_ij d_i^-beta - 2 alpha beta a_j [j in win(i)] a_i d_i^(-beta-1),
+    so grad_a = g * d^-beta - 2 alpha beta * a * S(g * b / d). It reuses the saved
+    d^-beta and d, so the backward does no pow at all.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int):
+        b, c, h, w = x.shape
+        xg = x.reshape(b * groups, c // groups, h, w)  # windows never cross a column boundary
+        d = _window_sum(xg * xg, size).mul_(alpha).add_(k)
+        scale = _pow_neg_beta(d, beta)
+        out = (xg * scale).reshape(b, c, h, w)
+        ctx.save_for_backward(xg, out, d, scale)
+        ctx.hyper = (size, alpha, beta, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        xg, out, d, scale = ctx.saved_tensors
+        size, alpha, beta, groups = ctx.hyper
+        g = grad_out.reshape(xg.shape)
+        t = _window_sum(g * out.reshape(xg.shape) / d, size)
+        grad = torch.addcmul(g * scale, xg, t, value=-2.0 * alpha * beta)
+        return grad.reshape(grad_out.shape), None, None, None, None, None
+
+
+def local_response_norm(
+    x: Tensor,
+    size: int = 5,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 2.0,
+    groups: int = 1,
+) -> Tensor:
+    """The paper's LRN with ``alpha`` used as written (no division by ``size``).
+
+    ``groups`` > 1 normalises each group of channels on its own, which is how the fused
+    model applies one column's LRN to its half of a two-column tensor.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"local_response_norm expects (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] % groups:
+        raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
+    return _LRNFunction.apply(x, size, alpha, beta, k, groups)
+
+
+class LocalResponseNorm(nn.Module):
+    """Cross-map local response normalisation, section 3.3 of the paper.
+
+    b^i = a^i / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} (a^j)^2)^beta,
+    k=2, n=5, alpha=1e-4, beta=0.75.
+
+    ``convention="paper"`` (default) uses alpha as printed. ``convention="per_size"``
+    uses alpha / n, as the original cuda-convnet code and ``torch.nn.LocalResponseNorm``
+    do, so ``LocalResponseNorm(5, 1e-4, 0.75, 2, convention="per_size")`` equals
+    ``torch.nn.LocalResponseNorm(5, 1e-4, 0.75, 2)``.
+    """
+
+    def __init__(
+        self,
+        size: int = 5,
+        alpha: float = 1e-4,
+        beta: float = 0.75,
+        k: float = 2.0,
+        convention: str = "paper",
+        groups: int = 1,
+    ) -> None:
+        super().__init__()
+        if convention not in ("paper", "per_size"):
+            raise ValueError(f"convention={convention!r}: use 'paper' or 'per_size'")
+        if size < 1 or size % 2 == 0:
+            raise ValueError(f"LRN size={size}: must be a positive odd number")
+        self.size, self.beta, self.k, self.groups = size, beta, k, groups
+        self.convention = convention
+        self.alpha = alpha / size if convention == "per_size" else alpha
+
+    def forward(self, x: Tensor) -> Tensor:
+        return local_response_norm(x, self.size, self.alpha, self.beta, self.k, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha:g}, beta={self.beta}, k={self.k}, groups={self.groups}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Partition-invariant dropout
+# ---------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer finaliser (Wellons' lowbias32) on int64 tensors holding uint32 values.
+
+    Every product stays below 2**63, so int64 arithmetic is exact on CPU and GPU alike.
+    """
+    x = ((x >> 16) ^ x) * 0x7FEB352D & _M32
+    x = ((x >> 15) ^ x) * 0x846CA68B & _M32
+    return (x >> 16) ^ x
+
+
+def _mix32_int(x: int) -> int:
+    """:func:`_mix32` on a Python int."""
+    x = ((x >> 16) ^ x) * 0x7FEB352D & _M32
+    x = ((x >> 15) ^ x) * 0x846CA68B & _M32
+    return (x >> 16) ^ x
+
+
+def _key32(*values: int) -> int:
+    """Fold integers into one 32-bit key (Python side, once per layer call)."""
+    h = 0x9E3779B9
+    for v in values:
+        h = (_mix32_int(h ^ (v & _M32)) + 0x632BE5AB) & _M32
+    return h
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What the random parts of a forward pass are a function of.
+
+    ``sample_index`` holds the global index (within the step's global batch) of each
+    row of the micro-batch, shape (B,), int64; ``None`` means rows 0..B-1.
+    """
+
+    seed: int = 0
+    step: int = 0
+    sample_index: Tensor | None = None
+
+    def indices(self, batch: int, device: torch.device) -> Tensor:
+        if self.sample_index is None:
+            return torch.arange(batch, device=device, dtype=torch.int64)
+        if self.sample_index.shape != (batch,):
+            raise ValueError(f"sample_index has shape {tuple(self.sample_index.shape)}, expected ({batch},)")
+        return self.sample_index.to(device=device, dtype=torch.int64)
+
+
+def dropout_mask(
+    ctx: StepContext, layer: int, column: int, batch: int, units: int, p: float, device: torch.device
+) -> Tensor:
+    """Boolean keep-mask (B, units): a function of (seed, step, layer, column, sample, unit) only."""
+    key = _key32(ctx.seed, ctx.step, layer, column)
+    rows = ctx.indices(batch, device)
+    row_key = _mix32((rows * 0x9E3779B1 + key) & _M32)  # (B,)
+    cols = torch.arange(units, device=device, dtype=torch.int64) * 0x85EBCA6B & _M32  # (U,)
+    h = _mix32(_mix32(row_key[:, None] ^ cols[None, :]))  # (B, U) uniform uint32
+    return h >= int(p * 2**32)
+
+
+class SeededDropout(nn.Module):
+    """Inverted dropout (kept units scaled by 1/(1-p) in training, identity in eval).
+
+    The paper halves the outputs at test time instead; the two are the same function
+    up to that constant factor on the following layer's input. The mask comes from
+    :func:`dropout_mask`, keyed by this layer's id and column.
+    """
+
+    def __init__(self, p: float, layer: int, column: int) -> None:
+        super().__init__()
+        self.p, self.layer, self.column = p, layer, column
+
+    def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        mask = dropout_mask(ctx, self.layer, self.column, x.shape[0], x.shape[1], self.p, x.device)
+        return x * mask.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, layer={self.layer}, column={self.column}"

@@ -1,0 +1,345 @@
+"""The paper's two-column network: one block list, executed locally or fused.
+
+The network is eight blocks (``BLOCKS``); each has one half per column and says where
+its input comes from: the image (conv1), the column's own previous block, or **both**
+columns (conv3, fc6, fc7, fc8: the paper's exchange points). The same list runs as
+
+* :class:`Stage`: any contiguous run of blocks for any subset of the columns, with the
+  exchange supplied by the caller (concatenation here, an all-gather in ``pipeline/``);
+* :class:`TwoColumnAlexNet`: all blocks, both columns, exchange = concatenation. The
+  reference, and the owner of the canonical state-dict names ``{block}.{column}.weight``;
+* :class:`FusedAlexNet`: both columns as grouped convolutions and single matmuls on one
+  device. Its state dict uses the canonical names too, so weights move freely.
+
+fc8 is split into two halves of ``num_classes / 2`` logits, one per column, each reading
+both columns' fc7 (4096 inputs). The original code kept one 1000-way layer on the first
+GPU; the split computes the same function with the same parameter count and keeps the
+columns symmetric (each rank does the same work); the halves are concatenated for the
+softmax.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alexnet.config import ModelConfig
+from alexnet.layers import LocalResponseNorm, SeededDropout, StepContext, dropout_mask
+
+COLUMNS = (0, 1)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block of the paper's table (see DESIGN.md)."""
+
+    name: str
+    index: int
+    kind: str  # "conv" or "fc"
+    input: str  # "image", "own" or "both" (an exchange point)
+    lrn: bool = False
+    pool: bool = False
+    relu: bool = True
+    dropout: bool = False
+    bias_one: bool = False  # the paper initialises these biases to 1
+
+    @property
+    def exchange(self) -> bool:
+        return self.input == "both"
+
+
+BLOCKS: tuple[BlockSpec, ...] = (
+    BlockSpec("conv1", 0, "conv", "image", lrn=True, pool=True),
+    BlockSpec("conv2", 1, "conv", "own", lrn=True, pool=True, bias_one=True),
+    BlockSpec("conv3", 2, "conv", "both"),
+    BlockSpec("conv4", 3, "conv", "own", bias_one=True),
+    BlockSpec("conv5", 4, "conv", "own", pool=True, bias_one=True),
+    BlockSpec("fc6", 5, "fc", "both", dropout=True, bias_one=True),
+    BlockSpec("fc7", 6, "fc", "both", dropout=True, bias_one=True),
+    BlockSpec("fc8", 7, "fc", "both", relu=False),
+)
+BLOCK_NAMES: tuple[str, ...] = tuple(b.name for b in BLOCKS)
+BLOCK_BY_NAME: dict[str, BlockSpec] = {b.name: b for b in BLOCKS}
+
+# exchange(spec, parts) -> the full tensor: every column's part concatenated along dim 1,
+# column 0 first. ``parts`` are the parts this process holds, in column order.
+Exchange = Callable[[BlockSpec, list[Tensor]], Tensor]
+
+
+def concat_exchange(spec: BlockSpec, parts: list[Tensor]) -> Tensor:
+    """The exchange when every column is in this process: a concatenation."""
+    return torch.cat(parts, dim=1)
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Per-column shapes of one block: its weight, its conv arguments and its output."""
+
+    weight_shape: tuple[int, ...]
+    stride: int
+    padding: int
+    conv_out: tuple[int, ...]  # (C, H, W) before pooling, or (units,)
+    out: tuple[int, ...]  # after pooling
+
+
+def geometry(cfg: ModelConfig, name: str, column: int) -> LayerGeometry:
+    """Shapes of block ``name`` in ``column`` (per column, as in the paper's figure 2)."""
+    c1, c2, c3, c4, c5 = cfg.conv_channels
+    s1, p1, p2, p5 = cfg.spatial_sizes()
+    k2 = cfg.conv2_kernel
+    table = {
+        "conv1": (
+            (c1, cfg.in_channels, cfg.conv1_kernel, cfg.conv1_kernel),
+            cfg.conv1_stride,
+            cfg.conv1_padding,
+            (c1, s1, s1),
+            (c1, p1, p1),
+        ),
+        "conv2": ((c2, c1, k2, k2), 1, k2 // 2, (c2, p1, p1), (c2, p2, p2)),
+        "conv3": ((c3, 2 * c2, 3, 3), 1, 1, (c3, p2, p2), (c3, p2, p2)),
+        "conv4": ((c4, c3, 3, 3), 1, 1, (c4, p2, p2), (c4, p2, p2)),
+        "conv5": ((c5, c4, 3, 3), 1, 1, (c5, p2, p2), (c5, p5, p5)),
+        "fc6": ((cfg.fc_units, 2 * c5 * p5 * p5), 1, 0, (cfg.fc_units,), (cfg.fc_units,)),
+        "fc7": ((cfg.fc_units, 2 * cfg.fc_units), 1, 0, (cfg.fc_units,), (cfg.fc_units,)),
+    }
+    if name == "fc8":
+        n = cfg.fc8_split[column]
+        return LayerGeometry((n, 2 * cfg.fc_units), 1, 0, (n,), (n,))
+    w, stride, pad, conv_out, out = table[name]
+    return LayerGeometry(w, stride, pad, conv_out, out)
+
+
+def _init_std(cfg: ModelConfig, weight_shape: tuple[int, ...]) -> float:
+    if cfg.init_std > 0:
+        return cfg.init_std
+    return math.sqrt(2.0 / math.prod(weight_shape[1:]))  # He: fan_in of one output unit
+
+
+def init_column_params(cfg: ModelConfig, name: str, column: int) -> tuple[Tensor, Tensor]:
+    """The paper's initial (weight, bias) of one column of one block.
+
+    Weights ~ N(0, cfg.init_std) (0.01 in the paper), biases 1 in conv2, conv4, conv5,
+    fc6, fc7 and 0 elsewhere. Drawn from a generator keyed by (seed, block, column), so
+    any split of the model into stages and ranks starts from the same weights.
+    """
+    spec, geo = BLOCK_BY_NAME[name], geometry(cfg, name, column)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + spec.index * 16 + column)
+    w = torch.empty(geo.weight_shape).normal_(0.0, _init_std(cfg, geo.weight_shape), generator=gen)
+    b = torch.full((geo.weight_shape[0],), 1.0 if spec.bias_one else 0.0)
+    return w, b
+
+
+class ColumnBlock(nn.Module):
+    """One column's half of one block: conv or linear, then ReLU, LRN, pool, dropout as the paper."""
+
+    def __init__(self, cfg: ModelConfig, name: str, column: int) -> None:
+        super().__init__()
+        self.spec, self.column = BLOCK_BY_NAME[name], column
+        self.geo = geometry(cfg, name, column)
+        w, b = init_column_params(cfg, name, column)
+        self.weight, self.bias = nn.Parameter(w), nn.Parameter(b)
+        self.lrn = (
+            LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k, cfg.lrn_convention)
+            if self.spec.lrn
+            else None
+        )
+        self.drop = SeededDropout(cfg.dropout, self.spec.index, column) if self.spec.dropout else None
+
+    def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
+        if self.spec.kind == "conv":
+            x = F.conv2d(x, self.weight, self.bias, self.geo.stride, self.geo.padding)
+        else:
+            x = F.linear(x.flatten(1), self.weight, self.bias)
+        if self.spec.relu:
+            x = F.relu(x, inplace=True)
+        if self.lrn is not None:
+            x = self.lrn(x)
+        if self.spec.pool:
+            x = F.max_pool2d(x, 3, 2)
+        if self.drop is not None:
+            x = self.drop(x, ctx)
+        return x
+
+
+class Stage(nn.ModuleDict):
+    """A contiguous run of blocks for a subset of the columns.
+
+    Parameters are named ``{block}.{column}.weight`` / ``.bias`` whatever the subset, so a
+    stage's state dict is a slice of :class:`TwoColumnAlexNet`'s.
+    """
+
+    def __init__(self, cfg: ModelConfig, blocks: Sequence[str], columns: Sequence[int]) -> None:
+        names = [b.name for b in BLOCKS if b.name in set(blocks)]
+        if list(blocks) != names or not names:
+            raise ValueError(f"blocks {list(blocks)} are not a contiguous run of {BLOCK_NAMES}")
+        first = BLOCK_NAMES.index(names[0])
+        if BLOCK_NAMES[first : first + len(names)] != tuple(names):
+            raise ValueError(f"blocks {list(blocks)} are not a contiguous run of {BLOCK_NAMES}")
+        if not columns or any(c not in COLUMNS for c in columns) or sorted(set(columns)) != list(columns):
+            raise ValueError(f"columns {list(columns)}: use (0,), (1,) or (0, 1)")
+        super().__init__({n: nn.ModuleDict({str(c): ColumnBlock(cfg, n, c) for c in columns}) for n in names})
+        self.cfg, self.block_names, self.columns = cfg, tuple(names), tuple(columns)
+
+    def run(
+        self,
+        xs: list[Tensor],
+        exchange: Exchange = concat_exchange,
+        ctx: StepContext | None = None,
+    ) -> list[Tensor]:
+        """Run the blocks. ``xs``: the image as ``[x]`` if the stage starts at conv1, else one
+        tensor per held column (in column order). Returns one tensor per held column."""
+        ctx = ctx or StepContext(seed=self.cfg.seed)
+        for name in self.block_names:
+            spec = BLOCK_BY_NAME[name]
+            if spec.input == "image":
+                ins = [xs[0]] * len(self.columns)  # both columns see the whole image
+            elif spec.exchange:
+                ins = [exchange(spec, xs)] * len(self.columns)
+            else:
+                ins = xs
+            xs = [self[name][str(c)](x, ctx) for c, x in zip(self.columns, ins, strict=True)]
+        return xs
+
+    forward = run
+
+
+class TwoColumnAlexNet(Stage):
+    """Both columns in one process, exchange = concatenation: the reference execution."""
+
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
+        super().__init__(cfg or ModelConfig(), BLOCK_NAMES, COLUMNS)
+
+    def forward(self, x: Tensor, ctx: StepContext | None = None) -> Tensor:  # type: ignore[override]
+        """(B, 3, S, S) images -> (B, num_classes) logits."""
+        return torch.cat(self.run([x], concat_exchange, ctx), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused execution
+# ---------------------------------------------------------------------------------------------
+
+
+def column_sizes(cfg: ModelConfig, name: str) -> tuple[int, int]:
+    """Output rows (dim 0 of weight and bias) of each column in block ``name``."""
+    return tuple(geometry(cfg, name, c).weight_shape[0] for c in COLUMNS)  # type: ignore[return-value]
+
+
+def columns_to_fused(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Canonical ``{block}.{c}.{w|b}`` tensors -> fused ``{block}.{w|b}`` (concatenated on dim 0).
+
+    Works for anything shaped like the parameters (weights, momentum buffers).
+    """
+    out = {}
+    for name in BLOCK_NAMES:
+        for p in ("weight", "bias"):
+            out[f"{name}.{p}"] = torch.cat([state[f"{name}.{c}.{p}"] for c in COLUMNS], dim=0)
+    return out
+
+
+def fused_to_columns(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`columns_to_fused`."""
+    out = {}
+    for name in BLOCK_NAMES:
+        sizes = column_sizes(cfg, name)
+        for p in ("weight", "bias"):
+            for c, part in zip(COLUMNS, torch.split(state[f"{name}.{p}"], sizes, dim=0), strict=True):
+                out[f"{name}.{c}.{p}"] = part
+    return out
+
+
+class _Params(nn.Module):
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
+
+
+class FusedAlexNet(nn.Module):
+    """Both columns as grouped convolutions and single matmuls: the fast one-device path.
+
+    conv2, conv4, conv5 are ``groups=2`` convolutions (each column reads its own half);
+    conv1, conv3 and the fc layers read all inputs, so the columns' weights are simply
+    stacked on the output dimension. LRN runs with ``groups=2`` so its window never
+    crosses from one column's maps into the other's. ``state_dict()`` and
+    ``load_state_dict()`` speak the canonical per-column names.
+    """
+
+    GROUPED = {"conv2", "conv4", "conv5"}
+
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or ModelConfig()
+        canonical = {}
+        for name in BLOCK_NAMES:
+            for c in COLUMNS:
+                canonical[f"{name}.{c}.weight"], canonical[f"{name}.{c}.bias"] = init_column_params(
+                    cfg, name, c
+                )
+        fused = columns_to_fused(cfg, canonical)
+        for name in BLOCK_NAMES:
+            self.add_module(name, _Params(fused[f"{name}.weight"], fused[f"{name}.bias"]))
+        self.lrn = LocalResponseNorm(
+            cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k, cfg.lrn_convention, groups=2
+        )
+        self.register_state_dict_post_hook(FusedAlexNet._to_canonical)
+        self.register_load_state_dict_pre_hook(FusedAlexNet._from_canonical)
+
+    @staticmethod
+    def _to_canonical(module: FusedAlexNet, state: dict, prefix: str, local_metadata) -> None:
+        own = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+        for k, v in fused_to_columns(module.cfg, own).items():
+            state[prefix + k] = v
+
+    def _from_canonical(self, state: dict, prefix: str, *args) -> None:
+        keys = [f"{prefix}{n}.{c}.{p}" for n in BLOCK_NAMES for c in COLUMNS for p in ("weight", "bias")]
+        if all(k in state for k in keys):
+            own = {k[len(prefix) :]: state.pop(k) for k in keys}
+            for k, v in columns_to_fused(self.cfg, own).items():
+                state[prefix + k] = v
+
+    def _conv(self, x: Tensor, name: str) -> Tensor:
+        geo = geometry(self.cfg, name, 0)
+        p = getattr(self, name)
+        groups = 2 if name in self.GROUPED else 1
+        return F.relu(F.conv2d(x, p.weight, p.bias, geo.stride, geo.padding, 1, groups), inplace=True)
+
+    def _fc(self, x: Tensor, name: str, ctx: StepContext) -> Tensor:
+        p = getattr(self, name)
+        x = F.linear(x, p.weight, p.bias)
+        spec = BLOCK_BY_NAME[name]
+        if not spec.relu:
+            return x
+        x = F.relu(x, inplace=True)
+        if not self.training or self.cfg.dropout == 0.0:
+            return x
+        b, units = x.shape[0], self.cfg.fc_units
+        mask = torch.cat(
+            [dropout_mask(ctx, spec.index, c, b, units, self.cfg.dropout, x.device) for c in COLUMNS], dim=1
+        )
+        return x * mask.to(x.dtype) * (1.0 / (1.0 - self.cfg.dropout))
+
+    def forward(self, x: Tensor, ctx: StepContext | None = None) -> Tensor:
+        """(B, 3, S, S) images -> (B, num_classes) logits."""
+        ctx = ctx or StepContext(seed=self.cfg.seed)
+        x = F.max_pool2d(self.lrn(self._conv(x, "conv1")), 3, 2)  # (B, 96, 27, 27)
+        x = F.max_pool2d(self.lrn(self._conv(x, "conv2")), 3, 2)  # (B, 256, 13, 13)
+        x = self._conv(x, "conv3")  # (B, 384, 13, 13)
+        x = self._conv(x, "conv4")  # (B, 384, 13, 13)
+        x = F.max_pool2d(self._conv(x, "conv5"), 3, 2).flatten(1)  # (B, 9216)
+        x = self._fc(x, "fc6", ctx)  # (B, 4096)
+        x = self._fc(x, "fc7", ctx)  # (B, 4096)
+        return self._fc(x, "fc8", ctx)  # (B, num_classes)
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of the whole two-column network (60,965,224 for the paper at 1000 classes)."""
+    total = 0
+    for name in BLOCK_NAMES:
+        for c in COLUMNS:
+            w = geometry(cfg, name, c).weight_shape
+            total += math.prod(w) + w[0]
+    return total

@@ -1,0 +1,1 @@
+"""Where it runs: Ray actors, the coordinator, checkpoints, metrics and the CLI's job commands."""

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from alexnet.layers import LocalResponseNorm, StepContext, dropout_mask, local_response_norm
+
+
+def paper_lrn_reference(a: torch.Tensor, n=5, k=2.0, alpha=1e-4, beta=0.75) -> torch.Tensor:
+    """The paper's formula, written out literally in float64: one loop over maps."""
+    a = a.double()
+    num_maps = a.shape[1]
+    out = torch.empty_like(a)
+    for i in range(num_maps):
+        lo, hi = max(0, i - n // 2), min(num_maps - 1, i + n // 2)
+        s = (a[:, lo : hi + 1] ** 2).sum(dim=1)
+        out[:, i] = a[:, i] / (k + alpha * s) ** beta
+    return out
+
+
+@pytest.mark.parametrize("convention", ["paper", "per_size"])
+def test_lrn_matches_formula(convention):
+    x = torch.randn(3, 11, 6, 5) * 30  # large activations, so the denominator matters
+    lrn = LocalResponseNorm(5, 1e-4, 0.75, 2.0, convention=convention)
+    alpha = 1e-4 if convention == "paper" else 1e-4 / 5
+    ref = paper_lrn_reference(x, alpha=alpha)
+    got = lrn(x)
+    assert (got.double() - ref).abs().max() / ref.abs().max() < 1e-6
+    # the two conventions really differ on these inputs
+    other = paper_lrn_reference(x, alpha=1e-4 / 5 if convention == "paper" else 1e-4)
+    assert (other - ref).abs().max() / ref.abs().max() > 1e-3
+
+
+def test_per_size_convention_equals_torch():
+    x = torch.randn(2, 16, 7, 7) * 20
+    ours = LocalResponseNorm(5, 1e-4, 0.75, 2.0, convention="per_size")(x)
+    theirs = torch.nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_lrn_beta_general_matches_formula():
+    x = torch.randn(2, 7, 4, 4) * 10
+    got = local_response_norm(x, 3, alpha=1e-2, beta=0.6, k=1.0)
+    ref = paper_lrn_reference(x, n=3, k=1.0, alpha=1e-2, beta=0.6)
+    assert (got.double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("beta", [0.75, 0.6])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrn_gradcheck(beta, groups):
+    # alpha large enough that the cross-map term of the gradient is not negligible
+    x = (torch.randn(2, 8, 3, 3, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: local_response_norm(t, 5, 0.05, beta, 2.0, groups), (x,))
+
+
+def test_lrn_groups_do_not_cross():
+    x = torch.randn(2, 10, 3, 3) * 20
+    whole = local_response_norm(x, groups=2)
+    parts = torch.cat([local_response_norm(x[:, :5]), local_response_norm(x[:, 5:])], dim=1)
+    torch.testing.assert_close(whole, parts, rtol=0, atol=0)
+    assert not torch.allclose(
+        local_response_norm(x, alpha=1e-2), local_response_norm(x, alpha=1e-2, groups=2)
+    )
+
+
+def test_lrn_rejects_bad_settings():
+    with pytest.raises(ValueError, match="convention"):
+        LocalResponseNorm(convention="caffe")
+    with pytest.raises(ValueError, match="odd"):
+        LocalResponseNorm(size=4)
+
+
+def test_dropout_mask_is_partition_invariant():
+    ctx = StepContext(seed=3, step=7)
+    whole = dropout_mask(ctx, layer=5, column=1, batch=16, units=64, p=0.5, device=torch.device("cpu"))
+    parts = [
+        dropout_mask(StepContext(3, 7, torch.arange(i, i + 4)), 5, 1, 4, 64, 0.5, torch.device("cpu"))
+        for i in range(0, 16, 4)
+    ]
+    assert torch.equal(whole, torch.cat(parts))
+    # it is a function of every key component
+    for other in (
+        dropout_mask(StepContext(4, 7), 5, 1, 16, 64, 0.5, torch.device("cpu")),
+        dropout_mask(StepContext(3, 8), 5, 1, 16, 64, 0.5, torch.device("cpu")),
+        dropout_mask(ctx, 6, 1, 16, 64, 0.5, torch.device("cpu")),
+        dropout_mask(ctx, 5, 0, 16, 64, 0.5, torch.device("cpu")),
+    ):
+        assert not torch.equal(whole, other)
+    # rows differ and the keep rate is p
+    assert not torch.equal(whole[0], whole[1])
+    big = dropout_mask(ctx, 5, 0, 256, 2048, 0.5, torch.device("cpu"))
+    assert abs(big.float().mean().item() - 0.5) < 0.005

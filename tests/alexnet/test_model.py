@@ -1,0 +1,192 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alexnet.config import ModelConfig
+from alexnet.layers import StepContext
+from alexnet.model import BLOCK_NAMES, FusedAlexNet, Stage, TwoColumnAlexNet, parameter_count
+
+PAPER = ModelConfig()
+SMALL = ModelConfig.small(num_classes=10, input_size=32)
+
+
+def test_parameter_count_is_the_papers():
+    assert parameter_count(PAPER) == 60_965_224
+    assert sum(p.numel() for p in TwoColumnAlexNet(PAPER).parameters()) == 60_965_224
+    assert sum(p.numel() for p in FusedAlexNet(PAPER).parameters()) == 60_965_224
+
+
+def test_shapes_per_layer_and_column():
+    model = TwoColumnAlexNet(PAPER)
+    expected = {
+        "conv1": (48, 27, 27),  # 55x55x48 before the pool
+        "conv2": (128, 13, 13),
+        "conv3": (192, 13, 13),
+        "conv4": (192, 13, 13),
+        "conv5": (128, 6, 6),
+        "fc6": (2048,),
+        "fc7": (2048,),
+        "fc8": (500,),
+    }
+    xs = [torch.randn(2, 3, 227, 227)]
+    for name in BLOCK_NAMES:
+        xs = Stage.run(_slice(model, name), xs)
+        assert len(xs) == 2
+        for x in xs:
+            assert tuple(x.shape[1:]) == expected[name], name
+    conv1 = model["conv1"]["0"]
+    out = F.conv2d(torch.randn(1, 3, 227, 227), conv1.weight, conv1.bias, 4)
+    assert out.shape == (1, 48, 55, 55)
+
+
+def _slice(model: TwoColumnAlexNet, name: str) -> Stage:
+    stage = Stage(model.cfg, [name], (0, 1))
+    stage.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith(name + ".")})
+    return stage
+
+
+def test_paper_init_statistics():
+    model = TwoColumnAlexNet(PAPER)
+    for name in BLOCK_NAMES:
+        for c in ("0", "1"):
+            block = model[name][c]
+            w = block.weight.detach()
+            assert abs(w.mean().item()) < 1e-3, name
+            assert abs(w.std().item() - 0.01) < 0.0015, name
+            bias = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
+            assert torch.all(block.bias == bias), name
+    # the columns are drawn independently, and the same seed draws the same weights
+    assert not torch.equal(model["conv1"]["0"].weight, model["conv1"]["1"].weight)
+    assert torch.equal(TwoColumnAlexNet(PAPER)["fc6"]["1"].weight, model["fc6"]["1"].weight)
+
+
+def test_stage_on_one_column_has_the_reference_weights():
+    ref = TwoColumnAlexNet(SMALL).state_dict()
+    stage = Stage(SMALL, ["conv3", "conv4"], (1,))
+    sd = stage.state_dict()
+    assert set(sd) == {"conv3.1.weight", "conv3.1.bias", "conv4.1.weight", "conv4.1.bias"}
+    for k, v in sd.items():
+        assert torch.equal(v, ref[k])
+
+
+def test_stage_refuses_non_contiguous_blocks():
+    with pytest.raises(ValueError, match="contiguous"):
+        Stage(SMALL, ["conv1", "conv3"], (0, 1))
+    with pytest.raises(ValueError, match="columns"):
+        Stage(SMALL, ["conv1"], (2,))
+
+
+@pytest.mark.parametrize("cfg", [PAPER, SMALL], ids=["paper", "small"])
+def test_local_equals_fused_forward_and_grad(cfg):
+    torch.manual_seed(1)
+    local = TwoColumnAlexNet(cfg).double()
+    # larger weights than the paper's init so that every layer (and LRN) matters
+    with torch.no_grad():
+        for p in local.parameters():
+            p.normal_(0, 1.0 / math.sqrt(max(p[0].numel(), 1)))
+    fused = FusedAlexNet(cfg).double()
+    fused.load_state_dict(local.state_dict())
+    x = torch.randn(3, 3, cfg.input_size, cfg.input_size, dtype=torch.float64) * 50
+    y = torch.tensor([1, 0, 4])
+    ctx = StepContext(seed=5, step=2)
+    local.train()
+    fused.train()
+    la, fa = local(x, ctx), fused(x, ctx)
+    assert (la - fa).abs().max() / la.abs().max() < 1e-10
+    F.cross_entropy(la, y).backward()
+    F.cross_entropy(fa, y).backward()
+    lg = {n: p.grad for n, p in local.named_parameters()}
+    fg = {n: p.grad for n, p in fused.named_parameters()}
+    from alexnet.model import fused_to_columns
+
+    fg = fused_to_columns(cfg, fg)
+    assert set(lg) == set(fg)
+    for k in lg:
+        err = (lg[k] - fg[k]).abs().max() / lg[k].abs().max().clamp_min(1e-30)
+        assert err < 1e-9, k
+
+
+def test_local_equals_fused_fp32():
+    torch.manual_seed(2)
+    local, fused = TwoColumnAlexNet(SMALL), FusedAlexNet(SMALL)
+    fused.load_state_dict(local.state_dict())
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.randint(0, 10, (8,))
+    F.cross_entropy(local(x), y).backward()
+    F.cross_entropy(fused(x), y).backward()
+    from alexnet.model import fused_to_columns
+
+    fg = fused_to_columns(SMALL, {n: p.grad for n, p in fused.named_parameters()})
+    for n, p in local.named_parameters():
+        assert (p.grad - fg[n]).abs().max() / p.grad.abs().max() < 1e-5, n
+
+
+def test_state_dicts_load_across_executions():
+    local = TwoColumnAlexNet(SMALL)
+    fused = FusedAlexNet(ModelConfig.small(num_classes=10, input_size=32, seed=9))
+    assert not torch.equal(fused.state_dict()["fc6.0.weight"], local.state_dict()["fc6.0.weight"])
+    fused.load_state_dict(local.state_dict())
+    back = TwoColumnAlexNet(ModelConfig.small(num_classes=10, input_size=32, seed=9))
+    back.load_state_dict(fused.state_dict())
+    assert set(fused.state_dict()) == set(local.state_dict())
+    for k, v in local.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    with pytest.raises(RuntimeError):
+        fused.load_state_dict({"conv1.0.weight": torch.zeros(1)})
+
+
+def test_dropout_same_whole_or_in_micro_batches():
+    torch.manual_seed(3)
+    model = TwoColumnAlexNet(SMALL).train()
+    x = torch.randn(16, 3, 32, 32)
+    whole = model(x, StepContext(seed=1, step=4))
+    parts = torch.cat(
+        [
+            model(x[i : i + 4], StepContext(seed=1, step=4, sample_index=torch.arange(i, i + 4)))
+            for i in range(0, 16, 4)
+        ]
+    )
+    torch.testing.assert_close(whole, parts, rtol=1e-5, atol=1e-6)
+    # and dropout is really on: another step draws other masks
+    assert not torch.allclose(whole, model(x, StepContext(seed=1, step=5)))
+    model.eval()
+    torch.testing.assert_close(model(x, StepContext(seed=1, step=4)), model(x, StepContext(seed=1, step=5)))
+
+
+def test_odd_class_count_splits_fc8():
+    cfg = ModelConfig.small(num_classes=7)
+    assert cfg.fc8_split == (4, 3)
+    assert TwoColumnAlexNet(cfg)(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_small_variant_trains():
+    torch.manual_seed(0)
+    cfg = ModelConfig.small(num_classes=4, input_size=32)
+    model = FusedAlexNet(cfg).train()
+    # a learnable batch: each class is a bright square in its own quadrant, plus noise
+    y = torch.arange(32) % 4
+    x = torch.randn(32, 3, 32, 32) * 0.3
+    for i, c in enumerate(y.tolist()):
+        r, col = divmod(c, 2)
+        x[i, :, r * 16 : r * 16 + 12, col * 16 : col * 16 + 12] += 2.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    losses = []
+    for step in range(40):
+        loss = F.cross_entropy(model(x, StepContext(step=step)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 1.2
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+
+
+def test_config_errors_name_the_setting():
+    with pytest.raises(ValueError, match="lrn_convention"):
+        ModelConfig(lrn_convention="torch")
+    with pytest.raises(ValueError, match="input_size"):
+        ModelConfig(input_size=32)
+    with pytest.raises(ValueError, match="num_classes"):
+        ModelConfig(num_classes=1)
