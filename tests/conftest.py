@@ -1,10 +1,59 @@
-"""Shared test set-up: deterministic torch, few threads (the CI machine has 2 cores)."""
+"""Shared test set-up.
+
+* deterministic torch per test;
+* ``ray_local``: ONE local Ray per test session, started on first use (8 logical CPUs on
+  the 2-core machine) and shut down at the end. Tests that need Ray take this fixture;
+  tests that need their own cluster (ray.cluster_utils.Cluster, ray start) must not run
+  while it is up: mark them and shut it down first via ``ray_local_shutdown``.
+"""
+
+from __future__ import annotations
+
+import os
 
 import pytest
 import torch
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
 @pytest.fixture(autouse=True)
 def _torch_defaults():
     torch.manual_seed(0)
+    yield
+
+
+_RAY = {"started": False}
+
+
+@pytest.fixture(scope="session")
+def _ray_finalizer():
+    yield
+    if _RAY["started"]:
+        import ray
+
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_finalizer):
+    """The session's local Ray (started once, 8 logical CPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        _RAY["started"] = True
+    return ray
+
+
+@pytest.fixture
+def ray_local_shutdown():
+    """For tests that start their own Ray cluster: make sure the shared one is down."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _RAY["started"] = False
     yield
