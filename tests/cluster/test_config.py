@@ -1,0 +1,98 @@
+"""The job config: presets load, overrides coerce, every bad value is refused with its key."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import PRESETS, JobConfig, load_config, parse_sets
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_validate(name):
+    cfg = load_config(preset=name)
+    assert isinstance(cfg, JobConfig)
+    cfg.model_config()  # builds
+
+
+def test_paper_preset_is_the_paper():
+    cfg = load_config(preset="paper")
+    assert cfg.model.num_classes == 1000 and cfg.model.input_size == 227
+    assert cfg.optim.batch_size == 128 and cfg.optim.lr == 0.01
+    assert cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 5e-4
+    assert cfg.schedule.kind == "plateau" and cfg.schedule.factor == 0.1 and cfg.schedule.max_reductions == 3
+    assert cfg.train.epochs == 90
+    assert cfg.grid.dims == (1, 1, 2) and cfg.grid.gpus_per_rank == 1
+
+
+def test_demo_preset_exercises_columns_and_stages_on_cpu():
+    cfg = load_config(preset="demo")
+    r, s, c = cfg.grid.dims
+    assert s == 2 and c == 2 and cfg.grid.gpus_per_rank == 0 and cfg.train.device == "cpu"
+    assert cfg.model.variant == "small"
+
+
+def test_faults_are_off_by_default():
+    f = load_config(preset="demo").faults
+    assert (f.kill_rank, f.kill_step, f.kill_data_worker, f.kill_data_step) == (-1, -1, -1, -1)
+
+
+def test_overrides_are_coerced():
+    cfg = load_config(
+        preset="demo",
+        overrides=parse_sets(["optim.lr=0.5", "grid.cuts=conv3", "eval.ten_crop=false", "train.steps=7"]),
+    )
+    assert cfg.optim.lr == 0.5 and cfg.grid.cuts == ("conv3",)
+    assert cfg.eval.ten_crop is False and cfg.train.steps == 7
+
+
+def test_toml_file(tmp_path):
+    p = tmp_path / "job.toml"
+    p.write_text('[optim]\nbatch_size = 64\n[grid]\nshape = "2x1x2"\n')
+    cfg = load_config(path=p)
+    assert cfg.optim.batch_size == 64 and cfg.grid.world_size == 4
+
+
+@pytest.mark.parametrize(
+    "sets, words",
+    [
+        (["optim.lrr=1"], ["optim.lrr", "batch_size"]),
+        (["nosuch.key=1"], ["nosuch", "optim"]),
+        (["optim.lr=fast"], ["optim.lr", "number"]),
+        (["optim.lr=-1"], ["optim.lr", "> 0"]),
+        (["grid.shape=1x2x3"], ["grid.shape", "1 or 2"]),
+        (["grid.shape=two"], ["grid.shape", "RxSxC"]),
+        (["optim.batch_size=33"], ["grid.microbatches", "33"]),
+        (["grid.shape=3x1x2"], ["optim.batch_size", "replicas"]),
+        (["eval.ten_crop=maybe"], ["eval.ten_crop", "true or false"]),
+        (["faults.kill_rank=9"], ["faults.kill_rank", "0..3"]),
+        (["train.device=tpu"], ["train.device"]),
+        (["optim.lr"], ["--set", "section.key=value"]),
+        (["lr=1"], ["section.key=value"]),
+    ],
+)
+def test_bad_values_name_the_key_and_the_fix(sets, words):
+    with pytest.raises(ValueError) as e:
+        load_config(preset="demo", overrides=parse_sets(sets))
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_preset_or_config_exactly_one(tmp_path):
+    with pytest.raises(ValueError, match="exactly one"):
+        load_config()
+    with pytest.raises(ValueError, match="--preset"):
+        load_config(preset="huge")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(path=bad)
+    unknown = tmp_path / "u.toml"
+    unknown.write_text("[optimizer]\nlr = 1\n")
+    with pytest.raises(ValueError, match="unknown section"):
+        load_config(path=unknown)
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(preset="demo", overrides={"grid.cuts": "conv3"})
+    assert cfg.replace() == cfg
+    assert cfg.replace(**{"optim.lr": 0.3}).optim.lr == 0.3
