@@ -1,0 +1,176 @@
+"""The coordinator's state machine, advanced step by step with a fake trainer group (no Ray)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from alexnet.config import ModelConfig
+from alexnet.model import TwoColumnAlexNet
+from cluster.checkpoint import list_checkpoints, load_checkpoint
+from cluster.config import load_config
+from cluster.coordinator import (
+    CHECKPOINTING,
+    FAILED,
+    FINISHED,
+    RECOVERING,
+    RUNNING,
+    STARTING,
+    Coordinator,
+    PlateauSchedule,
+    RunPlan,
+    TrainerDied,
+)
+from cluster.metrics import Metrics
+
+
+class FakeGroup:
+    """Trains a counter: weights = step count, so resume/restore are visible in the numbers."""
+
+    def __init__(self, die_at: int | None = None) -> None:
+        self.model = TwoColumnAlexNet(ModelConfig.small()).state_dict()
+        self.calls: list[tuple] = []
+        self.steps_done = 0
+        self.die_at = die_at
+        self.val_errors = [0.5, 0.4, 0.4, 0.4, 0.4, 0.4]
+
+    def start(self, data_positions):
+        self.calls.append(("start", data_positions))
+
+    def load(self, model, optimizer):
+        self.calls.append(("load", int(model["conv1.0.bias"][0].item())))
+        self.model = {k: v.clone() for k, v in model.items()}
+        self.steps_done = int(model["conv1.0.bias"][0].item())
+
+    def train(self, first_step, steps, lr):
+        self.calls.append(("train", first_step, steps, lr))
+        assert first_step == self.steps_done
+        out = []
+        for s in range(first_step, first_step + steps):
+            if self.die_at is not None and s == self.die_at:
+                self.die_at = None
+                raise TrainerDied(f"rank 1 died at step {s}")
+            self.steps_done += 1
+            out.append(
+                {"step": s, "loss": 2.0 / (1 + s), "top1_error": 0.5, "top5_error": 0.1, "step_s": 0.01}
+            )
+        self.model["conv1.0.bias"].fill_(self.steps_done)
+        return out
+
+    def evaluate(self, ten_crop, max_samples):
+        e = self.val_errors.pop(0)
+        return {
+            "top1_error": e,
+            "top5_error": e / 2,
+            "top1_error_10crop": e,
+            "top5_error_10crop": e / 2,
+            "samples": 100,
+            "loss": 1.0,
+        }
+
+    def state(self):
+        return (
+            dict(self.model),
+            {k: torch.zeros_like(v) for k, v in self.model.items()},
+            [{"w": self.steps_done}],
+        )
+
+    def data_stats(self):
+        return {"queue_depth": [1, 2], "decode_images_per_second": 100.0, "skipped": {"corrupt": 0}}
+
+    def trace(self, steps):
+        return None
+
+    def shutdown(self):
+        self.calls.append(("shutdown",))
+
+
+def _coordinator(tmp_path, group, total=12, spe=5, resume=None, **sets):
+    overrides = {"train.steps_per_call": 3, "checkpoint.every_steps": 4, "checkpoint.background": False}
+    overrides.update(sets)
+    cfg = load_config(preset="demo", overrides=overrides)
+    plan = RunPlan(
+        steps_per_epoch=spe, total_steps=total, train_samples=spe * 32, val_samples=10, data_workers=2
+    )
+    return Coordinator(cfg, group, plan, str(tmp_path), Metrics("t"), resume=resume, log=lambda s: None)
+
+
+def test_steps_through_states_and_chunks(tmp_path):
+    g = FakeGroup()
+    c = _coordinator(tmp_path, g)
+    assert c.state == STARTING
+    assert c.step() == RUNNING
+    states = []
+    while c.state not in (FINISHED, FAILED):
+        states.append(c.step())
+    assert c.state == FINISHED and c.step_no == 12
+    trains = [x[1:3] for x in g.calls if x[0] == "train"]
+    # chunks stop at checkpoint steps (4, 8, 12) and epoch ends (5, 10)
+    assert trains == [(0, 3), (3, 1), (4, 1), (5, 3), (8, 2), (10, 2)]
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [8, 10, 12]  # keep = 3
+    assert CHECKPOINTING in states
+
+
+def test_plateau_schedule_divides_lr_at_most_n_times(tmp_path):
+    cfg = load_config(preset="paper").schedule
+    s = PlateauSchedule(0.01)
+    errs = [0.9, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]
+    lrs = []
+    for e in errs:
+        s.update(e, cfg)
+        lrs.append(s.lr)
+    assert math.isclose(lrs[2], 1e-3) and math.isclose(lrs[4], 1e-4) and math.isclose(lrs[5], 1e-5)
+    assert math.isclose(lrs[-1], 1e-5) and s.reductions == 3
+    assert PlateauSchedule.from_state(s.state_dict()) == s
+
+
+def test_stop_request_checkpoints_and_finishes(tmp_path):
+    g = FakeGroup()
+    c = _coordinator(tmp_path, g, **{"checkpoint.every_steps": 0, "checkpoint.at_epoch_end": False})
+    c.step()
+    c.step()  # 3 steps
+    c.request_stop()
+    assert c.step() == CHECKPOINTING
+    assert c.step() == FINISHED
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [3]
+
+
+def test_resume_continues_from_manifest(tmp_path):
+    g = FakeGroup()
+    c = _coordinator(tmp_path, g, total=7)
+    assert c.run() == FINISHED
+    ck = load_checkpoint(str(tmp_path))
+    assert ck.step == 7 and ck.manifest["data"]["positions"] == [{"w": 7}]
+    g2 = FakeGroup()
+    c2 = _coordinator(tmp_path, g2, total=12, resume=ck)
+    assert c2.run() == FINISHED
+    assert g2.calls[0] == ("start", [{"w": 7}]) and g2.calls[1] == ("load", 7)
+    assert [x[1] for x in g2.calls if x[0] == "train"][0] == 7
+    assert load_checkpoint(str(tmp_path)).step == 12
+
+
+def test_trainer_failure_recovers_from_newest_checkpoint(tmp_path):
+    g = FakeGroup(die_at=9)
+    c = _coordinator(tmp_path, g)
+    seen = []
+    while c.state not in (FINISHED, FAILED):
+        seen.append(c.step())
+    assert c.state == FINISHED and RECOVERING in seen
+    assert ("load", 8) in g.calls  # restored the step-8 checkpoint
+    assert (
+        c.metrics.registry.get_sample_value(
+            "alexnet_restarts_total", {"run": "t", "reason": "trainer_failure"}
+        )
+        == 1
+    )
+
+
+def test_too_many_failures_fail_with_the_list(tmp_path):
+    class Dying(FakeGroup):
+        def train(self, first_step, steps, lr):
+            raise TrainerDied("boom")
+
+    c = _coordinator(tmp_path, Dying(), **{"faults.max_failures": 1})
+    assert c.run() == FAILED
+    assert "faults.max_failures=1" in str(c.error) and str(c.error).count("boom") == 2
