@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 # ---------------------------------------------------------------------------------------------
@@ -20,58 +19,83 @@ from torch import Tensor, nn
 # ---------------------------------------------------------------------------------------------
 
 
-def _window_sum(t: Tensor, size: int) -> Tensor:
-    """Sum over ``size`` neighbouring channels, clamped at the edges.  (B, C, H, W) -> same.
+def _channel_windows(size: int) -> list[tuple[slice, slice]]:
+    """(destination, source) channel slices whose shifted adds make a clamped window sum.
 
-    Shifted adds of a channel-padded copy: ``size - 1`` adds of the whole tensor, no
-    im2col, no pooling kernel. The window is symmetric for odd ``size``, so this
-    operator is its own adjoint (the backward uses it too).
+    out[i] = sum_{j=i-lo}^{i+hi} t[j] over valid j: t itself, plus t shifted by 1..lo
+    channels one way and 1..hi the other. No padded copy: the edges simply get fewer terms.
+    The window is symmetric for odd ``size``, so the operator is its own adjoint.
     """
     lo = size // 2
     hi = size - 1 - lo
-    c = t.shape[1]
-    padded = F.pad(t, (0, 0, 0, 0, lo, hi))  # (B, C + size - 1, H, W)
-    out = padded[:, 0:c].clone()
-    for i in range(1, size):
-        out += padded[:, i : i + c]
+    down = [(slice(o, None), slice(None, -o)) for o in range(1, lo + 1)]
+    up = [(slice(None, -o), slice(o, None)) for o in range(1, hi + 1)]
+    return down + up
+
+
+def _window_sum_squares_(a: Tensor, out: Tensor, size: int) -> Tensor:
+    """out = S(a^2) on (B, G, Cg, H, W) views, in place; squares fused into the adds (addcmul)."""
+    torch.mul(a, a, out=out)
+    for dst, src in _channel_windows(size):
+        s = a[:, :, src]
+        out[:, :, dst].addcmul_(s, s)
     return out
 
 
-def _pow_neg_beta(d: Tensor, beta: float) -> Tensor:
-    """d ** -beta; for the paper's beta = 3/4 as rsqrt(d) * sqrt(rsqrt(d)), much cheaper than pow."""
+def _window_sum_(t: Tensor, out: Tensor, size: int) -> Tensor:
+    """out = S(t) on (B, G, Cg, H, W) views, in place."""
+    out.copy_(t)
+    for dst, src in _channel_windows(size):
+        out[:, :, dst].add_(t[:, :, src])
+    return out
+
+
+def _pow_neg_beta_(d: Tensor, out: Tensor, beta: float) -> Tensor:
+    """out = d ** -beta, in place; for the paper's beta = 3/4 as rsqrt(d * sqrt(d)),
+    three cheap passes instead of a pow (which costs several times more on CPU)."""
     if beta == 0.75:
-        r = torch.rsqrt(d)
-        return r * torch.sqrt(r)
-    return d.pow(-beta)
+        return torch.sqrt(d, out=out).mul_(d).rsqrt_()
+    if beta == 0.5:
+        return torch.rsqrt(d, out=out)
+    return torch.pow(d, -beta, out=out)
 
 
 class _LRNFunction(torch.autograd.Function):
     """b = a * d^-beta with d = k + alpha * S(a^2), S the channel window sum.
 
     Backward: db_i/da_j = delta_ij d_i^-beta - 2 alpha beta a_j [j in win(i)] a_i d_i^(-beta-1),
-    so grad_a = g * d^-beta - 2 alpha beta * a * S(g * b / d). It reuses the saved
-    d^-beta and d, so the backward does no pow at all.
+    so grad_a = g * d^-beta - 2 alpha beta * a * S(g * b / d).
+
+    Written for memory traffic, which is what LRN costs on a CPU: every large fresh
+    tensor costs page faults on first touch (several times an elementwise pass), so
+    each direction allocates exactly two tensors and does everything else in place.
+    Only ``d`` is saved beyond the input and output (which autograd keeps anyway for
+    the ReLU before and the max-pool after); d^-beta is recomputed in the backward.
+    Works in any memory format: the groups are a (B, G, C/G, H, W) view, which exists
+    for contiguous and channels_last tensors alike.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int):
-        b, c, h, w = x.shape
-        xg = x.reshape(b * groups, c // groups, h, w)  # windows never cross a column boundary
-        d = _window_sum(xg * xg, size).mul_(alpha).add_(k)
-        scale = _pow_neg_beta(d, beta)
-        out = (xg * scale).reshape(b, c, h, w)
-        ctx.save_for_backward(xg, out, d, scale)
+        x5 = x.unflatten(1, (groups, x.shape[1] // groups))  # windows never cross a column
+        d = torch.empty_like(x)
+        _window_sum_squares_(x5, d.unflatten(1, x5.shape[1:3]), size).mul_(alpha).add_(k)
+        out = _pow_neg_beta_(d, torch.empty_like(x), beta).mul_(x)
+        ctx.save_for_backward(x, out, d)
         ctx.hyper = (size, alpha, beta, groups)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        xg, out, d, scale = ctx.saved_tensors
+        x, out, d = ctx.saved_tensors
         size, alpha, beta, groups = ctx.hyper
-        g = grad_out.reshape(xg.shape)
-        t = _window_sum(g * out.reshape(xg.shape) / d, size)
-        grad = torch.addcmul(g * scale, xg, t, value=-2.0 * alpha * beta)
-        return grad.reshape(grad_out.shape), None, None, None, None, None
+        split = (groups, x.shape[1] // groups)
+        u = torch.mul(grad_out, out).div_(d)  # g * b / d
+        t = torch.empty_like(u)
+        _window_sum_(u.unflatten(1, split), t.unflatten(1, split), size)
+        grad = _pow_neg_beta_(d, u, beta).mul_(grad_out)  # reuses u's memory: g * d^-beta
+        grad.addcmul_(x, t, value=-2.0 * alpha * beta)
+        return grad, None, None, None, None, None
 
 
 def local_response_norm(

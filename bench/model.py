@@ -1,0 +1,231 @@
+"""Training speed of the fused two-column AlexNet against torchvision's alexnet.
+
+Both models train (forward + backward + SGD-with-momentum step) on random data of the
+same batch size in the same process; the runs are interleaved (a few timed steps of one
+model, then of the other, for several rounds) and the medians compared, so machine noise
+hits both alike. The paper network takes 227 px crops, torchvision's its own 224 px.
+
+Also measures the device's fp32 matmul rate in the same run (the practical ceiling for
+GFLOP/s) and, with ``--lrn``, a micro-benchmark of our LRN against
+``torch.nn.LocalResponseNorm`` on conv1's output shape.
+
+    .venv/bin/python bench/model.py                      # CPU, batch 128, 2 threads
+    .venv/bin/python bench/model.py --device cuda --bf16 --channels-last
+    .venv/bin/python bench/model.py --profile            # + per-op time of one step each
+    .venv/bin/python bench/model.py --lrn                # LRN micro-benchmark only
+
+The last line printed is one JSON object (``images_per_s``, ``baseline_images_per_s``,
+``ratio``, ``gflops``, ``matmul_gflops``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from alexnet.config import ModelConfig
+from alexnet.info import summary
+from alexnet.layers import LocalResponseNorm
+from alexnet.model import FusedAlexNet
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, seconds: float = 1.0) -> float:
+    """Achieved fp32 GFLOP/s of an n x n matmul loop (TF32 off: a true fp32 ceiling)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    c = torch.empty(n, n, device=device)
+    torch.mm(a, b, out=c)  # warm-up
+    sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b, out=c)
+        reps += 1
+        if reps % 4 == 0:
+            sync(device)
+            if time.perf_counter() - t0 > seconds:
+                break
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def count_macs(model: nn.Module, x: Tensor) -> int:
+    """Forward multiply-accumulates of the conv and linear layers of ``model`` (one image)."""
+    total = 0
+
+    def hook(mod: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+        nonlocal total
+        total += mod.weight.numel() * (out[0].numel() // out.shape[1])  # per output position
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    with torch.no_grad():
+        model.eval()(x[:1])
+    for h in handles:
+        h.remove()
+    model.train()
+    return total
+
+
+class Trainer:
+    """One model's training step on a fixed random batch."""
+
+    def __init__(self, model: nn.Module, size: int, args: argparse.Namespace, device: torch.device) -> None:
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=memory_format).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(args.batch, 3, size, size, generator=g).to(device, memory_format=memory_format)
+        self.y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
+        self.device, self.bf16 = device, args.bf16
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        )
+        with autocast:
+            loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+
+    def timed(self, steps: int) -> float:
+        """Seconds per step over ``steps`` steps."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        sync(self.device)
+        return (time.perf_counter() - t0) / steps
+
+
+def profile(trainer: Trainer, rows: int = 20) -> list[dict]:
+    """Per-op self time of one training step, largest first."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if trainer.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        trainer.timed(1)
+    key = "self_device_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:rows]
+    return [{"op": e.key, "ms": round(getattr(e, key) / 1e3, 2), "calls": e.count} for e in ops]
+
+
+def bench_lrn(args: argparse.Namespace, device: torch.device) -> dict:
+    """Forward + backward of LRN on conv1's output (B, 96, 55, 55): ours (groups=2) vs torch's."""
+    x = torch.randn(args.batch, 96, 55, 55, device=device).relu_().mul_(20).requires_grad_()
+    g = torch.randn_like(x)
+    ours = LocalResponseNorm(groups=2, convention="per_size")
+    theirs = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)
+
+    def run(f: Callable[[Tensor], Tensor]) -> None:
+        x.grad = None
+        f(x).backward(g)
+
+    times: dict[str, list[float]] = {"ours": [], "torch": []}
+    for f in (ours, theirs):
+        run(f)  # warm-up
+    for _ in range(args.rounds):
+        for name, f in (("ours", ours), ("torch", theirs)):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                run(f)
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {
+        "lrn_ms": round(ms["ours"], 2),
+        "torch_lrn_ms": round(ms["torch"], 2),
+        "lrn_speedup": round(ms["torch"] / ms["ours"], 2),
+        "lrn_shape": list(x.shape),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (medians are reported)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for both models")
+    p.add_argument("--channels-last", action="store_true", help="channels_last for both models")
+    p.add_argument("--profile", action="store_true", help="add a per-op time table of one step each")
+    p.add_argument("--lrn", action="store_true", help="only the LRN micro-benchmark")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    result: dict = {"device": args.device, "threads": args.threads, "batch": args.batch}
+    if device.type == "cuda":
+        result["card"] = torch.cuda.get_device_name(device)
+    if args.lrn:
+        result.update(bench_lrn(args, device))
+        result["matmul_gflops"] = round(matmul_gflops(device), 1)
+        print(json.dumps(result))
+        return 0
+
+    cfg = ModelConfig()
+    ours = Trainer(FusedAlexNet(cfg), cfg.input_size, args, device)
+    base = Trainer(torchvision.models.alexnet(num_classes=1000), 224, args, device)
+    macs = summary(cfg)["macs_per_image"]
+    base_macs = count_macs(base.model, base.x)
+    mm = [matmul_gflops(device)]
+    for t in (ours, base):
+        t.timed(args.warmup)
+    times: dict[str, list[float]] = {"ours": [], "base": []}
+    for r in range(args.rounds):
+        # alternate which model goes first, so neither always follows the other's frees
+        order = (("ours", ours), ("base", base)) if r % 2 == 0 else (("base", base), ("ours", ours))
+        for name, t in order:
+            times[name].append(t.timed(args.steps))
+    mm.append(matmul_gflops(device))
+    step_s = statistics.median(times["ours"])
+    base_s = statistics.median(times["base"])
+    flop_per_image = 2 * 3 * macs  # forward MACs x 2 FLOP x (forward + 2 backward matmuls)
+    result.update(
+        {
+            "bf16": args.bf16,
+            "channels_last": args.channels_last,
+            "images_per_s": round(args.batch / step_s, 2),
+            "baseline_images_per_s": round(args.batch / base_s, 2),
+            "ratio": round(base_s / step_s, 3),
+            "gflops": round(flop_per_image * args.batch / step_s / 1e9, 1),
+            "baseline_gflops": round(2 * 3 * base_macs * args.batch / base_s / 1e9, 1),
+            "matmul_gflops": round(max(mm), 1),
+            "gmac_per_image": round(macs / 1e9, 4),
+            "baseline_gmac_per_image": round(base_macs / 1e9, 4),
+            "step_s": [round(s, 3) for s in times["ours"]],
+            "baseline_step_s": [round(s, 3) for s in times["base"]],
+        }
+    )
+    if args.profile:
+        result["profile"] = profile(ours)
+        result["baseline_profile"] = profile(base)
+        for name in ("profile", "baseline_profile"):
+            print(f"# {name}")
+            for row in result[name]:
+                print(f"  {row['ms']:9.1f} ms  {row['calls']:4d}x  {row['op']}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
