@@ -1,0 +1,219 @@
+"""The shard index: ``OUT/dataset.json`` and the training-set statistics beside it.
+
+Layout of a shard directory (local path or any fsspec URL)::
+
+    OUT/train-000000.tar ...   WebDataset shards; each sample has __key__, jpg, cls
+    OUT/val-000000.tar ...
+    OUT/dataset.json           this index (written last: its presence means "complete")
+    OUT/mean_image.npy         training-set mean image, float32 (3, size, size), pixel units 0-255
+    OUT/_parts/...             per-shard statistics used to resume an interrupted build
+
+``dataset.json`` fields (format version 1):
+
+* ``format_version``, ``size`` (stored images are size x size), ``quality`` (JPEG), ``fingerprint``
+  (identifies the source: a different one makes ``alexnet shards`` refuse the directory);
+* ``classes``: class names, index = label (sorted folder names, as torchvision's ImageFolder);
+* ``splits``: ``{"train": {"count": N, "shards": [{"name": "train-000000.tar", "count": n}, ...]}, ...}``;
+* ``mean_rgb`` (3,), ``mean_image_file`` ("mean_image.npy"), ``rgb_cov`` (3, 3), ``eigenvalues`` (3,,
+  descending) and ``eigenvectors`` (3, 3, one eigenvector per COLUMN): all in pixel units (0-255) over
+  every pixel of the stored (resized, cropped, JPEG-decoded) training images;
+* ``skipped``: source files that could not be read (relative path and reason).
+
+The mean image is a separate ``.npy`` (about 0.8 MB at 256 px) rather than JSON so the index stays
+small and human-readable.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+INDEX_NAME = "dataset.json"
+MEAN_IMAGE_NAME = "mean_image.npy"
+SPLITS = ("train", "val")
+
+
+def shard_name(split: str, i: int) -> str:
+    """``train-000000.tar`` style shard file name."""
+    return f"{split}-{i:06d}.tar"
+
+
+def join(url: str, name: str) -> str:
+    """Join a directory URL (local path or fsspec URL) and a file name."""
+    return url.rstrip("/") + "/" + name
+
+
+@dataclass
+class PixelStats:
+    """Running sums over images (uint8 (3, S, S)) from which mean image and RGB PCA are derived.
+
+    Sums are float64 so that merging per-shard partials is exact enough for any dataset size.
+    """
+
+    size: int
+    count: int = 0  # images
+    image_sum: np.ndarray = field(default=None)  # (3, S, S) float64
+    rgb_outer: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)))  # sum of x x^T over pixels
+
+    def __post_init__(self) -> None:
+        if self.image_sum is None:
+            self.image_sum = np.zeros((3, self.size, self.size))
+
+    def add(self, chw: np.ndarray) -> None:
+        """Add one uint8 image (3, S, S)."""
+        x = chw.astype(np.float64)
+        self.image_sum += x
+        flat = x.reshape(3, -1)
+        self.rgb_outer += flat @ flat.T
+        self.count += 1
+
+    def merge(self, other: PixelStats) -> None:
+        """Add another partial's sums into this one."""
+        self.image_sum += other.image_sum
+        self.rgb_outer += other.rgb_outer
+        self.count += other.count
+
+    def to_bytes(self) -> bytes:
+        """Serialise (npz) for the per-shard resume files."""
+        buf = io.BytesIO()
+        np.savez(buf, count=self.count, image_sum=self.image_sum, rgb_outer=self.rgb_outer)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PixelStats:
+        """Inverse of :meth:`to_bytes`."""
+        z = np.load(io.BytesIO(data))
+        s = cls(size=z["image_sum"].shape[-1], count=int(z["count"]))
+        s.image_sum, s.rgb_outer = z["image_sum"], z["rgb_outer"]
+        return s
+
+    def finalize(self) -> dict[str, Any]:
+        """Mean image (3, S, S) float32, mean RGB, RGB covariance and its eigen-decomposition."""
+        if self.count == 0:
+            raise ValueError("no training images were readable: cannot compute the dataset statistics")
+        n_pix = self.count * self.size * self.size
+        mean_image = (self.image_sum / self.count).astype(np.float32)
+        mean_rgb = self.image_sum.reshape(3, -1).sum(1) / n_pix
+        cov = self.rgb_outer / n_pix - np.outer(mean_rgb, mean_rgb)
+        evals, evecs = np.linalg.eigh(cov)
+        order = np.argsort(evals)[::-1]
+        evals, evecs = evals[order], evecs[:, order]
+        # Fix the sign of each eigenvector (first nonzero component positive) so the index is reproducible.
+        signs = np.sign(evecs[np.argmax(np.abs(evecs) > 1e-12, axis=0), range(3)])
+        evecs = evecs * np.where(signs == 0, 1.0, signs)
+        return {
+            "mean_image": mean_image,
+            "mean_rgb": mean_rgb.tolist(),
+            "rgb_cov": cov.tolist(),
+            "eigenvalues": evals.tolist(),
+            "eigenvectors": evecs.tolist(),
+        }
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard: its URL and its sample count as written."""
+
+    url: str
+    count: int
+
+
+@dataclass
+class DatasetIndex:
+    """The parsed ``dataset.json`` of a shard directory (see module docstring for the fields)."""
+
+    url: str
+    meta: dict[str, Any]
+    _mean_image: np.ndarray | None = None
+
+    @classmethod
+    def load(cls, url: str) -> DatasetIndex:
+        """Read ``URL/dataset.json`` (URL: the shard directory, local path or fsspec URL)."""
+        try:
+            with fsspec.open(join(url, INDEX_NAME), "r") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(
+                f"{url}: no {INDEX_NAME} here; build shards first with `alexnet shards SRC {url}` "
+                f"or `alexnet shards --synthetic N {url}`"
+            ) from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{url}/{INDEX_NAME}: format_version {meta.get('format_version')}, this code reads "
+                f"{FORMAT_VERSION}; rebuild the shards with this version of `alexnet shards`"
+            )
+        return cls(url=url, meta=meta)
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names; the label of a sample is its index here."""
+        return list(self.meta["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.meta["classes"])
+
+    @property
+    def size(self) -> int:
+        """Side of the stored (square) images."""
+        return int(self.meta["size"])
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        """Shards of a split, in name order, with their sample counts."""
+        if split not in self.meta["splits"]:
+            raise ValueError(f"split={split!r}: this dataset has {sorted(self.meta['splits'])}")
+        return [
+            ShardInfo(join(self.url, s["name"]), int(s["count"]))
+            for s in self.meta["splits"][split]["shards"]
+        ]
+
+    def count(self, split: str) -> int:
+        """Number of samples in a split."""
+        return sum(s.count for s in self.shards(split))
+
+    @property
+    def eigenvalues(self) -> np.ndarray:
+        """RGB covariance eigenvalues (3,), descending, pixel units squared."""
+        return np.asarray(self.meta["eigenvalues"], dtype=np.float64)
+
+    @property
+    def eigenvectors(self) -> np.ndarray:
+        """RGB covariance eigenvectors (3, 3), one per column."""
+        return np.asarray(self.meta["eigenvectors"], dtype=np.float64)
+
+    @property
+    def mean_rgb(self) -> np.ndarray:
+        """Mean pixel (3,) over the training set, pixel units."""
+        return np.asarray(self.meta["mean_rgb"], dtype=np.float64)
+
+    def mean_image(self) -> np.ndarray:
+        """The training-set mean image, float32 (3, size, size), pixel units (read once, cached)."""
+        if self._mean_image is None:
+            with fsspec.open(join(self.url, self.meta["mean_image_file"]), "rb") as f:
+                self._mean_image = np.load(io.BytesIO(f.read()))
+        return self._mean_image
+
+    def mean_tensor(self, input_size: int, kind: str = "image") -> torch.Tensor:
+        """The mean to pass to :func:`alexnet.data.transforms.to_model_input`.
+
+        ``kind="image"``: the paper's per-pixel mean image, center-cropped to ``input_size``
+        ((3, S, S) float32; we subtract the same center crop whatever the random crop offset, as
+        cuda-convnet did); ``kind="rgb"``: the mean pixel (3, 1, 1).
+        """
+        if kind == "rgb":
+            return torch.tensor(self.mean_rgb, dtype=torch.float32).view(3, 1, 1)
+        if kind != "image":
+            raise ValueError(f"kind={kind!r}: use 'image' or 'rgb'")
+        m = self.mean_image()
+        o = (m.shape[-1] - input_size) // 2
+        if o < 0:
+            raise ValueError(f"input_size={input_size} is larger than the stored images ({m.shape[-1]} px)")
+        return torch.from_numpy(np.ascontiguousarray(m[:, o : o + input_size, o : o + input_size]))

@@ -1,0 +1,139 @@
+"""The paper's augmentation and evaluation crops, and the trainer-side normalisation (pure torch/PIL).
+
+Worker side (CPU, uint8): decode, crop, flip -> uint8 (3, S, S), plus a per-image RGB lighting
+offset (3,). Trainer side (its device): :func:`to_model_input` converts to float, subtracts the
+mean and adds the lighting offset, so the heavy float work never crosses the object store.
+
+Every random draw is a pure function of ``(seed, epoch, sample key)``: a BLAKE2b hash of the three
+is cut into the crop offsets, the flip bit and three Gaussian alphas (Box-Muller). No RNG state is
+shared, so the same sample gets the same augmentation in whichever worker, process or order it is
+decoded, and a resumed run draws exactly what the uninterrupted run drew.
+
+PCA lighting: the paper adds ``[p1 p2 p3] [a1 l1, a2 l2, a3 l3]^T`` with ``a_i ~ N(0, 0.1)`` and
+(p_i, l_i) the eigenvectors/eigenvalues of the RGB covariance, without saying the pixel scale. We
+apply that formula to pixels scaled to [0, 1] (as the common reimplementations do) and return the
+offset in pixel units: ``offset = V (a * l) / 255`` with ``l`` the eigenvalues in pixel units^2
+(``dataset.json``). Using raw 0-255 eigenvalues would shift pixels by hundreds of levels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_jpeg as _tv_decode_jpeg
+
+LIGHTING_STD = 0.1
+
+
+@dataclass(frozen=True)
+class AugDraw:
+    """One sample's augmentation: crop corner (x, y), horizontal flip, lighting alphas (3,)."""
+
+    x: int
+    y: int
+    flip: bool
+    alpha: tuple[float, float, float]
+
+
+def _hash_words(seed: int, epoch: int, key: str) -> tuple[int, ...]:
+    digest = hashlib.blake2b(f"{seed}\x1f{epoch}\x1f{key}".encode(), digest_size=32).digest()
+    return struct.unpack("<8I", digest)
+
+
+def draw_augmentation(seed: int, epoch: int, key: str, stored: int, crop: int) -> AugDraw:
+    """The training augmentation of sample ``key`` in ``epoch``: a function of its arguments only.
+
+    ``stored``: side of the stored image; ``crop``: side of the model input (crop <= stored).
+    Crop corners are uniform over the ``stored - crop + 1`` positions; flip with p = 0.5;
+    alphas ~ N(0, 0.1) via Box-Muller on 32-bit uniforms.
+    """
+    if crop > stored:
+        raise ValueError(
+            f"input_size={crop} is larger than the stored images ({stored} px); rebuild with --size"
+        )
+    w = _hash_words(seed, epoch, key)
+    span = stored - crop + 1
+    # uniforms in (0, 1]: (u + 1) / 2^32 avoids log(0)
+    u = [(v + 1) / 4294967296.0 for v in w[3:7]]
+    r1, r2 = math.sqrt(-2.0 * math.log(u[0])), math.sqrt(-2.0 * math.log(u[2]))
+    n = (
+        r1 * math.cos(2 * math.pi * u[1]),
+        r1 * math.sin(2 * math.pi * u[1]),
+        r2 * math.cos(2 * math.pi * u[3]),
+    )
+    return AugDraw(
+        x=w[0] % span, y=w[1] % span, flip=bool(w[2] & 1), alpha=tuple(LIGHTING_STD * a for a in n)
+    )
+
+
+def lighting_offset(
+    alpha: tuple[float, float, float], eigenvalues: np.ndarray, eigenvectors: np.ndarray
+) -> np.ndarray:
+    """The paper's PCA colour shift (3,) in pixel units, float32 (see module docstring for the scale)."""
+    return (eigenvectors @ (np.asarray(alpha) * eigenvalues) / 255.0).astype(np.float32)
+
+
+def decode_image(data: bytes) -> Tensor:
+    """Decode image bytes to uint8 RGB (3, H, W).
+
+    JPEG goes through ``torchvision.io.decode_jpeg`` (libjpeg-turbo straight into a tensor, ~1.5x
+    PIL's decode + conversion); anything else through PIL. Raises on corrupt data.
+    """
+    if data[:2] == b"\xff\xd8":
+        return _tv_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def train_crop(img: Tensor, draw: AugDraw, size: int) -> Tensor:
+    """The paper's random crop and flip: uint8 (3, H, W) -> (3, size, size) (a view unless flipped)."""
+    out = img[:, draw.y : draw.y + size, draw.x : draw.x + size]
+    return out.flip(-1) if draw.flip else out
+
+
+def center_crop(img: Tensor, size: int) -> Tensor:
+    """Center ``size`` x ``size`` crop of (..., H, W)."""
+    h, w = img.shape[-2:]
+    if size > min(h, w):
+        raise ValueError(f"input_size={size} is larger than the stored images ({h}x{w})")
+    y, x = (h - size) // 2, (w - size) // 2
+    return img[..., y : y + size, x : x + size]
+
+
+def ten_crop(img: Tensor, size: int) -> Tensor:
+    """The paper's 10 test patches (3, H, W) -> (10, 3, size, size).
+
+    Order: top-left, top-right, bottom-left, bottom-right, center, then the same five flipped.
+    """
+    h, w = img.shape[-2:]
+    if size > min(h, w):
+        raise ValueError(f"input_size={size} is larger than the stored images ({h}x{w})")
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), ((h - size) // 2, (w - size) // 2)]
+    crops = torch.stack([img[:, y : y + size, x : x + size] for y, x in corners])  # (5, 3, S, S)
+    return torch.cat([crops, crops.flip(-1)])
+
+
+def to_model_input(images_uint8: Tensor, lighting: Tensor, mean: Tensor, scale: float = 1.0) -> Tensor:
+    """Trainer-side normalisation on the trainer's device: float32 ``(x - mean + lighting) * scale``.
+
+    images_uint8: (B, 3, S, S) uint8; lighting: (B, 3) pixel units (zeros for evaluation); mean:
+    broadcastable to (3, S, S), e.g. ``DatasetIndex.mean_tensor(S)``. ``scale`` 1.0 is the paper
+    (mean-subtracted raw pixel values); narrow He-initialised models may prefer e.g. 1/64.
+    """
+    x = images_uint8.to(torch.float32)
+    x = (
+        x
+        - mean.to(device=x.device, dtype=torch.float32)
+        + lighting.to(x.device, torch.float32)[:, :, None, None]
+    )
+    return x * scale if scale != 1.0 else x
