@@ -1,0 +1,402 @@
+"""The per-rank training engine: this rank's stage, the micro-batch schedule, data parallelism, SGD.
+
+Every rank of the grid builds one :class:`Engine` and calls :meth:`Engine.step` once per
+global step, with the same ``step`` and ``lr`` everywhere. Per step:
+
+1. the rank runs its schedule's actions (:mod:`pipeline.schedules`). A forward receives
+   this stage's input from stage s-1 (one tensor per held column) or takes the images,
+   runs the stage's blocks (the exchanges inside are all-gathers over the column group,
+   :mod:`pipeline.exchange`) and sends one tensor per held column to stage s+1, or on the
+   last stage gathers the logit halves and computes the loss. A backward receives the
+   output gradients (or starts from the loss), back-propagates, and sends the input
+   gradients to stage s-1;
+2. gradients are summed across replicas, each parameter's all-reduce launched (async) as
+   soon as its gradient is final during the last backward, so it overlaps the rest of it;
+3. SGD with momentum and weight decay, learning rate from the caller.
+
+Loss scaling, so that gradients are exact for any R, S, C, M: each micro-batch's loss is
+``sum of its cross-entropies / B_global``; the sum over micro-batches and the all-reduce
+SUM over replicas then give the gradient of the global-batch mean. With C = 2 both column
+ranks compute that loss from the same gathered logits and the gather's backward sums their
+two gradients, so each also divides by C (without it the gradient comes back doubled).
+
+Optimizer: ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4)`` on every parameter. torch
+keeps v <- mu v + (g + wd w), w <- w - lr v; the paper writes v <- 0.9 v - 0.0005 lr w -
+lr g, w <- w + v. The two are the same sequence of weights while lr is constant
+(v_paper = -lr v_torch); when lr drops, torch applies the new lr to the accumulated
+momentum at once, the paper lets the old momentum decay.
+
+Why not DDP for step 2: DDP decides at forward time which backward reduces, which does
+not fit GPipe (all forwards before any backward); gradient hooks on the last backward give
+the same overlap in a few lines.
+
+Additions to the interface contract: ``grads()`` (this rank's gradients after the last
+step, canonical keys; for verification) and ``track_memory`` (peak bytes of saved
+activations per step, reported as ``activation_peak_bytes``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alexnet.config import ModelConfig
+from alexnet.layers import StepContext
+from alexnet.model import BLOCK_NAMES, BlockSpec, Stage, concat_exchange, geometry
+from pipeline.dist import Groups
+from pipeline.exchange import ColumnExchange
+from pipeline.grid import Grid
+from pipeline.schedules import Action, make_schedule
+from pipeline.timeline import Timeline
+
+_ACT, _GRAD, _HEAD = 0, 1, 2  # P2P message kinds (part of the tag)
+
+
+def _tag(mb: int, kind: int, k: int) -> int:
+    return (mb * 3 + kind) * 2 + k
+
+
+class _GradSync:
+    """Sums gradients across replicas: an async all-reduce per parameter, launched from its
+    post-accumulate hook while :attr:`armed` (during the step's last backward)."""
+
+    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, timeline: Timeline) -> None:
+        self.group, self.timeline = group, timeline
+        self.armed, self.works = False, []
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._hook)
+
+    def _hook(self, p: Tensor) -> None:
+        if self.armed:
+            self.works.append(dist.all_reduce(p.grad, group=self.group, async_op=True))
+
+    def wait(self) -> None:
+        with self.timeline.span("grad_sync"):
+            for w in self.works:
+                w.wait()
+        self.armed, self.works = False, []
+
+
+class _ActivationMeter:
+    """Bytes of tensors saved for backward that are alive, and their peak (parameters excluded).
+
+    A saved tensor is counted from the forward that saves it until autograd frees it (after
+    its backward); views with the same data pointer and size are counted once.
+    """
+
+    class _Handle:
+        __slots__ = ("meter", "key", "t")
+
+        def __init__(self, meter, key, t):
+            self.meter, self.key, self.t = meter, key, t
+
+        def __del__(self):
+            self.meter._release(self.key)
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.param_ptrs = {p.data_ptr() for p in params}
+        self.live: dict[tuple[int, int], list[int]] = {}
+        self.current = self.peak = 0
+
+    def reset(self) -> None:
+        self.peak = self.current
+
+    def pack(self, t: Tensor):
+        if t.data_ptr() in self.param_ptrs:
+            return t
+        key = (t.data_ptr(), t.numel() * t.element_size())
+        entry = self.live.setdefault(key, [key[1], 0])
+        if entry[1] == 0:
+            self.current += key[1]
+            self.peak = max(self.peak, self.current)
+        entry[1] += 1
+        return self._Handle(self, key, t)
+
+    def unpack(self, h):
+        return h.t if isinstance(h, self._Handle) else h
+
+    def _release(self, key) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+
+class Engine:
+    """One rank's share of the training: its stage's blocks for its column(s), its schedule, SGD.
+
+    ``groups`` comes from :func:`pipeline.dist.init_distributed` for the same grid shape.
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        grid: Grid,
+        rank: int,
+        groups: Groups,
+        *,
+        device: torch.device,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        track_memory: bool = False,
+    ) -> None:
+        g = groups.grid
+        if (g.replicas, g.stages, g.columns) != (grid.replicas, grid.stages, grid.columns):
+            raise ValueError(
+                f"groups were made for grid {g.shape} but the engine got {grid.shape}: "
+                "call init_distributed with the same grid shape"
+            )
+        self.cfg, self.grid, self.rank, self.groups = model_cfg, grid, rank, groups
+        self.device = torch.device(device)
+        self.r, self.s, self.c = grid.coords(rank)
+        self.first, self.last = self.s == 0, self.s == grid.stages - 1
+        self.columns = grid.columns_of(self.c)
+        self.blocks = grid.stage_blocks(self.s)
+        self.stage = Stage(model_cfg, self.blocks, self.columns).to(self.device)
+        self.timeline = Timeline(rank, (self.r, self.s, self.c))
+        self.schedule = make_schedule(grid.schedule, grid.stages, grid.microbatches)
+        self.actions: list[Action] = self.schedule.actions(self.s)
+        self.column_exchange = (
+            ColumnExchange(model_cfg, groups.column, self.c, self.timeline) if grid.columns == 2 else None
+        )
+        params = list(self.stage.parameters())
+        self.optimizer = torch.optim.SGD(params, lr=0.0, momentum=momentum, weight_decay=weight_decay)
+        self.param_names = dict(self.stage.named_parameters())
+        self.grad_sync = _GradSync(params, groups.data, self.timeline) if groups.data is not None else None
+        self.meter = _ActivationMeter(params) if track_memory else None
+        self.prev = grid.rank_of(self.r, self.s - 1, self.c) if not self.first else None
+        self.next = grid.rank_of(self.r, self.s + 1, self.c) if not self.last else None
+        first_block = BLOCK_NAMES.index(self.blocks[0])
+        # per-column shapes (without the batch) of what crosses our input and output boundaries
+        self.in_shapes = (
+            [geometry(model_cfg, BLOCK_NAMES[first_block - 1], c).out for c in self.columns]
+            if not self.first
+            else []
+        )
+        self.out_shapes = [geometry(model_cfg, self.blocks[-1], c).out for c in self.columns]
+
+    # -- overridable pieces (the tests plant faults by overriding them) ----------------------
+    def _exchange(self, spec: BlockSpec, parts: list[Tensor]) -> Tensor:
+        if self.column_exchange is None:
+            return concat_exchange(spec, parts)
+        return self.column_exchange(spec, parts)
+
+    def _full_logits(self, outs: list[Tensor]) -> Tensor:
+        if self.column_exchange is None:
+            return torch.cat(outs, dim=1)
+        return self.column_exchange.logits(outs[0])
+
+    def _loss_scale(self) -> float:
+        return 1.0 / (self.grid.global_batch * self.grid.columns)
+
+    def _loss(self, mb: int, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss to back-propagate, summed cross-entropy of the micro-batch for the metrics)."""
+        ce = F.cross_entropy(logits, labels, reduction="sum")
+        return ce * self._loss_scale(), ce.detach()
+
+    # -- point to point ----------------------------------------------------------------------
+    def _send(self, tensors: list[Tensor], dst: int, mb: int, kind: int, pending: list) -> None:
+        for k, t in enumerate(tensors):
+            t = t.detach().contiguous()
+            pending.append((t, dist.isend(t, dst=dst, group=self.groups.pipeline, tag=_tag(mb, kind, k))))
+
+    def _recv(self, shapes: list[tuple[int, ...]], rows: int, src: int, mb: int, kind: int) -> list[Tensor]:
+        out = []
+        with self.timeline.span("recv", f"recv{'AG'[kind]}{mb}"):
+            for k, shape in enumerate(shapes):
+                buf = torch.empty((rows, *shape), device=self.device)
+                dist.recv(buf, src=src, group=self.groups.pipeline, tag=_tag(mb, kind, k))
+                out.append(buf)
+        return out
+
+    def _wait_sends(self, pending: list) -> None:
+        with self.timeline.span("send_wait"):
+            for _, work in pending:
+                work.wait()
+        pending.clear()
+
+    # -- one step ----------------------------------------------------------------------------
+    def _check_inputs(self, images: Tensor | None, labels: Tensor | None) -> None:
+        b, size = self.grid.replica_batch, self.cfg.input_size
+        want = (b, self.cfg.in_channels, size, size)
+        if self.first and (images is None or tuple(images.shape) != want):
+            got = None if images is None else tuple(images.shape)
+            raise ValueError(f"rank {self.rank} (stage 0) needs images of shape {want} (B/R rows), got {got}")
+        if self.last and (labels is None or tuple(labels.shape) != (b,)):
+            got = None if labels is None else tuple(labels.shape)
+            raise ValueError(f"rank {self.rank} (last stage) needs labels of shape ({b},), got {got}")
+
+    def _sample_index(self, mb: int, rows: int) -> Tensor:
+        start = self.r * self.grid.replica_batch + mb * self.grid.microbatch_size
+        return torch.arange(start, start + rows, device=self.device, dtype=torch.int64)
+
+    def step(self, step: int, lr: float, images: Tensor | None, labels: Tensor | None) -> dict[str, float]:
+        """Run one global step on this rank: schedule, gradient sync, SGD update. See the module doc."""
+        t0 = time.perf_counter()
+        self._check_inputs(images, labels)
+        tl, mbs = self.timeline, self.grid.microbatch_size
+        tl.clear(step)
+        if self.meter is not None:
+            self.meter.reset()
+        self.stage.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        imgs = images.split(mbs) if self.first else None
+        labs = labels.split(mbs) if self.last else None
+        live: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # mb -> (inputs, outputs or [loss])
+        pending: list = []
+        totals = {"ce": 0.0, "top1": 0.0, "top5": 0.0}
+        for i, a in enumerate(self.actions):
+            tl.mb = a.mb
+            if a.kind == "F":
+                live[a.mb] = self._forward(step, a.mb, imgs, labs, totals, pending)
+            else:
+                if self.grad_sync is not None and i == len(self.actions) - 1:
+                    self.grad_sync.armed = True
+                self._backward(a.mb, *live.pop(a.mb), pending)
+        tl.mb = None
+        self._wait_sends(pending)
+        if self.grad_sync is not None:
+            self.grad_sync.wait()
+        with tl.span("optimizer"):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        return self._metrics(totals, time.perf_counter() - t0)
+
+    def _forward(self, step, mb, imgs, labs, totals, pending) -> tuple[list[Tensor], list[Tensor]]:
+        rows = self.grid.microbatch_size
+        if self.first:
+            inputs, xs = [], [imgs[mb]]
+        else:
+            inputs = self._recv(self.in_shapes, rows, self.prev, mb, _ACT)
+            xs = [x.requires_grad_() for x in inputs]
+        ctx = StepContext(seed=self.cfg.seed, step=step, sample_index=self._sample_index(mb, rows))
+        hooks = (
+            torch.autograd.graph.saved_tensors_hooks(self.meter.pack, self.meter.unpack)
+            if self.meter is not None
+            else contextlib.nullcontext()
+        )
+        with self.timeline.span("forward", f"F{mb}"), hooks:
+            outs = self.stage.run(xs, self._exchange, ctx)
+            if self.last:
+                logits = self._full_logits(outs)
+                loss, ce = self._loss(mb, logits, labs[mb])
+                self._count(logits.detach(), labs[mb], ce, totals)
+                outs = [loss]
+        if not self.last:
+            self._send(outs, self.next, mb, _ACT, pending)
+        return inputs, outs
+
+    def _backward(self, mb: int, inputs: list[Tensor], outs: list[Tensor], pending: list) -> None:
+        rows = self.grid.microbatch_size
+        grads = None if self.last else self._recv(self.out_shapes, rows, self.next, mb, _GRAD)
+        with self.timeline.span("backward", f"B{mb}"):
+            torch.autograd.backward(outs, grads)
+        if not self.first:
+            self._send([x.grad for x in inputs], self.prev, mb, _GRAD, pending)
+
+    def _count(self, logits: Tensor, labels: Tensor, ce: Tensor, totals: dict[str, float]) -> None:
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices  # (b, k)
+        hit = top == labels[:, None]
+        totals["ce"] += float(ce)
+        totals["top1"] += float(hit[:, 0].sum())
+        totals["top5"] += float(hit.any(dim=1).sum())
+
+    def _metrics(self, totals: dict[str, float], step_s: float) -> dict[str, float]:
+        t = self.timeline.totals
+        exchange = t["exchange"]
+        out = {
+            "loss": totals["ce"] / self.grid.replica_batch if self.last else math.nan,
+            "top1": totals["top1"] if self.last else math.nan,
+            "top5": totals["top5"] if self.last else math.nan,
+            "samples": float(self.grid.replica_batch),
+            "compute_s": t["forward"] + t["backward"] - exchange,
+            "exchange_s": exchange,
+            "pipeline_wait_s": t["recv"] + t["send_wait"],
+            "grad_sync_s": t["grad_sync"],
+            "optimizer_s": t["optimizer"] + t["grad_sync"],
+            "step_s": step_s,
+        }
+        if self.meter is not None:
+            out["activation_peak_bytes"] = float(self.meter.peak)
+        return out
+
+    # -- inference ---------------------------------------------------------------------------
+    def infer(self, images: Tensor | None) -> Tensor | None:
+        """Forward only, eval mode (no dropout), in micro-batches of at most B/(R M) rows.
+
+        Stage-0 ranks pass images (any number of rows, the same on both column ranks);
+        returns the logits (rows, num_classes) on last-stage ranks, None elsewhere. Each
+        micro-batch is preceded by a small header (rows, more-to-come) so later stages need
+        not know the batch size.
+        """
+        if self.first and images is None:
+            raise ValueError(f"rank {self.rank} is on stage 0: infer() needs the images")
+        was_training = self.stage.training
+        self.stage.eval()
+        pending: list = []
+        logits: list[Tensor] = []
+        try:
+            with torch.no_grad():
+                chunks = list(images.split(self.grid.microbatch_size)) if self.first else None
+                mb, more = 0, True
+                while more:
+                    if self.first:
+                        xs, rows, more = [chunks[mb]], chunks[mb].shape[0], mb + 1 < len(chunks)
+                    else:
+                        (head,) = self._recv([(2,)], 1, self.prev, mb, _HEAD)
+                        rows, more = int(head[0, 0]), bool(head[0, 1])
+                        xs = self._recv(self.in_shapes, rows, self.prev, mb, _ACT)
+                    outs = self.stage.run(xs, self._exchange, StepContext(seed=self.cfg.seed))
+                    if self.last:
+                        logits.append(self._full_logits(outs))
+                    else:
+                        head = torch.tensor([[rows, int(more)]], dtype=torch.float32, device=self.device)
+                        self._send([head], self.next, mb, _HEAD, pending)
+                        self._send(outs, self.next, mb, _ACT, pending)
+                    mb += 1
+            self._wait_sends(pending)
+        finally:
+            self.stage.train(was_training)
+        return torch.cat(logits) if self.last else None
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """This rank's parameters and momentum buffers under canonical keys (copies)."""
+        model = {k: p.detach().clone() for k, p in self.param_names.items()}
+        optim = {}
+        for k, p in self.param_names.items():
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            optim[k] = buf.detach().clone() if buf is not None else torch.zeros_like(model[k])
+        return {"model": model, "optimizer": optim}
+
+    def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
+        """Take this rank's slice of a (full or partial) state: ``{"model": ..., "optimizer": ...}``."""
+        model, optim = state["model"], state.get("optimizer") or {}
+        missing = [k for k in self.param_names if k not in model]
+        if missing:
+            raise ValueError(
+                f"state lacks this rank's parameters {missing}: is it a checkpoint of this model?"
+            )
+        with torch.no_grad():
+            for k, p in self.param_names.items():
+                if tuple(model[k].shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"{k}: checkpoint shape {tuple(model[k].shape)} != model {tuple(p.shape)}; "
+                        "the model config differs from the checkpoint's"
+                    )
+                p.copy_(model[k])
+                if k in optim:
+                    self.optimizer.state[p]["momentum_buffer"] = optim[k].detach().clone().to(p.device)
+
+    def grads(self) -> dict[str, Tensor]:
+        """This rank's gradients of the last step (after the replica sum), canonical keys."""
+        return {k: p.grad.detach().clone() for k, p in self.param_names.items() if p.grad is not None}

@@ -1,0 +1,231 @@
+"""The (replica, stage, column) layout of the ranks: one checked object, plain Python.
+
+Ranks are numbered ``rank = (r * S + s) * C + c``: the columns of one stage are neighbours
+(so a placement that packs consecutive ranks puts a stage's all-gather on one node), then
+the stages of one replica, then the replicas.
+
+Groups (lists of global ranks, in group-rank order):
+
+* column group (same r, s): the all-gathers at the exchange points, column 0 first;
+* pipeline group (same r, c): activations forward and gradients back, stage 0 first;
+* data-parallel group (same s, c): gradients summed across replicas, replica 0 first.
+
+Stage cuts are block names: ``cuts[i]`` is the first block of stage ``i + 1``. Without
+cuts, :func:`default_cuts` balances the paper network's forward MACs per stage.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from alexnet.model import BLOCK_NAMES
+
+SCHEDULES = ("1f1b", "gpipe")
+
+# Forward multiply-accumulates of each block of the paper network (both columns, millions;
+# see ``alexnet info``). Used only to pick a default split: backward costs about 2x forward
+# for every block, so the ratios hold for a whole training step.
+_PAPER_BLOCK_MMAC = {
+    "conv1": 105.4,
+    "conv2": 223.9,
+    "conv3": 149.5,
+    "conv4": 112.1,
+    "conv5": 74.8,
+    "fc6": 37.7,
+    "fc7": 16.8,
+    "fc8": 4.1,
+}
+
+
+def default_cuts(stages: int, cost: dict[str, float] | None = None) -> tuple[str, ...]:
+    """Cut points splitting the 8 blocks into ``stages`` contiguous runs of balanced cost.
+
+    Minimises the most expensive stage (exact, by dynamic programming over the 8 blocks);
+    ``cost`` maps block name -> relative cost (default: the paper network's forward MACs).
+    """
+    if not 1 <= stages <= len(BLOCK_NAMES):
+        raise ValueError(f"stages={stages}: use 1..{len(BLOCK_NAMES)} (the network has 8 blocks)")
+    w = [float((cost or _PAPER_BLOCK_MMAC)[n]) for n in BLOCK_NAMES]
+    n = len(w)
+    prefix = [0.0]
+    for x in w:
+        prefix.append(prefix[-1] + x)
+    inf = float("inf")
+    # best[k][i]: the smallest possible max-stage cost of blocks[:i] in k stages
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    arg = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                v = max(best[k - 1][j], prefix[i] - prefix[j])
+                if v < best[k][i]:
+                    best[k][i], arg[k][i] = v, j
+    starts, i = [], n
+    for k in range(stages, 0, -1):
+        i = arg[k][i]
+        starts.append(i)
+    return tuple(BLOCK_NAMES[j] for j in sorted(starts)[1:])
+
+
+@dataclass(frozen=True)
+class Grid:
+    """R x S x C ranks, M micro-batches per step, the global batch, the stage cuts, the schedule.
+
+    Refuses, when built: non-positive sizes, C not in {1, 2}, more stages than blocks, bad
+    cuts, a global batch that does not split into R replicas x M micro-batches, and an
+    unknown schedule (or one that cannot run M micro-batches over S stages).
+    """
+
+    replicas: int
+    stages: int
+    columns: int
+    microbatches: int
+    global_batch: int
+    cuts: tuple[str, ...] | None = None
+    schedule: str = "1f1b"
+
+    def __post_init__(self) -> None:
+        for name in ("replicas", "stages", "microbatches", "global_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"grid {name}={v!r}: must be a positive integer")
+        if self.columns not in (1, 2):
+            raise ValueError(
+                f"grid columns={self.columns!r}: use 2 (one rank per column, the paper's two GPUs) "
+                "or 1 (both columns in one rank)"
+            )
+        if self.stages > len(BLOCK_NAMES):
+            raise ValueError(
+                f"grid stages={self.stages}: the network has {len(BLOCK_NAMES)} blocks "
+                f"({', '.join(BLOCK_NAMES)}); use at most {len(BLOCK_NAMES)} stages"
+            )
+        if self.global_batch % (self.replicas * self.microbatches):
+            raise ValueError(
+                f"global_batch={self.global_batch} does not split into replicas={self.replicas} x "
+                f"microbatches={self.microbatches} equal micro-batches: make the batch a multiple of "
+                f"{self.replicas * self.microbatches} or change the micro-batch count"
+            )
+        cuts = default_cuts(self.stages) if self.cuts is None else tuple(self.cuts)
+        self._check_cuts(cuts)
+        object.__setattr__(self, "cuts", cuts)
+        from pipeline.schedules import make_schedule  # a schedule refuses impossible setups itself
+
+        make_schedule(self.schedule, self.stages, self.microbatches)
+
+    def _check_cuts(self, cuts: tuple[str, ...]) -> None:
+        if len(cuts) != self.stages - 1:
+            raise ValueError(
+                f"grid cuts={list(cuts)}: give {self.stages - 1} block names (the first block of "
+                f"stages 1..{self.stages - 1}), or none for the default split"
+            )
+        unknown = [c for c in cuts if c not in BLOCK_NAMES]
+        if unknown:
+            raise ValueError(f"grid cuts: unknown block(s) {unknown}; blocks are {list(BLOCK_NAMES)}")
+        idx = [BLOCK_NAMES.index(c) for c in cuts]
+        if idx and (idx[0] == 0 or any(b <= a for a, b in zip(idx, idx[1:], strict=False))):
+            raise ValueError(
+                f"grid cuts={list(cuts)}: must be strictly increasing block names after conv1, so "
+                "that every stage holds at least one block"
+            )
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.replicas * self.stages * self.columns
+
+    @property
+    def replica_batch(self) -> int:
+        """Rows of the global batch each replica takes (B / R)."""
+        return self.global_batch // self.replicas
+
+    @property
+    def microbatch_size(self) -> int:
+        """Rows per micro-batch (B / (R * M))."""
+        return self.global_batch // (self.replicas * self.microbatches)
+
+    # -- coordinates -------------------------------------------------------------------------
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """Global rank -> (replica, stage, column)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank={rank}: grid {self.shape} has ranks 0..{self.world_size - 1}")
+        rs, c = divmod(rank, self.columns)
+        r, s = divmod(rs, self.stages)
+        return r, s, c
+
+    def rank_of(self, r: int, s: int, c: int) -> int:
+        """(replica, stage, column) -> global rank."""
+        if not (0 <= r < self.replicas and 0 <= s < self.stages and 0 <= c < self.columns):
+            raise ValueError(f"coordinates {(r, s, c)} are outside grid {self.shape}")
+        return (r * self.stages + s) * self.columns + c
+
+    def stage_blocks(self, s: int) -> tuple[str, ...]:
+        """The contiguous run of block names stage ``s`` computes."""
+        starts = [0] + [BLOCK_NAMES.index(c) for c in self.cuts] + [len(BLOCK_NAMES)]
+        return BLOCK_NAMES[starts[s] : starts[s + 1]]
+
+    def columns_of(self, c: int) -> tuple[int, ...]:
+        """The network columns column-rank ``c`` holds: (0, 1) when C=1, else (c,)."""
+        return (0, 1) if self.columns == 1 else (c,)
+
+    # -- groups (global rank lists) ----------------------------------------------------------
+    def column_groups(self) -> list[list[int]]:
+        return [
+            [self.rank_of(r, s, c) for c in range(self.columns)]
+            for r in range(self.replicas)
+            for s in range(self.stages)
+        ]
+
+    def pipeline_groups(self) -> list[list[int]]:
+        return [
+            [self.rank_of(r, s, c) for s in range(self.stages)]
+            for r in range(self.replicas)
+            for c in range(self.columns)
+        ]
+
+    def data_groups(self) -> list[list[int]]:
+        return [
+            [self.rank_of(r, s, c) for r in range(self.replicas)]
+            for s in range(self.stages)
+            for c in range(self.columns)
+        ]
+
+    # -- text and JSON -----------------------------------------------------------------------
+    @property
+    def shape(self) -> str:
+        return f"{self.replicas}x{self.stages}x{self.columns}"
+
+    @classmethod
+    def parse(
+        cls,
+        shape: str,
+        microbatches: int = 1,
+        global_batch: int = 1,
+        cuts: tuple[str, ...] | None = None,
+        schedule: str = "1f1b",
+    ) -> Grid:
+        """``Grid.parse("2x2x2", microbatches=4, global_batch=32)``: replicas x stages x columns."""
+        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*", shape or "")
+        if not m:
+            raise ValueError(f"grid {shape!r}: write it as RxSxC (replicas x stages x columns), e.g. 2x2x2")
+        r, s, c = (int(g) for g in m.groups())
+        return cls(r, s, c, microbatches, global_batch, cuts, schedule)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cuts"] = list(self.cuts or ())
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Grid:
+        return cls(
+            replicas=int(d["replicas"]),
+            stages=int(d["stages"]),
+            columns=int(d["columns"]),
+            microbatches=int(d["microbatches"]),
+            global_batch=int(d["global_batch"]),
+            cuts=tuple(d["cuts"]) if d.get("cuts") is not None else None,
+            schedule=str(d.get("schedule", "1f1b")),
+        )

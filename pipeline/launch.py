@@ -1,0 +1,92 @@
+"""Run a function in N fresh local processes (one per rank) with a deadline.
+
+For the CPU tests, ``alexnet verify`` and the benchmarks: ``torch.multiprocessing``'s spawn
+context, results returned through a queue, and every process killed if any rank fails or
+the deadline passes, so a broken collective is an error here, never a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+from pipeline.dist import free_port
+
+
+class RankFailed(RuntimeError):
+    """A rank raised; the message holds its traceback."""
+
+
+def _child(fn, rank: int, world_size: int, port: int, args: tuple, q, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        q.put((rank, True, fn(rank, world_size, port, *args)))
+    except BaseException:
+        q.put((rank, False, traceback.format_exc()))
+
+
+def spawn_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple = (),
+    timeout_s: float = 120.0,
+    threads: int = 1,
+) -> list[Any]:
+    """Call ``fn(rank, world_size, port, *args)`` in ``world_size`` processes; return results by rank.
+
+    ``fn`` must be importable (module level) and return something picklable. ``port`` is a
+    free TCP port for the rendezvous. Raises :class:`RankFailed` with the first failing
+    rank's traceback, or ``TimeoutError`` after ``timeout_s``; in both cases every rank is
+    killed first.
+    """
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    procs = [
+        ctx.Process(target=_child, args=(fn, r, world_size, port, args, q, threads), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    dead_since: dict[int, float] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(world_size)) - set(results))
+                raise TimeoutError(f"ranks {missing} did not finish within {timeout_s:.0f} s")
+            try:
+                rank, ok, payload = q.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                now = time.monotonic()
+                for r, p in enumerate(procs):
+                    if r not in results and p.exitcode is not None:
+                        dead_since.setdefault(r, now)
+                        if now - dead_since[r] > 2.0:  # its result, if any, had time to arrive
+                            raise RankFailed(
+                                f"rank {r} exited (code {p.exitcode}) without a result"
+                            ) from None
+                continue
+            if not ok:
+                raise RankFailed(f"rank {rank} failed:\n{payload}")
+            results[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(results) == world_size else 0.1)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        q.close()
+    return [results[r] for r in range(world_size)]
