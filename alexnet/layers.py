@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -207,16 +208,34 @@ class StepContext:
         return self.sample_index.to(device=device, dtype=torch.int64)
 
 
+def dropout_masks(
+    ctx: StepContext,
+    layer_columns: Sequence[tuple[int, int]],
+    batch: int,
+    units: int,
+    p: float,
+    device: torch.device,
+) -> Tensor:
+    """Keep-masks of several (layer, column) pairs in one pass: bool (B, len(layer_columns), units).
+
+    ``[:, i]`` equals ``dropout_mask(ctx, *layer_columns[i], ...)`` bit for bit. One hash pass
+    over all of them costs the same few dozen elementwise ops as one mask does, which is what
+    matters on a CPU, where each op on a (B, units) int64 tensor is cheap but not free.
+    """
+    keys = [_key32(ctx.seed, ctx.step, layer, column) for layer, column in layer_columns]
+    rows = ctx.indices(batch, device)
+    key_t = torch.tensor(keys, device=device, dtype=torch.int64)
+    row_key = _mix32((rows[:, None] * 0x9E3779B1 + key_t[None, :]) & _M32)  # (B, K)
+    cols = torch.arange(units, device=device, dtype=torch.int64) * 0x85EBCA6B & _M32  # (U,)
+    h = _mix32(_mix32(row_key[:, :, None] ^ cols))  # (B, K, U) uniform uint32
+    return h >= int(p * 2**32)
+
+
 def dropout_mask(
     ctx: StepContext, layer: int, column: int, batch: int, units: int, p: float, device: torch.device
 ) -> Tensor:
     """Boolean keep-mask (B, units): a function of (seed, step, layer, column, sample, unit) only."""
-    key = _key32(ctx.seed, ctx.step, layer, column)
-    rows = ctx.indices(batch, device)
-    row_key = _mix32((rows * 0x9E3779B1 + key) & _M32)  # (B,)
-    cols = torch.arange(units, device=device, dtype=torch.int64) * 0x85EBCA6B & _M32  # (U,)
-    h = _mix32(_mix32(row_key[:, None] ^ cols[None, :]))  # (B, U) uniform uint32
-    return h >= int(p * 2**32)
+    return dropout_masks(ctx, [(layer, column)], batch, units, p, device)[:, 0]
 
 
 class SeededDropout(nn.Module):

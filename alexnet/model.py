@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alexnet.config import ModelConfig
-from alexnet.layers import LocalResponseNorm, SeededDropout, StepContext, dropout_mask
+from alexnet.layers import LocalResponseNorm, SeededDropout, StepContext, dropout_masks
 
 COLUMNS = (0, 1)
 
@@ -307,32 +307,42 @@ class FusedAlexNet(nn.Module):
         groups = 2 if name in self.GROUPED else 1
         return F.relu(F.conv2d(x, p.weight, p.bias, geo.stride, geo.padding, 1, groups), inplace=True)
 
-    def _fc(self, x: Tensor, name: str, ctx: StepContext) -> Tensor:
+    def _fc(self, x: Tensor, name: str, keep: Tensor | None) -> Tensor:
+        """Linear, ReLU (not on fc8), then dropout with the scaled keep-mask ``keep`` (B, units)."""
         p = getattr(self, name)
         x = F.linear(x, p.weight, p.bias)
-        spec = BLOCK_BY_NAME[name]
-        if not spec.relu:
+        if not BLOCK_BY_NAME[name].relu:
             return x
         x = F.relu(x, inplace=True)
+        return x if keep is None else x * keep
+
+    def _dropout_keep(self, x: Tensor, ctx: StepContext) -> list[Tensor | None]:
+        """fc6's and fc7's scaled keep-masks, (B, 2 * fc_units) each, columns side by side.
+
+        Both layers and both columns come from one hash pass (:func:`dropout_masks`); the
+        bits are those of the per-column :func:`dropout_mask` the local model uses.
+        """
+        drop = [s for s in BLOCKS if s.dropout]
         if not self.training or self.cfg.dropout == 0.0:
-            return x
-        b, units = x.shape[0], self.cfg.fc_units
-        mask = torch.cat(
-            [dropout_mask(ctx, spec.index, c, b, units, self.cfg.dropout, x.device) for c in COLUMNS], dim=1
-        )
-        return x * mask.to(x.dtype) * (1.0 / (1.0 - self.cfg.dropout))
+            return [None] * len(drop)
+        pairs = [(s.index, c) for s in drop for c in COLUMNS]
+        b, p = x.shape[0], self.cfg.dropout
+        keep = dropout_masks(ctx, pairs, b, self.cfg.fc_units, p, x.device)  # (B, 2 * layers, U)
+        keep = keep.to(x.dtype).mul_(1.0 / (1.0 - p)).unflatten(1, (len(drop), len(COLUMNS)))
+        return [keep[:, i].flatten(1) for i in range(len(drop))]
 
     def forward(self, x: Tensor, ctx: StepContext | None = None) -> Tensor:
         """(B, 3, S, S) images -> (B, num_classes) logits."""
         ctx = ctx or StepContext(seed=self.cfg.seed)
+        keep6, keep7 = self._dropout_keep(x, ctx)
         x = F.max_pool2d(self.lrn(self._conv(x, "conv1")), 3, 2)  # (B, 96, 27, 27)
         x = F.max_pool2d(self.lrn(self._conv(x, "conv2")), 3, 2)  # (B, 256, 13, 13)
         x = self._conv(x, "conv3")  # (B, 384, 13, 13)
         x = self._conv(x, "conv4")  # (B, 384, 13, 13)
         x = F.max_pool2d(self._conv(x, "conv5"), 3, 2).flatten(1)  # (B, 9216)
-        x = self._fc(x, "fc6", ctx)  # (B, 4096)
-        x = self._fc(x, "fc7", ctx)  # (B, 4096)
-        return self._fc(x, "fc8", ctx)  # (B, num_classes)
+        x = self._fc(x, "fc6", keep6)  # (B, 4096)
+        x = self._fc(x, "fc7", keep7)  # (B, 4096)
+        return self._fc(x, "fc8", None)  # (B, num_classes)
 
 
 def parameter_count(cfg: ModelConfig) -> int:
