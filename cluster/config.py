@@ -216,12 +216,16 @@ class DataSection:
     path: str = ""
     workers: int = 2
     prefetch: int = 4
-    train_split: str = "train"
-    val_split: str = "val"
     seed: int = 0
+    shuffle_buffer: int = 1000  # records per worker's shuffle buffer (0: shard order only)
+    mean: str = "image"  # subtract the training-set mean "image" (the paper) or mean "rgb" pixel
+    input_scale: float = 1.0  # model input = (pixels - mean + lighting) * input_scale
 
     def __post_init__(self) -> None:
         _need(self.workers >= 1, "data.workers", self.workers, "use >= 1")
+        _need(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "use >= 0")
+        _need(self.mean in ("image", "rgb"), "data.mean", self.mean, 'use "image" or "rgb"')
+        _need(self.input_scale > 0, "data.input_scale", self.input_scale, "use > 0 (1.0: raw pixel units)")
         _need(self.prefetch >= 1, "data.prefetch", self.prefetch, "use >= 1 (batches per worker)")
 
 

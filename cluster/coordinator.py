@@ -57,8 +57,9 @@ class TrainerDied(RuntimeError):
 class TrainerGroup(Protocol):
     """What the coordinator needs from the trainer ranks and data workers (Ray or fake)."""
 
-    def start(self, data_positions: list[dict] | None) -> None:
-        """Reserve resources, start trainers and data workers (at ``data_positions``), init groups."""
+    def start(self, step: int, data_positions: list[dict] | None) -> None:
+        """Reserve resources, start trainers and data workers (at ``data_positions``, or at the start
+        of ``step``'s epoch when None), init the process groups."""
 
     def load(self, model: dict[str, Tensor], optimizer: dict[str, Tensor]) -> None:
         """Give every rank the full canonical state; each takes its own slice."""
@@ -69,8 +70,8 @@ class TrainerGroup(Protocol):
     def evaluate(self, ten_crop: bool, max_samples: int) -> dict[str, float]:
         """Validation: top1_error, top5_error, (top1|top5)_error_10crop, loss, samples."""
 
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Tensor], list[dict]]:
-        """Full model and optimizer state (host memory) and the data workers' positions."""
+    def state(self, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor], list[dict]]:
+        """Full model and optimizer state (host memory) and the data positions resuming at ``step``."""
 
     def data_stats(self) -> dict[str, Any]:
         """queue_depth (list per worker), decode_images_per_second, skipped ({reason: total})."""
@@ -186,6 +187,7 @@ class Coordinator:
         self._final = False
         self._last_ckpt_step = -1
         self._skipped_seen: dict[str, float] = {}
+        self._data_restarts_seen = 0
         self._t_start = time.perf_counter()
         self._steps_at_start = 0
         self._window: list[dict[str, Any]] = []
@@ -233,7 +235,7 @@ class Coordinator:
     # -- states ----------------------------------------------------------------------------
 
     def _starting(self) -> str:
-        self.group.start(self.positions)
+        self.group.start(self.step_no, self.positions)
         if self.resume is not None:
             self.group.load(self.resume.model, self.resume.optimizer)
             self.resume = None  # its tensors are no longer needed in the driver
@@ -325,7 +327,7 @@ class Coordinator:
 
     def _save_checkpoint(self) -> None:
         t0 = time.perf_counter()
-        model, optimizer, positions = self.group.state()
+        model, optimizer, positions = self.group.state(self.step_no)
         meta = {
             "step": self.step_no,
             "epoch": self.step_no // self.plan.steps_per_epoch,
@@ -405,8 +407,10 @@ class Coordinator:
                 m.inc("skipped_samples", delta, reason=reason)
                 self._skipped_seen[reason] = total
         m.get("skipped_samples").labels(run=m.run, reason="corrupt")  # exported as 0 from the start
-        if "restarts" in stats:
-            pass  # data-worker restarts: counted by the fault-tolerance issue
+        delta = stats.get("restarts", 0) - self._data_restarts_seen
+        if delta > 0:
+            m.inc("data_worker_restarts", delta)
+            self._data_restarts_seen += delta
 
     def _log_progress(self, now: float) -> None:
         w = self._window

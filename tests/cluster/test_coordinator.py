@@ -35,7 +35,7 @@ class FakeGroup:
         self.die_at = die_at
         self.val_errors = [0.5, 0.4, 0.4, 0.4, 0.4, 0.4]
 
-    def start(self, data_positions):
+    def start(self, step, data_positions):
         self.calls.append(("start", data_positions))
 
     def load(self, model, optimizer):
@@ -69,7 +69,7 @@ class FakeGroup:
             "loss": 1.0,
         }
 
-    def state(self):
+    def state(self, step):
         return (
             dict(self.model),
             {k: torch.zeros_like(v) for k, v in self.model.items()},

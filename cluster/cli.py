@@ -1,0 +1,83 @@
+"""``alexnet train`` and ``alexnet eval``: the job a user submits, and offline evaluation.
+
+    alexnet train --preset NAME | --config FILE.toml [--set key=value ...] --data SHARDS --run-dir DIR
+                  [--resume] [--steps N | --epochs N] [--metrics-port P]
+    alexnet eval --checkpoint DIR --data SHARDS
+
+Both validate everything before any actor starts; a ``ValueError`` becomes a clean error
+message and exit code 2 (see ``alexnet/cli.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cluster.config import PRESETS, load_config, parse_sets
+
+
+def job_config(args: argparse.Namespace):
+    """The validated :class:`cluster.config.JobConfig` of ``alexnet train``'s arguments."""
+    overrides: dict = parse_sets(args.set)
+    if args.steps is not None:
+        overrides["train.steps"] = args.steps
+    if args.epochs is not None:
+        overrides["train.epochs"] = args.epochs
+        overrides["train.steps"] = 0
+    if args.metrics_port is not None:
+        overrides["metrics.port"] = args.metrics_port
+    if args.data:
+        overrides["data.path"] = args.data
+    return load_config(args.preset, args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run or resume a training job."""
+    from cluster.job import run_training
+
+    cfg = job_config(args)
+    if not cfg.data.path:
+        raise ValueError(
+            "no data: pass --data SHARDS (a directory or URL with dataset.json), or set data.path"
+        )
+    res = run_training(cfg, cfg.data.path, args.run_dir, resume=args.resume, preset=args.preset)
+    return res.exit_code
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train on Ray (local, or the cluster of `ray job submit`)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=PRESETS, help="a config shipped with the package")
+    src.add_argument("--config", metavar="FILE.toml", help="a TOML config file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--data", metavar="SHARDS", help="shard directory or URL (with dataset.json)")
+    p.add_argument(
+        "--run-dir", required=True, metavar="DIR", help="checkpoints, metrics, plots (path or URL)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="total steps of the run (counted from step 0)")
+    length.add_argument("--epochs", type=int, help="total epochs of the run")
+    p.add_argument("--metrics-port", type=int, help="Prometheus endpoint port (0: any free port)")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on the val split; print one JSON line."""
+    from cluster.job import evaluate_checkpoint
+
+    res = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.max_samples)
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5 error (center and 10-crop) of a checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint dir, or a run dir (newest)")
+    p.add_argument("--data", required=True, metavar="SHARDS", help="shard directory or URL (val split)")
+    p.add_argument("--batch-size", type=int, default=0, help="default: the checkpoint's batch size")
+    p.add_argument("--max-samples", type=int, default=0, help="stop after about this many images (0: all)")
+    p.set_defaults(func=cmd_eval)
+
+
+SUBCOMMANDS = [add_train, add_eval]
