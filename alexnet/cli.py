@@ -54,7 +54,8 @@ def _load_optional() -> None:
             if e.name != mod:
                 raise
             continue
-        SUBCOMMANDS.extend(getattr(module, "SUBCOMMANDS", []))
+        # main() may run more than once in a process (tests): register each subcommand once
+        SUBCOMMANDS.extend(a for a in getattr(module, "SUBCOMMANDS", []) if a not in SUBCOMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

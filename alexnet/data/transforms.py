@@ -22,6 +22,7 @@ import hashlib
 import io
 import math
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,10 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_jpeg as _tv_decode_jpeg
 
 LIGHTING_STD = 0.1
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not a dependency here); decode_jpeg
+# still works and is the fast path, so silence just that notice (it is raised on every call).
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 
 @dataclass(frozen=True)
