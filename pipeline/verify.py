@@ -55,7 +55,7 @@ def reference_run(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
 ) -> list[dict[str, dict[str, np.ndarray]]]:
-    """Train the local two-column reference for ``steps``; per step its grads and updated weights."""
+    """Train the local two-column reference for ``steps``; per step its grads, updated weights and loss."""
     model = TwoColumnAlexNet(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     out = []
@@ -63,12 +63,12 @@ def reference_run(
         images, labels = random_batch(cfg, global_batch, step)
         opt.zero_grad(set_to_none=True)
         ctx = StepContext(seed=cfg.seed, step=step, sample_index=torch.arange(global_batch))
-        F.cross_entropy(model(images, ctx), labels).backward()
+        loss = F.cross_entropy(model(images, ctx), labels)
+        loss.backward()
         grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
         opt.step()
-        out.append(
-            {"grads": grads, "weights": {k: p.detach().numpy().copy() for k, p in model.named_parameters()}}
-        )
+        weights = {k: p.detach().numpy().copy() for k, p in model.named_parameters()}
+        out.append({"grads": grads, "weights": weights, "loss": float(loss.detach())})
     return out
 
 

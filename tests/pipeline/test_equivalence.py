@@ -1,0 +1,122 @@
+"""Distributed gradients and weights equal the local two-column reference (gloo, CPU processes).
+
+The matrix: grids 1x1x2, 1x2x2, 2x1x2, 2x2x2, 1x3x2 x micro-batches 1, 2, 4 x both schedules,
+dropout on, two SGD steps (so momentum is exercised). All configurations of one grid shape
+run in ONE set of processes (spawning is the slow part). The planted faults show that the
+check can fail.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from alexnet.config import ModelConfig
+from pipeline.engine import Engine
+from pipeline.grid import Grid
+from pipeline.verify import TOLERANCE, compare, reference_run, run_configs
+
+pytestmark = pytest.mark.dist
+
+CFG = ModelConfig.small(num_classes=10, input_size=32, dropout=0.5)
+BATCH, STEPS, LR = 8, 2, 0.05
+SHAPES = ("1x1x2", "1x2x2", "2x1x2", "2x2x2", "1x3x2")
+MICROBATCHES = (1, 2, 4)
+SCHEDULES = ("gpipe", "1f1b")
+
+
+class DoubledGradient(Engine):
+    """Forgets that both column ranks back-propagate the same loss (no 1/C)."""
+
+    def _loss_scale(self) -> float:
+        return 1.0 / self.grid.global_batch
+
+
+class DroppedMicrobatch(Engine):
+    """The last micro-batch's loss never reaches the backward."""
+
+    def _loss(self, mb, logits, labels):
+        loss, ce = super()._loss(mb, logits, labels)
+        return (loss * 0.0 if mb == self.grid.microbatches - 1 else loss), ce
+
+
+class MisorderedExchange(Engine):
+    """Concatenates the gathered columns in the wrong order (column 1 first)."""
+
+    def _exchange(self, spec, parts):
+        full = super()._exchange(spec, parts)
+        return torch.cat(full.chunk(2, dim=1)[::-1], dim=1)
+
+
+FAULTS = {
+    "doubled_gradient": DoubledGradient,
+    "dropped_microbatch": DroppedMicrobatch,
+    "misordered_exchange": MisorderedExchange,
+}
+
+
+@functools.cache
+def _run(shape: str) -> dict:
+    """Every configuration of one grid shape -> (errors, rank results); the faults ride along on 1x2x2."""
+    configs, names = [], []
+    for m in MICROBATCHES:
+        for sched in SCHEDULES:
+            configs.append({"grid": Grid.parse(shape, m, BATCH, schedule=sched), "steps": STEPS, "lr": LR})
+            names.append((m, sched))
+    if shape == "1x2x2":
+        for fault, cls in FAULTS.items():
+            grid = Grid.parse(shape, 2, BATCH, schedule="1f1b")
+            configs.append({"grid": grid, "steps": STEPS, "lr": LR, "engine_cls": cls})
+            names.append(fault)
+    results = run_configs(CFG, configs, timeout_s=240, collective_timeout_s=60)
+    reference = reference_run(CFG, BATCH, STEPS, LR)
+    return {
+        "reference": reference,
+        **{name: (compare(CFG, reference, res), res) for name, res in zip(names, results, strict=True)},
+    }
+
+
+@pytest.mark.timeout(280)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("m", MICROBATCHES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_the_two_column_reference(shape, m, schedule):
+    errors, _ = _run(shape)[(m, schedule)]
+    assert errors["max_rel_grad_error"] < TOLERANCE, errors
+    assert errors["max_rel_weight_error"] < TOLERANCE, errors
+    assert errors["max_rel_update_error"] < 1e-4, errors
+
+
+@pytest.mark.timeout(280)
+@pytest.mark.parametrize("shape", ("1x2x2", "2x2x2"))
+def test_metrics_report_the_reference_loss(shape):
+    run = _run(shape)
+    _, results = run[(4, "1f1b")]
+    grid = Grid.parse(shape, 4, BATCH)
+    for step in range(STEPS):
+        losses = []
+        for rank, res in enumerate(results):
+            m = res["metrics"][step]
+            for key in ("compute_s", "exchange_s", "pipeline_wait_s", "optimizer_s", "step_s"):
+                assert m[key] >= 0.0, key
+            assert m["samples"] == grid.replica_batch
+            if grid.coords(rank)[1] == grid.stages - 1:
+                losses.append(m["loss"])
+                assert 0 <= m["top1"] <= m["top5"] <= grid.replica_batch
+                assert m["exchange_s"] > 0  # the logits gather at least
+            else:
+                assert math.isnan(m["loss"])
+        # replicas hold equal shares: the mean of their losses is the global-batch loss
+        mean = sum(losses) / len(losses)
+        assert mean == pytest.approx(run["reference"][step]["loss"], rel=1e-5)
+
+
+@pytest.mark.timeout(280)
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_planted_faults_fail_the_check(fault):
+    errors, _ = _run("1x2x2")[fault]
+    assert errors["max_rel_grad_error"] > 100 * TOLERANCE, errors
+    assert errors["max_rel_weight_error"] > TOLERANCE, errors
