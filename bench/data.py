@@ -1,0 +1,112 @@
+"""Data pipeline benchmark: decode + augment + collate images/s per core, vs the pipeline a user would write.
+
+Ours: ``alexnet.data.reader.WorkerStream`` (what each Ray data worker runs): torchvision ``decode_jpeg``,
+crop/flip as tensor views copied straight into a preallocated uint8 batch, lighting offsets.
+Baseline: the same shards through ``torch.utils.data.DataLoader`` over ``webdataset.WebDataset`` with
+PIL decode + ``RandomCrop`` + ``RandomHorizontalFlip`` + ``ToTensor``. Both in this process on one
+thread (``num_workers=0``, ``torch.set_num_threads(1)``): images/s per core. Rounds are interleaved and
+the median taken, since the machine is shared. Also times ``alexnet shards`` on a generated
+ImageFolder of ImageNet-sized JPEGs (500x375).
+
+    .venv/bin/python bench/data.py [--images 400] [--batches 8] [--rounds 3]
+
+Last line: JSON with images_per_s_per_core, baseline_images_per_s_per_core, ratio, shards_images_per_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torchvision import transforms as T
+
+from alexnet.data.index import DatasetIndex
+from alexnet.data.reader import ReaderSpec, WorkerStream
+from alexnet.data.writer import build_shards
+
+
+def make_imagefolder(root: Path, n: int, classes: int = 4) -> None:
+    """ImageNet-like JPEGs: smooth colour fields plus texture, 500x375 (JPEG ~30-60 KB)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / "train" / f"c{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        low = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize(
+            (500, 375), Image.BICUBIC
+        )
+        img = np.asarray(low, np.float32) + rng.normal(0, 10, (375, 500, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i}.jpg", quality=90)
+    (root / "val" / "c0").mkdir(parents=True)
+    Image.open(root / "train/c0/0.jpg").save(root / "val/c0/0.jpg")
+
+
+def ours(url: str, batch: int, batches: int, seed: int) -> float:
+    stream = WorkerStream(ReaderSpec(url, batch_size=batch, input_size=227, seed=seed, shuffle_buffer=100), 0)
+    stream.next_batch()  # warm-up (file open, first decode)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        stream.next_batch()
+    return batches * batch / (time.perf_counter() - t0)
+
+
+def baseline(urls: list[str], batch: int, batches: int) -> float:
+    tf = T.Compose([T.RandomCrop(227), T.RandomHorizontalFlip(), T.ToTensor()])
+    ds = (
+        wds.WebDataset(urls, shardshuffle=False)
+        .shuffle(100)
+        .decode("pil")
+        .to_tuple("jpg", "cls")
+        .map_tuple(tf, lambda c: int(c))
+    )
+    it = iter(torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=0))
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=400, help="generated source images")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=8, help="timed batches per round (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shard-workers", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_imagefolder(root / "src", args.images)
+        t0 = time.perf_counter()
+        s = build_shards(str(root / "src"), str(root / "shards"), shard_size=100, workers=args.shard_workers,
+                         progress=False)  # fmt: skip
+        shards_ips = sum(s.counts.values()) / (time.perf_counter() - t0)
+        url = str(root / "shards")
+        urls = [sh.url for sh in DatasetIndex.load(url).shards("train")]
+        if (args.batches + 1) * args.batch > sum(s.counts.values()):
+            raise ValueError("--images too small for --batches x --batch (one pass, no wrap-around)")
+        mine, base = [], []
+        for r in range(args.rounds):
+            mine.append(ours(url, args.batch, args.batches, seed=r))
+            base.append(baseline(urls, args.batch, args.batches))
+            print(f"round {r}: ours {mine[-1]:.0f} img/s, baseline {base[-1]:.0f} img/s", flush=True)
+    m, b = statistics.median(mine), statistics.median(base)
+    print(
+        f"alexnet shards: {shards_ips:.0f} images/s with {args.shard_workers} processes (500x375 JPEG -> 256)"
+    )
+    print(json.dumps({"images_per_s_per_core": round(m, 1), "baseline_images_per_s_per_core": round(b, 1),
+                      "ratio": round(m / b, 3), "shards_images_per_s": round(shards_ips, 1),
+                      "batch": args.batch, "input_size": 227, "stored_size": 256}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
