@@ -109,3 +109,12 @@ def test_val_on_ray_every_sample_once(ray_local, syn):
     batches = list(val_batches_ray(syn, 16, 32, crop="ten", workers=2))
     assert sorted(k for b in batches for k in b["keys"]) == [f"val_{i:08d}" for i in range(40)]
     assert batches[0]["images"].shape[1:] == (10, 3, 32, 32)
+
+
+def test_shards_built_by_ray_tasks(ray_local, tmp_path):
+    from alexnet.data.index import DatasetIndex
+    from cluster.data import build_shards_on_ray
+
+    s = build_shards_on_ray(120, str(tmp_path / "out"), size=36, classes=3, shard_size=40, progress=False)
+    assert s.counts == {"train": 108, "val": 12} and s.shards_written == 4
+    assert [sh.count for sh in DatasetIndex.load(str(tmp_path / "out")).shards("train")] == [40, 40, 28]
