@@ -209,7 +209,7 @@ class Engine:
 
     def _recv(self, shapes: list[tuple[int, ...]], rows: int, src: int, mb: int, kind: int) -> list[Tensor]:
         out = []
-        with self.timeline.span("recv", f"recv{'AG'[kind]}{mb}"):
+        with self.timeline.span("recv", f"recv{'AGH'[kind]}{mb}"):
             for k, shape in enumerate(shapes):
                 buf = torch.empty((rows, *shape), device=self.device)
                 dist.recv(buf, src=src, group=self.groups.pipeline, tag=_tag(mb, kind, k))

@@ -39,13 +39,15 @@ def spawn_ranks(
     args: tuple = (),
     timeout_s: float = 120.0,
     threads: int = 1,
+    may_exit: frozenset[int] = frozenset(),
 ) -> list[Any]:
     """Call ``fn(rank, world_size, port, *args)`` in ``world_size`` processes; return results by rank.
 
     ``fn`` must be importable (module level) and return something picklable. ``port`` is a
     free TCP port for the rendezvous. Raises :class:`RankFailed` with the first failing
     rank's traceback, or ``TimeoutError`` after ``timeout_s``; in both cases every rank is
-    killed first.
+    killed first. Ranks in ``may_exit`` may exit without a result (tests of dead peers):
+    their result is None.
     """
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -62,6 +64,10 @@ def spawn_ranks(
     deadline = time.monotonic() + timeout_s
     try:
         while len(results) < world_size:
+            if all(
+                r in results or (r in may_exit and procs[r].exitcode is not None) for r in range(world_size)
+            ):
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = sorted(set(range(world_size)) - set(results))
@@ -71,7 +77,7 @@ def spawn_ranks(
             except queue.Empty:
                 now = time.monotonic()
                 for r, p in enumerate(procs):
-                    if r not in results and p.exitcode is not None:
+                    if r not in results and r not in may_exit and p.exitcode is not None:
                         dead_since.setdefault(r, now)
                         if now - dead_since[r] > 2.0:  # its result, if any, had time to arrive
                             raise RankFailed(
@@ -83,10 +89,10 @@ def spawn_ranks(
             results[rank] = payload
     finally:
         for p in procs:
-            p.join(timeout=5 if len(results) == world_size else 0.1)
+            p.join(timeout=5 if len(results) + len(may_exit) >= world_size else 0.1)
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
         q.close()
-    return [results[r] for r in range(world_size)]
+    return [results.get(r) for r in range(world_size)]
