@@ -196,6 +196,9 @@ def test_ray_cluster_config_is_valid_for_ray_up():
         starts = [line for line in cfg[key] if "ray start" in line]
         assert starts and all("RAY_AUTH_MODE=token " in line for line in starts), starts
     assert "/home/ray/.ray/auth_token" in cfg["file_mounts"]
+    # Shared storage at the path the docs and the KubeRay manifests use.
+    assert "-v /mnt/shared:/mnt/shared" in cfg["docker"]["run_options"]
+    assert any("/mnt/shared" in c for c in cfg["initialization_commands"])
     # The project on every node.
     assert cfg["file_mounts"]["/home/ray/alexnet-pipeline"] == "."
     assert any("pip install" in c and "/home/ray/alexnet-pipeline" in c for c in cfg["setup_commands"])
@@ -257,6 +260,12 @@ def test_kuberay_cluster_ports_gpus_storage_and_auth():
     for f in ("raycluster.yaml", "shards-job.yaml"):
         claims = set(walk(load(KUBERAY / f), "claimName"))
         assert claims == {pvc["metadata"]["name"]}, (f, claims)
+        mounts = {m["mountPath"] for c in containers(load(KUBERAY / f)) for m in c["volumeMounts"]}
+        assert "/mnt/shared" in mounts, (f, mounts)
+    # The job reads its shards from and writes its checkpoints to the shared volume.
+    argv = shlex.split(load(KUBERAY / "rayjob.yaml")["spec"]["entrypoint"])
+    for flag in ("--data", "--run-dir"):
+        assert argv[argv.index(flag) + 1].startswith("/mnt/shared/"), argv
 
 
 def test_podmonitor_scrapes_ports_the_pods_have():

@@ -113,7 +113,10 @@ def submit(
 
 @pytest.mark.timeout(600)
 def test_submit_monitor_and_resume_demo_on_a_ray_head(tmp_path, ray_local_shutdown):
-    prometheus_bin = require_binary("prometheus")
+    # Outside CI the Ray part runs without Prometheus, and the test ends skipped saying so.
+    prometheus_bin = shutil.which("prometheus")
+    if prometheus_bin is None and os.environ.get("CI", "").lower() == "true":
+        require_binary("prometheus")  # fails the test: CI installs it (.ci/run)
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -152,7 +155,7 @@ def test_submit_monitor_and_resume_demo_on_a_ray_head(tmp_path, ray_local_shutdo
         config = prometheus_config(tmp_path, f"127.0.0.1:{metrics_port}", head.sd_file, interval="500ms")
         wait_for("Ray's service-discovery file", head.sd_file.exists, 60, log=head.log)
         start = time.time()
-        prom = Prometheus(prometheus_bin, config, tmp_path)
+        prom = Prometheus(prometheus_bin, config, tmp_path) if prometheus_bin else None
 
         # --- run 1, watched by Prometheus -------------------------------------------------
         common = ["--data", str(shards), "--run-dir", str(run_dir)]
@@ -173,14 +176,16 @@ def test_submit_monitor_and_resume_demo_on_a_ray_head(tmp_path, ray_local_shutdo
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline:
             status = job_status(head, auth, "e2e-run-1")
-            missing = [e for e in missing if not prom.has_data(e, start)]
+            if prom is not None:
+                missing = [e for e in missing if not prom.has_data(e, start)]
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
             time.sleep(2)
         logs = ray_cli(env, "job", "logs", "--address", head.address, "e2e-run-1").stdout
         assert status == "SUCCEEDED", f"run 1 ended {status}:\n{logs[-4000:]}"
-        missing = [e for e in missing if not prom.has_data(e, start)]
-        assert not missing, f"dashboard queries without data: {missing}"
+        if prom is not None:
+            missing = [e for e in missing if not prom.has_data(e, start)]
+            assert not missing, f"dashboard queries without data: {missing}"
 
         assert re.search(rf"^step \d+/{STEPS_1} ", logs, re.MULTILINE), logs[-3000:]
         ck1 = run_dir / "checkpoints" / f"step-{STEPS_1:08d}"
@@ -201,3 +206,8 @@ def test_submit_monitor_and_resume_demo_on_a_ray_head(tmp_path, ray_local_shutdo
         if prom is not None:
             prom.close()
         head.close()
+    if not prometheus_bin:
+        pytest.skip(
+            "the Ray job, logs and resume checks PASSED; the Prometheus checks did not run: "
+            "`prometheus` is not installed (apt-get install prometheus)"
+        )
