@@ -194,7 +194,23 @@ class Coordinator:
         self._window_t = time.perf_counter()
         if resume is not None:
             self._restore_counters(resume)
+        self._init_metrics()
         self.metrics.state(STARTING)
+
+    def _init_metrics(self) -> None:
+        """Export every counter and the run-level gauges from the start (0 until they happen), so
+        dashboards and alerts see a series rather than no data."""
+        m = self.metrics
+        for name in ("images", "checkpoints", "data_worker_restarts"):
+            m.inc(name, 0)
+        m.inc("restarts", 0, reason="trainer_failure")
+        for reason in ("corrupt", "missing", "truncated_shard"):
+            m.inc("skipped_samples", 0, reason=reason)
+        for name in ("checkpoint_duration_seconds", "checkpoint_stall_seconds", "checkpoint_bytes"):
+            m.gauge(name, 0.0)
+        m.gauge("step", self.step_no)
+        m.gauge("epoch", self.step_no // self.plan.steps_per_epoch)
+        m.gauge("learning_rate", self.schedule.lr)
 
     # -- the state machine ---------------------------------------------------------------
 
@@ -406,7 +422,6 @@ class Coordinator:
             if delta > 0:
                 m.inc("skipped_samples", delta, reason=reason)
                 self._skipped_seen[reason] = total
-        m.get("skipped_samples").labels(run=m.run, reason="corrupt")  # exported as 0 from the start
         delta = stats.get("restarts", 0) - self._data_restarts_seen
         if delta > 0:
             m.inc("data_worker_restarts", delta)

@@ -175,10 +175,12 @@ def plot_history(coord: Coordinator) -> bytes:
     return buf.getvalue()
 
 
-def _install_stop_handler(coord: Coordinator) -> None:
-    """SIGTERM (``ray job stop``) and Ctrl-C: finish the chunk, checkpoint, exit (main thread only)."""
+def _install_stop_handler(coord: Coordinator) -> dict:
+    """SIGTERM (``ray job stop``) and Ctrl-C: finish the chunk, checkpoint, exit (main thread only).
+
+    Returns the previous handlers, to restore when the run ends."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
 
     def on_signal(signum, frame):
         if coord.stop_requested.is_set() and signum == signal.SIGINT:
@@ -186,8 +188,7 @@ def _install_stop_handler(coord: Coordinator) -> None:
         print(f"[alexnet] {signal.Signals(signum).name}: checkpointing, then exiting", flush=True)
         coord.request_stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 def run_training(
@@ -245,7 +246,7 @@ def run_training(
     extra = {"grid": group.grid.to_dict()} if hasattr(group, "grid") else {}
     coord = Coordinator(cfg, group, plan, run_dir, metrics, resume=ck, extra_meta=extra)
     del ck
-    _install_stop_handler(coord)
+    previous = _install_stop_handler(coord)
     if on_coordinator is not None:
         on_coordinator(coord)
     files: dict[str, str] = {}
@@ -263,6 +264,8 @@ def run_training(
     finally:
         group.shutdown()
         metrics.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     files["metrics"] = _join(run_dir, "metrics.jsonl")
     _write_bytes(files["metrics"], coord.history_jsonl().encode())
     if coord.history.steps:

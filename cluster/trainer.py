@@ -202,7 +202,11 @@ def _to_model_input(u8, lighting, mean, scale: float):
 
 
 def _call(refs: list, timeout_s: float | None, what: str) -> list:
-    """``ray.get`` in 1 s slices (the driver's signal handlers keep running), failures -> TrainerDied."""
+    """``ray.get`` in 1 s slices (the driver's signal handlers keep running), failures -> TrainerDied.
+
+    When ranks fail, every rank's error is reported, root causes first: a rank that died or raised
+    makes its peers time out in their collectives, and those timeouts say nothing about why.
+    """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pending = list(refs)
     while pending:
@@ -211,8 +215,18 @@ def _call(refs: list, timeout_s: float | None, what: str) -> list:
             raise TrainerDied(f"{what}: no answer from {len(pending)} rank(s) within {timeout_s:.0f}s")
     try:
         return ray.get(refs)
-    except ray.exceptions.RayError as e:
-        raise TrainerDied(f"{what}: {type(e).__name__}: {_short(e)}") from e
+    except ray.exceptions.RayError:
+        pass
+    errors = []
+    for i, ref in enumerate(refs):
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as e:
+            text = _short(e)
+            secondary = "Timed out" in text or "Connection closed" in text or "timeout" in text.lower()
+            errors.append((secondary, i, f"rank {i}: {type(e).__name__}: {text}"))
+    errors.sort()
+    raise TrainerDied(f"{what}: " + "; ".join(e[2] for e in errors))
 
 
 def _short(e: BaseException) -> str:
