@@ -181,6 +181,8 @@ class Engine:
             else []
         )
         self.out_shapes = [geometry(model_cfg, self.blocks[-1], c).out for c in self.columns]
+        self._deferred: list[tuple[Tensor, int, int]] = []  # sends not yet posted: (tensor, dst, tag)
+        self._pending: list[tuple[Tensor, dist.Work]] = []  # sends posted, maybe not complete
 
     # -- overridable pieces (the tests plant faults by overriding them) ----------------------
     def _exchange(self, spec: BlockSpec, parts: list[Tensor]) -> Tensor:
@@ -202,25 +204,45 @@ class Engine:
         return ce * self._loss_scale(), ce.detach()
 
     # -- point to point ----------------------------------------------------------------------
-    def _send(self, tensors: list[Tensor], dst: int, mb: int, kind: int, pending: list) -> None:
+    # A send is deferred to the start of the rank's next action and posted together with that
+    # action's receive (Megatron's send_forward_recv_backward pairing). On NCCL the pair goes
+    # in one batch_isend_irecv: two neighbours that each send, then receive, from one another
+    # (1F1B's steady state) would otherwise deadlock on NCCL's per-pair stream. On gloo,
+    # whose batch_isend_irecv can hang (pytorch #132644), each send is an isend and the
+    # receive blocking: the path the CPU tests run. The NCCL path is not tested here (no GPU).
+    def _send(self, tensors: list[Tensor], dst: int, mb: int, kind: int) -> None:
         for k, t in enumerate(tensors):
-            t = t.detach().contiguous()
-            pending.append((t, dist.isend(t, dst=dst, group=self.groups.pipeline, tag=_tag(mb, kind, k))))
+            self._deferred.append((t.detach().contiguous(), dst, _tag(mb, kind, k)))
+
+    def _post(self, recvs: list[tuple[Tensor, int, int]]) -> None:
+        """Post the deferred sends and the receives ``(buffer, src, tag)``; wait for the receives."""
+        sends, self._deferred = self._deferred, []
+        pg = self.groups.pipeline
+        if self.groups.backend == "nccl" and sends and recvs:
+            ops = [dist.P2POp(dist.isend, t, dst, pg, tag) for t, dst, tag in sends]
+            ops += [dist.P2POp(dist.irecv, b, src, pg, tag) for b, src, tag in recvs]
+            works = dist.batch_isend_irecv(ops)
+            self._pending += [(t, w) for (t, _, _), w in zip(sends, works, strict=False)]
+            for w in works[len(sends) :]:
+                w.wait()
+            return
+        for t, dst, tag in sends:
+            self._pending.append((t, dist.isend(t, dst=dst, group=pg, tag=tag)))
+        for b, src, tag in recvs:
+            dist.recv(b, src=src, group=pg, tag=tag)
 
     def _recv(self, shapes: list[tuple[int, ...]], rows: int, src: int, mb: int, kind: int) -> list[Tensor]:
-        out = []
+        bufs = [torch.empty((rows, *shape), device=self.device) for shape in shapes]
         with self.timeline.span("recv", f"recv{'AGH'[kind]}{mb}"):
-            for k, shape in enumerate(shapes):
-                buf = torch.empty((rows, *shape), device=self.device)
-                dist.recv(buf, src=src, group=self.groups.pipeline, tag=_tag(mb, kind, k))
-                out.append(buf)
-        return out
+            self._post([(b, src, _tag(mb, kind, k)) for k, b in enumerate(bufs)])
+        return bufs
 
-    def _wait_sends(self, pending: list) -> None:
+    def _wait_sends(self) -> None:
         with self.timeline.span("send_wait"):
-            for _, work in pending:
+            self._post([])
+            for _, work in self._pending:
                 work.wait()
-        pending.clear()
+        self._pending.clear()
 
     # -- one step ----------------------------------------------------------------------------
     def _check_inputs(self, images: Tensor | None, labels: Tensor | None) -> None:
@@ -243,6 +265,7 @@ class Engine:
         self._check_inputs(images, labels)
         tl, mbs = self.timeline, self.grid.microbatch_size
         tl.clear(step)
+        self._deferred, self._pending = [], []  # nothing left over from a step that raised
         if self.meter is not None:
             self.meter.reset()
         self.stage.train()
@@ -250,18 +273,17 @@ class Engine:
         imgs = images.split(mbs) if self.first else None
         labs = labels.split(mbs) if self.last else None
         live: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # mb -> (inputs, outputs or [loss])
-        pending: list = []
         totals = {"ce": 0.0, "top1": 0.0, "top5": 0.0}
         for i, a in enumerate(self.actions):
             tl.mb = a.mb
             if a.kind == "F":
-                live[a.mb] = self._forward(step, a.mb, imgs, labs, totals, pending)
+                live[a.mb] = self._forward(step, a.mb, imgs, labs, totals)
             else:
                 if self.grad_sync is not None and i == len(self.actions) - 1:
                     self.grad_sync.armed = True
-                self._backward(a.mb, *live.pop(a.mb), pending)
+                self._backward(a.mb, *live.pop(a.mb))
         tl.mb = None
-        self._wait_sends(pending)
+        self._wait_sends()
         if self.grad_sync is not None:
             self.grad_sync.wait()
         with tl.span("optimizer"):
@@ -270,9 +292,10 @@ class Engine:
             self.optimizer.step()
         return self._metrics(totals, time.perf_counter() - t0)
 
-    def _forward(self, step, mb, imgs, labs, totals, pending) -> tuple[list[Tensor], list[Tensor]]:
+    def _forward(self, step, mb, imgs, labs, totals) -> tuple[list[Tensor], list[Tensor]]:
         rows = self.grid.microbatch_size
         if self.first:
+            self._post([])  # no receive to pair the previous action's sends with
             inputs, xs = [], [imgs[mb]]
         else:
             inputs = self._recv(self.in_shapes, rows, self.prev, mb, _ACT)
@@ -291,16 +314,18 @@ class Engine:
                 self._count(logits.detach(), labs[mb], ce, totals)
                 outs = [loss]
         if not self.last:
-            self._send(outs, self.next, mb, _ACT, pending)
+            self._send(outs, self.next, mb, _ACT)
         return inputs, outs
 
-    def _backward(self, mb: int, inputs: list[Tensor], outs: list[Tensor], pending: list) -> None:
+    def _backward(self, mb: int, inputs: list[Tensor], outs: list[Tensor]) -> None:
+        if self.last:
+            self._post([])
         rows = self.grid.microbatch_size
         grads = None if self.last else self._recv(self.out_shapes, rows, self.next, mb, _GRAD)
         with self.timeline.span("backward", f"B{mb}"):
             torch.autograd.backward(outs, grads)
         if not self.first:
-            self._send([x.grad for x in inputs], self.prev, mb, _GRAD, pending)
+            self._send([x.grad for x in inputs], self.prev, mb, _GRAD)
 
     def _count(self, logits: Tensor, labels: Tensor, ce: Tensor, totals: dict[str, float]) -> None:
         k = min(5, logits.shape[1])
@@ -342,7 +367,6 @@ class Engine:
             raise ValueError(f"rank {self.rank} is on stage 0: infer() needs the images")
         was_training = self.stage.training
         self.stage.eval()
-        pending: list = []
         logits: list[Tensor] = []
         try:
             with torch.no_grad():
@@ -350,6 +374,7 @@ class Engine:
                 mb, more = 0, True
                 while more:
                     if self.first:
+                        self._post([])
                         xs, rows, more = [chunks[mb]], chunks[mb].shape[0], mb + 1 < len(chunks)
                     else:
                         (head,) = self._recv([(2,)], 1, self.prev, mb, _HEAD)
@@ -360,10 +385,10 @@ class Engine:
                         logits.append(self._full_logits(outs))
                     else:
                         head = torch.tensor([[rows, int(more)]], dtype=torch.float32, device=self.device)
-                        self._send([head], self.next, mb, _HEAD, pending)
-                        self._send(outs, self.next, mb, _ACT, pending)
+                        self._send([head], self.next, mb, _HEAD)
+                        self._send(outs, self.next, mb, _ACT)
                     mb += 1
-            self._wait_sends(pending)
+            self._wait_sends()
         finally:
             self.stage.train(was_training)
         return torch.cat(logits) if self.last else None
