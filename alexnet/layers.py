@@ -34,19 +34,28 @@ def _channel_windows(size: int) -> list[tuple[slice, slice]]:
     return down + up
 
 
-def _window_sum_squares_(a: Tensor, out: Tensor, size: int) -> Tensor:
-    """out = S(a^2) on (B, G, Cg, H, W) views, in place; squares fused into the adds (addcmul)."""
-    torch.mul(a, a, out=out)
+def _denominator_(a: Tensor, out: Tensor, size: int, alpha: float, k: float) -> Tensor:
+    """out = k + alpha * S(a^2) on (B, G, Cg, H, W) views, in place.
+
+    The squares and the scaling ride along in the adds (addcmul), so ``a`` is read once per
+    window term and ``out`` is written by the first term rather than zero-filled.
+    """
+    torch.addcmul(torch.full((), k, dtype=a.dtype, device=a.device), a, a, value=alpha, out=out)
     for dst, src in _channel_windows(size):
         s = a[:, :, src]
-        out[:, :, dst].addcmul_(s, s)
+        out[:, :, dst].addcmul_(s, s, value=alpha)
     return out
 
 
 def _window_sum_(t: Tensor, out: Tensor, size: int) -> Tensor:
-    """out = S(t) on (B, G, Cg, H, W) views, in place."""
-    out.copy_(t)
-    for dst, src in _channel_windows(size):
+    """out = S(t) on (B, G, Cg, H, W) views, in place (the first shifted add writes ``out``)."""
+    windows = _channel_windows(size)
+    if not windows or t.shape[2] < 2:
+        return out.copy_(t)
+    (dst, src), rest = windows[0], windows[1:]  # dst = [1:], src = [:-1]
+    torch.add(t[:, :, dst], t[:, :, src], out=out[:, :, dst])
+    out[:, :, :1].copy_(t[:, :, :1])
+    for dst, src in rest:
         out[:, :, dst].add_(t[:, :, src])
     return out
 
@@ -80,7 +89,7 @@ class _LRNFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int):
         x5 = x.unflatten(1, (groups, x.shape[1] // groups))  # windows never cross a column
         d = torch.empty_like(x)
-        _window_sum_squares_(x5, d.unflatten(1, x5.shape[1:3]), size).mul_(alpha).add_(k)
+        _denominator_(x5, d.unflatten(1, x5.shape[1:3]), size, alpha, k)
         out = _pow_neg_beta_(d, torch.empty_like(x), beta).mul_(x)
         ctx.save_for_backward(x, out, d)
         ctx.hyper = (size, alpha, beta, groups)

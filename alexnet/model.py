@@ -269,6 +269,11 @@ class FusedAlexNet(nn.Module):
     """
 
     GROUPED = {"conv2", "conv4", "conv5"}
+    # Layout of the conv stack's activations. channels_last (NHWC) lets oneDNN (CPU) and
+    # cuDNN (GPU) run the convolutions, grouped ones above all, without reordering to and
+    # from their native layouts; LRN and max-pool work in either. Parameters stay contiguous
+    # (state dicts and safetensors want that); only activations change layout.
+    memory_format: torch.memory_format = torch.channels_last
 
     def __init__(self, cfg: ModelConfig | None = None) -> None:
         super().__init__()
@@ -335,6 +340,7 @@ class FusedAlexNet(nn.Module):
         """(B, 3, S, S) images -> (B, num_classes) logits."""
         ctx = ctx or StepContext(seed=self.cfg.seed)
         keep6, keep7 = self._dropout_keep(x, ctx)
+        x = x.contiguous(memory_format=self.memory_format)
         x = F.max_pool2d(self.lrn(self._conv(x, "conv1")), 3, 2)  # (B, 96, 27, 27)
         x = F.max_pool2d(self.lrn(self._conv(x, "conv2")), 3, 2)  # (B, 256, 13, 13)
         x = self._conv(x, "conv3")  # (B, 384, 13, 13)

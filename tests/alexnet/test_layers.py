@@ -88,3 +88,27 @@ def test_dropout_mask_is_partition_invariant():
     assert not torch.equal(whole[0], whole[1])
     big = dropout_mask(ctx, 5, 0, 256, 2048, 0.5, torch.device("cpu"))
     assert abs(big.float().mean().item() - 0.5) < 0.005
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_lrn_channels_last_matches_contiguous(size):
+    # the fused model runs LRN on channels_last activations; same values and gradients
+    x = torch.randn(2, 12, 5, 4, dtype=torch.float64) * 20
+    g = torch.randn_like(x)
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xi = x.clone(memory_format=fmt).requires_grad_()
+        out = local_response_norm(xi, size, 1e-2, 0.75, 2.0, groups=2)
+        out.backward(g)
+        ref = torch.cat(
+            [
+                paper_lrn_reference(x[:, :6], n=size, alpha=1e-2),
+                paper_lrn_reference(x[:, 6:], n=size, alpha=1e-2),
+            ],
+            1,
+        )
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+    xc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: local_response_norm(t, size, 0.05, 0.75, 2.0, 2), (xc,))
