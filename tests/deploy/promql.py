@@ -53,10 +53,20 @@ def dashboard_panels(dash: dict) -> list[dict]:
     return out
 
 
+def dashboard_targets(path: Path = DASHBOARD) -> list[dict]:
+    """Every query target (``expr``, ``legendFormat``, ...) of the dashboard's panels, in panel order."""
+    dash = json.loads(path.read_text())
+    return [t for p in dashboard_panels(dash) for t in p.get("targets", []) if t.get("expr")]
+
+
 def dashboard_exprs(path: Path = DASHBOARD) -> list[str]:
     """Every PromQL expression of the dashboard's panels, in panel order."""
-    dash = json.loads(path.read_text())
-    return [t["expr"] for p in dashboard_panels(dash) for t in p.get("targets", []) if t.get("expr")]
+    return [t["expr"] for t in dashboard_targets(path)]
+
+
+def legend_labels(target: dict) -> set[str]:
+    """The label names a target's legend shows (``{{run}} {{split}}`` -> ``{"run", "split"}``)."""
+    return set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
 
 
 def alert_exprs(path: Path = ALERTS) -> dict[str, str]:

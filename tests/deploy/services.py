@@ -173,11 +173,27 @@ class Prometheus:
         assert body["status"] == "success", body
         return body["data"]
 
-    def has_data(self, expr: str, start: float, end: float | None = None) -> bool:
-        """Whether ``expr`` returned at least one sample at any 1 s step in [start, end]."""
+    def series(self, expr: str, start: float, end: float | None = None) -> list[dict[str, str]]:
+        """The label sets of the series ``expr`` returned at any 1 s step in [start, end]."""
         end = end or time.time()
         data = self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step="1")
-        return any(series["values"] for series in data["result"])
+        return [s["metric"] for s in data["result"] if s["values"]]
+
+    def has_data(self, expr: str, start: float, end: float | None = None) -> bool:
+        """Whether ``expr`` returned at least one sample at any 1 s step in [start, end]."""
+        return bool(self.series(expr, start, end))
+
+    def missing_legend_labels(self, targets: list[dict], start: float) -> dict[str, set[str]]:
+        """Grafana targets whose legend names a label none of their series carries: expr -> labels."""
+        from tests.deploy.promql import grafana_to_promql, legend_labels
+
+        bad = {}
+        for t in targets:
+            found = self.series(grafana_to_promql(t["expr"]), start)
+            missing = {name for name in legend_labels(t) if not any(name in s for s in found)}
+            if missing:
+                bad[t["expr"]] = missing
+        return bad
 
     def close(self) -> None:
         stop(self.proc)

@@ -186,6 +186,9 @@ def test_submit_monitor_and_resume_demo_on_a_ray_head(tmp_path, ray_local_shutdo
         if prom is not None:
             missing = [e for e in missing if not prom.has_data(e, start)]
             assert not missing, f"dashboard queries without data: {missing}"
+            # `or vector(0)` answers have no labels: their legends are fixed text.
+            bad = prom.missing_legend_labels(promql.dashboard_targets(), start)
+            assert not bad, f"legends naming labels the series lack: {bad}"
 
         assert re.search(rf"^step \d+/{STEPS_1} ", logs, re.MULTILINE), logs[-3000:]
         ck1 = run_dir / "checkpoints" / f"step-{STEPS_1:08d}"
