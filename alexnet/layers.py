@@ -86,26 +86,30 @@ class _LRNFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int):
+    def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int, relu: bool):
+        if relu:
+            x = x.relu_()  # see relu_local_response_norm_: x is a temporary the caller hands over
         x5 = x.unflatten(1, (groups, x.shape[1] // groups))  # windows never cross a column
         d = torch.empty_like(x)
         _denominator_(x5, d.unflatten(1, x5.shape[1:3]), size, alpha, k)
         out = _pow_neg_beta_(d, torch.empty_like(x), beta).mul_(x)
         ctx.save_for_backward(x, out, d)
-        ctx.hyper = (size, alpha, beta, groups)
+        ctx.hyper = (size, alpha, beta, groups, relu)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, out, d = ctx.saved_tensors
-        size, alpha, beta, groups = ctx.hyper
+        size, alpha, beta, groups, relu = ctx.hyper
         split = (groups, x.shape[1] // groups)
         u = torch.mul(grad_out, out).div_(d)  # g * b / d
         t = torch.empty_like(u)
         _window_sum_(u.unflatten(1, split), t.unflatten(1, split), size)
         grad = _pow_neg_beta_(d, u, beta).mul_(grad_out)  # reuses u's memory: g * d^-beta
         grad.addcmul_(x, t, value=-2.0 * alpha * beta)
-        return grad, None, None, None, None, None
+        if relu:
+            grad.mul_(torch.sign(x, out=t))  # ReLU's gradient: x = relu(z) >= 0, sign is 0 or 1
+        return grad, None, None, None, None, None, None
 
 
 def local_response_norm(
@@ -125,7 +129,29 @@ def local_response_norm(
         raise ValueError(f"local_response_norm expects (B, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
-    return _LRNFunction.apply(x, size, alpha, beta, k, groups)
+    return _LRNFunction.apply(x, size, alpha, beta, k, groups, False)
+
+
+def relu_local_response_norm_(
+    z: Tensor,
+    size: int = 5,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 2.0,
+    groups: int = 1,
+) -> Tensor:
+    """``local_response_norm(relu(z))`` with the ReLU done in place on ``z`` and its backward
+    folded into LRN's.
+
+    Saves the separate ReLU backward, which allocates (and page-faults in) a gradient as big
+    as the activation. ``z`` is consumed: pass a temporary nobody else reads (a conv output
+    whose backward does not need it), as :class:`alexnet.model.FusedAlexNet` does.
+    """
+    if z.dim() != 4:
+        raise ValueError(f"relu_local_response_norm_ expects (B, C, H, W), got shape {tuple(z.shape)}")
+    if z.shape[1] % groups:
+        raise ValueError(f"{z.shape[1]} channels do not split into {groups} groups")
+    return _LRNFunction.apply(z, size, alpha, beta, k, groups, True)
 
 
 class LocalResponseNorm(nn.Module):

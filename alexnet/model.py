@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alexnet.config import ModelConfig
-from alexnet.layers import LocalResponseNorm, SeededDropout, StepContext, dropout_masks
+from alexnet.layers import (
+    LocalResponseNorm,
+    SeededDropout,
+    StepContext,
+    dropout_masks,
+    relu_local_response_norm_,
+)
 
 COLUMNS = (0, 1)
 
@@ -307,10 +313,17 @@ class FusedAlexNet(nn.Module):
                 state[prefix + k] = v
 
     def _conv(self, x: Tensor, name: str) -> Tensor:
+        """Convolution, then ReLU; with the paper's LRN fused behind the ReLU where it has one."""
         geo = geometry(self.cfg, name, 0)
         p = getattr(self, name)
         groups = 2 if name in self.GROUPED else 1
-        return F.relu(F.conv2d(x, p.weight, p.bias, geo.stride, geo.padding, 1, groups), inplace=True)
+        x = F.conv2d(x, p.weight, p.bias, geo.stride, geo.padding, 1, groups)
+        if not BLOCK_BY_NAME[name].lrn:
+            return F.relu(x, inplace=True)
+        lrn = self.lrn
+        # ReLU + LRN in one autograd node (the conv output is a temporary; conv's backward
+        # does not read it), groups=2 so the window never crosses from one column to the other
+        return relu_local_response_norm_(x, lrn.size, lrn.alpha, lrn.beta, lrn.k, lrn.groups)
 
     def _fc(self, x: Tensor, name: str, keep: Tensor | None) -> Tensor:
         """Linear, ReLU (not on fc8), then dropout with the scaled keep-mask ``keep`` (B, units)."""
@@ -341,8 +354,8 @@ class FusedAlexNet(nn.Module):
         ctx = ctx or StepContext(seed=self.cfg.seed)
         keep6, keep7 = self._dropout_keep(x, ctx)
         x = x.contiguous(memory_format=self.memory_format)
-        x = F.max_pool2d(self.lrn(self._conv(x, "conv1")), 3, 2)  # (B, 96, 27, 27)
-        x = F.max_pool2d(self.lrn(self._conv(x, "conv2")), 3, 2)  # (B, 256, 13, 13)
+        x = F.max_pool2d(self._conv(x, "conv1"), 3, 2)  # (B, 96, 27, 27)
+        x = F.max_pool2d(self._conv(x, "conv2"), 3, 2)  # (B, 256, 13, 13)
         x = self._conv(x, "conv3")  # (B, 384, 13, 13)
         x = self._conv(x, "conv4")  # (B, 384, 13, 13)
         x = F.max_pool2d(self._conv(x, "conv5"), 3, 2).flatten(1)  # (B, 9216)

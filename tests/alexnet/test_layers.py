@@ -112,3 +112,22 @@ def test_lrn_channels_last_matches_contiguous(size):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
     xc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: local_response_norm(t, size, 0.05, 0.75, 2.0, 2), (xc,))
+
+
+def test_relu_lrn_fused_equals_relu_then_lrn():
+    from alexnet.layers import relu_local_response_norm_
+
+    z = torch.randn(2, 8, 4, 3, dtype=torch.float64) * 20
+    g = torch.randn_like(z)
+    za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+    a = local_response_norm(torch.relu(za), 5, 1e-2, 0.75, 2.0, groups=2)
+    b = relu_local_response_norm_(zb * 1.0, 5, 1e-2, 0.75, 2.0, groups=2)  # consumes a temporary
+    a.backward(g)
+    b.backward(g)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(zb.grad, za.grad, rtol=1e-12, atol=1e-12)
+    assert (za.grad == 0).any()  # the ReLU really cut some gradients
+    zc = z.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda t: relu_local_response_norm_(t * 1.0, 5, 0.05, 0.75, 2.0, 2), (zc,)
+    )
