@@ -6,7 +6,7 @@
 (b) bubble: GPipe at S=2, C=1 (both columns in each stage's one process, two processes),
     M = 1, 2, 4, 8; the measured bubble fraction (pipeline.timeline.bubble_fraction, mean
     of the two stages) against (S-1)/(M+S-1). The cut is chosen from per-block forward +
-    backward times measured here first, so the two stages cost about the same.
+    backward times measured here first (:func:`gpipe_cut`), so the stages cost about the same.
 (c) memory: peak bytes of saved activations on stage 0 under 1F1B vs GPipe at M=8
     (goal <= 0.5x), from the engine's saved-tensor meter.
 
@@ -39,7 +39,7 @@ from alexnet.layers import StepContext  # noqa: E402
 from alexnet.model import BLOCK_NAMES, FusedAlexNet, Stage, geometry  # noqa: E402
 from pipeline.dist import destroy, init_distributed  # noqa: E402
 from pipeline.engine import Engine  # noqa: E402
-from pipeline.grid import Grid, default_cuts  # noqa: E402
+from pipeline.grid import Grid  # noqa: E402
 from pipeline.launch import spawn_ranks  # noqa: E402
 from pipeline.timeline import bubble_fraction  # noqa: E402
 
@@ -88,10 +88,12 @@ def _split_worker(rank: int, world: int, port: int, cfg: ModelConfig, rows: int,
 
 
 # -- (b), (c) --------------------------------------------------------------------------------
-def block_costs(cfg: ModelConfig, rows: int, reps: int = 3) -> dict[str, float]:
-    """Forward + backward seconds of each block (both columns, 1 thread) on ``rows`` images."""
+def block_costs(cfg: ModelConfig, rows: int, reps: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+    """Forward and backward seconds of each block (both columns, 1 thread) on ``rows`` images,
+    the best of ``reps``. conv1's backward computes no input gradient, as on stage 0."""
     torch.set_num_threads(1)
-    cost = dict.fromkeys(BLOCK_NAMES, float("inf"))
+    fwd = dict.fromkeys(BLOCK_NAMES, float("inf"))
+    bwd = dict.fromkeys(BLOCK_NAMES, float("inf"))
     for _ in range(reps):
         xs = [batch(cfg, rows)[0]]
         for name in BLOCK_NAMES:
@@ -99,10 +101,31 @@ def block_costs(cfg: ModelConfig, rows: int, reps: int = 3) -> dict[str, float]:
             ins = [x.detach().requires_grad_(name != "conv1") for x in xs]
             t0 = time.perf_counter()
             outs = stage.run(ins, ctx=StepContext(seed=0, sample_index=torch.arange(rows)))
+            t1 = time.perf_counter()
             torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-            cost[name] = min(cost[name], time.perf_counter() - t0)
+            fwd[name] = min(fwd[name], t1 - t0)
+            bwd[name] = min(bwd[name], time.perf_counter() - t1)
             xs = [o.detach() for o in outs]
-    return cost
+    return fwd, bwd
+
+
+def gpipe_cut(fwd: dict[str, float], bwd: dict[str, float]) -> str:
+    """The S=2 cut with the shortest modelled GPipe step, summed over M (each M weighted 1/M).
+
+    A GPipe step over two stages takes F0 + F1 + (M-1) max(F0, F1) + B0 + B1 + (M-1) max(B0, B1)
+    (per micro-batch costs are 1/M of the batch's): balancing forward and backward
+    separately matters, because stage 0's backward skips conv1's input gradient.
+    """
+
+    def span(cut: str) -> float:
+        i = BLOCK_NAMES.index(cut)
+        f0, f1 = sum(fwd[n] for n in BLOCK_NAMES[:i]), sum(fwd[n] for n in BLOCK_NAMES[i:])
+        b0, b1 = sum(bwd[n] for n in BLOCK_NAMES[:i]), sum(bwd[n] for n in BLOCK_NAMES[i:])
+        return sum(
+            (f0 + f1 + (m - 1) * max(f0, f1) + b0 + b1 + (m - 1) * max(b0, b1)) / m**2 for m in MICROBATCHES
+        )
+
+    return min(BLOCK_NAMES[1:], key=span)
 
 
 def _pipe_worker(
@@ -133,6 +156,10 @@ def _pipe_worker(
         destroy()
 
 
+def _r(d: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in d.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", choices=("paper", "small"), default="paper")
@@ -160,10 +187,11 @@ def main() -> None:
     )
 
     # (b) balanced cut from measured per-block cost, then GPipe over M
-    cost = block_costs(cfg, rows)
-    (cut,) = default_cuts(2, cost)
+    fwd, bwd = block_costs(cfg, rows)
+    cut = gpipe_cut(fwd, bwd)
+    cost = {n: fwd[n] + bwd[n] for n in BLOCK_NAMES}
     left = sum(cost[n] for n in BLOCK_NAMES[: BLOCK_NAMES.index(cut)])
-    print(f"(b) per-block fwd+bwd s: { {k: round(v, 4) for k, v in cost.items()} }; cut at {cut}", flush=True)
+    print(f"(b) per-block fwd s {_r(fwd)}, bwd s {_r(bwd)}; cut at {cut}", flush=True)
     runs = spawn_ranks(_pipe_worker, 2, (cfg, rows, cut, steps, warmup), timeout_s=1800)
     measured, theory = [], []
     for m in MICROBATCHES:
