@@ -112,6 +112,12 @@ class _LRNFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+def _lrn_dtype(x: Tensor) -> Tensor:
+    """float32 for 16-bit inputs (autocast): in bfloat16, k + alpha * S rounds alpha * S away
+    (bf16 steps by 1/64 near k = 2), so the normalisation would all but vanish."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def local_response_norm(
     x: Tensor,
     size: int = 5,
@@ -129,7 +135,7 @@ def local_response_norm(
         raise ValueError(f"local_response_norm expects (B, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
-    return _LRNFunction.apply(x, size, alpha, beta, k, groups, False)
+    return _LRNFunction.apply(_lrn_dtype(x), size, alpha, beta, k, groups, False)
 
 
 def relu_local_response_norm_(
@@ -151,7 +157,7 @@ def relu_local_response_norm_(
         raise ValueError(f"relu_local_response_norm_ expects (B, C, H, W), got shape {tuple(z.shape)}")
     if z.shape[1] % groups:
         raise ValueError(f"{z.shape[1]} channels do not split into {groups} groups")
-    return _LRNFunction.apply(z, size, alpha, beta, k, groups, True)
+    return _LRNFunction.apply(_lrn_dtype(z), size, alpha, beta, k, groups, True)
 
 
 class LocalResponseNorm(nn.Module):

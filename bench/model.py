@@ -226,7 +226,11 @@ def main() -> int:
     if not names or any(s not in layouts for s in names):
         raise SystemExit(f"--baseline-layouts={args.baseline_layouts!r}: use contiguous and/or channels_last")
     cfg = ModelConfig()
-    trainers = {"ours": Trainer(FusedAlexNet(cfg), cfg.input_size, args, device)}
+    ours = Trainer(FusedAlexNet(cfg), cfg.input_size, args, device)
+    # the fused model converts its input to channels_last itself; hand it over in that layout,
+    # as torchvision's channels_last run gets its input (parameters stay contiguous)
+    ours.x = ours.x.contiguous(memory_format=FusedAlexNet.memory_format)
+    trainers = {"ours": ours}
     for s in names:
         model = torchvision.models.alexnet(num_classes=1000)
         trainers[f"baseline_{s}"] = Trainer(model, 224, args, device, layouts[s])

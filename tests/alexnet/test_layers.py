@@ -131,3 +131,11 @@ def test_relu_lrn_fused_equals_relu_then_lrn():
     assert torch.autograd.gradcheck(
         lambda t: relu_local_response_norm_(t * 1.0, 5, 0.05, 0.75, 2.0, 2), (zc,)
     )
+
+
+def test_lrn_computes_16_bit_inputs_in_float32():
+    # in bfloat16, k + alpha * S would round the alpha * S term away
+    xb = (torch.randn(2, 8, 3, 3) * 30).bfloat16()
+    out = local_response_norm(xb, alpha=1e-3)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, local_response_norm(xb.float(), alpha=1e-3), rtol=0, atol=0)
