@@ -217,7 +217,7 @@ def _call(refs: list, timeout_s: float | None, what: str) -> list:
         return ray.get(refs)
     except ray.exceptions.RayError:
         pass
-    errors = []
+    errors, user_errors = [], []
     for i, ref in enumerate(refs):
         try:
             ray.get(ref)
@@ -225,6 +225,10 @@ def _call(refs: list, timeout_s: float | None, what: str) -> list:
             text = _short(e)
             secondary = "Timed out" in text or "Connection closed" in text or "timeout" in text.lower()
             errors.append((secondary, i, f"rank {i}: {type(e).__name__}: {text}"))
+            if isinstance(getattr(e, "cause", None), ValueError):
+                user_errors.append(e.cause)
+    if user_errors:  # a setting or the data is wrong: restarting would fail the same way
+        raise ValueError(str(user_errors[0]))
     errors.sort()
     raise TrainerDied(f"{what}: " + "; ".join(e[2] for e in errors))
 
