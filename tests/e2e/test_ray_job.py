@@ -101,6 +101,11 @@ def job_status(head: RayHead, auth: dict[str, str], job: str) -> str:
     return json.loads(http_get(f"{head.address}/api/jobs/{job}", timeout=10, headers=auth))["status"]
 
 
+def job_logs(head: RayHead, auth: dict[str, str], job: str) -> str:
+    """The job's driver output so far, from the job REST API."""
+    return json.loads(http_get(f"{head.address}/api/jobs/{job}/logs", timeout=10, headers=auth))["logs"]
+
+
 def submit(
     env: dict[str, str], head: RayHead, job: str, *train_args: str, wait: bool
 ) -> subprocess.CompletedProcess:
@@ -151,26 +156,26 @@ def test_submit_monitor_and_resume_demo_on_a_ray_head(tmp_path, ray_local_shutdo
         r = ray_cli(no_token, "job", "list", "--address", head.address)
         assert r.returncode != 0 and "Authentication" in r.stdout + r.stderr
 
-        metrics_port = free_port()
-        config = prometheus_config(tmp_path, f"127.0.0.1:{metrics_port}", head.sd_file, interval="500ms")
-        wait_for("Ray's service-discovery file", head.sd_file.exists, 60, log=head.log)
-        start = time.time()
-        prom = Prometheus(prometheus_bin, config, tmp_path) if prometheus_bin else None
-
         # --- run 1, watched by Prometheus -------------------------------------------------
+        # The demo preset serves its metrics on a free port (metrics.port = 0) and logs the URL;
+        # Prometheus is pointed at it once it is known (no port picked here that could be taken).
         common = ["--data", str(shards), "--run-dir", str(run_dir)]
-        r = submit(
-            env,
-            head,
-            "e2e-run-1",
-            *common,
-            "--steps",
-            str(STEPS_1),
-            "--metrics-port",
-            str(metrics_port),
-            wait=False,
-        )
+        r = submit(env, head, "e2e-run-1", *common, "--steps", str(STEPS_1), wait=False)
         assert r.returncode == 0, r.stdout + r.stderr
+        if prometheus_bin:
+
+            def metrics_target() -> str | None:
+                logs = job_logs(head, auth, "e2e-run-1")
+                m = re.search(r"metrics at http://([\d.]+:\d+)/metrics", logs)
+                if m is None and job_status(head, auth, "e2e-run-1") in ("FAILED", "STOPPED", "SUCCEEDED"):
+                    pytest.fail(f"run 1 ended before serving metrics:\n{logs[-4000:]}")
+                return m.group(1) if m else None
+
+            target = wait_for("the job's metrics endpoint in its log", metrics_target, 300, every_s=1)
+            config = prometheus_config(tmp_path, target, head.sd_file, interval="500ms")
+            wait_for("Ray's service-discovery file", head.sd_file.exists, 60, log=head.log)
+            start = time.time()
+            prom = Prometheus(prometheus_bin, config, tmp_path)
         exprs = [promql.grafana_to_promql(e) for e in promql.dashboard_exprs()]
         missing = list(exprs)
         deadline = time.monotonic() + 400
