@@ -111,6 +111,8 @@ def test_prometheus_scrapes_metrics_every_dashboard_query_has_data(tmp_path, sta
             return [e for e in exprs if not prom.has_data(e, start)]
 
         wait_for("data for every dashboard query", lambda: not missing(), 60, log=prom.log)
+        # The dashboard's `run` variable: label_values(alexnet_run_info, run).
+        assert {m.get("run") for m in prom.series("alexnet_run_info", start)} == {"standin"}
         # The legends show labels the series really carry.
         targets = [t for t in promql.dashboard_targets() if promql.grafana_to_promql(t["expr"]) in exprs]
         assert not prom.missing_legend_labels(targets, start)
