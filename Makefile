@@ -13,8 +13,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The demo: generated shards (built once into data/demo), then the demo preset end to end on an
+# embedded local Ray; each `make demo` starts a fresh run in runs/demo.
+DEMO_DATA := data/demo
+DEMO_RUN := runs/demo
+
 demo: $(STAMP)
-	$(BIN)/alexnet info
+	test -f $(DEMO_DATA)/dataset.json || $(BIN)/alexnet shards --synthetic 3000 $(DEMO_DATA)
+	rm -rf $(DEMO_RUN)
+	$(BIN)/alexnet train --preset demo --data $(DEMO_DATA) --run-dir $(DEMO_RUN)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
