@@ -223,6 +223,16 @@ def test_runtime_env_is_a_valid_ray_runtime_env():
     RuntimeEnv(**env)
 
 
+def test_job_stop_leaves_time_for_the_final_checkpoint():
+    """`ray job stop` SIGKILLs the driver after RAY_JOB_STOP_WAIT_TIME_S (Ray's default 3 s)."""
+    from cluster.config import load_config
+
+    need = load_config("paper", None, {}).checkpoint.stop_timeout_s
+    job_env = yaml.safe_load(load(KUBERAY / "rayjob.yaml")["spec"]["runtimeEnvYAML"])
+    for env in (load(DEPLOY / "runtime_env.yaml"), job_env):
+        assert float(env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) > need
+
+
 # ---------------------------------------------------------------------------- KubeRay
 
 

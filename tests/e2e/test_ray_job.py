@@ -11,7 +11,8 @@ metrics through the head's service-discovery file):
    checkpoint path; while it runs, every PromQL expression of the Grafana dashboard returns
    data from Prometheus;
 3. resubmitting with `--resume` and a longer `--steps` continues from the last checkpoint's
-   step (no progress line before it) to the new end.
+   step (no progress line before it); `ray job stop` then stops it with a final checkpoint
+   at the step reached (the grace period comes from deploy/runtime_env.yaml).
 
 Every process started here is stopped by PID in a ``finally``, also when the test fails.
 """
@@ -47,8 +48,9 @@ BIN = Path(sys.executable).parent
 N_IMAGES = 640  # 576 train (18 steps of 32 per epoch) + 64 val
 # Run 1 crosses two epoch ends (evaluation, checkpoints at 18 and 36: the coordinator's
 # endpoint lives long enough after them to be scraped) and stops inside epoch 2, so run 2
-# resumes mid-epoch, from the data position in the checkpoint.
-STEPS_1, STEPS_2 = 45, 54
+# resumes mid-epoch, from the data position in the checkpoint. Run 2 is long; `ray job stop`
+# ends it soon after it has shown progress.
+STEPS_1, STEPS_2 = 45, 900
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
@@ -200,16 +202,32 @@ def test_submit_monitor_and_resume_demo_on_a_ray_head(tmp_path, ray_local_shutdo
         assert f"latest checkpoint: {ck1}" in logs, logs[-3000:]
         assert (ck1 / "manifest.json").is_file()
 
-        # --- run 2: the same command plus --resume and a longer run ----------------------
-        r = submit(env, head, "e2e-run-2", *common, "--steps", str(STEPS_2), "--resume", wait=True)
+        # --- run 2: the same command plus --resume and a longer run; `ray job stop` --------
+        r = submit(env, head, "e2e-run-2", *common, "--steps", str(STEPS_2), "--resume", wait=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        def progressed() -> bool:
+            logs = job_logs(head, auth, "e2e-run-2")
+            if job_status(head, auth, "e2e-run-2") in ("FAILED", "STOPPED", "SUCCEEDED"):
+                pytest.fail(f"run 2 ended before it was stopped:\n{logs[-4000:]}")
+            return any(int(n) > STEPS_1 for n in re.findall(rf"^step (\d+)/{STEPS_2} ", logs, re.MULTILINE))
+
+        wait_for("run 2 to log progress past the resumed step", progressed, 300, every_s=1)
+        # The CLI waits until the job has stopped: SIGTERM, final checkpoint, exit (or SIGKILL
+        # after RAY_JOB_STOP_WAIT_TIME_S from deploy/runtime_env.yaml).
+        r = ray_cli(env, "job", "stop", "--address", head.address, "e2e-run-2", timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
         logs2 = ray_cli(env, "job", "logs", "--address", head.address, "e2e-run-2").stdout
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-        assert job_status(head, auth, "e2e-run-2") == "SUCCEEDED"
+        assert job_status(head, auth, "e2e-run-2") == "STOPPED", logs2[-3000:]
         assert f"resuming from {ck1} (step {STEPS_1})" in logs2, logs2[-3000:]
-        steps_logged = [int(s) for s in re.findall(rf"^step (\d+)/{STEPS_2} ", logs2, re.MULTILINE)]
+        steps_logged = [int(n) for n in re.findall(rf"^step (\d+)/{STEPS_2} ", logs2, re.MULTILINE)]
         assert steps_logged and min(steps_logged) > STEPS_1, (steps_logged, logs2[-3000:])
-        assert f"finished at step {STEPS_2}" in logs2
-        assert (run_dir / "checkpoints" / f"step-{STEPS_2:08d}" / "manifest.json").is_file()
+        m = re.search(r"stopped at step (\d+)", logs2)
+        assert m, logs2[-3000:]
+        stopped_at = int(m.group(1))
+        assert max(steps_logged) <= stopped_at < STEPS_2
+        manifest = run_dir / "checkpoints" / f"step-{stopped_at:08d}" / "manifest.json"
+        assert json.loads(manifest.read_text())["step"] == stopped_at
     finally:
         if prom is not None:
             prom.close()
