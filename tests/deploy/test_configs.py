@@ -406,6 +406,14 @@ def test_dashboard_is_importable_grafana_json():
                 assert 'run=~"$run"' in t["expr"], t["expr"]
         refs = [t["refId"] for t in p["targets"]]
         assert len(refs) == len(set(refs)), p["title"]
+    # Panels fit the 24-column grid without overlapping.
+    cells: dict[tuple[int, int], str] = {}
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24, p["title"]
+        for xy in ((x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])):
+            assert xy not in cells, f"{p['title']} overlaps {cells[xy]}"
+            cells[xy] = p["title"]
     # The stacked breakdown really stacks.
     (breakdown,) = [p for p in panels if p["title"] == "Step time breakdown"]
     assert breakdown["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
