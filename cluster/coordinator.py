@@ -64,8 +64,12 @@ class TrainerGroup(Protocol):
     def load(self, model: dict[str, Tensor], optimizer: dict[str, Tensor]) -> None:
         """Give every rank the full canonical state; each takes its own slice."""
 
-    def train(self, first_step: int, steps: int, lr: float) -> list[dict[str, Any]]:
-        """Run steps ``first_step .. first_step + steps - 1``; one aggregated metrics dict per step."""
+    def submit(self, first_step: int, steps: int, lr: float) -> Any:
+        """Start steps ``first_step .. first_step + steps - 1`` on every rank; returns a handle.
+        A second submit before the first is collected queues behind it (chunks run in order)."""
+
+    def collect(self, handle: Any) -> list[dict[str, Any]]:
+        """Wait for a submitted chunk; one aggregated metrics dict per step (TrainerDied on failure)."""
 
     def evaluate(self, ten_crop: bool, max_samples: int) -> dict[str, float]:
         """Validation: top1_error, top5_error, (top1|top5)_error_10crop, loss, samples."""
@@ -185,6 +189,7 @@ class Coordinator:
         self.history = History()
         self.stop_requested = threading.Event()
         self._final = False
+        self._inflight: tuple[int, int, Any] | None = None  # (first step, steps, group handle)
         self._last_ckpt_step = -1
         self._skipped_seen: dict[str, float] = {}
         self._data_restarts_seen = 0
@@ -260,16 +265,24 @@ class Coordinator:
         return RUNNING
 
     def _running(self) -> str:
-        if self.stop_requested.is_set():
-            self.log(f"[coordinator] stop requested: final checkpoint at step {self.step_no}")
-            self._final = True
-            return CHECKPOINTING
-        if self.step_no >= self.plan.total_steps:
-            self._final = True
-            return CHECKPOINTING
-        n = self._chunk()
-        results = self.group.train(self.step_no, n, self.schedule.lr)
-        self.step_no += n
+        if self._inflight is None:
+            if self.stop_requested.is_set():
+                self.log(f"[coordinator] stop requested: final checkpoint at step {self.step_no}")
+                self._final = True
+                return CHECKPOINTING
+            if self.step_no >= self.plan.total_steps:
+                self._final = True
+                return CHECKPOINTING
+            self._inflight = self._submit(self.step_no)
+        first, n, handle = self._inflight
+        self._inflight = None
+        end = first + n
+        if not self.stop_requested.is_set() and not self._boundary(end):
+            # Look-ahead: the next chunk is queued on the trainers before this one is collected, so
+            # they go on training while the driver aggregates, logs and exports metrics.
+            self._inflight = self._submit(end)
+        results = self.group.collect(handle)
+        self.step_no = end
         self._record(results)
         spe = self.plan.steps_per_epoch
         if self.step_no % spe == 0:
@@ -284,6 +297,19 @@ class Coordinator:
             return CHECKPOINTING
         return RUNNING
 
+    def _boundary(self, step: int) -> bool:
+        """Whether something happens between chunks at ``step``: an epoch end, a checkpoint, the end."""
+        every = self.cfg.checkpoint.every_steps
+        return (
+            step >= self.plan.total_steps
+            or step % self.plan.steps_per_epoch == 0
+            or bool(every and step % every == 0)
+        )
+
+    def _submit(self, step: int) -> tuple[int, int, Any]:
+        n = self._chunk(step)
+        return step, n, self.group.submit(step, n, self.schedule.lr)
+
     def _checkpointing(self) -> str:
         if self.step_no != self._last_ckpt_step:
             self._save_checkpoint()
@@ -295,6 +321,7 @@ class Coordinator:
         return RUNNING
 
     def _recovering(self) -> str:
+        self._inflight = None  # its results died with the group
         self.group.shutdown()
         self.metrics.inc("restarts", reason="trainer_failure")
         self.ckpt.wait()  # a write in flight completes first: it may be the newest checkpoint
@@ -322,10 +349,9 @@ class Coordinator:
 
     # -- pieces ----------------------------------------------------------------------------
 
-    def _chunk(self) -> int:
-        """Steps in the next call: up to steps_per_call, stopping at an epoch end, a due checkpoint
-        and the end of the run (so those happen exactly at their step)."""
-        s = self.step_no
+    def _chunk(self, s: int) -> int:
+        """Steps in the call starting at step ``s``: up to steps_per_call, stopping at an epoch end,
+        a due checkpoint and the end of the run (so those happen exactly at their step)."""
         limits = [self.cfg.train.steps_per_call, self.plan.total_steps - s]
         spe = self.plan.steps_per_epoch
         limits.append(spe - s % spe)

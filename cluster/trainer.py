@@ -59,6 +59,7 @@ class TrainerActor:
         self.engine = None
         self.data = None  # cluster.data.DataClient
         self.consumer = -1
+        self._ahead: tuple[int, Any] | None = None  # (step, ObjectRef) of the batch requested early
         self._events: collections.deque = collections.deque(maxlen=max(1, self.cfg.metrics.trace_steps))
 
     def rendezvous(self) -> tuple[str, int]:
@@ -126,7 +127,7 @@ class TrainerActor:
             if t == self.kill_step:
                 os._exit(1)  # fault injection (faults.kill_rank / kill_step): die abruptly
             t0 = time.perf_counter()
-            batch = self.data.get(t, self.r, R, self.consumer) if self.consumer >= 0 else None
+            batch = self._batch(t, R) if self.consumer >= 0 else None
             images, labels = self._inputs(batch) if batch is not None else (None, None)
             wait = time.perf_counter() - t0
             res = dict(self.engine.step(t, lr, images, labels))
@@ -135,6 +136,39 @@ class TrainerActor:
             self._events.append(list(self.engine.timeline.events))
             out.append(res)
         return out
+
+    def run_direct(self, first_step: int, steps: int, lr: float) -> float:
+        """Benchmark baseline: ``steps`` engine steps on one fixed in-memory batch (no data workers,
+        no Ray calls between steps); returns the seconds they took."""
+        g, m = self.grid, self.cfg.model
+        gen = torch.Generator().manual_seed(self.r)
+        u8 = torch.randint(0, 256, (g.replica_batch, 3, m.input_size, m.input_size), generator=gen)
+        images = _to_model_input(
+            u8.to(torch.uint8).to(self.device),
+            torch.zeros(g.replica_batch, 3),
+            self.mean,
+            self.cfg.data.input_scale,
+        )
+        labels = torch.randint(0, m.num_classes, (g.replica_batch,), generator=gen).to(self.device)
+        t0 = time.perf_counter()
+        for t in range(first_step, first_step + steps):
+            self.engine.step(t, lr, images if self.first else None, labels if self.last else None)
+        return time.perf_counter() - t0
+
+    def _batch(self, t: int, replicas: int) -> dict:
+        """Batch rows of step ``t``; the request for step t+1 goes out now, so its round trip to the
+        data worker overlaps this step's compute (the worker keeps a batch until every consumer
+        asked for a later one, so an early request never loses data)."""
+        ref = self._ahead[1] if self._ahead is not None and self._ahead[0] == t else None
+        if ref is None:
+            ref = self.data.get_ref(t, self.r, replicas, self.consumer)
+        self._ahead = (t + 1, self.data.get_ref(t + 1, self.r, replicas, self.consumer))
+        try:
+            return ray.get(ref, timeout=self.data.timeout_s + 30)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(
+                f"rank {self.rank}: no data for step {t} in {self.data.timeout_s + 30:.0f}s"
+            ) from None
 
     def evaluate(self, ten_crop: bool, max_samples: int) -> dict[str, float]:
         """Validation of this replica's share: hit counts (last stage) for center crop and 10-crop."""
@@ -360,14 +394,21 @@ class RayTrainerGroup:
         state = ray.put({"model": model, "optimizer": optimizer})
         _call([a.load.remote(state) for a in self.actors], 600, "load")
 
-    def train(self, first_step: int, steps: int, lr: float) -> list[dict[str, Any]]:
-        refs = [a.train.remote(first_step, steps, lr) for a in self.actors]
+    def submit(self, first_step: int, steps: int, lr: float) -> tuple[int, int, list]:
+        return first_step, steps, [a.train.remote(first_step, steps, lr) for a in self.actors]
+
+    def collect(self, handle: tuple[int, int, list]) -> list[dict[str, Any]]:
+        first_step, steps, refs = handle
         try:
             per_rank = _call(refs, None, f"train steps {first_step}..{first_step + steps - 1}")
         except TrainerDied:
             self._kill_armed = False  # an injected fault fires once
             raise
         return [self._aggregate(first_step + i, [r[i] for r in per_rank]) for i in range(steps)]
+
+    def train(self, first_step: int, steps: int, lr: float) -> list[dict[str, Any]]:
+        """``collect(submit(...))``: one chunk, synchronously."""
+        return self.collect(self.submit(first_step, steps, lr))
 
     def _aggregate(self, step: int, ranks: list[dict[str, float]]) -> dict[str, Any]:
         g, B = self.grid, self.cfg.optim.batch_size
@@ -394,6 +435,39 @@ class RayTrainerGroup:
         for k in ("compute_s", "exchange_s", "pipeline_wait_s", "optimizer_s"):
             out[k] = max(x.get(k, 0.0) for x in ranks)
         return out
+
+    def run_direct(self, first_step: int, steps: int, lr: float) -> float:
+        """Benchmark baseline: ``steps`` engine steps on one fixed in-memory batch (no data workers,
+        no Ray calls between steps); returns the seconds they took."""
+        g, m = self.grid, self.cfg.model
+        gen = torch.Generator().manual_seed(self.r)
+        u8 = torch.randint(0, 256, (g.replica_batch, 3, m.input_size, m.input_size), generator=gen)
+        images = _to_model_input(
+            u8.to(torch.uint8).to(self.device),
+            torch.zeros(g.replica_batch, 3),
+            self.mean,
+            self.cfg.data.input_scale,
+        )
+        labels = torch.randint(0, m.num_classes, (g.replica_batch,), generator=gen).to(self.device)
+        t0 = time.perf_counter()
+        for t in range(first_step, first_step + steps):
+            self.engine.step(t, lr, images if self.first else None, labels if self.last else None)
+        return time.perf_counter() - t0
+
+    def _batch(self, t: int, replicas: int) -> dict:
+        """Batch rows of step ``t``; the request for step t+1 goes out now, so its round trip to the
+        data worker overlaps this step's compute (the worker keeps a batch until every consumer
+        asked for a later one, so an early request never loses data)."""
+        ref = self._ahead[1] if self._ahead is not None and self._ahead[0] == t else None
+        if ref is None:
+            ref = self.data.get_ref(t, self.r, replicas, self.consumer)
+        self._ahead = (t + 1, self.data.get_ref(t + 1, self.r, replicas, self.consumer))
+        try:
+            return ray.get(ref, timeout=self.data.timeout_s + 30)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(
+                f"rank {self.rank}: no data for step {t} in {self.data.timeout_s + 30:.0f}s"
+            ) from None
 
     def evaluate(self, ten_crop: bool, max_samples: int) -> dict[str, float]:
         res = _call([a.evaluate.remote(ten_crop, max_samples) for a in self.actors], None, "evaluate")

@@ -26,7 +26,9 @@ from cluster.metrics import Metrics
 
 
 class FakeGroup:
-    """Trains a counter: weights = step count, so resume/restore are visible in the numbers."""
+    """Trains a counter: weights = step count, so resume/restore are visible in the numbers.
+
+    ``submit`` only records the chunk; ``collect`` runs it (chunks are collected in order)."""
 
     def __init__(self, die_at: int | None = None) -> None:
         self.model = TwoColumnAlexNet(ModelConfig.small()).state_dict()
@@ -57,6 +59,12 @@ class FakeGroup:
             )
         self.model["conv1.0.bias"].fill_(self.steps_done)
         return out
+
+    def submit(self, first_step, steps, lr):
+        return (first_step, steps, lr)
+
+    def collect(self, handle):
+        return self.train(*handle)
 
     def evaluate(self, ten_crop, max_samples):
         e = self.val_errors.pop(0)
@@ -129,11 +137,14 @@ def test_stop_request_checkpoints_and_finishes(tmp_path):
     g = FakeGroup()
     c = _coordinator(tmp_path, g, **{"checkpoint.every_steps": 0, "checkpoint.at_epoch_end": False})
     c.step()
-    c.step()  # 3 steps
+    c.step()  # 3 steps done, steps 3..4 queued on the trainers (look-ahead)
+    assert c.step_no == 3 and c._inflight[:2] == (3, 2)  # up to the epoch end (5)
     c.request_stop()
+    assert c.step() == RUNNING  # the queued chunk is collected, nothing new is submitted
+    assert c.step_no == 5 and c._inflight is None
     assert c.step() == CHECKPOINTING
     assert c.step() == FINISHED
-    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [3]
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [5]
 
 
 def test_resume_continues_from_manifest(tmp_path):
