@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -140,6 +141,18 @@ def test_demo_trains_and_serves_every_metric(ray_local, shards, tmp_path):
     assert value("state", alexnet_state="running") == 1
     assert value("run_info", grid="1x2x2", model="small") == 1
 
+    # alexnet eval: the fused one-process execution reproduces the run's own validation (step 18)
+    ck18 = f"{run_dir}/checkpoints/step-00000018"
+    r = subprocess.run(
+        [str(BIN / "alexnet"), "eval", "--checkpoint", ck18, "--data", shards],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["samples"] == 64
+    for key in ("top1_error", "top5_error", "top1_error_10crop", "top5_error_10crop"):
+        assert got[key] == pytest.approx(ev[key], abs=1e-9), key
+
 
 def _weights(run_dir: str):
     ck = load_checkpoint(run_dir)
@@ -153,6 +166,8 @@ def test_exact_resume_same_grid_and_other_grid(ray_local, shards, tmp_path):
     assert run_training(_cfg(**{"train.steps": n}), shards, straight).state == FINISHED
     assert run_training(_cfg(**{"train.steps": k}), shards, split).state == FINISHED
     shutil.copytree(split, other)
+    with pytest.raises(ValueError, match="data.workers=2"):  # mid-epoch: the sample order is the 2 workers'
+        run_training(_cfg(**{"train.steps": n, "data.workers": 1}), shards, split, resume=True)
     res = run_training(_cfg(**{"train.steps": n}), shards, split, resume=True)
     assert res.state == FINISHED and res.step == n
     step_a, model_a, opt_a = _weights(straight)
