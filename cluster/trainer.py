@@ -235,29 +235,48 @@ def _to_model_input(u8, lighting, mean, scale: float):
     return to_model_input(u8, lighting, mean, scale)
 
 
+FAILURE_GRACE_S = 3.0  # after a rank fails, how long to collect the others' errors before giving up
+
+
 def _call(refs: list, timeout_s: float | None, what: str) -> list:
     """``ray.get`` in 1 s slices (the driver's signal handlers keep running), failures -> TrainerDied.
 
-    When ranks fail, every rank's error is reported, root causes first: a rank that died or raised
-    makes its peers time out in their collectives, and those timeouts say nothing about why.
+    As soon as one rank fails, the others get ``FAILURE_GRACE_S`` to report, then the call gives up:
+    peers of a dead rank may sit in a collective until its timeout, and the caller tears the group
+    down anyway. Every rank's error is reported, root causes first (a dead or raising rank before
+    the peers whose collectives broke because of it).
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    pending = list(refs)
+    pending, done_refs, give_up = list(refs), [], None
     while pending:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-        if deadline is not None and pending and time.monotonic() > deadline:
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        done_refs += done
+        now = time.monotonic()
+        if give_up is None and any(_failed(r) for r in done):
+            give_up = now + FAILURE_GRACE_S
+        if give_up is not None and now > give_up:
+            break
+        if deadline is not None and pending and now > deadline:
             raise TrainerDied(f"{what}: no answer from {len(pending)} rank(s) within {timeout_s:.0f}s")
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayError:
-        pass
+    if give_up is None:
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayError:
+            pass
     errors, user_errors = [], []
     for i, ref in enumerate(refs):
+        if ref not in done_refs:
+            errors.append((True, i, f"rank {i}: no answer (blocked on a failed peer)"))
+            continue
         try:
             ray.get(ref)
         except ray.exceptions.RayError as e:
             text = _short(e)
-            secondary = "Timed out" in text or "Connection closed" in text or "timeout" in text.lower()
+            # a peer's collective failing because a rank died is a consequence, not a cause
+            secondary = not isinstance(e, ray.exceptions.RayActorError) and any(
+                w in text
+                for w in ("Timed out", "timed out", "Connection closed", "Connection reset", "Read error")
+            )
             errors.append((secondary, i, f"rank {i}: {type(e).__name__}: {text}"))
             if isinstance(getattr(e, "cause", None), ValueError):
                 user_errors.append(e.cause)
@@ -265,6 +284,16 @@ def _call(refs: list, timeout_s: float | None, what: str) -> list:
         raise ValueError(str(user_errors[0]))
     errors.sort()
     raise TrainerDied(f"{what}: " + "; ".join(e[2] for e in errors))
+
+
+def _failed(ref) -> bool:
+    try:
+        ray.get(ref, timeout=0)
+        return False
+    except ray.exceptions.GetTimeoutError:
+        return False
+    except ray.exceptions.RayError:
+        return True
 
 
 def _short(e: BaseException) -> str:
@@ -284,6 +313,7 @@ class RayTrainerGroup:
         self.start_step = 0
         self._restarts_seen = 0
         self._kill_armed = cfg.faults.kill_rank >= 0 and cfg.faults.kill_step >= 0
+        self._kill_data_armed = cfg.faults.kill_data_worker >= 0 and cfg.faults.kill_data_step >= 0
 
     # -- resources ------------------------------------------------------------------------
     def bundles(self) -> list[dict[str, float]]:
@@ -395,7 +425,14 @@ class RayTrainerGroup:
         _call([a.load.remote(state) for a in self.actors], 600, "load")
 
     def submit(self, first_step: int, steps: int, lr: float) -> tuple[int, int, list]:
-        return first_step, steps, [a.train.remote(first_step, steps, lr) for a in self.actors]
+        refs = [a.train.remote(first_step, steps, lr) for a in self.actors]
+        f = self.cfg.faults
+        if self._kill_data_armed and first_step <= f.kill_data_step < first_step + steps:
+            # fault injection: the worker's process dies abruptly while the chunk that reaches
+            # step kill_data_step runs; Ray restarts it and it resumes its stream
+            self._kill_data_armed = False
+            ray.kill(self.pool.workers[f.kill_data_worker], no_restart=False)
+        return first_step, steps, refs
 
     def collect(self, handle: tuple[int, int, list]) -> list[dict[str, Any]]:
         first_step, steps, refs = handle

@@ -185,6 +185,33 @@ def test_exact_resume_same_grid_and_other_grid(ray_local, shards, tmp_path):
         torch.testing.assert_close(model_c[key], model_a[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.timeout(300)
+def test_killed_trainer_and_data_worker_recover_bit_exact(ray_local, shards, tmp_path):
+    """Fault injection (faults.*): a data worker dies at step 5 (Ray restarts it, its stream resumes),
+    the last-stage column-1 trainer at step 7 (the group restarts from the step-4 checkpoint)."""
+    sets = {"train.steps": 12, "checkpoint.every_steps": 4}
+    assert run_training(_cfg(**sets), shards, str(tmp_path / "a")).state == FINISHED
+    faults = {
+        "faults.kill_data_worker": 1,
+        "faults.kill_data_step": 5,
+        "faults.kill_rank": 3,
+        "faults.kill_step": 7,
+    }
+    holder = {}
+    res = run_training(
+        _cfg(**sets, **faults), shards, str(tmp_path / "b"), on_coordinator=lambda c: holder.update(c=c)
+    )
+    assert res.state == FINISHED and res.step == 12, res.error
+    coord = holder["c"]
+    assert len(coord.failures) == 1 and "rank 3" in coord.failures[0].split(";")[0], coord.failures
+    reg = coord.metrics.registry
+    assert reg.get_sample_value("alexnet_restarts_total", {"run": "b", "reason": "trainer_failure"}) == 1
+    _, model_a, opt_a = _weights(str(tmp_path / "a"))
+    _, model_b, opt_b = _weights(str(tmp_path / "b"))
+    for key in model_a:
+        assert torch.equal(model_a[key], model_b[key]) and torch.equal(opt_a[key], opt_b[key]), key
+
+
 def test_bad_config_is_refused_before_anything_starts(shards, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ""}
     cmd = [
