@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -175,6 +177,7 @@ def write_checkpoint(
             f.write(data)
         files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         total += len(data)
+    _crash_hook(step)
     manifest = {**(meta or {}), "format_version": FORMAT_VERSION, "step": step, "files": files}
     manifest["written_unix_s"] = time.time()
     tmp = _join(p, MANIFEST + ".tmp")
@@ -182,6 +185,17 @@ def write_checkpoint(
         f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
     fs.mv(tmp, _join(p, MANIFEST))  # a rename on local disk: the manifest appears whole or not at all
     return CheckpointRecord(url, step, total, time.perf_counter() - t0)
+
+
+# Test hook (off unless the variable is set): SIGKILL this process after the tensor files of the
+# checkpoint of this step are written, before its manifest exists, as a crash mid-write would.
+KILL_ENV = "ALEXNET_TEST_KILL_IN_CHECKPOINT"
+
+
+def _crash_hook(step: int) -> None:
+    want = os.environ.get(KILL_ENV)
+    if want is not None and want.strip() == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def prune_checkpoints(run_dir: str, keep: int) -> list[str]:

@@ -199,6 +199,9 @@ class TrainSection:
     steps_per_call: int = 10
     log_every_steps: int = 10
     threads_per_rank: int = 0  # torch intra-op threads per trainer; 0: Ray's cpus_per_rank
+    # debug (off by default): stage-0 trainers return the sample keys they consumed with each
+    # step's results (Coordinator.history.keys), so tests can check an epoch saw every sample once
+    record_keys: bool = False
 
     def __post_init__(self) -> None:
         _need(self.epochs >= 1, "train.epochs", self.epochs, "use >= 1")
@@ -276,17 +279,25 @@ class EvalSection:
 
 @dataclass(frozen=True)
 class FaultsSection:
-    """Failure handling and fault injection (off by default; -1 means off)."""
+    """Failure handling and fault injection (off by default; -1 means off).
+
+    ``max_failures``: trainer-group restarts allowed before the run fails. Injection, for tests and
+    for rehearsing a cluster: ``kill_rank``/``kill_step`` make grid rank R's actor process exit
+    abruptly the first time it reaches step K; ``kill_data_worker``/``kill_data_step`` kill data
+    worker W's process while the chunk reaching step K runs; ``nan_step`` feeds NaN images into
+    step K (its loss is NaN: the run must stop without checkpointing over a good one).
+    """
 
     max_failures: int = 3
     kill_rank: int = -1
     kill_step: int = -1
     kill_data_worker: int = -1
     kill_data_step: int = -1
+    nan_step: int = -1
 
     def __post_init__(self) -> None:
         _need(self.max_failures >= 0, "faults.max_failures", self.max_failures, "use >= 0")
-        for key in ("kill_rank", "kill_step", "kill_data_worker", "kill_data_step"):
+        for key in ("kill_rank", "kill_step", "kill_data_worker", "kill_data_step", "nan_step"):
             _need(getattr(self, key) >= -1, f"faults.{key}", getattr(self, key), "use -1 (off) or >= 0")
 
 

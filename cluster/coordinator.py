@@ -54,6 +54,10 @@ class TrainerDied(RuntimeError):
     """A trainer (or its process group) failed; the group must be restarted to continue."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """A step's loss was NaN or infinite: the run stops (restarting would replay the same numbers)."""
+
+
 class TrainerGroup(Protocol):
     """What the coordinator needs from the trainer ranks and data workers (Ray or fake)."""
 
@@ -145,6 +149,13 @@ class History:
 
     steps: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
+    keys: dict[int, list[str]] = field(default_factory=dict)  # step -> sample keys (train.record_keys)
+
+    def rewind(self, step: int) -> None:
+        """Forget what steps >= ``step`` recorded (they are re-run after a restore)."""
+        self.steps = [r for r in self.steps if r["step"] < step]
+        self.evals = [r for r in self.evals if r["step"] <= step]
+        self.keys = {s: k for s, k in self.keys.items() if s < step}
 
 
 def format_eta(seconds: float) -> str:
@@ -209,7 +220,7 @@ class Coordinator:
         for name in ("images", "checkpoints", "data_worker_restarts"):
             m.inc(name, 0)
         m.inc("restarts", 0, reason="trainer_failure")
-        for reason in ("corrupt", "missing", "truncated_shard"):
+        for reason in ("corrupt", "missing", "truncated", "unreadable"):  # cluster.data.SKIP_REASONS
             m.inc("skipped_samples", 0, reason=reason)
         for name in ("checkpoint_duration_seconds", "checkpoint_stall_seconds", "checkpoint_bytes"):
             m.gauge(name, 0.0)
@@ -333,7 +344,13 @@ class Coordinator:
         else:
             self.resume = load_checkpoint(latest)
             self._restore_counters(self.resume)
-        self.log(f"[coordinator] restarting the trainer group from step {self.step_no}")
+        self.history.rewind(self.step_no)
+        self._skipped_seen, self._data_restarts_seen = {}, 0  # the new data workers count from 0
+        self.log(
+            f"[coordinator] restart {len(self.failures)} of at most faults.max_failures="
+            f"{self.cfg.faults.max_failures}: restarting the trainer group from "
+            + (f"checkpoint {latest} (step {self.step_no})" if latest else "step 0 (no checkpoint yet)")
+        )
         return STARTING
 
     def _on_failure(self, e: BaseException) -> str:
@@ -402,7 +419,10 @@ class Coordinator:
     def _record(self, results: list[dict[str, Any]]) -> None:
         """Per-step results -> history, Prometheus, and a log line every log_every_steps."""
         m, B = self.metrics, self.cfg.optim.batch_size
+        self._check_finite(results)
         for r in results:
+            if "keys" in r:
+                self.history.keys[r["step"]] = list(r["keys"])
             row = {k: v for k, v in r.items() if not isinstance(v, dict | list)}
             row["lr"] = self.schedule.lr
             self.history.steps.append(row)
@@ -436,6 +456,27 @@ class Coordinator:
         if len(self._window) >= self.cfg.train.log_every_steps or self.step_no >= self.plan.total_steps:
             self._log_progress(now)
 
+    def _check_finite(self, results: list[dict[str, Any]]) -> None:
+        """Stop at the first NaN/inf loss, before anything is recorded or checkpointed: the weights
+        are poisoned from that step on, and every checkpoint on disk is from before it."""
+        for r in results:
+            loss = r.get("loss", 0.0)
+            if math.isfinite(loss):
+                continue
+            self.ckpt.wait()  # a write in flight is from before this step: let it complete
+            latest = latest_checkpoint(self.run_dir)
+            where = (
+                f"the newest complete checkpoint is {latest} (step {int(latest.rsplit('-', 1)[-1])})"
+                if latest
+                else "no checkpoint was written yet"
+            )
+            injected = " (injected by faults.nan_step)" if r["step"] == self.cfg.faults.nan_step else ""
+            raise NonFiniteLoss(
+                f"loss is {loss} at step {r['step']}{injected}: training diverged; stopped without "
+                f"writing a checkpoint. {where}. Continue with --resume and a lower optim.lr, or check "
+                "the data"
+            )
+
     def _data_metrics(self) -> None:
         stats = self.group.data_stats()
         m = self.metrics
@@ -448,6 +489,10 @@ class Coordinator:
             if delta > 0:
                 m.inc("skipped_samples", delta, reason=reason)
                 self._skipped_seen[reason] = total
+                self.log(
+                    f"[data] {int(delta)} more sample(s) skipped ({reason}; {int(total)} in all): "
+                    "the data workers' log names the shard and the samples"
+                )
         delta = stats.get("restarts", 0) - self._data_restarts_seen
         if delta > 0:
             m.inc("data_worker_restarts", delta)

@@ -41,6 +41,9 @@ from alexnet.data.reader import ReaderSpec, WorkerStream, steps_per_epoch, val_b
 from alexnet.data.writer import BuildSummary, build_shards, build_synthetic
 
 DEFAULT_TIMEOUT_S = 300.0
+# reasons a training sample is skipped (``alexnet_skipped_samples_total{reason=...}``): undecodable
+# image, record without jpg or cls, lost to a truncated tar, in a shard that cannot be opened at all
+SKIP_REASONS = ("corrupt", "missing", "truncated", "unreadable")
 
 
 def _key(epoch: int, index: int) -> tuple[int, int]:
@@ -317,8 +320,8 @@ class DataPool:
         """Per-worker counters summed, plus the shapes the coordinator's metrics read.
 
         Keys: every :class:`ReaderStats` counter (summed), ``queue_depth`` (list per worker),
-        ``decode_images_per_second`` (sum of the workers' rates), ``skipped`` ({"corrupt": n,
-        "missing": n, "truncated_shard": n}), ``restarts``, ``per_worker`` (list of dicts).
+        ``decode_images_per_second`` (sum of the workers' rates), ``skipped`` (samples per reason in
+        :data:`SKIP_REASONS`), ``restarts``, ``per_worker`` (list of dicts).
         """
         per = ray.get([w.stats.remote() for w in self.workers], timeout=self.timeout_s)
         total: dict[str, Any] = {
@@ -326,8 +329,7 @@ class DataPool:
         }
         total["queue_depth"] = [p["queue_depth"] for p in per]
         total["decode_images_per_second"] = total.pop("decode_images_per_s")
-        total["skipped"] = {"corrupt": total["skipped_corrupt"], "missing": total["skipped_missing"],
-                            "truncated_shard": total["truncated_shards"]}  # fmt: skip
+        total["skipped"] = {reason: total[f"skipped_{reason}"] for reason in SKIP_REASONS}
         total["restarts"] = ray.get(self.registry.restarts.remote(), timeout=self.timeout_s)
         total["per_worker"] = per
         return total

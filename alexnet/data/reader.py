@@ -12,9 +12,11 @@ Epoch plan (training)
 
 Worker stream
     The worker's records pass through a shuffle buffer seeded by (seed, epoch, worker). Records that
-    cannot be used (corrupt JPEG, missing ``cls``, a truncated tar that ends early) are skipped with a
-    warning and counted; if that leaves the worker short of samples, its stream wraps around to the
-    start of its run (a second pass, same order) to fill its last batches, counted as ``padded``, so
+    cannot be used (corrupt JPEG, missing ``cls``, the rest of a truncated tar) are skipped with a
+    warning and counted, once (a padding pass does not count them again); a shard that cannot be
+    opened at all is retried, then skipped with an error naming it and its samples counted. If that
+    leaves the worker short of samples, its stream wraps around to the start of its run (a second
+    pass, same order) to fill its last batches, counted as ``padded``, so
     every worker still yields exactly ``n_w`` batches and no trainer ever waits for a batch that will
     not come.
 
@@ -103,7 +105,10 @@ class ReaderStats:
     samples: int = 0  # decoded and used
     skipped_corrupt: int = 0  # image bytes that do not decode (or have the wrong size)
     skipped_missing: int = 0  # records without jpg or cls
+    skipped_truncated: int = 0  # records lost because their shard ended early (truncated tar)
+    skipped_unreadable: int = 0  # records of shards that could not be opened at all (after retries)
     truncated_shards: int = 0  # shards that ended in a read error (truncated or corrupt tar)
+    unreadable_shards: int = 0  # shards that could not be opened or read at all, after retries
     padded: int = 0  # samples reused to fill a worker's last batches after skips
     batches: int = 0
     decode_s: float = 0.0  # time spent decoding + augmenting + collating
@@ -111,7 +116,7 @@ class ReaderStats:
     @property
     def skipped(self) -> int:
         """All skipped records."""
-        return self.skipped_corrupt + self.skipped_missing
+        return self.skipped_corrupt + self.skipped_missing + self.skipped_truncated + self.skipped_unreadable
 
     def as_dict(self) -> dict[str, float]:
         """Counters plus ``skipped`` and ``decode_images_per_s``."""
@@ -162,27 +167,59 @@ def epoch_segments(
     return plan
 
 
-def read_segment(seg: Segment, stats: ReaderStats) -> Iterator[Record]:
-    """Records ``[start, stop)`` of a shard; a read error ends the shard with a warning, never raises."""
-    i = 0
-    try:
-        with fsspec.open(seg.url, "rb") as f:
-            files = ({**r, "__url__": seg.url} for r in tar_file_iterator(f))
-            for rec in group_by_keys(files):
-                if i >= seg.stop:
-                    return
-                if i >= seg.start:
-                    yield rec
-                i += 1
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        stats.truncated_shards += 1
-        log.warning(
-            "shard %s: read error after %d records (%s: %s); skipping its rest",
-            seg.url,
-            i,
-            type(e).__name__,
-            e,
-        )
+OPEN_RETRIES = 2  # further tries of a shard that fails before its first record (e.g. a network blip)
+RETRY_WAIT_S = 0.5  # first wait between tries; doubles each time
+
+
+def read_segment(
+    seg: Segment, stats: ReaderStats, retries: int = OPEN_RETRIES, wait_s: float = RETRY_WAIT_S
+) -> Iterator[Record]:
+    """Records ``[start, stop)`` of a shard; never raises on bad data.
+
+    A shard that fails before its first record (cannot be opened, or not a tar) is tried
+    ``retries`` more times, then skipped with an error naming it, its records counted in
+    ``skipped_unreadable``. A shard that ends early (truncated, or a read error mid-way) keeps the
+    records read so far; the rest of the segment is counted in ``skipped_truncated``. Retrying is
+    safe only before the first record: after it, a second try would repeat records.
+    """
+    for attempt in range(retries + 1):
+        i = 0
+        try:
+            with fsspec.open(seg.url, "rb") as f:
+                files = ({**r, "__url__": seg.url} for r in tar_file_iterator(f))
+                for rec in group_by_keys(files):
+                    if i >= seg.stop:
+                        return
+                    if i >= seg.start:
+                        yield rec
+                    i += 1
+            error = "the tar ends early"
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            error = f"{type(e).__name__}: {e}"
+        if i >= seg.stop:
+            return
+        if i == 0 and attempt < retries:
+            log.warning(
+                "shard %s: cannot read it (%s); try %d of %d", seg.url, error, attempt + 2, retries + 1
+            )
+            time.sleep(wait_s * 2**attempt)
+            continue
+        lost = seg.stop - max(i, seg.start)
+        if i == 0:
+            stats.unreadable_shards += 1
+            stats.skipped_unreadable += lost
+            log.error(
+                "shard %s: cannot be opened or read after %d tries (%s); skipping its %d samples",
+                seg.url, retries + 1, error, lost,
+            )  # fmt: skip
+        else:
+            stats.truncated_shards += 1
+            stats.skipped_truncated += lost
+            log.warning(
+                "shard %s: read error after %d records (%s); skipping its other %d samples",
+                seg.url, i, error, lost,
+            )  # fmt: skip
+        return
 
 
 def shuffled(records: Iterator[Record], size: int, rng: np.random.Generator) -> Iterator[Record]:
@@ -300,7 +337,9 @@ class WorkerStream:
         ]
         for p in itertools.count():
             n = 0
-            recs = itertools.chain.from_iterable(read_segment(g, self.stats) for g in segs)
+            # padding passes (p > 0) re-read the same records: count their damage once, in pass 0
+            st = self.stats if p == 0 else ReaderStats()
+            recs = itertools.chain.from_iterable(read_segment(g, st) for g in segs)
             for rec in shuffled(recs, self.spec.shuffle_buffer, _rng(self.spec.seed, epoch, self.worker, p)):
                 n += 1
                 yield p, rec
@@ -329,7 +368,7 @@ class WorkerStream:
                     p, rec = next(recs)
                     self._consumed += 1
                     self.stats.records += 1
-                    img, label = decode_record(rec, S, self.stats)
+                    img, label = decode_record(rec, S, self.stats if p == 0 else ReaderStats())
                     if img is None:
                         bad_run += 1
                         if bad_run > 4 * (B + s.shuffle_buffer) + 1000 and p > 0:

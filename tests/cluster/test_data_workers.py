@@ -57,7 +57,7 @@ def test_pool_stream_with_kill_equals_reference(ray_local, syn):
             _assert_same(parts, ref[s])
         stats = pool.stats()
         assert stats["restarts"] == 1
-        assert stats["skipped"] == {"corrupt": 0, "missing": 0, "truncated_shard": 0}
+        assert stats["skipped"] == {"corrupt": 0, "missing": 0, "truncated": 0, "unreadable": 0}
         assert len(stats["queue_depth"]) == 2 and stats["decode_images_per_second"] > 0
     finally:
         pool.shutdown()

@@ -1,0 +1,208 @@
+"""Fault handling without Ray: the coordinator's state machine driven step by step with a fake
+trainer group (failures, restarts, NaN loss, too many failures; every transition logged and
+exported), and the reader's handling of truncated and unreadable shards.
+
+The same failures on real Ray actors are in ``tests/e2e/test_faults.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from alexnet.data.index import DatasetIndex
+from alexnet.data.reader import ReaderStats, Segment, read_segment
+from cluster.checkpoint import list_checkpoints
+from cluster.coordinator import (
+    FAILED,
+    FINISHED,
+    RECOVERING,
+    RUNNING,
+    STARTING,
+    NonFiniteLoss,
+    TrainerDied,
+)
+from cluster.metrics import STATES
+from tests.cluster.test_coordinator import FakeGroup, _coordinator
+
+
+def _state_values(c) -> dict[str, float]:
+    reg = c.metrics.registry
+    return {s: reg.get_sample_value("alexnet_state", {"run": "t", "alexnet_state": s}) for s in STATES}
+
+
+def _transitions(c, state: str) -> float:
+    v = c.metrics.registry.get_sample_value(
+        "alexnet_state_transitions_total", {"run": "t", "to_state": state}
+    )
+    return v or 0.0
+
+
+def test_every_transition_is_logged_and_exported_step_by_step(tmp_path):
+    g = FakeGroup(die_at=9)
+    lines: list[str] = []
+    c = _coordinator(tmp_path, g)
+    c.log = lines.append
+    assert c.state == STARTING and _state_values(c)["starting"] == 1
+    seen = [STARTING]
+    while c.state not in (FINISHED, FAILED):
+        before = c.state
+        new = c.step()
+        assert new == c.state
+        # the exported enum follows the state machine at every step
+        assert _state_values(c) == {s: float(s == new) for s in STATES}
+        if new != before:
+            assert f"[coordinator] {before} -> {new} at step {c.step_no}" in lines[-1] or any(
+                f"[coordinator] {before} -> {new}" in x for x in lines[-3:]
+            ), lines[-3:]
+        seen.append(new)
+    assert c.state == FINISHED and c.step_no == 12
+    # the failure at step 9 -> recovering -> starting (restored step 8) -> running
+    i = seen.index(RECOVERING)
+    assert seen[i + 1] == STARTING and seen[i + 2] == RUNNING
+    counts = {s: _transitions(c, s) for s in STATES}
+    changes = [b for a, b in zip(seen, seen[1:], strict=False) if a != b]
+    for s in STATES:
+        # +1: the initial "starting" is exported when the coordinator is built
+        assert counts[s] == changes.count(s) + (s == STARTING), (s, counts, changes)
+    assert counts["recovering"] == 1 and counts["checkpointing"] >= 3 and counts["failed"] == 0
+    assert any("trainer failure 1 at step" in x and "rank 1 died at step 9" in x for x in lines), lines
+    assert any("restart 1 of at most faults.max_failures=3" in x and "(step 8)" in x for x in lines), lines
+    # the history holds the final trajectory only: each step once, steps 8..9 not doubled
+    assert [r["step"] for r in c.history.steps] == list(range(12))
+
+
+def test_failure_before_any_checkpoint_restarts_from_step_0(tmp_path):
+    class Fresh(FakeGroup):
+        def start(self, step, data_positions):
+            super().start(step, data_positions)
+            self.steps_done = step  # new actors: fresh weights (nothing loaded yet)
+
+    g = Fresh(die_at=2)
+    c = _coordinator(tmp_path, g)
+    assert c.run() == FINISHED and c.step_no == 12
+    starts = [x for x in g.calls if x[0] == "start"]
+    assert len(starts) == 2 and starts[1] == ("start", None)  # fresh data position, no load
+    assert not any(x[0] == "load" for x in g.calls)
+    assert [r["step"] for r in c.history.steps] == list(range(12))
+
+
+def test_exceeding_max_failures_lists_each_failure(tmp_path):
+    class DiesTwice(FakeGroup):
+        def __init__(self):
+            super().__init__()
+            self.deaths = 0
+
+        def train(self, first_step, steps, lr):
+            if first_step >= 5 and self.deaths < 3:
+                self.deaths += 1
+                raise TrainerDied(f"rank {self.deaths} died (death {self.deaths})")
+            return super().train(first_step, steps, lr)
+
+    g = DiesTwice()
+    c = _coordinator(tmp_path, g, **{"faults.max_failures": 2})
+    assert c.run() == FAILED
+    msg = str(c.error)
+    assert "3 trainer failures exceed faults.max_failures=2" in msg, msg
+    for k in (1, 2, 3):
+        assert f"death {k}" in msg, msg
+    assert msg.count("step 5:") == 3  # each failure with the step it happened at
+    assert _transitions(c, RECOVERING) == 2 and _transitions(c, FAILED) == 1
+    reg = c.metrics.registry
+    assert reg.get_sample_value("alexnet_restarts_total", {"run": "t", "reason": "trainer_failure"}) == 2
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [4, 5]  # none after the failures (at 5+)
+
+
+def test_nan_loss_stops_without_checkpointing_over_a_good_one(tmp_path):
+    class NanAt(FakeGroup):
+        def train(self, first_step, steps, lr):
+            out = super().train(first_step, steps, lr)
+            for r in out:
+                if r["step"] >= 6:  # the weights are NaN from step 6 on
+                    r["loss"] = math.nan
+            return out
+
+    g = NanAt()
+    lines: list[str] = []
+    c = _coordinator(tmp_path, g, **{"faults.nan_step": 6})
+    c.log = lines.append
+    assert c.run() == FAILED
+    assert isinstance(c.error, NonFiniteLoss)
+    msg = str(c.error)
+    assert "loss is nan at step 6 (injected by faults.nan_step)" in msg, msg
+    assert "step-00000005 (step 5)" in msg and "--resume" in msg, msg
+    # checkpoints at 4 and the epoch end 5 (before the NaN); the one due at 8 never written
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [4, 5]
+    assert not any(Path(tmp_path, "checkpoints").glob("step-0000000[6-9]"))
+    assert any("running -> failed" in x for x in lines), lines
+
+
+# -- the reader: truncated and unreadable shards --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory) -> str:
+    from alexnet.data.writer import build_synthetic
+
+    out = str(tmp_path_factory.mktemp("syn") / "d")
+    build_synthetic(120, out, size=36, shard_size=50, workers=1, progress=False)
+    return out
+
+
+def test_truncated_shard_counts_the_samples_it_lost(syn, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(syn, bad)
+    shard = DatasetIndex.load(str(bad)).shards("train")[0]
+    data = Path(shard.url).read_bytes()
+    Path(shard.url).write_bytes(data[: len(data) // 3])
+    stats = ReaderStats()
+    got = list(read_segment(Segment(shard.url, 0, shard.count), stats, retries=0))
+    intact = [r for r in got if "jpg" in r and "cls" in r]
+    assert 0 < len(intact) < shard.count
+    assert stats.truncated_shards == 1 and stats.unreadable_shards == 0
+    # every planted loss is accounted for: a partial last record (if any) + the records never read
+    assert (len(got) - len(intact)) + stats.skipped_truncated == shard.count - len(intact)
+    # a segment that ends before the cut loses nothing
+    stats2 = ReaderStats()
+    assert len(list(read_segment(Segment(shard.url, 0, 3), stats2, retries=0))) == 3
+    assert stats2.skipped == 0 and stats2.truncated_shards == 0
+
+
+def test_unopenable_shard_is_retried_then_skipped_with_an_error_naming_it(syn, tmp_path, caplog):
+    bad = tmp_path / "bad"
+    shutil.copytree(syn, bad)
+    shard = DatasetIndex.load(str(bad)).shards("train")[1]
+    Path(shard.url).unlink()
+    stats = ReaderStats()
+    with caplog.at_level(logging.WARNING, logger="alexnet.data"):
+        got = list(read_segment(Segment(shard.url, 5, 20), stats, retries=2, wait_s=0.01))
+    assert got == []
+    assert stats.unreadable_shards == 1 and stats.skipped_unreadable == 15 and stats.skipped == 15
+    tries = [r for r in caplog.records if "cannot read it" in r.getMessage()]
+    assert len(tries) == 2  # two retries after the first failure
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and shard.url in errors[0].getMessage() and "15 samples" in errors[0].getMessage()
+
+
+def test_retry_recovers_a_transient_failure(syn, tmp_path, monkeypatch):
+    """A shard that fails to open once and then opens is read whole (nothing skipped or doubled)."""
+    import alexnet.data.reader as reader
+
+    shard = DatasetIndex.load(syn).shards("train")[0]
+    real_open, calls = reader.fsspec.open, []
+
+    def flaky_open(url, *a, **k):
+        calls.append(url)
+        if len(calls) == 1:
+            raise OSError("connection reset (simulated)")
+        return real_open(url, *a, **k)
+
+    monkeypatch.setattr(reader.fsspec, "open", flaky_open)
+    stats = ReaderStats()
+    got = list(read_segment(Segment(shard.url, 0, shard.count), stats, retries=2, wait_s=0.01))
+    assert len(calls) == 2 and len(got) == shard.count and stats.skipped == 0
+    assert len({r["__key__"] for r in got}) == shard.count
