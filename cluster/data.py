@@ -89,6 +89,7 @@ class DataWorker:
         registry: Any = None,
         start_epoch: int = 0,
         threads: int = 1,
+        end: tuple[int, int] | None = None,
     ) -> None:
         import torch
 
@@ -105,6 +106,9 @@ class DataWorker:
         self.W = self.spec.workers
         self._buf: dict[tuple[int, int], dict] = {}  # (epoch, index) -> batch, in production order
         self._next_pos = self.stream.position()  # position before the next batch to produce
+        # (epoch, index) of the run's end: batches from there on are never produced, so nothing past
+        # the last step is decoded and its bad samples are not counted (None: no end)
+        self._end = None if end is None else _key(*end)
         self._progress: list[tuple[int, int] | None] = [None] * consumers
         self._seq = 0
         self._error: BaseException | None = None
@@ -118,7 +122,9 @@ class DataWorker:
         try:
             while True:
                 with self._cond:
-                    self._cond.wait_for(lambda: self._stop or len(self._buf) < self.capacity)
+                    self._cond.wait_for(
+                        lambda: self._stop or (len(self._buf) < self.capacity and not self._at_end())
+                    )
                     if self._stop:
                         return
                 batch = self.stream.next_batch()
@@ -130,6 +136,10 @@ class DataWorker:
             with self._cond:
                 self._error = e
                 self._cond.notify_all()
+
+    def _at_end(self) -> bool:
+        nxt = _key(self._next_pos["epoch"], self._next_pos["index"])
+        return self._end is not None and nxt >= self._end
 
     def _release(self) -> None:
         """Drop batches every consumer has moved past; record the new restart position."""
@@ -162,6 +172,8 @@ class DataWorker:
         if not 0 <= consumer < self.consumers:
             raise ValueError(f"consumer={consumer}: this worker was started for {self.consumers} consumers")
         k = _key(epoch, index)
+        if self._end is not None and k >= self._end:
+            raise ValueError(f"data worker {self.worker}: batch {k} is past the run's end {self._end}")
         with self._cond:
             p = self._progress[consumer]
             self._progress[consumer] = k if p is None else max(p, k)
@@ -254,7 +266,8 @@ class DataPool:
     spec: the reader spec (``spec.workers`` actors are started); consumers: fetches per batch;
     prefetch: batches a worker keeps ready ahead of its slowest consumer; positions: from a checkpoint's
     :meth:`state` (None: start of ``start_epoch``); options: extra ``DataWorker.options`` (e.g. a
-    placement-group scheduling strategy).
+    placement-group scheduling strategy); end_step: the run's total steps (no batch at or after that
+    global step is produced; None: endless).
     """
 
     def __init__(
@@ -266,6 +279,7 @@ class DataPool:
         start_epoch: int = 0,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         options: dict | None = None,
+        end_step: int | None = None,
     ) -> None:
         index = DatasetIndex.load(spec.url)
         self.spec = spec
@@ -290,6 +304,7 @@ class DataPool:
                 positions[w] if positions else None,
                 self.registry,
                 start_epoch,
+                end=None if end_step is None else divmod(end_step, self.steps_per_epoch),
             )  # fmt: skip
             for w in range(spec.workers)
         ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import time
 import warnings
@@ -129,8 +130,12 @@ class TrainerActor:
             t0 = time.perf_counter()
             batch = self._batch(t, R) if self.consumer >= 0 else None
             images, labels = self._inputs(batch) if batch is not None else (None, None)
+            if t == self.cfg.faults.nan_step and images is not None:
+                images = images * math.nan  # fault injection (faults.nan_step): this step's loss is NaN
             wait = time.perf_counter() - t0
             res = dict(self.engine.step(t, lr, images, labels))
+            if self.cfg.train.record_keys and self.first and self.c == 0 and batch is not None:
+                res["keys"] = list(batch["keys"])  # debug: the samples this replica consumed
             res["data_wait_s"] = wait
             res["step_s"] = res.get("step_s", 0.0) + wait
             self._events.append(list(self.engine.timeline.events))
@@ -162,7 +167,8 @@ class TrainerActor:
         ref = self._ahead[1] if self._ahead is not None and self._ahead[0] == t else None
         if ref is None:
             ref = self.data.get_ref(t, self.r, replicas, self.consumer)
-        self._ahead = (t + 1, self.data.get_ref(t + 1, self.r, replicas, self.consumer))
+        if t + 1 < self.plan.total_steps:  # the data workers produce nothing past the run's end
+            self._ahead = (t + 1, self.data.get_ref(t + 1, self.r, replicas, self.consumer))
         try:
             return ray.get(ref, timeout=self.data.timeout_s + 30)
         except ray.exceptions.GetTimeoutError:
@@ -308,7 +314,7 @@ class RayTrainerGroup:
         self.cfg, self.plan, self.data_url = cfg, plan, data_url
         self.grid = cfg.grid.to_grid(cfg.optim.batch_size)
         self.actors: list = []
-        self.pg = None
+        self.pg = self.data_pg = None
         self.pool = None
         self.start_step = 0
         self._restarts_seen = 0
@@ -317,28 +323,31 @@ class RayTrainerGroup:
 
     # -- resources ------------------------------------------------------------------------
     def bundles(self) -> list[dict[str, float]]:
-        """One bundle per trainer rank, in rank order (a stage's columns adjacent), then one per
-        data worker."""
+        """One bundle per trainer rank, in rank order (a stage's columns adjacent)."""
         g = self.cfg.grid
         rank = {"CPU": g.cpus_per_rank}
         if g.gpus_per_rank > 0:
             rank["GPU"] = g.gpus_per_rank
-        return [dict(rank) for _ in range(self.grid.world_size)] + [
-            {"CPU": 1.0} for _ in range(self.plan.data_workers)
-        ]
+        return [dict(rank) for _ in range(self.grid.world_size)]
+
+    def data_bundles(self) -> list[dict[str, float]]:
+        """One bundle per data worker (a group of their own, so trainers and data workers can start
+        at the same time without one taking the other's bundle)."""
+        return [{"CPU": 1.0} for _ in range(self.plan.data_workers)]
 
     def _reserve(self) -> None:
         bundles = self.bundles()
-        # PACK: the whole group on as few nodes as possible, so a stage's columns (adjacent
-        # bundles) and then a replica land together; ranks that do not fit spill to other nodes.
-        self.pg = placement_group(bundles, strategy="PACK", name="")
+        # PACK: the trainers on as few nodes as possible, so a stage's columns (adjacent bundles)
+        # and then a replica land together; ranks that do not fit spill to other nodes.
+        self.pg = placement_group(bundles, strategy="PACK")
+        self.data_pg = placement_group(self.data_bundles(), strategy="PACK")
         timeout = self.cfg.grid.placement_timeout_s
-        ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
-        if not ready:
-            remove_placement_group(self.pg)
-            self.pg = None
+        groups = [self.pg.ready(), self.data_pg.ready()]
+        ready, _ = ray.wait(groups, num_returns=2, timeout=timeout)
+        if len(ready) < 2:
+            self._release()
             need = collections.Counter()
-            for b in bundles:
+            for b in bundles + self.data_bundles():
                 need.update(b)
             have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
             raise ValueError(
@@ -349,8 +358,15 @@ class RayTrainerGroup:
                 "grid.cpus_per_rank / grid.gpus_per_rank, fewer data.workers, or add nodes."
             )
 
-    def _strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
+    def _strategy(self, bundle: int, pg=None) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(pg or self.pg, placement_group_bundle_index=bundle)
+
+    def _release(self) -> None:
+        for pg in (self.pg, self.data_pg):
+            if pg is not None:
+                with contextlib.suppress(Exception):
+                    remove_placement_group(pg)
+        self.pg = self.data_pg = None
 
     # -- TrainerGroup -----------------------------------------------------------------------
     def start(self, step: int, data_positions: list[dict] | None) -> None:
@@ -374,8 +390,7 @@ class RayTrainerGroup:
             )
             for rank in range(world)
         ]
-        # trainers hold their bundles before the data workers take "any bundle" (-1) of the group
-        _call([a.ping.remote() for a in self.actors], g.placement_timeout_s + 120, "start trainers")
+        # the trainers' processes start while the data workers do (DataPool waits for its own)
         self.pool = self._start_data(data_positions)
         consumers = self.consumer_ids()
         addr, port = _call([self.actors[0].rendezvous.remote()], 120, "rendezvous")[0]
@@ -416,8 +431,9 @@ class RayTrainerGroup:
             prefetch=d.prefetch,
             positions=positions,
             start_epoch=start_epoch,
+            end_step=self.plan.total_steps,
             timeout_s=self.cfg.grid.collective_timeout_s,
-            options={"scheduling_strategy": self._strategy(-1)},
+            options={"scheduling_strategy": self._strategy(-1, self.data_pg)},
         )
 
     def load(self, model, optimizer) -> None:
@@ -469,6 +485,8 @@ class RayTrainerGroup:
             waits = [ranks[g.rank_of(0, s, c)] for c in range(g.columns)]
             bubble[s] = sum(x["pipeline_wait_s"] / max(x["step_s"], 1e-9) for x in waits) / len(waits)
         out["parts"], out["bubble"] = parts, bubble
+        if self.cfg.train.record_keys:  # each replica's stage-0 column-0 rank holds its rows' keys
+            out["keys"] = [k for r in range(g.replicas) for k in ranks[g.rank_of(r, 0, 0)].get("keys", [])]
         for k in ("compute_s", "exchange_s", "pipeline_wait_s", "optimizer_s"):
             out[k] = max(x.get(k, 0.0) for x in ranks)
         return out
@@ -556,7 +574,4 @@ class RayTrainerGroup:
             with contextlib.suppress(Exception):
                 self.pool.shutdown()
         self.actors, self.pool = [], None
-        if self.pg is not None:
-            with contextlib.suppress(Exception):
-                remove_placement_group(self.pg)
-            self.pg = None
+        self._release()

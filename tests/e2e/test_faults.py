@@ -1,0 +1,316 @@
+"""Fault tolerance on real Ray actors (demo grid 1x2x2, small model, CPU, one short epoch).
+
+One undisturbed reference run (module fixture, ``train.record_keys`` on) is compared with:
+
+* a trainer actor killed (``faults.kill_rank/kill_step``) on the first stage, and on the last
+  stage's second column: the run finishes at the same step, one restart counted, final weights and
+  optimizer state bit for bit equal to the reference, the same samples consumed;
+* a data worker killed mid-epoch: the epoch consumes every sample exactly once (keys compared);
+* NaN injected at step k: the run fails clearly and the newest complete checkpoint is from before k;
+* the driver SIGKILLed inside a checkpoint write: the previous checkpoint is complete and
+  ``--resume`` continues from it to the reference's weights;
+* a corrupt JPEG, a truncated tar and an unreadable shard: the run completes and the skipped
+  count equals what was planted;
+* a node removed from a 2-node ``ray.cluster_utils.Cluster`` (fake GPUs): recovery onto the
+  remaining node, or a clear error when the grid no longer fits (last: it replaces the session Ray).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet.data.index import DatasetIndex
+from cluster.checkpoint import KILL_ENV, list_checkpoints, load_checkpoint
+from cluster.config import load_config
+from cluster.coordinator import FAILED, FINISHED
+from cluster.job import run_training
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]
+
+BIN = Path(sys.executable).parent
+STEPS = 10  # one epoch: 324 train images // batch 32
+BASE = {
+    "train.steps": STEPS,
+    "train.steps_per_call": 2,
+    "train.log_every_steps": 5,
+    "train.record_keys": True,
+    "checkpoint.every_steps": 4,
+    "checkpoint.keep": 5,
+    "eval.every_epochs": 0,
+    "metrics.port": -1,
+    "metrics.trace_steps": 0,
+    "grid.collective_timeout_s": 60.0,
+}
+
+
+def _cfg(**sets):
+    return load_config(preset="demo", overrides={**BASE, **sets})
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    from alexnet.data.writer import build_synthetic
+
+    out = str(tmp_path_factory.mktemp("data") / "demo")
+    build_synthetic(360, out, shard_size=50, workers=1, progress=False)
+    return out
+
+
+def _run(cfg, shards: str, run_dir: str):
+    holder = {}
+    res = run_training(cfg, shards, run_dir, on_coordinator=lambda c: holder.update(c=c))
+    return res, holder["c"]
+
+
+_REFERENCE: dict = {}
+
+
+@pytest.fixture
+def reference(ray_local, shards, tmp_path_factory) -> dict:
+    """The undisturbed run (computed once per module): its final checkpoint and each step's keys."""
+    if not _REFERENCE:
+        run_dir = str(tmp_path_factory.mktemp("ref") / "run")
+        res, coord = _run(_cfg(), shards, run_dir)
+        assert res.state == FINISHED and res.step == STEPS, res.error
+        keys = dict(coord.history.keys)
+        assert sorted(keys) == list(range(STEPS)) and all(len(k) == 32 for k in keys.values())
+        _REFERENCE.update(dir=run_dir, ck=load_checkpoint(run_dir), keys=keys)
+    return _REFERENCE
+
+
+def _counter(coord, name: str, **labels) -> float:
+    return coord.metrics.registry.get_sample_value(f"alexnet_{name}", {"run": "run", **labels}) or 0.0
+
+
+def _assert_same_weights(ck, ref_ck) -> None:
+    assert ck.step == ref_ck.step
+    assert set(ck.model) == set(ref_ck.model)
+    for k in ref_ck.model:
+        assert torch.equal(ck.model[k], ref_ck.model[k]), k
+        assert torch.equal(ck.optimizer[k], ref_ck.optimizer[k]), k
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(
+    "rank, step, where",
+    # rank 0: stage 0, column 0; rank 3: the last stage's second column (kept to two runs for CI
+    # time; rank 3 mid-run with a data worker kill is also in tests/e2e/test_train.py)
+    [(0, 5, "first stage"), (3, 9, "last stage, second column")],
+    ids=["first-stage", "last-stage-second-column"],
+)
+def test_killed_trainer_restarts_and_matches_the_undisturbed_run(
+    ray_local, shards, reference, tmp_path, rank, step, where
+):
+    cfg = _cfg(**{"faults.kill_rank": rank, "faults.kill_step": step})
+    r, s, c = cfg.grid.to_grid(cfg.optim.batch_size).coords(rank)
+    assert (s, c) == ((0, 0) if where == "first stage" else (1, 1))
+    run_dir = str(tmp_path / "run")
+    t0 = time.monotonic()
+    res, coord = _run(cfg, shards, run_dir)
+    assert res.state == FINISHED and res.step == STEPS, res.error
+    assert len(coord.failures) == 1, coord.failures
+    assert coord.failures[0].split(";")[0].split(": ", 1)[1].startswith("train steps")
+    assert f"rank {rank}: " in coord.failures[0] and "ActorDiedError" in coord.failures[0], coord.failures
+    assert _counter(coord, "restarts_total", reason="trainer_failure") == 1
+    assert _counter(coord, "state_transitions_total", to_state="recovering") == 1
+    # restored from the newest checkpoint before the kill, then exactly the reference's steps
+    assert coord.history.keys == reference["keys"]
+    assert [row["step"] for row in coord.history.steps] == list(range(STEPS))
+    _assert_same_weights(load_checkpoint(run_dir), reference["ck"])
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.timeout(120)
+def test_killed_data_worker_loses_and_repeats_no_sample(ray_local, shards, reference, tmp_path):
+    cfg = _cfg(**{"faults.kill_data_worker": 1, "faults.kill_data_step": 5})
+    res, coord = _run(cfg, shards, str(tmp_path / "run"))
+    assert res.state == FINISHED and res.step == STEPS, res.error
+    assert coord.failures == []  # the trainers never noticed: Ray restarted the worker
+    assert _counter(coord, "data_worker_restarts_total") == 1
+    consumed = [k for s in range(STEPS) for k in coord.history.keys[s]]
+    assert len(consumed) == STEPS * 32 == len(set(consumed))  # every sample of the epoch exactly once
+    index = DatasetIndex.load(shards)
+    assert len(consumed) == index.count("train") // 32 * 32
+    assert coord.history.keys == reference["keys"]  # and in the uninterrupted stream's order
+    _assert_same_weights(load_checkpoint(str(tmp_path / "run")), reference["ck"])
+
+
+@pytest.mark.timeout(90)
+def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(ray_local, shards, tmp_path):
+    run_dir = str(tmp_path / "run")
+    res, coord = _run(_cfg(**{"faults.nan_step": 6}), shards, run_dir)
+    assert res.state == FAILED and res.exit_code == 1
+    assert "NonFiniteLoss: loss is nan at step 6 (injected by faults.nan_step)" in res.error, res.error
+    assert "step-00000004 (step 4)" in res.error and "optim.lr" in res.error, res.error
+    assert [s for s, _ in list_checkpoints(run_dir)] == [4]
+    assert not (Path(run_dir) / "checkpoints" / "step-00000008").exists()
+    ck = load_checkpoint(run_dir)
+    assert ck.step == 4 and all(torch.isfinite(v).all() for v in ck.model.values())
+
+
+@pytest.mark.timeout(240)
+def test_driver_killed_inside_a_checkpoint_write_resumes_from_the_previous(
+    ray_local, shards, reference, tmp_path
+):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    argv = [str(BIN / "alexnet"), "train", "--preset", "demo", "--data", shards, "--run-dir", str(run_dir)]
+    for k, v in BASE.items():
+        if k not in ("train.steps", "train.record_keys"):
+            argv += ["--set", f"{k}={v}"]
+    argv += ["--steps", "8"]
+    # SIGKILL between the tensor files and the manifest of the step-8 checkpoint
+    r = subprocess.run(argv, env={**env, KILL_ENV: "8"}, capture_output=True, text=True, timeout=150)
+    assert r.returncode == -9, r.stdout[-3000:] + r.stderr[-3000:]
+    step8 = run_dir / "checkpoints" / "step-00000008"
+    assert (step8 / "model.safetensors").exists() and not (step8 / "manifest.json").exists()
+    assert [s for s, _ in list_checkpoints(str(run_dir))] == [4]
+    assert load_checkpoint(str(run_dir)).step == 4  # complete: sizes and hashes verified
+
+    r = subprocess.run(argv + ["--resume"], env=env, capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "(step 4)" in r.stdout and "finished at step 8" in r.stdout, r.stdout[-3000:]
+    ck = load_checkpoint(str(run_dir))
+    ref8 = load_checkpoint(f"{reference['dir']}/checkpoints/step-00000008")
+    _assert_same_weights(ck, ref8)
+
+
+def _plant_damage(src: str, dst: str) -> int:
+    """Copy the shards and damage three training shards; returns the samples made unusable."""
+    import webdataset as wds
+
+    shutil.copytree(src, dst)
+    shards = DatasetIndex.load(dst).shards("train")
+    # 1. one undecodable JPEG
+    corrupt = shards[0].url
+    samples = list(wds.WebDataset(corrupt, shardshuffle=False))
+    samples[4]["jpg"] = b"\xff\xd8\xff\xe0" + b"\x00" * 100
+    with wds.TarWriter(corrupt, encoder=False) as tw:
+        for smp in samples:
+            tw.write({k: v for k, v in smp.items() if k in ("__key__", "jpg", "cls")})
+    # 2. a tar cut inside the header of the member after sample 20: samples 20.. are lost
+    truncated = shards[2]
+    with tarfile.open(truncated.url) as tf:
+        members = tf.getmembers()
+    per_sample = len(members) // truncated.count
+    cut = members[20 * per_sample].offset + 100
+    data = Path(truncated.url).read_bytes()
+    Path(truncated.url).write_bytes(data[:cut])
+    # 3. a shard that is not a tar at all: every sample of it lost
+    unreadable = shards[4]
+    Path(unreadable.url).write_bytes(b"this is not a tar archive\n" * 40)
+    return 1 + (truncated.count - 20) + unreadable.count
+
+
+@pytest.mark.timeout(150)
+def test_corrupt_truncated_and_unreadable_shards_are_skipped_and_counted(ray_local, shards, tmp_path):
+    bad = str(tmp_path / "bad")
+    planted = _plant_damage(shards, bad)
+    res, coord = _run(_cfg(**{"checkpoint.every_steps": 0}), bad, str(tmp_path / "run"))
+    assert res.state == FINISHED and res.step == STEPS, res.error
+    got = {
+        reason: _counter(coord, "skipped_samples_total", reason=reason)
+        for reason in ("corrupt", "missing", "truncated", "unreadable")
+    }
+    assert got == {"corrupt": 1, "missing": 0, "truncated": 30, "unreadable": 50}, got
+    assert sum(got.values()) == planted
+    # every batch full all the same (the workers pad from their own stream)
+    assert all(len(k) == 32 for k in coord.history.keys.values())
+
+
+# -- multi-node: must stay last in this module (it shuts the session's Ray down) ---------------------
+
+
+@pytest.mark.timeout(300)
+def test_node_loss_recovers_on_the_remaining_node_or_fails_clearly(ray_local_shutdown, shards, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    fast_detect = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "num_gpus": 2, "_system_config": fast_detect},
+    )
+    try:
+        worker = cluster.add_node(num_cpus=4, num_gpus=2)
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        cluster.wait_for_nodes()
+        head_id = ray.get_runtime_context().get_node_id()
+
+        # the head's GPUs are taken (another job) when the run starts: the group lands on the worker
+        @ray.remote(num_cpus=0, num_gpus=2)
+        class Holder:
+            def ping(self) -> int:
+                return 1
+
+        holder = Holder.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(head_id, soft=False)
+        ).remote()
+        ray.get(holder.ping.remote(), timeout=60)
+
+        def lose_worker_node(coord, before=None):
+            # after the step-4 checkpoint is on disk: free the head, lose the worker node
+            deadline = time.monotonic() + 120
+            while coord.ckpt.last is None or coord.step_no < 5:
+                if time.monotonic() > deadline or coord.state in (FINISHED, FAILED):
+                    return
+                time.sleep(0.02)
+            if before is not None:
+                before()
+            cluster.remove_node(worker)
+
+        sets = {
+            "grid.shape": "1x1x2",
+            "grid.gpus_per_rank": 1.0,
+            "grid.placement_timeout_s": 20.0,
+            "train.steps": 60,
+            "checkpoint.every_steps": 4,
+        }
+        watcher: dict = {}
+
+        def on_coord(c):
+            watcher["t"] = threading.Thread(
+                target=lose_worker_node, args=(c, lambda: ray.kill(holder)), daemon=True
+            )
+            watcher["t"].start()
+            watcher["c"] = c
+
+        res = run_training(_cfg(**sets), shards, str(tmp_path / "a"), on_coordinator=on_coord)
+        watcher["t"].join(30)
+        coord = watcher["c"]
+        assert res.state == FINISHED and res.step == 60, res.error
+        assert len(coord.failures) == 1, coord.failures
+        assert _counter(coord, "restarts_total", reason="trainer_failure") == 1
+        assert len(ray.nodes()) >= 1 and sum(n["Alive"] for n in ray.nodes()) == 1
+        assert load_checkpoint(str(tmp_path / "a")).step == 60
+
+        # the 1x2x2 grid needs both nodes' GPUs: after losing one, the restart is a clear error
+        worker = cluster.add_node(num_cpus=4, num_gpus=2)
+        cluster.wait_for_nodes()
+        sets.update({"grid.shape": "1x2x2", "grid.placement_timeout_s": 5.0})
+
+        def on_coord2(c):
+            watcher["t"] = threading.Thread(target=lose_worker_node, args=(c,), daemon=True)
+            watcher["t"].start()
+
+        t0 = time.monotonic()
+        res = run_training(_cfg(**sets), shards, str(tmp_path / "b"), on_coordinator=on_coord2)
+        watcher["t"].join(30)
+        assert res.state == FAILED and res.exit_code == 1
+        assert "cannot hold grid.shape='1x2x2'" in res.error and "add nodes" in res.error, res.error
+        assert time.monotonic() - t0 < 150
+        assert load_checkpoint(str(tmp_path / "b")).step >= 4  # the work done so far is kept
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
