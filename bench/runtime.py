@@ -186,7 +186,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench-runtime-")
     shards = os.path.join(tmp, "demo")
     build_synthetic(args.images, shards, workers=1, progress=False)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     out = {}
     try:
         out.update(control_overhead(shards, args.steps, args.rounds))

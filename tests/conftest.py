@@ -43,7 +43,11 @@ def ray_local(_ray_finalizer):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": always a fresh local Ray, even when another cluster runs on this machine
+        # (ray.init() would attach to it, e.g. the head an e2e test started, and refuse num_cpus)
+        ray.init(
+            address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
         _RAY["started"] = True
     return ray
 
