@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import time
 import warnings
@@ -129,8 +130,12 @@ class TrainerActor:
             t0 = time.perf_counter()
             batch = self._batch(t, R) if self.consumer >= 0 else None
             images, labels = self._inputs(batch) if batch is not None else (None, None)
+            if t == self.cfg.faults.nan_step and images is not None:
+                images = images * math.nan  # fault injection (faults.nan_step): this step's loss is NaN
             wait = time.perf_counter() - t0
             res = dict(self.engine.step(t, lr, images, labels))
+            if self.cfg.train.record_keys and self.first and self.c == 0 and batch is not None:
+                res["keys"] = list(batch["keys"])  # debug: the samples this replica consumed
             res["data_wait_s"] = wait
             res["step_s"] = res.get("step_s", 0.0) + wait
             self._events.append(list(self.engine.timeline.events))
@@ -162,7 +167,8 @@ class TrainerActor:
         ref = self._ahead[1] if self._ahead is not None and self._ahead[0] == t else None
         if ref is None:
             ref = self.data.get_ref(t, self.r, replicas, self.consumer)
-        self._ahead = (t + 1, self.data.get_ref(t + 1, self.r, replicas, self.consumer))
+        if t + 1 < self.plan.total_steps:  # the data workers produce nothing past the run's end
+            self._ahead = (t + 1, self.data.get_ref(t + 1, self.r, replicas, self.consumer))
         try:
             return ray.get(ref, timeout=self.data.timeout_s + 30)
         except ray.exceptions.GetTimeoutError:
@@ -425,6 +431,7 @@ class RayTrainerGroup:
             prefetch=d.prefetch,
             positions=positions,
             start_epoch=start_epoch,
+            end_step=self.plan.total_steps,
             timeout_s=self.cfg.grid.collective_timeout_s,
             options={"scheduling_strategy": self._strategy(-1, self.data_pg)},
         )
@@ -478,6 +485,8 @@ class RayTrainerGroup:
             waits = [ranks[g.rank_of(0, s, c)] for c in range(g.columns)]
             bubble[s] = sum(x["pipeline_wait_s"] / max(x["step_s"], 1e-9) for x in waits) / len(waits)
         out["parts"], out["bubble"] = parts, bubble
+        if self.cfg.train.record_keys:  # each replica's stage-0 column-0 rank holds its rows' keys
+            out["keys"] = [k for r in range(g.replicas) for k in ranks[g.rank_of(r, 0, 0)].get("keys", [])]
         for k in ("compute_s", "exchange_s", "pipeline_wait_s", "optimizer_s"):
             out[k] = max(x.get(k, 0.0) for x in ranks)
         return out
