@@ -89,7 +89,10 @@ def reference(ray_local, shards, tmp_path_factory) -> dict:
 
 
 def _counter(coord, name: str, **labels) -> float:
-    return coord.metrics.registry.get_sample_value(f"alexnet_{name}", {"run": "run", **labels}) or 0.0
+    return (
+        coord.metrics.registry.get_sample_value(f"alexnet_{name}", {"run": coord.metrics.run, **labels})
+        or 0.0
+    )
 
 
 def _assert_same_weights(ck, ref_ck) -> None:
