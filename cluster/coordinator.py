@@ -463,6 +463,7 @@ class Coordinator:
             loss = r.get("loss", 0.0)
             if math.isfinite(loss):
                 continue
+            self.metrics.gauge("loss", loss, split="train")  # for the AlexNetLossNaN alert
             self.ckpt.wait()  # a write in flight is from before this step: let it complete
             latest = latest_checkpoint(self.run_dir)
             where = (

@@ -139,6 +139,8 @@ def test_nan_loss_stops_without_checkpointing_over_a_good_one(tmp_path):
     assert [s for s, _ in list_checkpoints(str(tmp_path))] == [4, 5]
     assert not any(Path(tmp_path, "checkpoints").glob("step-0000000[6-9]"))
     assert any("running -> failed" in x for x in lines), lines
+    loss = c.metrics.registry.get_sample_value("alexnet_loss", {"run": "t", "split": "train"})
+    assert math.isnan(loss)  # exported, so the AlexNetLossNaN alert fires
 
 
 # -- the reader: truncated and unreadable shards --------------------------------------------------
