@@ -26,9 +26,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from alexnet.config import LRN_CONVENTIONS, ModelConfig
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+    import tomli as tomllib
 
 PRESETS = ("paper", "demo", "small")
 SCHEDULES = ("1f1b", "gpipe")
