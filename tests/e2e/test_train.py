@@ -177,8 +177,10 @@ def test_exact_resume_same_grid_and_other_grid(ray_local, shards, tmp_path):
         assert torch.equal(model_a[key], model_b[key]), key
         assert torch.equal(opt_a[key], opt_b[key]), key
 
-    # the step-k checkpoint of the 1x2x2 run, resumed on 1x1x2 (2 columns, 1 stage)
-    res = run_training(_cfg(**{"train.steps": n, "grid.shape": "1x1x2"}), shards, other, resume=True)
+    # the step-k checkpoint of the 1x2x2 run, resumed on 2x1x2 (2 replicas of 1 stage x 2 columns:
+    # each replica reads its half of every batch from the data workers)
+    other_grid = {"train.steps": n, "grid.shape": "2x1x2", "grid.microbatches": 1}
+    res = run_training(_cfg(**other_grid), shards, other, resume=True)
     assert res.state == FINISHED and res.step == n
     _, model_c, _ = _weights(other)
     for key in model_a:
