@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import JobConfig, from_dict
 from cluster.coordinator import RunPlan, TrainerDied
+from cluster.placement import PlacementPlan, plan_placement
 
 # Where a value in a rank's step result is meaningful (engine keys; the rest are timings)
 _LAST_STAGE_KEYS = ("loss", "top1", "top5")
@@ -315,6 +316,7 @@ class RayTrainerGroup:
         self.grid = cfg.grid.to_grid(cfg.optim.batch_size)
         self.actors: list = []
         self.pg = self.data_pg = None
+        self.plan_pg: PlacementPlan | None = None
         self.pool = None
         self.start_step = 0
         self._restarts_seen = 0
@@ -323,12 +325,17 @@ class RayTrainerGroup:
 
     # -- resources ------------------------------------------------------------------------
     def bundles(self) -> list[dict[str, float]]:
-        """One bundle per trainer rank, in rank order (a stage's columns adjacent)."""
+        """What each trainer rank needs, in rank order."""
         g = self.cfg.grid
         rank = {"CPU": g.cpus_per_rank}
         if g.gpus_per_rank > 0:
             rank["GPU"] = g.gpus_per_rank
         return [dict(rank) for _ in range(self.grid.world_size)]
+
+    def placement(self) -> PlacementPlan:
+        """The trainers' placement-group layout (cluster/placement.py) for the alive nodes."""
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        return plan_placement(self.grid, self.bundles()[0], nodes)
 
     def data_bundles(self) -> list[dict[str, float]]:
         """One bundle per data worker (a group of their own, so trainers and data workers can start
@@ -337,9 +344,10 @@ class RayTrainerGroup:
 
     def _reserve(self) -> None:
         bundles = self.bundles()
-        # PACK: the trainers on as few nodes as possible, so a stage's columns (adjacent bundles)
-        # and then a replica land together; ranks that do not fit spill to other nodes.
-        self.pg = placement_group(bundles, strategy="PACK")
+        # a replica's ranks in one bundle (one node) where a node can hold it, replicas spread;
+        # else a stage's columns per bundle, packed (cluster/placement.py)
+        self.plan_pg = self.placement()
+        self.pg = placement_group(self.plan_pg.bundles, strategy=self.plan_pg.strategy)
         self.data_pg = placement_group(self.data_bundles(), strategy="PACK")
         timeout = self.cfg.grid.placement_timeout_s
         groups = [self.pg.ready(), self.data_pg.ready()]
@@ -379,7 +387,7 @@ class RayTrainerGroup:
             actor_cls.options(
                 num_cpus=g.cpus_per_rank,
                 num_gpus=g.gpus_per_rank,
-                scheduling_strategy=self._strategy(rank),
+                scheduling_strategy=self._strategy(self.plan_pg.bundle_of_rank[rank]),
                 max_concurrency=1,
             ).remote(
                 rank,
