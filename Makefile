@@ -34,8 +34,12 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Each benchmark prints a ratio against a baseline measured in the same run (bench/RESULTS.md).
 bench: $(STAMP)
 	$(BIN)/python bench/model.py
+	$(BIN)/python bench/pipeline.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/data.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/runtime.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
