@@ -15,9 +15,19 @@ States (``cluster.metrics.STATES``)::
   applies the learning-rate schedule;
 * ``checkpointing``: gather the state into host memory (the only stall) and hand it to the
   background writer; then back to ``running``, or ``finished`` at the end / after SIGTERM;
-* ``recovering``: a trainer died: tear the group down, start it again, restore the newest
-  complete checkpoint (up to ``faults.max_failures``; the fault-tolerance issue extends this);
-* ``finished`` / ``failed``: terminal.
+* ``recovering``: a trainer died (:class:`TrainerDied`: an actor's process or node is gone, or a
+  collective failed or timed out): tear the whole group down, wait for a checkpoint write in
+  flight, then ``starting`` again (new actors, placed wherever the cluster has room) from the
+  newest complete checkpoint with its exact data position; the history is rewound to it. Each
+  failure is logged and counted (``alexnet_restarts_total``); failure ``max_failures + 1`` is
+  ``failed`` with every failure listed;
+* ``finished`` / ``failed``: terminal. Anything but :class:`TrainerDied` is not retried: a
+  ``ValueError`` (a setting, the data, a grid the cluster cannot hold) or :class:`NonFiniteLoss`
+  (a NaN/inf loss, found before the step is recorded or checkpointed, so every checkpoint on
+  disk is from before it).
+
+Every transition is a log line (``[coordinator] running -> recovering at step 6``) and is exported
+(``alexnet_state``, ``alexnet_state_transitions_total{to_state}``).
 
 :meth:`Coordinator.step` performs exactly one transition, so tests drive the loop step by step
 with a fake :class:`TrainerGroup` (see ``tests/cluster/test_coordinator.py``).
