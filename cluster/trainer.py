@@ -499,39 +499,6 @@ class RayTrainerGroup:
             out[k] = max(x.get(k, 0.0) for x in ranks)
         return out
 
-    def run_direct(self, first_step: int, steps: int, lr: float) -> float:
-        """Benchmark baseline: ``steps`` engine steps on one fixed in-memory batch (no data workers,
-        no Ray calls between steps); returns the seconds they took."""
-        g, m = self.grid, self.cfg.model
-        gen = torch.Generator().manual_seed(self.r)
-        u8 = torch.randint(0, 256, (g.replica_batch, 3, m.input_size, m.input_size), generator=gen)
-        images = _to_model_input(
-            u8.to(torch.uint8).to(self.device),
-            torch.zeros(g.replica_batch, 3),
-            self.mean,
-            self.cfg.data.input_scale,
-        )
-        labels = torch.randint(0, m.num_classes, (g.replica_batch,), generator=gen).to(self.device)
-        t0 = time.perf_counter()
-        for t in range(first_step, first_step + steps):
-            self.engine.step(t, lr, images if self.first else None, labels if self.last else None)
-        return time.perf_counter() - t0
-
-    def _batch(self, t: int, replicas: int) -> dict:
-        """Batch rows of step ``t``; the request for step t+1 goes out now, so its round trip to the
-        data worker overlaps this step's compute (the worker keeps a batch until every consumer
-        asked for a later one, so an early request never loses data)."""
-        ref = self._ahead[1] if self._ahead is not None and self._ahead[0] == t else None
-        if ref is None:
-            ref = self.data.get_ref(t, self.r, replicas, self.consumer)
-        self._ahead = (t + 1, self.data.get_ref(t + 1, self.r, replicas, self.consumer))
-        try:
-            return ray.get(ref, timeout=self.data.timeout_s + 30)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(
-                f"rank {self.rank}: no data for step {t} in {self.data.timeout_s + 30:.0f}s"
-            ) from None
-
     def evaluate(self, ten_crop: bool, max_samples: int) -> dict[str, float]:
         res = _call([a.evaluate.remote(ten_crop, max_samples) for a in self.actors], None, "evaluate")
         g = self.grid
