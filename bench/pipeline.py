@@ -5,8 +5,11 @@
     ratio of images/s (goal >= 0.85). Interleaved rounds; the best round's median of each.
 (b) bubble: GPipe at S=2, C=1 (both columns in each stage's one process, two processes),
     M = 1, 2, 4, 8; the measured bubble fraction (pipeline.timeline.bubble_fraction, mean
-    of the two stages) against (S-1)/(M+S-1). The cut is chosen from per-block forward +
-    backward times measured here first (:func:`gpipe_cut`), so the stages cost about the same.
+    of the two stages) against (S-1)/(M+S-1). For each M the cut is chosen from per-block
+    forward + backward times measured here first **at that M's micro-batch size**
+    (:func:`gpipe_cut`): a block's cost is not proportional to its rows (fc6/fc7 read their
+    whole weights for every micro-batch), so one cut measured on the whole batch leaves the
+    stages unbalanced at large M.
 (c) memory: peak bytes of saved activations on stage 0 under 1F1B vs GPipe at M=8
     (goal <= 0.5x), from the engine's saved-tensor meter.
 
@@ -36,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from alexnet.config import ModelConfig  # noqa: E402
 from alexnet.layers import StepContext  # noqa: E402
-from alexnet.model import BLOCK_NAMES, FusedAlexNet, Stage, geometry  # noqa: E402
+from alexnet.model import BLOCK_NAMES, FusedAlexNet, Stage  # noqa: E402
 from pipeline.dist import destroy, init_distributed  # noqa: E402
 from pipeline.engine import Engine  # noqa: E402
 from pipeline.grid import Grid  # noqa: E402
@@ -109,11 +112,11 @@ def block_costs(cfg: ModelConfig, rows: int, reps: int = 3) -> tuple[dict[str, f
     return fwd, bwd
 
 
-def gpipe_cut(fwd: dict[str, float], bwd: dict[str, float]) -> str:
-    """The S=2 cut with the shortest modelled GPipe step, summed over M (each M weighted 1/M).
+def gpipe_cut(fwd: dict[str, float], bwd: dict[str, float], m: int) -> str:
+    """The S=2 cut with the shortest modelled GPipe step at ``m`` micro-batches.
 
-    A GPipe step over two stages takes F0 + F1 + (M-1) max(F0, F1) + B0 + B1 + (M-1) max(B0, B1)
-    (per micro-batch costs are 1/M of the batch's): balancing forward and backward
+    ``fwd``/``bwd`` are per-block costs of ONE micro-batch. A GPipe step over two stages takes
+    F0 + F1 + (m-1) max(F0, F1) + B0 + B1 + (m-1) max(B0, B1): balancing forward and backward
     separately matters, because stage 0's backward skips conv1's input gradient.
     """
 
@@ -121,23 +124,28 @@ def gpipe_cut(fwd: dict[str, float], bwd: dict[str, float]) -> str:
         i = BLOCK_NAMES.index(cut)
         f0, f1 = sum(fwd[n] for n in BLOCK_NAMES[:i]), sum(fwd[n] for n in BLOCK_NAMES[i:])
         b0, b1 = sum(bwd[n] for n in BLOCK_NAMES[:i]), sum(bwd[n] for n in BLOCK_NAMES[i:])
-        return sum(
-            (f0 + f1 + (m - 1) * max(f0, f1) + b0 + b1 + (m - 1) * max(b0, b1)) / m**2 for m in MICROBATCHES
-        )
+        return f0 + f1 + (m - 1) * max(f0, f1) + b0 + b1 + (m - 1) * max(b0, b1)
 
     return min(BLOCK_NAMES[1:], key=span)
 
 
 def _pipe_worker(
-    rank: int, world: int, port: int, cfg: ModelConfig, rows: int, cut: str, steps: int, warmup: int
+    rank: int,
+    world: int,
+    port: int,
+    cfg: ModelConfig,
+    rows: int,
+    cuts: dict[int, str],
+    steps: int,
+    warmup: int,
 ):
-    shape_grid = Grid.parse("1x2x1", microbatches=1, global_batch=rows, cuts=(cut,))
+    shape_grid = Grid.parse("1x2x1", microbatches=1, global_batch=rows, cuts=(cuts[1],))
     groups = init_distributed(shape_grid, rank, "127.0.0.1", port, backend="gloo", timeout_s=600)
     x, y = batch(cfg, rows)
     out: dict = {"events": {}, "mem": {}}
     try:
         for m in MICROBATCHES:
-            grid = Grid.parse("1x2x1", microbatches=m, global_batch=rows, cuts=(cut,), schedule="gpipe")
+            grid = Grid.parse("1x2x1", microbatches=m, global_batch=rows, cuts=(cuts[m],), schedule="gpipe")
             eng = Engine(cfg, grid, rank, groups, device=torch.device("cpu"))
             events = []
             for s in range(warmup + steps):
@@ -146,7 +154,7 @@ def _pipe_worker(
                     events += eng.timeline.events
             out["events"][m] = events
         for sched in ("gpipe", "1f1b"):
-            grid = Grid.parse("1x2x1", microbatches=8, global_batch=rows, cuts=(cut,), schedule=sched)
+            grid = Grid.parse("1x2x1", microbatches=8, global_batch=rows, cuts=(cuts[8],), schedule=sched)
             eng = Engine(cfg, grid, rank, groups, device=torch.device("cpu"), track_memory=True)
             out["mem"][sched] = eng.step(0, 0.001, x if eng.first else None, y if eng.last else None)[
                 "activation_peak_bytes"
@@ -186,13 +194,15 @@ def main() -> None:
         f"(a) fused {fused_ips:.1f} img/s (2 threads), split {split_ips:.1f} img/s (2 x 1 thread)", flush=True
     )
 
-    # (b) balanced cut from measured per-block cost, then GPipe over M
-    fwd, bwd = block_costs(cfg, rows)
-    cut = gpipe_cut(fwd, bwd)
-    cost = {n: fwd[n] + bwd[n] for n in BLOCK_NAMES}
-    left = sum(cost[n] for n in BLOCK_NAMES[: BLOCK_NAMES.index(cut)])
-    print(f"(b) per-block fwd s {_r(fwd)}, bwd s {_r(bwd)}; cut at {cut}", flush=True)
-    runs = spawn_ranks(_pipe_worker, 2, (cfg, rows, cut, steps, warmup), timeout_s=1800)
+    # (b) for each M, the balanced cut from per-block costs measured at its micro-batch size
+    cuts, shares = {}, {}
+    for m in MICROBATCHES:
+        fwd, bwd = block_costs(cfg, rows // m)
+        cuts[m] = cut = gpipe_cut(fwd, bwd, m)
+        cost = {n: fwd[n] + bwd[n] for n in BLOCK_NAMES}
+        shares[m] = round(sum(cost[n] for n in BLOCK_NAMES[: BLOCK_NAMES.index(cut)]) / sum(cost.values()), 3)
+        print(f"(b) M={m}: per-block fwd s {_r(fwd)}, bwd s {_r(bwd)}; cut at {cut}", flush=True)
+    runs = spawn_ranks(_pipe_worker, 2, (cfg, rows, cuts, steps, warmup), timeout_s=1800)
     measured, theory = [], []
     for m in MICROBATCHES:
         stages = bubble_fraction({rank: runs[rank]["events"][m] for rank in range(2)})
@@ -200,7 +210,6 @@ def main() -> None:
         theory.append(round(1 / (m + 1), 4))
         print(f"    M={m}: bubble per stage {stages}, theory {theory[-1]}", flush=True)
     mem = runs[0]["mem"]  # rank 0 = stage 0
-    boundary = geometry(cfg, BLOCK_NAMES[BLOCK_NAMES.index(cut) - 1], 0).out
     print(
         f"(c) stage-0 saved activations: gpipe {mem['gpipe'] / 2**20:.1f} MiB, "
         f"1f1b {mem['1f1b'] / 2**20:.1f} MiB"
@@ -217,9 +226,8 @@ def main() -> None:
                 "bubble_max_abs_diff": round(
                     max(abs(a - b) for a, b in zip(measured, theory, strict=True)), 4
                 ),
-                "cut": cut,
-                "stage_cost_share": round(left / sum(cost.values()), 3),
-                "boundary_shape_per_column": list(boundary),
+                "cuts": [cuts[m] for m in MICROBATCHES],
+                "stage0_cost_share": [shares[m] for m in MICROBATCHES],
                 "mem_1f1b_over_gpipe": round(mem["1f1b"] / mem["gpipe"], 4),
                 "mem_gpipe_bytes": int(mem["gpipe"]),
                 "mem_1f1b_bytes": int(mem["1f1b"]),
