@@ -161,7 +161,7 @@ class DataWorker:
     # API --------------------------------------------------------------------------------------------
     def get_batch(
         self, epoch: int, index: int, part: int = 0, parts: int = 1, consumer: int = 0,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float = DEFAULT_TIMEOUT_S, images: bool = True,
     ) -> dict:  # fmt: skip
         """Rows ``[part*B/parts, (part+1)*B/parts)`` of batch ``index`` of ``epoch`` (blocks until made)."""
         B = self.spec.batch_size
@@ -194,9 +194,11 @@ class DataWorker:
                 )
             b = self._buf[k]
         r = slice(part * B // parts, (part + 1) * B // parts)
-        return {"images": b["images"][r], "labels": b["labels"][r], "lighting": b["lighting"][r],
-                "keys": b["keys"][r], "epoch": b["epoch"], "index": b["index"], "worker": self.worker,
-                "position": b["position"]}  # fmt: skip
+        out = {"labels": b["labels"][r], "keys": b["keys"][r], "epoch": b["epoch"], "index": b["index"],
+               "worker": self.worker, "position": b["position"]}  # fmt: skip
+        if images:  # label-only consumers (the last stage) need not carry the pixels
+            out["images"], out["lighting"] = b["images"][r], b["lighting"][r]
+        return out
 
     def _passed(self, k: tuple[int, int]) -> bool:
         nxt = _key(self._next_pos["epoch"], self._next_pos["index"])
@@ -246,10 +248,13 @@ class DataClient:
     def __init__(self, workers: list, steps_per_epoch: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.workers, self.steps_per_epoch, self.timeout_s = list(workers), steps_per_epoch, timeout_s
 
-    def get_ref(self, step: int, part: int = 0, parts: int = 1, consumer: int = 0) -> ray.ObjectRef:
-        """ObjectRef of the batch dict of ``step``, rows ``part`` of ``parts`` (``DataWorker.get_batch``)."""
+    def get_ref(
+        self, step: int, part: int = 0, parts: int = 1, consumer: int = 0, images: bool = True
+    ) -> ray.ObjectRef:
+        """ObjectRef of the batch dict of ``step``, rows ``part`` of ``parts`` (``DataWorker.get_batch``);
+        ``images=False`` leaves out ``images`` and ``lighting``."""
         w, epoch, index = locate(step, self.steps_per_epoch, len(self.workers))
-        return self.workers[w].get_batch.remote(epoch, index, part, parts, consumer, self.timeout_s)
+        return self.workers[w].get_batch.remote(epoch, index, part, parts, consumer, self.timeout_s, images)
 
     def get(self, step: int, part: int = 0, parts: int = 1, consumer: int = 0) -> dict:
         """The batch dict (numpy arrays, read-only views into the object store)."""

@@ -164,18 +164,32 @@ class TrainerActor:
     def _batch(self, t: int, replicas: int) -> dict:
         """Batch rows of step ``t``; the request for step t+1 goes out now, so its round trip to the
         data worker overlaps this step's compute (the worker keeps a batch until every consumer
-        asked for a later one, so an early request never loses data)."""
-        ref = self._ahead[1] if self._ahead is not None and self._ahead[0] == t else None
-        if ref is None:
-            ref = self.data.get_ref(t, self.r, replicas, self.consumer)
-        if t + 1 < self.plan.total_steps:  # the data workers produce nothing past the run's end
-            self._ahead = (t + 1, self.data.get_ref(t + 1, self.r, replicas, self.consumer))
+        asked for a later one, so an early request never loses data). Only stage 0 asks for pixels.
+
+        On a cold start (no request for ``t`` in flight) the t+1 request waits until batch t has
+        arrived: the data worker is a threaded actor, so with one worker two requests sent back to
+        back could be served out of order and t+1 would release t before t was fetched."""
+        ahead = self._ahead[1] if self._ahead is not None and self._ahead[0] == t else None
+        ref = (
+            ahead
+            if ahead is not None
+            else self.data.get_ref(t, self.r, replicas, self.consumer, images=self.first)
+        )
+        if ahead is not None:
+            self._request_ahead(t + 1, replicas)
         try:
-            return ray.get(ref, timeout=self.data.timeout_s + 30)
+            batch = ray.get(ref, timeout=self.data.timeout_s + 30)
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(
                 f"rank {self.rank}: no data for step {t} in {self.data.timeout_s + 30:.0f}s"
             ) from None
+        if ahead is None:
+            self._request_ahead(t + 1, replicas)
+        return batch
+
+    def _request_ahead(self, t: int, replicas: int) -> None:
+        if t < self.plan.total_steps:  # the data workers produce nothing past the run's end
+            self._ahead = (t, self.data.get_ref(t, self.r, replicas, self.consumer, images=self.first))
 
     def evaluate(self, ten_crop: bool, max_samples: int) -> dict[str, float]:
         """Validation of this replica's share: hit counts (last stage) for center crop and 10-crop."""

@@ -135,10 +135,7 @@ def to_model_input(images_uint8: Tensor, lighting: Tensor, mean: Tensor, scale: 
     broadcastable to (3, S, S), e.g. ``DatasetIndex.mean_tensor(S)``. ``scale`` 1.0 is the paper
     (mean-subtracted raw pixel values); narrow He-initialised models may prefer e.g. 1/64.
     """
-    x = images_uint8.to(torch.float32)
-    x = (
-        x
-        - mean.to(device=x.device, dtype=torch.float32)
-        + lighting.to(x.device, torch.float32)[:, :, None, None]
-    )
-    return x * scale if scale != 1.0 else x
+    x = images_uint8.to(torch.float32)  # a fresh tensor: the rest works in place on it
+    x.sub_(mean.to(device=x.device, dtype=torch.float32))
+    x.add_(lighting.to(x.device, torch.float32)[:, :, None, None])
+    return x.mul_(scale) if scale != 1.0 else x
