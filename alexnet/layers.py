@@ -204,18 +204,11 @@ class LocalResponseNorm(nn.Module):
 _M32 = 0xFFFFFFFF
 
 
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer finaliser (Wellons' lowbias32) on int64 tensors holding uint32 values.
+def _mix32(x):
+    """A 32-bit integer finaliser (Wellons' lowbias32) on uint32 values in int64 tensors or ints.
 
     Every product stays below 2**63, so int64 arithmetic is exact on CPU and GPU alike.
     """
-    x = ((x >> 16) ^ x) * 0x7FEB352D & _M32
-    x = ((x >> 15) ^ x) * 0x846CA68B & _M32
-    return (x >> 16) ^ x
-
-
-def _mix32_int(x: int) -> int:
-    """:func:`_mix32` on a Python int."""
     x = ((x >> 16) ^ x) * 0x7FEB352D & _M32
     x = ((x >> 15) ^ x) * 0x846CA68B & _M32
     return (x >> 16) ^ x
@@ -225,7 +218,7 @@ def _key32(*values: int) -> int:
     """Fold integers into one 32-bit key (Python side, once per layer call)."""
     h = 0x9E3779B9
     for v in values:
-        h = (_mix32_int(h ^ (v & _M32)) + 0x632BE5AB) & _M32
+        h = (_mix32(h ^ (v & _M32)) + 0x632BE5AB) & _M32  # same ops on a Python int
     return h
 
 

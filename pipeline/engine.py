@@ -221,9 +221,9 @@ class Engine:
         if self.groups.backend == "nccl" and sends and recvs:
             ops = [dist.P2POp(dist.isend, t, dst, pg, tag) for t, dst, tag in sends]
             ops += [dist.P2POp(dist.irecv, b, src, pg, tag) for b, src, tag in recvs]
-            works = dist.batch_isend_irecv(ops)
-            self._pending += [(t, w) for (t, _, _), w in zip(sends, works, strict=False)]
-            for w in works[len(sends) :]:
+            # NCCL coalesces the batch into ONE work (not one per op): wait on every work
+            # returned, or the receive buffers could be read before NCCL has filled them
+            for w in dist.batch_isend_irecv(ops):
                 w.wait()
             return
         for t, dst, tag in sends:
