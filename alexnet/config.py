@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LRN_CONVENTIONS = ("paper", "per_size")
+VARIANTS = ("paper", "small")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,19 @@ class ModelConfig:
         )
         params.update(overrides)
         return cls(**params)
+
+    @classmethod
+    def for_variant(
+        cls, variant: str, num_classes: int | None = None, input_size: int | None = None, **overrides
+    ) -> ModelConfig:
+        """The config of a named variant (``VARIANTS``); ``None`` sizes take the variant's defaults
+        (paper: 1000 classes at 227 px; small: 10 classes at 32 px)."""
+        if variant not in VARIANTS:
+            raise ValueError(f"model.variant={variant!r}: use one of {VARIANTS}")
+        sizes = {k: v for k, v in (("num_classes", num_classes), ("input_size", input_size)) if v}
+        if variant == "small":
+            return cls.small(**sizes, **overrides)
+        return cls(**sizes, **overrides)
 
     @property
     def fc8_split(self) -> tuple[int, int]:

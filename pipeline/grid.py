@@ -70,6 +70,15 @@ def default_cuts(stages: int, cost: dict[str, float] | None = None) -> tuple[str
     return tuple(BLOCK_NAMES[j] for j in sorted(starts)[1:])
 
 
+def parse_shape(shape: str) -> tuple[int, int, int]:
+    """``"2x2x2"`` -> (replicas, stages, columns): the one parser of the grid's text form."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*[xX]\s*(\d+)\s*", shape or "")
+    if not m:
+        raise ValueError(f"grid {shape!r}: write it as RxSxC (replicas x stages x columns), e.g. 2x2x2")
+    r, s, c = (int(g) for g in m.groups())
+    return r, s, c
+
+
 @dataclass(frozen=True)
 class Grid:
     """R x S x C ranks, M micro-batches per step, the global batch, the stage cuts, the schedule.
@@ -207,10 +216,7 @@ class Grid:
         schedule: str = "1f1b",
     ) -> Grid:
         """``Grid.parse("2x2x2", microbatches=4, global_batch=32)``: replicas x stages x columns."""
-        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*", shape or "")
-        if not m:
-            raise ValueError(f"grid {shape!r}: write it as RxSxC (replicas x stages x columns), e.g. 2x2x2")
-        r, s, c = (int(g) for g in m.groups())
+        r, s, c = parse_shape(shape)
         return cls(r, s, c, microbatches, global_batch, cuts, schedule)
 
     def to_dict(self) -> dict[str, Any]:

@@ -131,6 +131,32 @@ def steps_per_epoch(total: int, batch_size: int) -> int:
     return total // batch_size
 
 
+def check_plan(
+    index: DatasetIndex, batch_size: int, input_size: int, workers: int, split: str = "train"
+) -> int:
+    """The one check of a reader's sizes against the dataset; returns the batches per epoch.
+
+    Refuses crops larger than the stored images, a batch larger than the split and more data
+    workers than batches (a worker with no batch would leave its consumers waiting forever).
+    The messages name the job-config keys, since that is where a user sets these.
+    """
+    if input_size > index.size:
+        raise ValueError(
+            f"model.input_size={input_size} is larger than the stored images ({index.size} px): "
+            f"use --set model.input_size=<= {index.size}, or rebuild the shards with a larger --size"
+        )
+    n = index.count(split)
+    t = steps_per_epoch(n, batch_size)
+    if t < 1:
+        raise ValueError(f"optim.batch_size={batch_size} exceeds the {n} {split} images: use a smaller batch")
+    if workers > t:
+        raise ValueError(
+            f"data.workers={workers} exceeds the {t} batches of {batch_size} per epoch ({n} samples): "
+            f"use at most {t} workers, a smaller batch, or more data"
+        )
+    return t
+
+
 def _rng(*words: int) -> np.random.Generator:
     return np.random.default_rng([int(w) for w in words])
 

@@ -143,3 +143,16 @@ def test_corrupt_and_truncated_shards_counted_never_hang(syn, tmp_path, workers)
     # the next epoch also runs (the damage is met again, counted again)
     nxt = [streams[t % workers].next_batch() for t in range(18)]
     assert all(b["epoch"] == 1 for b in nxt) and sum(s.stats.skipped_corrupt for s in streams) == 2
+
+
+def test_check_plan_names_the_config_key(syn):
+    from alexnet.data.reader import check_plan
+
+    ix = DatasetIndex.load(syn)
+    assert check_plan(ix, B, 32, workers=3) == 18
+    with pytest.raises(ValueError, match=r"model.input_size=41 .*larger than the stored images \(40 px\)"):
+        check_plan(ix, B, 41, workers=1)
+    with pytest.raises(ValueError, match="optim.batch_size=400 exceeds the 360 train images"):
+        check_plan(ix, 400, 32, workers=1)
+    with pytest.raises(ValueError, match="data.workers=19 exceeds the 18 batches"):
+        check_plan(ix, B, 32, workers=19)

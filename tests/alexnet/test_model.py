@@ -190,3 +190,13 @@ def test_config_errors_name_the_setting():
         ModelConfig(input_size=32)
     with pytest.raises(ValueError, match="num_classes"):
         ModelConfig(num_classes=1)
+
+
+def test_for_variant_builds_each_named_variant():
+    from alexnet.config import ModelConfig
+
+    assert ModelConfig.for_variant("paper") == ModelConfig()
+    assert ModelConfig.for_variant("paper", num_classes=10) == ModelConfig(num_classes=10)
+    assert ModelConfig.for_variant("small", input_size=64) == ModelConfig.small(input_size=64)
+    with pytest.raises(ValueError, match="model.variant"):
+        ModelConfig.for_variant("tiny")

@@ -122,3 +122,13 @@ def test_make_schedule_refuses():
         make_schedule("interleaved", 2, 2)
     with pytest.raises(ValueError, match="microbatches=0"):
         make_schedule("1f1b", 2, 0)
+
+
+def test_parse_shape_is_the_one_parser():
+    from pipeline.grid import parse_shape
+
+    assert parse_shape("2x3x1") == (2, 3, 1)
+    assert parse_shape(" 1 X 2 x 2 ") == (1, 2, 2)
+    for bad in ("2x2", "axbxc", "", "1x2x2x2"):
+        with pytest.raises(ValueError, match="RxSxC"):
+            parse_shape(bad)
