@@ -45,6 +45,18 @@ def shard_name(split: str, i: int) -> str:
     return f"{split}-{i:06d}.tar"
 
 
+def check_input_size(input_size: int, stored: int) -> None:
+    """The one check that crops fit the stored images: ``input_size`` <= ``stored`` (their side, px).
+
+    Named after the job-config key, since that is where a user sets the crop size.
+    """
+    if input_size > stored:
+        raise ValueError(
+            f"model.input_size={input_size} is larger than the stored images ({stored} px): "
+            f"use --set model.input_size=<= {stored}, or rebuild the shards with a larger --size"
+        )
+
+
 def join(url: str, name: str) -> str:
     """Join a directory URL (local path or fsspec URL) and a file name."""
     return url.rstrip("/") + "/" + name
@@ -213,7 +225,6 @@ class DatasetIndex:
         if kind != "image":
             raise ValueError(f"kind={kind!r}: use 'image' or 'rgb'")
         m = self.mean_image()
+        check_input_size(input_size, m.shape[-1])
         o = (m.shape[-1] - input_size) // 2
-        if o < 0:
-            raise ValueError(f"input_size={input_size} is larger than the stored images ({m.shape[-1]} px)")
         return torch.from_numpy(np.ascontiguousarray(m[:, o : o + input_size, o : o + input_size]))

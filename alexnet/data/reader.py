@@ -8,26 +8,37 @@ Epoch plan (training)
     ``w`` reads the contiguous run of ``n_w * B`` samples after those of workers ``< w``. The split is at
     sample granularity (a run may start or end inside a shard), so every worker has exactly the samples
     its batches need whatever the shard sizes, no worker is ever empty, and every sample of the epoch is
-    read exactly once. ``W > T`` (more workers than batches) is refused.
+    read exactly once. ``W > T`` (more workers than batches) is refused (:func:`check_plan`).
 
 Worker stream
-    The worker's records pass through a shuffle buffer seeded by (seed, epoch, worker). Records that
-    cannot be used (corrupt JPEG, missing ``cls``, the rest of a truncated tar) are skipped with a
-    warning and counted, once (a padding pass does not count them again); a shard that cannot be
+    A chain of small generator stages, as webdataset's own pipelines are (element types in brackets)::
+
+        records    [(pass, Record)]   the worker's run, through a shuffle buffer seeded by (seed, epoch,
+                                      worker, pass); pass 0 first, then padding passes as long as pulled
+        counted    [(pass, Record)]   each record read moves the resume cursor (``consumed``)
+        decoded    [(pass, Decoded)]  unusable records skipped with a warning, counted once (in pass 0)
+        augmented  [Augmented]        the paper's crop, flip and PCA lighting, drawn from (seed, epoch, key)
+        collate    batch dict         B samples into preallocated uint8 / int64 / float32 arrays
+
+    Records that cannot be used (corrupt JPEG, missing ``cls``, the rest of a truncated tar) are skipped
+    and counted once (a padding pass re-reads them without counting them again); a shard that cannot be
     opened at all is retried, then skipped with an error naming it and its samples counted. If that
-    leaves the worker short of samples, its stream wraps around to the start of its run (a second
-    pass, same order) to fill its last batches, counted as ``padded``, so
-    every worker still yields exactly ``n_w`` batches and no trainer ever waits for a batch that will
-    not come.
+    leaves the worker short of samples, its stream goes on into a padding pass (the same run again,
+    reshuffled) to fill its last batches, counted as ``padded``, so every worker still yields exactly
+    ``n_w`` batches and no trainer ever waits for a batch that will not come. A padding pass read whole
+    without a usable sample means none will ever come: that is an error, not an endless loop.
 
 Position (JSON)
     ``{"epoch": e, "index": t, "consumed": c, "worker": w, "workers": W, "batch_size": B, "seed": s}``:
     the worker's next batch is batch ``t`` of epoch ``e`` and its epoch-``e`` stream has consumed ``c``
     raw records (records of its run after the shuffle buffer, usable or not). Restarting from it replays
     the stream's first ``c`` records without decoding them and continues with exactly the batches the
-    uninterrupted stream would have produced.
+    uninterrupted stream would have produced. Only :meth:`WorkerStream._batches` (batch boundaries) and
+    the ``counted`` stage (records) move the cursor.
 
-Augmentation draws depend only on (seed, epoch, key): see :mod:`alexnet.data.transforms`.
+Validation: the same ``records -> decoded`` stages without shuffle or padding, then a center or
+10-crop (:func:`val_batches`). Augmentation draws depend only on (seed, epoch, key): see
+:mod:`alexnet.data.transforms`.
 """
 
 from __future__ import annotations
@@ -37,21 +48,48 @@ import itertools
 import logging
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
 import torch
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from alexnet.data.index import DatasetIndex, ShardInfo
-from alexnet.data.transforms import center_crop, decode_image, draw_augmentation, ten_crop, train_crop
+from alexnet.data.index import DatasetIndex, ShardInfo, check_input_size
+from alexnet.data.transforms import (
+    center_crop,
+    decode_image,
+    draw_augmentation,
+    lighting_matrix,
+    lighting_offset,
+    ten_crop,
+    train_crop,
+)
 
 log = logging.getLogger("alexnet.data")
 
-Record = dict  # {"__key__": str, "jpg": bytes, "cls": bytes, ...} as grouped by webdataset
+Record = dict  # {"__key__": str, "jpg": bytes, "cls": bytes, "__url__": str, ...} as grouped by webdataset
+
+
+class Decoded(NamedTuple):
+    """A usable record: its image as stored, uint8 (3, H, W), and its label."""
+
+    key: str
+    image: torch.Tensor
+    label: int
+
+
+class Augmented(NamedTuple):
+    """A training sample ready to collate: crop uint8 (3, S, S) (a view unless flipped), label,
+    lighting offset (3,) float32 pixel units; ``padded``: it comes from a padding pass."""
+
+    key: str
+    crop: torch.Tensor
+    label: int
+    lighting: np.ndarray
+    padded: bool
 
 
 @dataclass(frozen=True)
@@ -111,7 +149,7 @@ class ReaderStats:
     unreadable_shards: int = 0  # shards that could not be opened or read at all, after retries
     padded: int = 0  # samples reused to fill a worker's last batches after skips
     batches: int = 0
-    decode_s: float = 0.0  # time spent decoding + augmenting + collating
+    decode_s: float = 0.0  # time spent reading + decoding + augmenting + collating
 
     @property
     def skipped(self) -> int:
@@ -126,9 +164,22 @@ class ReaderStats:
         return d
 
 
+# -- the epoch plan ----------------------------------------------------------------------------
+
+
 def steps_per_epoch(total: int, batch_size: int) -> int:
     """Batches per training epoch: the remainder ``total % batch_size`` is dropped."""
     return total // batch_size
+
+
+def _check_workers(workers: int, batches: int, batch_size: int, samples: int) -> None:
+    """The one check of "more data workers than batches" (a worker with no batch would leave its
+    consumers waiting forever)."""
+    if workers > batches:
+        raise ValueError(
+            f"data.workers={workers} exceeds the {batches} batches of {batch_size} per epoch ({samples} "
+            f"samples): use at most {batches} workers, a smaller batch, or more data"
+        )
 
 
 def check_plan(
@@ -137,23 +188,15 @@ def check_plan(
     """The one check of a reader's sizes against the dataset; returns the batches per epoch.
 
     Refuses crops larger than the stored images, a batch larger than the split and more data
-    workers than batches (a worker with no batch would leave its consumers waiting forever).
-    The messages name the job-config keys, since that is where a user sets these.
+    workers than batches. The messages name the job-config keys, since that is where a user sets
+    these.
     """
-    if input_size > index.size:
-        raise ValueError(
-            f"model.input_size={input_size} is larger than the stored images ({index.size} px): "
-            f"use --set model.input_size=<= {index.size}, or rebuild the shards with a larger --size"
-        )
+    check_input_size(input_size, index.size)
     n = index.count(split)
     t = steps_per_epoch(n, batch_size)
     if t < 1:
         raise ValueError(f"optim.batch_size={batch_size} exceeds the {n} {split} images: use a smaller batch")
-    if workers > t:
-        raise ValueError(
-            f"data.workers={workers} exceeds the {t} batches of {batch_size} per epoch ({n} samples): "
-            f"use at most {t} workers, a smaller batch, or more data"
-        )
+    _check_workers(workers, t, batch_size, n)
     return t
 
 
@@ -167,11 +210,7 @@ def epoch_segments(
     """Per worker, the shard segments it reads in ``epoch`` (see module docstring)."""
     total = sum(s.count for s in shards)
     t = steps_per_epoch(total, batch_size)
-    if workers > t:
-        raise ValueError(
-            f"data workers={workers} but an epoch has only {t} batches of {batch_size} "
-            f"({total} samples): use at most {t} workers, a smaller batch, or more data"
-        )
+    _check_workers(workers, t, batch_size, total)
     order = _rng(seed, epoch, 0x5A4D).permutation(len(shards))
     bounds = [0]
     for w in range(workers):
@@ -192,6 +231,23 @@ def epoch_segments(
             break
     return plan
 
+
+def val_segments(shards: list[ShardInfo], workers: int) -> list[list[Segment]]:
+    """Validation: shards in name order, cut into ``workers`` contiguous runs of near-equal sample counts."""
+    total = sum(s.count for s in shards)
+    bounds = [total * w // workers for w in range(workers + 1)]
+    plan: list[list[Segment]] = [[] for _ in range(workers)]
+    pos = 0
+    for s in shards:
+        for w in range(workers):
+            a, b = max(bounds[w], pos), min(bounds[w + 1], pos + s.count)
+            if a < b:
+                plan[w].append(Segment(s.url, a - pos, b - pos))
+        pos += s.count
+    return plan
+
+
+# -- stages shared by training and validation --------------------------------------------------
 
 OPEN_RETRIES = 2  # further tries of a shard that fails before its first record (e.g. a network blip)
 RETRY_WAIT_S = 0.5  # first wait between tries; doubles each time
@@ -230,26 +286,33 @@ def read_segment(
             )
             time.sleep(wait_s * 2**attempt)
             continue
-        lost = seg.stop - max(i, seg.start)
-        if i == 0:
-            stats.unreadable_shards += 1
-            stats.skipped_unreadable += lost
-            log.error(
-                "shard %s: cannot be opened or read after %d tries (%s); skipping its %d samples",
-                seg.url, retries + 1, error, lost,
-            )  # fmt: skip
-        else:
-            stats.truncated_shards += 1
-            stats.skipped_truncated += lost
-            log.warning(
-                "shard %s: read error after %d records (%s); skipping its other %d samples",
-                seg.url, i, error, lost,
-            )  # fmt: skip
+        _count_lost(seg, i, retries + 1, error, stats)
         return
 
 
+def _count_lost(seg: Segment, read: int, tries: int, error: str, stats: ReaderStats) -> None:
+    """Count (and log) the records of ``seg`` that a read error after ``read`` records lost."""
+    lost = seg.stop - max(read, seg.start)
+    if read == 0:
+        stats.unreadable_shards += 1
+        stats.skipped_unreadable += lost
+        msg = "shard %s: cannot be opened or read after %d tries (%s); skipping its %d samples"
+        log.error(msg, seg.url, tries, error, lost)
+    else:
+        stats.truncated_shards += 1
+        stats.skipped_truncated += lost
+        msg = "shard %s: read error after %d records (%s); skipping its other %d samples"
+        log.warning(msg, seg.url, read, error, lost)
+
+
+def read_records(segments: Iterable[Segment], stats: ReaderStats) -> Iterator[Record]:
+    """Segments -> their records, in order (lost records counted in ``stats``)."""
+    for seg in segments:
+        yield from read_segment(seg, stats)
+
+
 def shuffled(records: Iterator[Record], size: int, rng: np.random.Generator) -> Iterator[Record]:
-    """A seeded shuffle buffer of ``size`` records (the same input and seed give the same order)."""
+    """Record -> Record through a seeded shuffle buffer of ``size`` (same input and seed, same order)."""
     if size <= 1:
         yield from records
         return
@@ -272,28 +335,40 @@ def _label(rec: Record) -> int | None:
         return None
 
 
-def decode_record(rec: Record, input_size: int, stats: ReaderStats) -> tuple[torch.Tensor | None, int]:
-    """Decode one record to (uint8 (3, H, W), label), or (None, 0) with a warning and a count if unusable."""
+def decode_record(rec: Record, input_size: int, stats: ReaderStats) -> Decoded | None:
+    """Decode one record, or None with a warning and a count in ``stats`` if it is unusable."""
     label = _label(rec)
     data = rec.get("jpg")
     if label is None or data is None:
         stats.skipped_missing += 1
         log.warning("sample %s in %s: missing jpg or cls; skipped", rec.get("__key__"), rec.get("__url__"))
-        return None, 0
+        return None
     try:
         img = decode_image(data)
     except Exception as e:  # any decoder error: a corrupt sample, never a crash
         stats.skipped_corrupt += 1
         log.warning("sample %s in %s: cannot decode (%s); skipped", rec["__key__"], rec.get("__url__"), e)
-        return None, 0
+        return None
     h, w = img.shape[-2:]
     if h != w or h < input_size:
         stats.skipped_corrupt += 1
-        log.warning(
-            "sample %s: image %dx%d, expected square >= %d px; skipped", rec["__key__"], h, w, input_size
-        )
-        return None, 0
-    return img, label
+        msg = "sample %s: image %dx%d, expected square >= %d px; skipped"
+        log.warning(msg, rec["__key__"], h, w, input_size)
+        return None
+    return Decoded(rec["__key__"], img, label)
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Cursor:
+    """Where a worker's stream stands: its next batch is ``index`` of ``epoch``, and the stream of that
+    epoch has consumed ``consumed`` raw records (after the shuffle buffer, usable or not)."""
+
+    epoch: int
+    index: int
+    consumed: int = 0
 
 
 class WorkerStream:
@@ -307,41 +382,48 @@ class WorkerStream:
     """
 
     def __init__(
-        self, spec: ReaderSpec, worker: int, position: dict | None = None, index: DatasetIndex | None = None,
+        self,
+        spec: ReaderSpec,
+        worker: int,
+        position: dict | None = None,
+        index: DatasetIndex | None = None,
         start_epoch: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if not 0 <= worker < spec.workers:
             raise ValueError(f"worker={worker}: must be in [0, {spec.workers})")
         self.spec, self.worker = spec, worker
         self.index = index or DatasetIndex.load(spec.url)
-        if spec.input_size > self.index.size:
-            raise ValueError(
-                f"input_size={spec.input_size} is larger than the stored images ({self.index.size} px); "
-                "rebuild the shards with a larger --size"
-            )
+        self.steps_per_epoch = check_plan(
+            self.index, spec.batch_size, spec.input_size, spec.workers, spec.split
+        )
         self.shards = self.index.shards(spec.split)
-        self.steps_per_epoch = steps_per_epoch(sum(s.count for s in self.shards), spec.batch_size)
-        if spec.workers > self.steps_per_epoch:
-            raise ValueError(
-                f"data workers={spec.workers} but an epoch has only {self.steps_per_epoch} batches of "
-                f"{spec.batch_size}: use at most {self.steps_per_epoch} workers, a smaller batch or more data"
-            )
-        # lighting offset = M @ alpha with M = V diag(l) / 255 (see transforms module docstring)
-        self._light = (self.index.eigenvectors * self.index.eigenvalues[None, :] / 255.0).astype(np.float32)
+        self._light = lighting_matrix(self.index.eigenvalues, self.index.eigenvectors)
         self.stats = ReaderStats()
-        self._epoch, self._index, self._consumed = start_epoch, worker, 0
+        self._padding_damage = ReaderStats()  # what padding passes meet again: see _damage
+        self._cursor = _Cursor(start_epoch, worker)
         if position is not None:
             self._restore(position)
-        self._it: Iterator | None = None
+        self._it: Iterator[dict] | None = None
 
+    # -- the resume cursor -------------------------------------------------------------------
     def position(self) -> dict[str, int]:
         """Where the next batch starts (JSON)."""
+        c = self._cursor
+        if c.index >= self.steps_per_epoch:  # this epoch's batches are done: the next epoch's first
+            return self._position(c.epoch + 1, self.worker, 0)
+        return self._position(c.epoch, c.index, c.consumed)
+
+    def _position(self, epoch: int, index: int, consumed: int) -> dict[str, int]:
         s = self.spec
-        if self._index >= self.steps_per_epoch:  # this epoch's batches are done: the next epoch's first
-            return {"epoch": self._epoch + 1, "index": self.worker, "consumed": 0, "worker": self.worker,
-                    "workers": s.workers, "batch_size": s.batch_size, "seed": s.seed}  # fmt: skip
-        return {"epoch": self._epoch, "index": self._index, "consumed": self._consumed, "worker": self.worker,
-                "workers": s.workers, "batch_size": s.batch_size, "seed": s.seed}  # fmt: skip
+        return {
+            "epoch": epoch,
+            "index": index,
+            "consumed": consumed,
+            "worker": self.worker,
+            "workers": s.workers,
+            "batch_size": s.batch_size,
+            "seed": s.seed,
+        }
 
     def _restore(self, p: dict) -> None:
         s = self.spec
@@ -354,19 +436,34 @@ class WorkerStream:
             )
         if (p["index"] - self.worker) % s.workers:
             raise ValueError(f"data position index={p['index']} is not a batch of worker {self.worker}")
-        self._epoch, self._index, self._consumed = int(p["epoch"]), int(p["index"]), int(p["consumed"])
+        self._cursor = _Cursor(int(p["epoch"]), int(p["index"]), int(p["consumed"]))
+
+    def _replay(self, records: Iterator[tuple[int, Record]]) -> None:
+        """Read, without decoding, the records the cursor says this epoch's stream already consumed."""
+        for _ in itertools.islice(records, self._cursor.consumed):
+            self.stats.records += 1
+
+    def _counted(self, records: Iterator[tuple[int, Record]]) -> Iterator[tuple[int, Record]]:
+        """(pass, Record) -> the same; each record read moves the cursor."""
+        for item in records:
+            self._cursor.consumed += 1
+            self.stats.records += 1
+            yield item
+
+    # -- the stages --------------------------------------------------------------------------
+    def _damage(self, p: int) -> ReaderStats:
+        """Where pass ``p`` counts skipped records: pass 0 in :attr:`stats`. A padding pass re-reads
+        pass 0's records, so its skips are not counted again (they go to a scratch object)."""
+        return self.stats if p == 0 else self._padding_damage
 
     def _records(self, epoch: int) -> Iterator[tuple[int, Record]]:
-        """(pass, record) of this worker's epoch stream; passes > 0 only pad after skips."""
-        segs = epoch_segments(self.shards, epoch, self.spec.seed, self.spec.workers, self.spec.batch_size)[
-            self.worker
-        ]
+        """(pass, Record): this worker's run of ``epoch``, then padding passes for as long as pulled."""
+        s = self.spec
+        segments = epoch_segments(self.shards, epoch, s.seed, s.workers, s.batch_size)[self.worker]
         for p in itertools.count():
             n = 0
-            # padding passes (p > 0) re-read the same records: count their damage once, in pass 0
-            st = self.stats if p == 0 else ReaderStats()
-            recs = itertools.chain.from_iterable(read_segment(g, st) for g in segs)
-            for rec in shuffled(recs, self.spec.shuffle_buffer, _rng(self.spec.seed, epoch, self.worker, p)):
+            rng = _rng(s.seed, epoch, self.worker, p)
+            for rec in shuffled(read_records(segments, self._damage(p)), s.shuffle_buffer, rng):
                 n += 1
                 yield p, rec
             if n == 0:
@@ -374,50 +471,70 @@ class WorkerStream:
                     f"data worker {self.worker}: no readable record in its share of epoch {epoch}"
                 )
 
+    def _decoded(self, records: Iterator[tuple[int, Record]], epoch: int) -> Iterator[tuple[int, Decoded]]:
+        """(pass, Record) -> (pass, Decoded); unusable records skipped, counted by :meth:`_damage`.
+
+        Every pass reads the same records, so a padding pass read whole without one usable sample
+        means none will ever come: an error. The first pass this stage sees is never judged, since
+        after a resume's replay it may start part-way.
+        """
+        first = current = None
+        usable = 0
+        for p, rec in records:
+            if p != current:
+                if current is not None and current != first and usable == 0:
+                    raise RuntimeError(f"data worker {self.worker}: no usable sample in epoch {epoch}")
+                first = p if first is None else first
+                current, usable = p, 0
+            sample = decode_record(rec, self.spec.input_size, self._damage(p))
+            if sample is not None:
+                usable += 1
+                yield p, sample
+
+    def _augmented(self, samples: Iterator[tuple[int, Decoded]], epoch: int) -> Iterator[Augmented]:
+        """(pass, Decoded) -> Augmented: the paper's crop, flip and lighting, from (seed, epoch, key)."""
+        S = self.spec.input_size
+        for p, (key, img, label) in samples:
+            d = draw_augmentation(self.spec.seed, epoch, key, img.shape[-1], S)
+            self.stats.samples += 1
+            self.stats.padded += p > 0
+            yield Augmented(key, train_crop(img, d, S), label, lighting_offset(d.alpha, self._light), p > 0)
+
+    def _collate(self, samples: Iterator[Augmented]) -> dict[str, Any]:
+        """The next B samples -> ``images`` uint8 (B, 3, S, S), ``labels`` (B,), ``lighting`` (B, 3),
+        ``keys``."""
+        B, S = self.spec.batch_size, self.spec.input_size
+        images = np.empty((B, 3, S, S), np.uint8)
+        out = torch.from_numpy(images)  # the crops are copied straight into the batch's memory
+        labels, lighting, keys = np.empty(B, np.int64), np.empty((B, 3), np.float32), []
+        for i, a in enumerate(itertools.islice(samples, B)):
+            out[i].copy_(a.crop)
+            labels[i], lighting[i] = a.label, a.lighting
+            keys.append(a.key)
+        return {"images": images, "labels": labels, "lighting": lighting, "keys": keys}
+
+    def _epoch_samples(self, epoch: int) -> Iterator[Augmented]:
+        """The stages of ``epoch`` from the cursor on (its consumed records replayed first)."""
+        records = self._records(epoch)
+        self._replay(records)
+        return self._augmented(self._decoded(self._counted(records), epoch), epoch)
+
     def _batches(self) -> Iterator[dict]:
-        s, W, B, S = self.spec, self.spec.workers, self.spec.batch_size, self.spec.input_size
+        """Batch dicts from the cursor on, epoch after epoch; moves the cursor at batch boundaries."""
+        c = self._cursor
         while True:
-            if self._index >= self.steps_per_epoch:
-                self._epoch, self._index, self._consumed = self._epoch + 1, self.worker, 0
-            epoch = self._epoch
-            recs = self._records(epoch)
-            for _ in itertools.islice(recs, self._consumed):  # replay to the saved position, no decode
-                self.stats.records += 1
-            while self._index < self.steps_per_epoch:
+            if c.index >= self.steps_per_epoch:  # the epoch's batches are done: the next one's first
+                c.epoch, c.index, c.consumed = c.epoch + 1, self.worker, 0
+            samples = self._epoch_samples(c.epoch)
+            while c.index < self.steps_per_epoch:
                 start = self.position()
-                images = np.empty((B, 3, S, S), np.uint8)
-                out = torch.from_numpy(images)
-                labels, lighting, keys = np.empty(B, np.int64), np.empty((B, 3), np.float32), []
-                bad_run = 0
                 t0 = time.perf_counter()
-                while len(keys) < B:
-                    p, rec = next(recs)
-                    self._consumed += 1
-                    self.stats.records += 1
-                    img, label = decode_record(rec, S, self.stats if p == 0 else ReaderStats())
-                    if img is None:
-                        bad_run += 1
-                        if bad_run > 4 * (B + s.shuffle_buffer) + 1000 and p > 0:
-                            raise RuntimeError(
-                                f"data worker {self.worker}: no usable sample in epoch {epoch}"
-                            )
-                        continue
-                    bad_run = 0
-                    i = len(keys)
-                    d = draw_augmentation(s.seed, epoch, rec["__key__"], img.shape[-1], S)
-                    out[i].copy_(train_crop(img, d, S))
-                    labels[i] = label
-                    lighting[i] = self._light @ np.asarray(d.alpha, np.float32)
-                    keys.append(rec["__key__"])
-                    self.stats.samples += 1
-                    self.stats.padded += p > 0
+                batch = self._collate(samples)
                 self.stats.decode_s += time.perf_counter() - t0
                 self.stats.batches += 1
-                self._index += W
-                yield {"images": images, "labels": labels, "lighting": lighting, "keys": keys, "epoch": epoch,
-                       "index": start["index"], "worker": self.worker, "position": start,
-                       "next_position": self.position()}  # fmt: skip
-            self._consumed = 0
+                c.index += self.spec.workers
+                where = {"epoch": c.epoch, "index": start["index"], "worker": self.worker}
+                yield {**batch, **where, "position": start, "next_position": self.position()}
 
     def next_batch(self) -> dict:
         """The next batch of this worker's stream (crossing into the next epoch when one ends)."""
@@ -434,25 +551,29 @@ def epoch_batches(spec: ReaderSpec, epoch: int, index: DatasetIndex | None = Non
         yield streams[t % spec.workers].next_batch()
 
 
-def val_segments(shards: list[ShardInfo], workers: int) -> list[list[Segment]]:
-    """Validation: shards in name order, cut into ``workers`` contiguous runs of near-equal sample counts."""
-    total = sum(s.count for s in shards)
-    bounds = [total * w // workers for w in range(workers + 1)]
-    plan: list[list[Segment]] = [[] for _ in range(workers)]
-    pos = 0
-    for s in shards:
-        for w in range(workers):
-            a, b = max(bounds[w], pos), min(bounds[w + 1], pos + s.count)
-            if a < b:
-                plan[w].append(Segment(s.url, a - pos, b - pos))
-        pos += s.count
-    return plan
+# -- validation --------------------------------------------------------------------------------
+
+
+def decoded(records: Iterable[Record], input_size: int, stats: ReaderStats) -> Iterator[Decoded]:
+    """Record -> Decoded; counts ``records`` and ``samples``, skips unusable records (counted)."""
+    for rec in records:
+        stats.records += 1
+        sample = decode_record(rec, input_size, stats)
+        if sample is not None:
+            stats.samples += 1
+            yield sample
 
 
 def val_batches(
-    url: str, batch_size: int, input_size: int, crop: str = "center", worker: int = 0, workers: int = 1,
-    stats: ReaderStats | None = None, index: DatasetIndex | None = None,
-) -> Iterator[dict]:  # fmt: skip
+    url: str,
+    batch_size: int,
+    input_size: int,
+    crop: str = "center",
+    worker: int = 0,
+    workers: int = 1,
+    stats: ReaderStats | None = None,
+    index: DatasetIndex | None = None,
+) -> Iterator[dict]:
     """Validation batches of worker ``worker`` of ``workers``: together every val sample exactly once.
 
     ``crop="center"``: ``images`` uint8 (b, 3, S, S); ``crop="ten"``: (b, 10, 3, S, S), the paper's
@@ -465,29 +586,25 @@ def val_batches(
     stats = stats if stats is not None else ReaderStats()
     if not 0 <= worker < workers:
         raise ValueError(f"worker={worker}: must be in [0, {workers})")
-    fn = center_crop if crop == "center" else ten_crop
-    segs = val_segments(index.shards("val"), workers)[worker]
-    recs = itertools.chain.from_iterable(read_segment(g, stats) for g in segs)
-    n = 0
-    while True:
-        imgs, labels, keys = [], [], []
+    check_input_size(input_size, index.size)
+    crop_fn = center_crop if crop == "center" else ten_crop
+    samples = decoded(
+        read_records(val_segments(index.shards("val"), workers)[worker], stats), input_size, stats
+    )
+    for n in itertools.count():
         t0 = time.perf_counter()
-        for rec in recs:
-            stats.records += 1
-            img, label = decode_record(rec, input_size, stats)
-            if img is None:
-                continue
-            imgs.append(fn(img, input_size))
-            labels.append(label)
-            keys.append(rec["__key__"])
-            stats.samples += 1
-            if len(keys) == batch_size:
-                break
-        if not keys:
+        chunk = list(itertools.islice(samples, batch_size))
+        if not chunk:
             return
+        images = torch.stack([crop_fn(s.image, input_size) for s in chunk]).numpy()
         stats.decode_s += time.perf_counter() - t0
         stats.batches += 1
-        yield {"images": torch.stack(imgs).numpy(), "labels": np.asarray(labels, np.int64),
-               "lighting": np.zeros((len(keys), 3), np.float32), "keys": keys, "epoch": 0, "index": n,
-               "worker": worker}  # fmt: skip
-        n += 1
+        yield {
+            "images": images,
+            "labels": np.asarray([s.label for s in chunk], np.int64),
+            "lighting": np.zeros((len(chunk), 3), np.float32),
+            "keys": [s.key for s in chunk],
+            "epoch": 0,
+            "index": n,
+            "worker": worker,
+        }

@@ -13,7 +13,8 @@ PCA lighting: the paper adds ``[p1 p2 p3] [a1 l1, a2 l2, a3 l3]^T`` with ``a_i ~
 (p_i, l_i) the eigenvectors/eigenvalues of the RGB covariance, without saying the pixel scale. We
 apply that formula to pixels scaled to [0, 1] (as the common reimplementations do) and return the
 offset in pixel units: ``offset = V (a * l) / 255`` with ``l`` the eigenvalues in pixel units^2
-(``dataset.json``). Using raw 0-255 eigenvalues would shift pixels by hundreds of levels.
+(``dataset.json``): :func:`lighting_matrix` and :func:`lighting_offset`. Using raw 0-255 eigenvalues
+would shift pixels by hundreds of levels.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_jpeg as _tv_decode_jpeg
+
+from alexnet.data.index import check_input_size
 
 LIGHTING_STD = 0.1
 
@@ -61,10 +64,7 @@ def draw_augmentation(seed: int, epoch: int, key: str, stored: int, crop: int) -
     Crop corners are uniform over the ``stored - crop + 1`` positions; flip with p = 0.5;
     alphas ~ N(0, 0.1) via Box-Muller on 32-bit uniforms.
     """
-    if crop > stored:
-        raise ValueError(
-            f"input_size={crop} is larger than the stored images ({stored} px); rebuild with --size"
-        )
+    check_input_size(crop, stored)
     w = _hash_words(seed, epoch, key)
     span = stored - crop + 1
     # uniforms in (0, 1]: (u + 1) / 2^32 avoids log(0)
@@ -80,11 +80,21 @@ def draw_augmentation(seed: int, epoch: int, key: str, stored: int, crop: int) -
     )
 
 
-def lighting_offset(
-    alpha: tuple[float, float, float], eigenvalues: np.ndarray, eigenvectors: np.ndarray
-) -> np.ndarray:
-    """The paper's PCA colour shift (3,) in pixel units, float32 (see module docstring for the scale)."""
-    return (eigenvectors @ (np.asarray(alpha) * eigenvalues) / 255.0).astype(np.float32)
+def lighting_matrix(eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> np.ndarray:
+    """``M = V diag(l) / 255``, float32 (3, 3): the paper's PCA colour shift of alphas ``a`` is ``M @ a``.
+
+    ``eigenvalues`` (3,) in pixel units^2 and ``eigenvectors`` (3, 3, one per column), as in
+    ``dataset.json``; see the module docstring for the scale. Computed once per dataset.
+    """
+    return (eigenvectors * eigenvalues[None, :] / 255.0).astype(np.float32)
+
+
+def lighting_offset(alpha: tuple[float, float, float], matrix: np.ndarray) -> np.ndarray:
+    """One sample's PCA colour shift (3,), float32 pixel units: ``matrix @ alpha``.
+
+    ``alpha``: its :attr:`AugDraw.alpha`; ``matrix``: :func:`lighting_matrix` of the dataset.
+    """
+    return matrix @ np.asarray(alpha, np.float32)
 
 
 def decode_image(data: bytes) -> Tensor:
@@ -109,8 +119,7 @@ def train_crop(img: Tensor, draw: AugDraw, size: int) -> Tensor:
 def center_crop(img: Tensor, size: int) -> Tensor:
     """Center ``size`` x ``size`` crop of (..., H, W)."""
     h, w = img.shape[-2:]
-    if size > min(h, w):
-        raise ValueError(f"input_size={size} is larger than the stored images ({h}x{w})")
+    check_input_size(size, min(h, w))
     y, x = (h - size) // 2, (w - size) // 2
     return img[..., y : y + size, x : x + size]
 
@@ -121,8 +130,7 @@ def ten_crop(img: Tensor, size: int) -> Tensor:
     Order: top-left, top-right, bottom-left, bottom-right, center, then the same five flipped.
     """
     h, w = img.shape[-2:]
-    if size > min(h, w):
-        raise ValueError(f"input_size={size} is larger than the stored images ({h}x{w})")
+    check_input_size(size, min(h, w))
     corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), ((h - size) // 2, (w - size) // 2)]
     crops = torch.stack([img[:, y : y + size, x : x + size] for y, x in corners])  # (5, 3, S, S)
     return torch.cat([crops, crops.flip(-1)])

@@ -11,7 +11,14 @@ import pytest
 import webdataset as wds
 
 from alexnet.data.index import DatasetIndex
-from alexnet.data.reader import ReaderSpec, WorkerStream, epoch_batches, epoch_segments, val_batches
+from alexnet.data.reader import (
+    ReaderSpec,
+    WorkerStream,
+    epoch_batches,
+    epoch_segments,
+    steps_per_epoch,
+    val_batches,
+)
 from alexnet.data.writer import build_synthetic
 
 pytestmark = pytest.mark.timeout(120)
@@ -72,8 +79,8 @@ def test_resume_from_position_is_exact(syn, k):
     first = WorkerStream(spec, 1)
     head = [first.next_batch() for _ in range(k)]
     pos = head[-1]["next_position"]
-    assert pos == ref[k]["position"] and set(pos) == {"epoch", "index", "consumed", "worker", "workers",
-                                                      "batch_size", "seed"}  # fmt: skip
+    assert pos == ref[k]["position"]
+    assert set(pos) == {"epoch", "index", "consumed", "worker", "workers", "batch_size", "seed"}
     rest = WorkerStream(spec, 1, position=pos)
     tail = [rest.next_batch() for _ in range(n - k)]
     for a, b in zip(head + tail, ref, strict=True):
@@ -156,3 +163,58 @@ def test_check_plan_names_the_config_key(syn):
         check_plan(ix, 400, 32, workers=1)
     with pytest.raises(ValueError, match="data.workers=19 exceeds the 18 batches"):
         check_plan(ix, B, 32, workers=19)
+
+
+def test_epoch_segments_refuse_idle_workers_with_the_plan_message(syn):
+    ix = DatasetIndex.load(syn)
+    with pytest.raises(ValueError, match="data.workers=4 exceeds the 3 batches of 100 per epoch"):
+        epoch_segments(ix.shards("train"), epoch=0, seed=3, workers=4, batch_size=100)
+
+
+def test_val_refuses_crops_larger_than_the_stored_images(syn):
+    with pytest.raises(ValueError, match=r"model.input_size=41 is larger than the stored images \(40 px\)"):
+        next(val_batches(syn, 16, 41))
+
+
+def test_resume_inside_a_padding_pass_is_exact(syn, tmp_path):
+    """A position taken while a damaged worker pads (its stream past pass 0) resumes bit for bit."""
+    bad = str(tmp_path / "bad")
+    _damage(syn, bad)
+    spec = _spec(bad, 2)
+    for w in range(2):
+        straight = WorkerStream(spec, w)
+        ref, padded_before = [], []
+        for _ in range(12):  # 9 batches per epoch: into epoch 1
+            padded_before.append(straight.stats.padded)
+            ref.append(straight.next_batch())
+        padding = [k for k in range(9) if padded_before[k] > 0]  # batches that start inside a padding pass
+        if not padding:
+            continue  # this worker lost nothing
+        k = padding[0]
+        rest = WorkerStream(spec, w, position=ref[k]["position"])
+        for a in ref[k:]:
+            b = rest.next_batch()
+            assert a["keys"] == b["keys"] and (a["epoch"], a["index"]) == (b["epoch"], b["index"])
+            np.testing.assert_array_equal(a["images"], b["images"])
+            np.testing.assert_array_equal(a["lighting"], b["lighting"])
+        break
+    else:
+        raise AssertionError("no worker padded: the damage should make one")
+
+
+def test_a_padding_pass_without_a_usable_sample_is_an_error(tmp_path):
+    """Every record corrupt: the stream stops after one whole padding pass, not after a guessed count."""
+    url = str(tmp_path / "rotten")
+    build_synthetic(110, url, size=40, classes=4, shard_size=20, workers=1, progress=False)
+    for shard in DatasetIndex.load(url).shards("train"):
+        samples = list(wds.WebDataset(shard.url, shardshuffle=False))
+        with wds.TarWriter(shard.url, encoder=False) as tw:
+            for s in samples:
+                tw.write({"__key__": s["__key__"], "jpg": b"\xff\xd8 not a jpeg", "cls": s["cls"]})
+    stream = WorkerStream(ReaderSpec(url, batch_size=10, input_size=32, seed=0, shuffle_buffer=7), 0)
+    with pytest.raises(RuntimeError, match="data worker 0: no usable sample in epoch 0"):
+        stream.next_batch()
+    run = 10 * steps_per_epoch(DatasetIndex.load(url).count("train"), 10)  # the one worker's share
+    # pass 0 and padding pass 1 read whole, then the first record of pass 2 shows pass 1 ended empty
+    assert stream.stats.records == 2 * run + 1
+    assert stream.stats.skipped_corrupt == run  # counted once, in pass 0

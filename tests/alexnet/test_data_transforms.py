@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from alexnet.data.index import DatasetIndex
 from alexnet.data.reader import ReaderSpec, epoch_batches
 from alexnet.data.transforms import (
     AugDraw,
     center_crop,
     draw_augmentation,
+    lighting_matrix,
     lighting_offset,
     ten_crop,
     to_model_input,
@@ -37,13 +39,23 @@ def test_draws_deterministic_bounded_and_distributed():
         draw_augmentation(0, 0, "k", 30, 32)
 
 
+def test_crops_larger_than_the_image_are_the_one_input_size_error():
+    img = torch.zeros(3, 30, 40, dtype=torch.uint8)
+    for crop in (center_crop, ten_crop):
+        with pytest.raises(
+            ValueError, match=r"model.input_size=32 is larger than the stored images \(30 px\)"
+        ):
+            crop(img, 32)
+    with pytest.raises(ValueError, match=r"model.input_size=32 is larger than the stored images \(30 px\)"):
+        draw_augmentation(0, 0, "k", 30, 32)
+
+
 def test_lighting_offset_covariance():
     rng = np.random.default_rng(0)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
     evals = np.array([4000.0, 300.0, 50.0])
-    offs = np.stack(
-        [lighting_offset(draw_augmentation(0, 0, str(i), 8, 8).alpha, evals, q) for i in range(6000)]
-    )
+    m = lighting_matrix(evals, q)
+    offs = np.stack([lighting_offset(draw_augmentation(0, 0, str(i), 8, 8).alpha, m) for i in range(6000)])
     expected = q @ np.diag((0.1 * evals / 255.0) ** 2) @ q.T  # V diag((0.1 l / 255)^2) V^T
     np.testing.assert_allclose(np.cov(offs.T), expected, rtol=0.08, atol=0.02 * expected.max())
     assert offs.dtype == np.float32
@@ -90,6 +102,12 @@ def test_same_sample_same_augmentation_in_any_worker(tmp_path):
 
     one, three = by_key(1), by_key(3)
     assert set(one) == set(three) and len(one) == 360
+    # the lighting is the transforms module's formula of the sample's own draw
+    ix = DatasetIndex.load(url)
+    m = lighting_matrix(ix.eigenvalues, ix.eigenvectors)
+    for k in list(one)[:20]:
+        alpha = draw_augmentation(5, 2, k, 40, 32).alpha
+        np.testing.assert_array_equal(one[k][1], lighting_offset(alpha, m))
     for k, (img, light, label) in one.items():
         np.testing.assert_array_equal(img, three[k][0])
         np.testing.assert_array_equal(light, three[k][1])
