@@ -7,25 +7,14 @@ import json
 import sys
 from collections.abc import Callable
 
-from alexnet.config import ModelConfig
-
-
-def _model_config(args: argparse.Namespace) -> ModelConfig:
-    if args.variant == "small":
-        return ModelConfig.small(num_classes=args.num_classes or 10, input_size=args.input_size or 32)
-    kwargs = {}
-    if args.num_classes:
-        kwargs["num_classes"] = args.num_classes
-    if args.input_size:
-        kwargs["input_size"] = args.input_size
-    return ModelConfig(**kwargs)
+from alexnet.config import VARIANTS, ModelConfig
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the model table (or its JSON)."""
     from alexnet.info import format_table, summary
 
-    cfg = _model_config(args)
+    cfg = ModelConfig.for_variant(args.variant, args.num_classes, args.input_size)
     print(json.dumps(summary(cfg)) if args.json else format_table(cfg))
     return 0
 
@@ -33,7 +22,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="per-layer shapes, parameters and MACs of the network")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--variant", choices=("paper", "small"), default="paper")
+    p.add_argument("--variant", choices=VARIANTS, default="paper")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--input-size", type=int, default=None)
     p.set_defaults(func=cmd_info)

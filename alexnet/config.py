@@ -115,8 +115,3 @@ class ModelConfig:
         p2 = (p1 - 3) // 2 + 1  # conv2 keeps the size (padding kernel // 2)
         p5 = (p2 - 3) // 2 + 1  # conv3-5 keep the size (padding 1)
         return s1, p1, p2, p5
-
-    @property
-    def lrn_alpha_effective(self) -> float:
-        """The coefficient that multiplies the window sum of squares."""
-        return self.lrn_alpha / self.lrn_size if self.lrn_convention == "per_size" else self.lrn_alpha

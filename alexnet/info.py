@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from alexnet.config import ModelConfig
-from alexnet.model import BLOCKS, COLUMNS, geometry
+from alexnet.model import BLOCK_NAMES, BLOCKS, COLUMNS, geometry
 
 
 def layer_table(cfg: ModelConfig) -> list[dict]:
@@ -39,6 +39,11 @@ def layer_table(cfg: ModelConfig) -> list[dict]:
                 }
             )
     return rows
+
+
+def block_macs(cfg: ModelConfig) -> dict[str, int]:
+    """Forward multiply-accumulates of each block for one image, both columns (pools cost none)."""
+    return {r["name"]: r["macs"] for r in layer_table(cfg) if r["name"] in BLOCK_NAMES}
 
 
 def summary(cfg: ModelConfig) -> dict:

@@ -234,6 +234,20 @@ class StepContext:
     step: int = 0
     sample_index: Tensor | None = None
 
+    @staticmethod
+    def required(ctx: StepContext | None, where: str) -> StepContext:
+        """``ctx``, or the error of a training-mode forward that draws dropout masks without one.
+
+        A silent default would be one fixed (seed, step): the same masks every step.
+        """
+        if ctx is None:
+            raise ValueError(
+                f"{where} draws dropout masks in training mode: pass "
+                "ctx=StepContext(seed=cfg.seed, step=step, sample_index=rows) with this step's number "
+                "(the masks are a function of it), or call .eval() for inference"
+            )
+        return ctx
+
     def indices(self, batch: int, device: torch.device) -> Tensor:
         if self.sample_index is None:
             return torch.arange(batch, device=device, dtype=torch.int64)
@@ -284,9 +298,11 @@ class SeededDropout(nn.Module):
         super().__init__()
         self.p, self.layer, self.column = p, layer, column
 
-    def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
+    def forward(self, x: Tensor, ctx: StepContext | None) -> Tensor:
+        """``x`` (B, units); ``ctx`` is required in training mode (unless p is 0)."""
         if not self.training or self.p == 0.0:
             return x
+        ctx = StepContext.required(ctx, "dropout")
         mask = dropout_mask(ctx, self.layer, self.column, x.shape[0], x.shape[1], self.p, x.device)
         return x * mask.to(x.dtype) * (1.0 / (1.0 - self.p))
 

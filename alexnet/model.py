@@ -42,7 +42,8 @@ COLUMNS = (0, 1)
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """One block of the paper's table (see DESIGN.md)."""
+    """One block of the paper's network (its section 3.5 and figure 2): what each column computes
+    and where its input comes from. The three executions all read these flags."""
 
     name: str
     index: int
@@ -56,7 +57,13 @@ class BlockSpec:
 
     @property
     def exchange(self) -> bool:
+        """Its input is both columns' outputs (gathered across the columns)."""
         return self.input == "both"
+
+    @property
+    def grouped(self) -> bool:
+        """Each column reads only its own column's maps (a ``groups=2`` convolution when fused)."""
+        return self.input == "own"
 
 
 BLOCKS: tuple[BlockSpec, ...] = (
@@ -120,6 +127,11 @@ def geometry(cfg: ModelConfig, name: str, column: int) -> LayerGeometry:
     return LayerGeometry(w, stride, pad, conv_out, out)
 
 
+def _lrn(cfg: ModelConfig, groups: int = 1) -> LocalResponseNorm:
+    """The paper's LRN with the config's constants; ``groups=2`` normalises each column's half apart."""
+    return LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k, cfg.lrn_convention, groups)
+
+
 def _init_std(cfg: ModelConfig, weight_shape: tuple[int, ...]) -> float:
     if cfg.init_std > 0:
         return cfg.init_std
@@ -149,14 +161,11 @@ class ColumnBlock(nn.Module):
         self.geo = geometry(cfg, name, column)
         w, b = init_column_params(cfg, name, column)
         self.weight, self.bias = nn.Parameter(w), nn.Parameter(b)
-        self.lrn = (
-            LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k, cfg.lrn_convention)
-            if self.spec.lrn
-            else None
-        )
+        self.lrn = _lrn(cfg) if self.spec.lrn else None
         self.drop = SeededDropout(cfg.dropout, self.spec.index, column) if self.spec.dropout else None
 
-    def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
+    def forward(self, x: Tensor, ctx: StepContext | None) -> Tensor:
+        """This column's input -> its output; ``ctx`` keys the dropout masks (training mode)."""
         if self.spec.kind == "conv":
             x = F.conv2d(x, self.weight, self.bias, self.geo.stride, self.geo.padding)
         else:
@@ -198,8 +207,11 @@ class Stage(nn.ModuleDict):
         ctx: StepContext | None = None,
     ) -> list[Tensor]:
         """Run the blocks. ``xs``: the image as ``[x]`` if the stage starts at conv1, else one
-        tensor per held column (in column order). Returns one tensor per held column."""
-        ctx = ctx or StepContext(seed=self.cfg.seed)
+        tensor per held column (in column order). Returns one tensor per held column.
+
+        ``ctx`` keys the dropout masks: required in training mode when the stage holds fc6 or fc7
+        (and dropout > 0), since a fixed default would draw the same masks every step.
+        """
         for name in self.block_names:
             spec = BLOCK_BY_NAME[name]
             if spec.input == "image":
@@ -221,7 +233,7 @@ class TwoColumnAlexNet(Stage):
         super().__init__(cfg or ModelConfig(), BLOCK_NAMES, COLUMNS)
 
     def forward(self, x: Tensor, ctx: StepContext | None = None) -> Tensor:  # type: ignore[override]
-        """(B, 3, S, S) images -> (B, num_classes) logits."""
+        """(B, 3, S, S) images -> (B, num_classes) logits; ``ctx`` as in :meth:`Stage.run`."""
         return torch.cat(self.run([x], concat_exchange, ctx), dim=1)
 
 
@@ -235,7 +247,7 @@ def column_sizes(cfg: ModelConfig, name: str) -> tuple[int, int]:
     return tuple(geometry(cfg, name, c).weight_shape[0] for c in COLUMNS)  # type: ignore[return-value]
 
 
-def columns_to_fused(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+def columns_to_fused(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Canonical ``{block}.{c}.{w|b}`` tensors -> fused ``{block}.{w|b}`` (concatenated on dim 0).
 
     Works for anything shaped like the parameters (weights, momentum buffers).
@@ -267,14 +279,14 @@ class _Params(nn.Module):
 class FusedAlexNet(nn.Module):
     """Both columns as grouped convolutions and single matmuls: the fast one-device path.
 
-    conv2, conv4, conv5 are ``groups=2`` convolutions (each column reads its own half);
-    conv1, conv3 and the fc layers read all inputs, so the columns' weights are simply
-    stacked on the output dimension. LRN runs with ``groups=2`` so its window never
+    The forward is a loop over ``BLOCKS``: a block whose input is its own column's maps
+    (conv2, conv4, conv5) is a ``groups=2`` convolution (each column reads its own half);
+    the others (conv1, conv3, the fc layers) read all inputs, so the columns' weights are
+    simply stacked on the output dimension. LRN runs with ``groups=2`` so its window never
     crosses from one column's maps into the other's. ``state_dict()`` and
     ``load_state_dict()`` speak the canonical per-column names.
     """
 
-    GROUPED = {"conv2", "conv4", "conv5"}
     # Layout of the conv stack's activations. channels_last (NHWC) lets oneDNN (CPU) and
     # cuDNN (GPU) run the convolutions, grouped ones above all, without reordering to and
     # from their native layouts; LRN and max-pool work in either. Parameters stay contiguous
@@ -290,12 +302,17 @@ class FusedAlexNet(nn.Module):
                 canonical[f"{name}.{c}.weight"], canonical[f"{name}.{c}.bias"] = init_column_params(
                     cfg, name, c
                 )
-        fused = columns_to_fused(cfg, canonical)
+        fused = columns_to_fused(canonical)
         for name in BLOCK_NAMES:
             self.add_module(name, _Params(fused[f"{name}.weight"], fused[f"{name}.bias"]))
-        self.lrn = LocalResponseNorm(
-            cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k, cfg.lrn_convention, groups=2
-        )
+        self.lrn = _lrn(cfg, groups=len(COLUMNS))
+        assert all(s.relu for s in BLOCKS if s.lrn), "_conv folds the ReLU before each LRN into it"
+        # conv2d's (stride, padding, groups) per conv block; both columns share stride and padding
+        self._conv_args = {
+            s.name: (geometry(cfg, s.name, 0).stride, geometry(cfg, s.name, 0).padding, 2 if s.grouped else 1)
+            for s in BLOCKS
+            if s.kind == "conv"
+        }
         self.register_state_dict_post_hook(FusedAlexNet._to_canonical)
         self.register_load_state_dict_pre_hook(FusedAlexNet._from_canonical)
 
@@ -309,59 +326,59 @@ class FusedAlexNet(nn.Module):
         keys = [f"{prefix}{n}.{c}.{p}" for n in BLOCK_NAMES for c in COLUMNS for p in ("weight", "bias")]
         if all(k in state for k in keys):
             own = {k[len(prefix) :]: state.pop(k) for k in keys}
-            for k, v in columns_to_fused(self.cfg, own).items():
+            for k, v in columns_to_fused(own).items():
                 state[prefix + k] = v
 
-    def _conv(self, x: Tensor, name: str) -> Tensor:
-        """Convolution, then ReLU; with the paper's LRN fused behind the ReLU where it has one."""
-        geo = geometry(self.cfg, name, 0)
-        p = getattr(self, name)
-        groups = 2 if name in self.GROUPED else 1
-        x = F.conv2d(x, p.weight, p.bias, geo.stride, geo.padding, 1, groups)
-        if not BLOCK_BY_NAME[name].lrn:
-            return F.relu(x, inplace=True)
-        lrn = self.lrn
-        # ReLU + LRN in one autograd node (the conv output is a temporary; conv's backward
-        # does not read it), groups=2 so the window never crosses from one column to the other
-        return relu_local_response_norm_(x, lrn.size, lrn.alpha, lrn.beta, lrn.k, lrn.groups)
+    def _conv(self, x: Tensor, spec: BlockSpec) -> Tensor:
+        """Convolution, ReLU (with the paper's LRN fused behind it) and max-pool, as ``spec`` says."""
+        p = getattr(self, spec.name)
+        stride, padding, groups = self._conv_args[spec.name]
+        x = F.conv2d(x, p.weight, p.bias, stride, padding, 1, groups)
+        if spec.lrn:
+            lrn = self.lrn
+            # ReLU + LRN in one autograd node (the conv output is a temporary; conv's backward
+            # does not read it), groups=2 so the window never crosses from one column to the other
+            x = relu_local_response_norm_(x, lrn.size, lrn.alpha, lrn.beta, lrn.k, lrn.groups)
+        elif spec.relu:
+            x = F.relu(x, inplace=True)
+        return F.max_pool2d(x, 3, 2) if spec.pool else x
 
-    def _fc(self, x: Tensor, name: str, keep: Tensor | None) -> Tensor:
-        """Linear, ReLU (not on fc8), then dropout with the scaled keep-mask ``keep`` (B, units)."""
-        p = getattr(self, name)
-        x = F.linear(x, p.weight, p.bias)
-        if not BLOCK_BY_NAME[name].relu:
-            return x
-        x = F.relu(x, inplace=True)
+    def _fc(self, x: Tensor, spec: BlockSpec, keep: Tensor | None) -> Tensor:
+        """Linear, ReLU where ``spec`` has one, then dropout with the scaled keep-mask ``keep``."""
+        p = getattr(self, spec.name)
+        x = F.linear(x.flatten(1), p.weight, p.bias)
+        if spec.relu:
+            x = F.relu(x, inplace=True)
         return x if keep is None else x * keep
 
-    def _dropout_keep(self, x: Tensor, ctx: StepContext) -> list[Tensor | None]:
-        """fc6's and fc7's scaled keep-masks, (B, 2 * fc_units) each, columns side by side.
+    def _dropout_keep(self, x: Tensor, ctx: StepContext | None) -> dict[str, Tensor]:
+        """Scaled keep-masks of the dropout blocks (fc6, fc7), (B, 2 * fc_units) each, columns side
+        by side; empty when no dropout is drawn (eval mode, or dropout 0).
 
         Both layers and both columns come from one hash pass (:func:`dropout_masks`); the
         bits are those of the per-column :func:`dropout_mask` the local model uses.
         """
         drop = [s for s in BLOCKS if s.dropout]
         if not self.training or self.cfg.dropout == 0.0:
-            return [None] * len(drop)
+            return {}
+        ctx = StepContext.required(ctx, "FusedAlexNet")
         pairs = [(s.index, c) for s in drop for c in COLUMNS]
         b, p = x.shape[0], self.cfg.dropout
         keep = dropout_masks(ctx, pairs, b, self.cfg.fc_units, p, x.device)  # (B, 2 * layers, U)
         keep = keep.to(x.dtype).mul_(1.0 / (1.0 - p)).unflatten(1, (len(drop), len(COLUMNS)))
-        return [keep[:, i].flatten(1) for i in range(len(drop))]
+        return {s.name: keep[:, i].flatten(1) for i, s in enumerate(drop)}
 
     def forward(self, x: Tensor, ctx: StepContext | None = None) -> Tensor:
-        """(B, 3, S, S) images -> (B, num_classes) logits."""
-        ctx = ctx or StepContext(seed=self.cfg.seed)
-        keep6, keep7 = self._dropout_keep(x, ctx)
+        """(B, 3, S, S) images -> (B, num_classes) logits; ``ctx`` as in :meth:`Stage.run`.
+
+        For the paper's sizes: conv1 (B, 96, 27, 27) after its pool, conv2 (B, 256, 13, 13),
+        conv3 and conv4 (B, 384, 13, 13), conv5 (B, 256, 6, 6), fc6 and fc7 (B, 4096).
+        """
+        keep = self._dropout_keep(x, ctx)
         x = x.contiguous(memory_format=self.memory_format)
-        x = F.max_pool2d(self._conv(x, "conv1"), 3, 2)  # (B, 96, 27, 27)
-        x = F.max_pool2d(self._conv(x, "conv2"), 3, 2)  # (B, 256, 13, 13)
-        x = self._conv(x, "conv3")  # (B, 384, 13, 13)
-        x = self._conv(x, "conv4")  # (B, 384, 13, 13)
-        x = F.max_pool2d(self._conv(x, "conv5"), 3, 2).flatten(1)  # (B, 9216)
-        x = self._fc(x, "fc6", keep6)  # (B, 4096)
-        x = self._fc(x, "fc7", keep7)  # (B, 4096)
-        return self._fc(x, "fc8", None)  # (B, num_classes)
+        for spec in BLOCKS:
+            x = self._conv(x, spec) if spec.kind == "conv" else self._fc(x, spec, keep.get(spec.name))
+        return x
 
 
 def parameter_count(cfg: ModelConfig) -> int:

@@ -14,6 +14,12 @@ GFLOP/s) and, with ``--lrn``, a micro-benchmark of our LRN against
     .venv/bin/python bench/model.py --malloc tuned     # glibc keeps freed memory (both models)
     .venv/bin/python bench/model.py --profile            # + per-op time of one step each
     .venv/bin/python bench/model.py --lrn                # LRN micro-benchmark only
+    git show main:alexnet/model.py > /tmp/model_main.py
+    .venv/bin/python bench/model.py --against /tmp/model_main.py   # + that FusedAlexNet, same rounds
+
+``--against FILE`` times the ``FusedAlexNet`` of another version of ``alexnet/model.py`` (its
+imports resolve to this tree's other modules) in the same interleaved rounds, as ``before``:
+``ratio_vs_before`` is its median step time over ours (above 1: ours is faster).
 
 The last line printed is one JSON object (``images_per_s``, ``baseline_images_per_s``,
 ``ratio``, ``gflops``, ``matmul_gflops``, ...).
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.util
 import json
 import statistics
 import time
@@ -36,7 +43,7 @@ from torch import Tensor, nn
 
 from alexnet.config import ModelConfig
 from alexnet.info import summary
-from alexnet.layers import LocalResponseNorm
+from alexnet.layers import LocalResponseNorm, StepContext
 from alexnet.model import FusedAlexNet
 
 
@@ -104,6 +111,7 @@ class Trainer:
         args: argparse.Namespace,
         device: torch.device,
         memory_format: torch.memory_format = torch.contiguous_format,
+        keyed: bool = False,
     ) -> None:
         self.model = model.to(device, memory_format=memory_format).train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
@@ -111,6 +119,9 @@ class Trainer:
         self.x = torch.randn(args.batch, 3, size, size, generator=g).to(device, memory_format=memory_format)
         self.y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
         self.device, self.bf16 = device, args.bf16
+        self.steps = 0
+        self.keyed = keyed  # our models draw dropout from the step's context; torchvision's take none
+        self.rows = torch.arange(args.batch, device=device)
         # process CPU seconds per step: on a shared machine, less sensitive than wall time
         # to other processes taking the cores (though it counts OpenMP spin-waits)
         self.cpu_s: list[float] = []
@@ -121,9 +132,14 @@ class Trainer:
             torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         )
         with autocast:
-            loss = F.cross_entropy(self.model(self.x), self.y)
+            if self.keyed:
+                logits = self.model(self.x, StepContext(step=self.steps, sample_index=self.rows))
+            else:
+                logits = self.model(self.x)
+            loss = F.cross_entropy(logits, self.y)
         loss.backward()
         self.opt.step()
+        self.steps += 1
 
     def timed(self, steps: int) -> float:
         """Wall seconds per step over ``steps`` steps (CPU seconds are added to ``self.cpu_s``)."""
@@ -179,6 +195,16 @@ def bench_lrn(args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
+def load_fused(path: str) -> type[nn.Module]:
+    """``FusedAlexNet`` of the ``alexnet/model.py`` version at ``path`` (for ``--against``)."""
+    spec = importlib.util.spec_from_file_location("_model_against", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--against {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FusedAlexNet
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -202,6 +228,7 @@ def main() -> int:
     )
     p.add_argument("--profile", action="store_true", help="add a per-op time table of one step each")
     p.add_argument("--lrn", action="store_true", help="only the LRN micro-benchmark")
+    p.add_argument("--against", metavar="FILE", help="also time this alexnet/model.py's FusedAlexNet")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
@@ -226,11 +253,15 @@ def main() -> int:
     if not names or any(s not in layouts for s in names):
         raise SystemExit(f"--baseline-layouts={args.baseline_layouts!r}: use contiguous and/or channels_last")
     cfg = ModelConfig()
-    ours = Trainer(FusedAlexNet(cfg), cfg.input_size, args, device)
-    # the fused model converts its input to channels_last itself; hand it over in that layout,
-    # as torchvision's channels_last run gets its input (parameters stay contiguous)
-    ours.x = ours.x.contiguous(memory_format=FusedAlexNet.memory_format)
-    trainers = {"ours": ours}
+    fused = {"ours": FusedAlexNet}
+    if args.against:
+        fused["before"] = load_fused(args.against)
+    trainers = {}
+    for name, cls in fused.items():
+        trainers[name] = t = Trainer(cls(cfg), cfg.input_size, args, device, keyed=True)
+        # the fused model converts its input to channels_last itself; hand it over in that layout,
+        # as torchvision's channels_last run gets its input (parameters stay contiguous)
+        t.x = t.x.contiguous(memory_format=FusedAlexNet.memory_format)
     for s in names:
         model = torchvision.models.alexnet(num_classes=1000)
         trainers[f"baseline_{s}"] = Trainer(model, 224, args, device, layouts[s])
@@ -248,7 +279,7 @@ def main() -> int:
         order = order[1:] + order[:1]  # rotate, so no model always follows the same one
     mm.append(matmul_gflops(device))
     med = {k: statistics.median(v) for k, v in times.items()}
-    best = min((k for k in med if k != "ours"), key=med.get)
+    best = min((k for k in med if k.startswith("baseline_")), key=med.get)
     step_s, base_s = med["ours"], med[best]
     flop_per_image = 2 * 3 * macs  # forward MACs x 2 FLOP x (forward + 2 backward matmuls)
     result.update(
@@ -275,6 +306,9 @@ def main() -> int:
             "step_s": {k: [round(s, 3) for s in v] for k, v in times.items()},
         }
     )
+    if args.against:
+        result["ratio_vs_before"] = round(med["before"] / step_s, 3)
+        result["ratio_vs_before_fastest"] = round(min(times["before"]) / min(times["ours"]), 3)
     if args.profile:
         result["profile"] = profile(trainers["ours"])
         result["baseline_profile"] = profile(trainers[best])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from alexnet.config import ModelConfig
 from alexnet.layers import StepContext
 from alexnet.model import BLOCK_NAMES, FusedAlexNet, Stage, TwoColumnAlexNet, parameter_count
+from alexnet.train_local import train_local
 
 PAPER = ModelConfig()
 SMALL = ModelConfig.small(num_classes=10, input_size=32)
@@ -32,7 +33,7 @@ def test_shapes_per_layer_and_column():
     }
     xs = [torch.randn(2, 3, 227, 227)]
     for name in BLOCK_NAMES:
-        xs = Stage.run(_slice(model, name), xs)
+        xs = Stage.run(_slice(model, name), xs, ctx=StepContext())
         assert len(xs) == 2
         for x in xs:
             assert tuple(x.shape[1:]) == expected[name], name
@@ -114,8 +115,9 @@ def test_local_equals_fused_fp32():
     fused.load_state_dict(local.state_dict())
     x = torch.randn(8, 3, 32, 32)
     y = torch.randint(0, 10, (8,))
-    F.cross_entropy(local(x), y).backward()
-    F.cross_entropy(fused(x), y).backward()
+    ctx = StepContext(seed=0, step=3)
+    F.cross_entropy(local(x, ctx), y).backward()
+    F.cross_entropy(fused(x, ctx), y).backward()
     from alexnet.model import fused_to_columns
 
     fg = fused_to_columns(SMALL, {n: p.grad for n, p in fused.named_parameters()})
@@ -158,29 +160,58 @@ def test_dropout_same_whole_or_in_micro_batches():
 def test_odd_class_count_splits_fc8():
     cfg = ModelConfig.small(num_classes=7)
     assert cfg.fc8_split == (4, 3)
-    assert TwoColumnAlexNet(cfg)(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert TwoColumnAlexNet(cfg).eval()(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def _quadrants(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable batch: each of 4 classes is a bright square in its own quadrant, plus noise."""
+    y = torch.arange(n) % 4
+    x = torch.randn(n, 3, 32, 32) * 0.3
+    for i, c in enumerate(y.tolist()):
+        r, col = divmod(c, 2)
+        x[i, :, r * 16 : r * 16 + 12, col * 16 : col * 16 + 12] += 2.0
+    return x, y
 
 
 def test_small_variant_trains():
     torch.manual_seed(0)
     cfg = ModelConfig.small(num_classes=4, input_size=32)
-    model = FusedAlexNet(cfg).train()
-    # a learnable batch: each class is a bright square in its own quadrant, plus noise
-    y = torch.arange(32) % 4
-    x = torch.randn(32, 3, 32, 32) * 0.3
-    for i, c in enumerate(y.tolist()):
-        r, col = divmod(c, 2)
-        x[i, :, r * 16 : r * 16 + 12, col * 16 : col * 16 + 12] += 2.0
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    losses = []
-    for step in range(40):
-        loss = F.cross_entropy(model(x, StepContext(step=step)), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    x, y = _quadrants()
+    losses = [loss for _, _, loss in train_local(cfg, lambda step: (x, y), 40, 0.01, fused=True)]
     assert losses[0] > 1.2
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+
+
+def test_train_local_fused_equals_the_reference():
+    """The one-process loop trains the same function whichever execution runs it (dropout on)."""
+    cfg = ModelConfig.small(num_classes=4, input_size=32, dropout=0.5)
+    x, y = _quadrants(16)
+    runs = [list(train_local(cfg, lambda step: (x, y), 3, 0.01, fused=f)) for f in (False, True)]
+    (*_, (_, ref, _)), (*_, (_, fused, _)) = runs
+    for (_, _, a), (_, _, b) in zip(*runs, strict=True):
+        assert b == pytest.approx(a, rel=1e-5)
+    fw = fused.state_dict()
+    for k, w in ref.state_dict().items():
+        assert (fw[k] - w).abs().max() <= 1e-5 * w.abs().max(), k
+    assert runs[0][0][2] != runs[0][1][2]  # it trained: the loss moved
+
+
+def test_training_without_a_step_context_is_refused():
+    """No silent step-0 default: a plain model(x) training loop would draw the same masks every step."""
+    x = torch.randn(2, 3, 32, 32)
+    for model in (FusedAlexNet(SMALL), TwoColumnAlexNet(SMALL)):
+        with pytest.raises(ValueError, match=r"pass ctx=StepContext\(seed=cfg.seed, step=step"):
+            model.train()(x)
+        assert model.eval()(x).shape == (2, 10)  # eval mode draws no mask: no context needed
+    fc = Stage(SMALL, ["fc6", "fc7", "fc8"], (0, 1)).train()
+    feats = [torch.randn(2, 32, 3, 3)] * 2
+    with pytest.raises(ValueError, match="dropout"):
+        fc.run(feats)
+    assert [t.shape for t in fc.run(feats, ctx=StepContext(step=1))] == [(2, 5), (2, 5)]
+    # blocks without dropout, or dropout 0, need no context in training either
+    assert Stage(SMALL, ["conv1", "conv2"], (0, 1)).train().run([x])[0].shape == (2, 32, 7, 7)
+    no_drop = ModelConfig.small(num_classes=10, input_size=32, dropout=0.0)
+    assert FusedAlexNet(no_drop).train()(x).shape == (2, 10)
 
 
 def test_config_errors_name_the_setting():
