@@ -38,7 +38,10 @@ def average_crops(logits: Tensor, crops: int) -> Tensor:
 
 @dataclass
 class Tally:
-    """Running top-1 / top-k hit counts, sample count and summed cross-entropy (device tensors)."""
+    """Running top-1 / top-k hit counts, sample count and summed cross-entropy (device tensors).
+
+    The cross-entropy sums accumulate in float64, as a Python float sum of each batch's would.
+    """
 
     top1: Tensor | int = 0
     top5: Tensor | int = 0
@@ -51,8 +54,12 @@ class Tally:
         self.top1 = self.top1 + h1
         self.top5 = self.top5 + h5
         if loss:
-            self.loss_sum = self.loss_sum + F.cross_entropy(logits.float(), labels, reduction="sum").detach()
+            self.add_loss(F.cross_entropy(logits.float(), labels, reduction="sum"))
         self.n += int(labels.shape[0])
+
+    def add_loss(self, ce_sum: Tensor) -> None:
+        """Add a batch's summed cross-entropy computed elsewhere (0-dim; e.g. the training loss)."""
+        self.loss_sum = self.loss_sum + ce_sum.detach().double()
 
     def totals(self) -> dict[str, float]:
         """``{"top1", "top5", "loss_sum", "n"}`` as Python numbers (one host read per counter)."""

@@ -4,8 +4,13 @@
     exchange over gloo) against FusedAlexNet in 1 process x 2 threads, same global batch;
     ratio of images/s (goal >= 0.85). Interleaved rounds; the best round's median of each.
 (b) bubble: GPipe at S=2, C=1 (both columns in each stage's one process, two processes),
-    M = 1, 2, 4, 8; the measured bubble fraction (pipeline.timeline.bubble_fraction, mean
-    of the two stages) against (S-1)/(M+S-1). For each M the cut is chosen from per-block
+    M = 1, 2, 4, 8; ``bubble_measured``, the bubble fraction measured from the engine's
+    timeline (``pipeline.timeline.bubble_fraction``: per stage 1 - compute time / the step's
+    flush-to-flush span, mean of the two stages), against ``bubble_theory``, the ideal
+    bubble (S-1)/(M+S-1) of equal-cost stages with free communication
+    (``pipeline.timeline.ideal_bubble_fraction``). Neither is the job's metric
+    ``alexnet_pipeline_bubble_ratio``, the share of the step a rank waits on its
+    neighbours (see ``pipeline/timeline.py``). For each M the cut is chosen from per-block
     forward + backward times measured here first **at that M's micro-batch size**
     (:func:`gpipe_cut`): a block's cost is not proportional to its rows (fc6/fc7 read their
     whole weights for every micro-batch), so one cut measured on the whole batch leaves the
@@ -44,13 +49,15 @@ from pipeline.dist import destroy, init_distributed  # noqa: E402
 from pipeline.engine import Engine  # noqa: E402
 from pipeline.grid import Grid  # noqa: E402
 from pipeline.launch import spawn_ranks  # noqa: E402
-from pipeline.timeline import bubble_fraction  # noqa: E402
+from pipeline.timeline import bubble_fraction, ideal_bubble_fraction  # noqa: E402
 
 MICROBATCHES = (1, 2, 4, 8)
+SMALL_SIZES = {"num_classes": 100, "input_size": 64}  # --variant small: the quick run's network
 
 
 def model_config(variant: str) -> ModelConfig:
-    return ModelConfig.small(num_classes=100, input_size=64) if variant == "small" else ModelConfig()
+    """The benchmarked network: the paper's, or the small variant at :data:`SMALL_SIZES`."""
+    return ModelConfig.for_variant(variant, **(SMALL_SIZES if variant == "small" else {}))
 
 
 def batch(cfg: ModelConfig, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +214,7 @@ def main() -> None:
     for m in MICROBATCHES:
         stages = bubble_fraction({rank: runs[rank]["events"][m] for rank in range(2)})
         measured.append(round(sum(stages.values()) / len(stages), 4))
-        theory.append(round(1 / (m + 1), 4))
+        theory.append(round(ideal_bubble_fraction(2, m), 4))
         print(f"    M={m}: bubble per stage {stages}, theory {theory[-1]}", flush=True)
     mem = runs[0]["mem"]  # rank 0 = stage 0
     print(

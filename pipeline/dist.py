@@ -39,7 +39,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _subgroup(lists: list[list[int]], rank: int, timeout: datetime.timedelta, backend: str):
+def _subgroup(lists: list[list[int]], timeout: datetime.timedelta, backend: str) -> dist.ProcessGroup | None:
     """Create every group in ``lists`` (all ranks must call this in the same order); return ours."""
     if len(lists[0]) == 1:
         return None  # a group of one needs no communicator
@@ -76,9 +76,9 @@ def init_distributed(
         rank=rank,
         backend=backend,
         timeout_s=timeout_s,
-        column=_subgroup(grid.column_groups(), rank, timeout, backend),
-        pipeline=_subgroup(grid.pipeline_groups(), rank, timeout, backend),
-        data=_subgroup(grid.data_groups(), rank, timeout, backend),
+        column=_subgroup(grid.column_groups(), timeout, backend),
+        pipeline=_subgroup(grid.pipeline_groups(), timeout, backend),
+        data=_subgroup(grid.data_groups(), timeout, backend),
     )
 
 

@@ -30,9 +30,17 @@ Why not DDP for step 2: DDP decides at forward time which backward reduces, whic
 not fit GPipe (all forwards before any backward); gradient hooks on the last backward give
 the same overlap in a few lines.
 
-Additions to the interface contract: ``grads()`` (this rank's gradients after the last
+Besides stepping, inference and its state: ``grads()`` (this rank's gradients after the last
 step, canonical keys; for verification) and ``track_memory`` (peak bytes of saved
 activations per step, reported as ``activation_peak_bytes``).
+
+The metrics :meth:`Engine.step` returns (per rank, seconds unless named otherwise): ``loss``
+(mean cross-entropy of the replica's rows), ``top1`` / ``top5`` (hit counts), ``samples``
+(rows), ``compute_s`` (forward + backward without the exchanges), ``exchange_s`` (column
+all-gathers and their backward), ``pipeline_wait_s`` (blocked on receives from and sends to
+the neighbouring stages), ``grad_sync_s`` (waiting for the replica gradient sums after the
+last backward), ``optimizer_s`` (the SGD update alone) and ``step_s`` (the whole step). The
+first three are NaN except on the last stage.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,6 +58,7 @@ from torch import Tensor, nn
 from alexnet.config import ModelConfig
 from alexnet.layers import StepContext
 from alexnet.model import BLOCK_NAMES, BlockSpec, Stage, concat_exchange, geometry
+from alexnet.scoring import Tally
 from pipeline.dist import Groups
 from pipeline.exchange import ColumnExchange
 from pipeline.grid import Grid
@@ -198,7 +208,7 @@ class Engine:
     def _loss_scale(self) -> float:
         return 1.0 / (self.grid.global_batch * self.grid.columns)
 
-    def _loss(self, mb: int, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def _loss(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(loss to back-propagate, summed cross-entropy of the micro-batch for the metrics)."""
         ce = F.cross_entropy(logits, labels, reduction="sum")
         return ce * self._loss_scale(), ce.detach()
@@ -273,11 +283,11 @@ class Engine:
         imgs = images.split(mbs) if self.first else None
         labs = labels.split(mbs) if self.last else None
         live: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # mb -> (inputs, outputs or [loss])
-        totals = {"ce": 0.0, "top1": 0.0, "top5": 0.0}
+        tally = Tally()  # the last stage's scores of the step's micro-batches
         for i, a in enumerate(self.actions):
             tl.mb = a.mb
             if a.kind == "F":
-                live[a.mb] = self._forward(step, a.mb, imgs, labs, totals)
+                live[a.mb] = self._forward(step, a.mb, imgs, labs, tally)
             else:
                 if self.grad_sync is not None and i == len(self.actions) - 1:
                     self.grad_sync.armed = True
@@ -290,9 +300,12 @@ class Engine:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-        return self._metrics(totals, time.perf_counter() - t0)
+        return self._metrics(tally, time.perf_counter() - t0)
 
-    def _forward(self, step, mb, imgs, labs, totals) -> tuple[list[Tensor], list[Tensor]]:
+    def _forward(
+        self, step: int, mb: int, imgs: Sequence[Tensor] | None, labs: Sequence[Tensor] | None, tally: Tally
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Micro-batch ``mb``'s forward: (its inputs, its outputs) or on the last stage (inputs, [loss])."""
         rows = self.grid.microbatch_size
         if self.first:
             self._post([])  # no receive to pair the previous action's sends with
@@ -310,8 +323,9 @@ class Engine:
             outs = self.stage.run(xs, self._exchange, ctx)
             if self.last:
                 logits = self._full_logits(outs)
-                loss, ce = self._loss(mb, logits, labs[mb])
-                self._count(logits.detach(), labs[mb], ce, totals)
+                loss, ce = self._loss(logits, labs[mb])
+                tally.add(logits.detach(), labs[mb], loss=False)
+                tally.add_loss(ce)
                 outs = [loss]
         if not self.last:
             self._send(outs, self.next, mb, _ACT)
@@ -327,27 +341,21 @@ class Engine:
         if not self.first:
             self._send([x.grad for x in inputs], self.prev, mb, _GRAD)
 
-    def _count(self, logits: Tensor, labels: Tensor, ce: Tensor, totals: dict[str, float]) -> None:
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices  # (b, k)
-        hit = top == labels[:, None]
-        totals["ce"] += float(ce)
-        totals["top1"] += float(hit[:, 0].sum())
-        totals["top5"] += float(hit.any(dim=1).sum())
-
-    def _metrics(self, totals: dict[str, float], step_s: float) -> dict[str, float]:
+    def _metrics(self, tally: Tally, step_s: float) -> dict[str, float]:
+        """The step's metrics (see the module docstring); reads the scores from the device once."""
         t = self.timeline.totals
         exchange = t["exchange"]
+        scores = tally.totals() if self.last else {"loss_sum": math.nan, "top1": math.nan, "top5": math.nan}
         out = {
-            "loss": totals["ce"] / self.grid.replica_batch if self.last else math.nan,
-            "top1": totals["top1"] if self.last else math.nan,
-            "top5": totals["top5"] if self.last else math.nan,
+            "loss": scores["loss_sum"] / self.grid.replica_batch,
+            "top1": scores["top1"],
+            "top5": scores["top5"],
             "samples": float(self.grid.replica_batch),
             "compute_s": t["forward"] + t["backward"] - exchange,
             "exchange_s": exchange,
             "pipeline_wait_s": t["recv"] + t["send_wait"],
             "grad_sync_s": t["grad_sync"],
-            "optimizer_s": t["optimizer"] + t["grad_sync"],
+            "optimizer_s": t["optimizer"],
             "step_s": step_s,
         }
         if self.meter is not None:
@@ -380,7 +388,7 @@ class Engine:
                         (head,) = self._recv([(2,)], 1, self.prev, mb, _HEAD)
                         rows, more = int(head[0, 0]), bool(head[0, 1])
                         xs = self._recv(self.in_shapes, rows, self.prev, mb, _ACT)
-                    outs = self.stage.run(xs, self._exchange, StepContext(seed=self.cfg.seed))
+                    outs = self.stage.run(xs, self._exchange)  # eval mode: no dropout, no context
                     if self.last:
                         logits.append(self._full_logits(outs))
                     else:

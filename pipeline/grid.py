@@ -16,27 +16,21 @@ cuts, :func:`default_cuts` balances the paper network's forward MACs per stage.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from alexnet.config import ModelConfig
+from alexnet.info import block_macs
 from alexnet.model import BLOCK_NAMES
 
-SCHEDULES = ("1f1b", "gpipe")
 
-# Forward multiply-accumulates of each block of the paper network (both columns, millions;
-# see ``alexnet info``). Used only to pick a default split: backward costs about 2x forward
-# for every block, so the ratios hold for a whole training step.
-_PAPER_BLOCK_MMAC = {
-    "conv1": 105.4,
-    "conv2": 223.9,
-    "conv3": 149.5,
-    "conv4": 112.1,
-    "conv5": 74.8,
-    "fc6": 37.7,
-    "fc7": 16.8,
-    "fc8": 4.1,
-}
+@functools.cache
+def _paper_block_macs() -> dict[str, int]:
+    """Forward MACs of each block of the paper network (``alexnet info``). Only a default split's
+    weights: backward costs about 2x forward for every block, so the ratios hold for a whole step."""
+    return block_macs(ModelConfig())
 
 
 def default_cuts(stages: int, cost: dict[str, float] | None = None) -> tuple[str, ...]:
@@ -47,7 +41,7 @@ def default_cuts(stages: int, cost: dict[str, float] | None = None) -> tuple[str
     """
     if not 1 <= stages <= len(BLOCK_NAMES):
         raise ValueError(f"stages={stages}: use 1..{len(BLOCK_NAMES)} (the network has 8 blocks)")
-    w = [float((cost or _PAPER_BLOCK_MMAC)[n]) for n in BLOCK_NAMES]
+    w = [float((cost or _paper_block_macs())[n]) for n in BLOCK_NAMES]
     n = len(w)
     prefix = [0.0]
     for x in w:
@@ -81,7 +75,8 @@ def parse_shape(shape: str) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class Grid:
-    """R x S x C ranks, M micro-batches per step, the global batch, the stage cuts, the schedule.
+    """R x S x C ranks, M micro-batches per step, the global batch, the stage cuts, the schedule
+    (the order of a stage's micro-batch forwards and backwards: ``pipeline.schedules``).
 
     Refuses, when built: non-positive sizes, C not in {1, 2}, more stages than blocks, bad
     cuts, a global batch that does not split into R replicas x M micro-batches, and an

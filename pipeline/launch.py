@@ -60,33 +60,8 @@ def spawn_ranks(
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
-    dead_since: dict[int, float] = {}
-    deadline = time.monotonic() + timeout_s
     try:
-        while len(results) < world_size:
-            if all(
-                r in results or (r in may_exit and procs[r].exitcode is not None) for r in range(world_size)
-            ):
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                missing = sorted(set(range(world_size)) - set(results))
-                raise TimeoutError(f"ranks {missing} did not finish within {timeout_s:.0f} s")
-            try:
-                rank, ok, payload = q.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                now = time.monotonic()
-                for r, p in enumerate(procs):
-                    if r not in results and r not in may_exit and p.exitcode is not None:
-                        dead_since.setdefault(r, now)
-                        if now - dead_since[r] > 2.0:  # its result, if any, had time to arrive
-                            raise RankFailed(
-                                f"rank {r} exited (code {p.exitcode}) without a result"
-                            ) from None
-                continue
-            if not ok:
-                raise RankFailed(f"rank {rank} failed:\n{payload}")
-            results[rank] = payload
+        _collect(procs, q, results, timeout_s, may_exit)
     finally:
         for p in procs:
             p.join(timeout=5 if len(results) + len(may_exit) >= world_size else 0.1)
@@ -96,3 +71,33 @@ def spawn_ranks(
                 p.join(timeout=5)
         q.close()
     return [results.get(r) for r in range(world_size)]
+
+
+def _collect(
+    procs: list, q: Any, results: dict[int, Any], timeout_s: float, may_exit: frozenset[int]
+) -> None:
+    """Fill ``results`` (rank -> value) from ``q`` until every rank has reported, or exited if it
+    may; raise on a failed rank, a rank gone without a result, or the deadline."""
+    world_size = len(procs)
+    dead_since: dict[int, float] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(results) < world_size:
+        if all(r in results or (r in may_exit and procs[r].exitcode is not None) for r in range(world_size)):
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            missing = sorted(set(range(world_size)) - set(results))
+            raise TimeoutError(f"ranks {missing} did not finish within {timeout_s:.0f} s")
+        try:
+            rank, ok, payload = q.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            now = time.monotonic()
+            for r, p in enumerate(procs):
+                if r not in results and r not in may_exit and p.exitcode is not None:
+                    dead_since.setdefault(r, now)
+                    if now - dead_since[r] > 2.0:  # its result, if any, had time to arrive
+                        raise RankFailed(f"rank {r} exited (code {p.exitcode}) without a result") from None
+            continue
+        if not ok:
+            raise RankFailed(f"rank {rank} failed:\n{payload}")
+        results[rank] = payload

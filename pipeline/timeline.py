@@ -1,4 +1,4 @@
-"""Per-rank event recording, the Chrome trace of a step, and the measured bubble fraction.
+"""Per-rank event recording, the Chrome trace of a step, and the pipeline's bubble.
 
 An event is a plain dict (JSON-ready, so a Ray actor can return it as is)::
 
@@ -9,6 +9,19 @@ Categories: ``forward`` / ``backward`` (one per micro-batch action; the exchange
 are nested inside them), ``exchange`` (an all-gather or its backward), ``recv`` (blocked on
 a point-to-point receive), ``send_wait`` (waiting for asynchronous sends to finish),
 ``grad_sync`` (waiting for the data-parallel gradient sums), ``optimizer`` (the SGD update).
+
+"Bubble" names two measures of a pipeline's idle time; they differ and are named apart:
+
+* the **bubble fraction** (:func:`bubble_fraction`, from these events): per stage, the share
+  of the step's flush-to-flush span in which the stage computes nothing, ``1 - (forward +
+  backward time) / span``. For equal-cost stages and free communication it is the **ideal
+  bubble** ``(S - 1) / (M + S - 1)`` (:func:`ideal_bubble_fraction`); ``bench/pipeline.py``
+  prints the two as ``bubble_measured`` and ``bubble_theory``;
+* the **pipeline wait fraction**: the engine's ``pipeline_wait_s / step_s``, the share of a
+  rank's step spent blocked on receives from and sends to its neighbouring stages (what the
+  job exports per stage as ``alexnet_pipeline_bubble_ratio``). It needs no event log, but it
+  also counts waiting on a slower neighbour, and misses idle time spent outside a receive or
+  send (after a stage's last backward, while the other stages still compute).
 """
 
 from __future__ import annotations
@@ -39,9 +52,9 @@ class Timeline:
         self.events, self.totals, self.step = [], defaultdict(float), step
 
     @contextmanager
-    def span(self, cat: str, name: str | None = None, mb: int | None = None) -> Iterator[None]:
-        """Time the body as one event of category ``cat``."""
-        mb = self.mb if mb is None else mb
+    def span(self, cat: str, name: str | None = None) -> Iterator[None]:
+        """Time the body as one event of category ``cat``, tagged with the current micro-batch."""
+        mb = self.mb
         t0 = time.perf_counter()
         try:
             yield
@@ -97,13 +110,19 @@ def chrome_trace(events_by_rank: Mapping[int, list[Event]]) -> dict[str, Any]:
     return {"traceEvents": out, "displayTimeUnit": "ms"}
 
 
+def ideal_bubble_fraction(stages: int, microbatches: int) -> float:
+    """The bubble fraction of a flushed pipeline (GPipe or 1F1B) of ``stages`` equal-cost stages
+    over ``microbatches`` micro-batches with free communication: (S - 1) / (M + S - 1)."""
+    return (stages - 1) / (microbatches + stages - 1)
+
+
 def bubble_fraction(events_by_rank: Mapping[int, list[Event]]) -> dict[int, float]:
     """Measured bubble fraction per stage: 1 - busy / span, averaged over the stage's ranks
     and the recorded steps.
 
     busy = the rank's forward + backward time; span = from the first forward to the last
     backward of any rank of the same replica in the same step (the pipeline's flush to
-    flush). Compare with (S - 1) / (M + S - 1) for stages of equal cost.
+    flush). Compare with :func:`ideal_bubble_fraction` for stages of equal cost.
     """
     windows: dict[tuple[int, int], list[float]] = {}
     for evs in events_by_rank.values():

@@ -10,29 +10,30 @@ reference's slice:
 * ``max_rel_update_error``: the same for the total change w_final - w_initial (stricter:
   it is not diluted by the unchanged part of the weights).
 
-Pieces the Ray runtime can reuse on a cluster: :func:`random_batch`, :func:`run_rank`
-(what one rank does once its groups exist), :func:`reference_run` and :func:`compare`.
-Here :func:`run_verify` launches local processes with gloo.
+The reference is :func:`alexnet.train_local.train_local` (the one-process training loop) on
+:func:`random_batch` data; :func:`run_rank` is what one rank does once its groups exist, and
+:func:`run_verify` launches the ranks as local processes with gloo.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from alexnet.config import ModelConfig
-from alexnet.layers import StepContext
+from alexnet.config import VARIANTS, ModelConfig
 from alexnet.model import TwoColumnAlexNet
+from alexnet.train_local import train_local
 from pipeline import dist as pdist
 from pipeline.engine import Engine
-from pipeline.grid import Grid
+from pipeline.grid import Grid, parse_shape
 from pipeline.launch import spawn_ranks
+from pipeline.schedules import SCHEDULE_CLASSES
 
 TOLERANCE = 1e-5
 
@@ -54,21 +55,15 @@ def reference_run(
     lr: float,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
-) -> list[dict[str, dict[str, np.ndarray]]]:
-    """Train the local two-column reference for ``steps``; per step its grads, updated weights and loss."""
-    model = TwoColumnAlexNet(cfg)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+) -> list[dict[str, Any]]:
+    """The local two-column reference trained ``steps`` steps on :func:`random_batch` data: per step
+    its grads and updated weights (numpy, canonical keys) and its loss."""
     out = []
-    for step in range(steps):
-        images, labels = random_batch(cfg, global_batch, step)
-        opt.zero_grad(set_to_none=True)
-        ctx = StepContext(seed=cfg.seed, step=step, sample_index=torch.arange(global_batch))
-        loss = F.cross_entropy(model(images, ctx), labels)
-        loss.backward()
+    batch = functools.partial(random_batch, cfg, global_batch)
+    for _, model, loss in train_local(cfg, batch, steps, lr, momentum=momentum, weight_decay=weight_decay):
         grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
-        opt.step()
         weights = {k: p.detach().numpy().copy() for k, p in model.named_parameters()}
-        out.append({"grads": grads, "weights": weights, "loss": float(loss.detach())})
+        out.append({"grads": grads, "weights": weights, "loss": loss})
     return out
 
 
@@ -116,12 +111,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def compare(
-    cfg: ModelConfig,
-    reference: list[dict],
-    rank_results: list[dict[str, Any]],
-    replicas_must_match: bool = True,
-) -> dict[str, float]:
+def compare(cfg: ModelConfig, reference: list[dict], rank_results: list[dict[str, Any]]) -> dict[str, float]:
     """Max relative errors of the ranks' grads / weights / total update against the reference.
 
     Every parameter of the model must be covered by some rank (a missing one is an error).
@@ -197,15 +187,12 @@ def run_verify(
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``alexnet verify``: print the JSON report; exit 1 if an error is over the tolerance."""
-    if args.variant == "small":
-        cfg = ModelConfig.small(num_classes=args.num_classes or 10, input_size=args.input_size or 32)
-    else:
-        cfg = ModelConfig(num_classes=args.num_classes or 1000, input_size=args.input_size or 227)
+    cfg = ModelConfig.for_variant(args.variant, args.num_classes, args.input_size)
+    replicas, stages, columns = parse_shape(args.grid)
     m = args.microbatches
-    head = args.grid.lower().split("x")[0].strip()
-    batch = args.batch or 2 * m * (int(head) if head.isdigit() else 1)  # Grid.parse checks the rest
+    batch = args.batch or 2 * m * replicas
     cuts = tuple(args.cuts.split(",")) if args.cuts else None
-    grid = Grid.parse(args.grid, microbatches=m, global_batch=batch, cuts=cuts, schedule=args.schedule)
+    grid = Grid(replicas, stages, columns, m, batch, cuts, args.schedule)
     report = run_verify(cfg, grid, steps=args.steps, lr=args.lr, timeout_s=args.timeout)
     print(json.dumps(report))
     return 0 if report["ok"] else 1
@@ -215,14 +202,16 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check the distributed engine against the one-process reference")
     p.add_argument("--grid", default="2x2x2", help="replicas x stages x columns, e.g. 2x2x2")
     p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b")
+    p.add_argument(
+        "--schedule", choices=sorted(SCHEDULE_CLASSES), default="1f1b", help="micro-batch order of each stage"
+    )
     p.add_argument(
         "--cuts", default="", help="first block of stages 1..S-1, comma-separated (default: balanced)"
     )
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=0, help="global batch (default 2 x replicas x microbatches)")
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--variant", choices=("small", "paper"), default="small")
+    p.add_argument("--variant", choices=VARIANTS, default="small")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before the check is abandoned")

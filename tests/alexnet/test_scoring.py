@@ -44,3 +44,11 @@ def test_tally_accumulates_and_reads_once():
     assert errors(got["top1"], got["top5"], got["n"]) == pytest.approx(
         {"top1_error": 1 / 3, "top5_error": 0.0}
     )
+
+
+def test_tally_sums_losses_in_float64_like_a_python_sum():
+    parts = [torch.tensor(1e8, dtype=torch.float32), torch.tensor(1.0), torch.tensor(1.0)]
+    t = Tally()
+    for ce in parts:
+        t.add_loss(ce)
+    assert t.totals()["loss_sum"] == sum(float(ce) for ce in parts) == 1e8 + 2  # float32 would give 1e8
