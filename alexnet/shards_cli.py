@@ -23,9 +23,14 @@ def cmd_shards(args: argparse.Namespace) -> int:
         if args.out is not None:
             raise ValueError("with --synthetic N give only OUT (no SRC)")
         s = build_synthetic(
-            args.synthetic, args.src, size=args.size or 40, classes=args.classes,
-            val_fraction=args.val_fraction, seed=args.seed, **common,
-        )  # fmt: skip
+            args.synthetic,
+            args.src,
+            size=args.size or 40,
+            classes=args.classes,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            **common,
+        )
     else:
         if args.out is None:
             raise ValueError(

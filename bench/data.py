@@ -87,8 +87,13 @@ def main() -> None:
         root = Path(tmp)
         make_imagefolder(root / "src", args.images)
         t0 = time.perf_counter()
-        s = build_shards(str(root / "src"), str(root / "shards"), shard_size=100, workers=args.shard_workers,
-                         progress=False)  # fmt: skip
+        s = build_shards(
+            str(root / "src"),
+            str(root / "shards"),
+            shard_size=100,
+            workers=args.shard_workers,
+            progress=False,
+        )
         shards_ips = sum(s.counts.values()) / (time.perf_counter() - t0)
         url = str(root / "shards")
         urls = [sh.url for sh in DatasetIndex.load(url).shards("train")]
@@ -103,9 +108,16 @@ def main() -> None:
     print(
         f"alexnet shards: {shards_ips:.0f} images/s with {args.shard_workers} processes (500x375 JPEG -> 256)"
     )
-    print(json.dumps({"images_per_s_per_core": round(m, 1), "baseline_images_per_s_per_core": round(b, 1),
-                      "ratio": round(m / b, 3), "shards_images_per_s": round(shards_ips, 1),
-                      "batch": args.batch, "input_size": 227, "stored_size": 256}))  # fmt: skip
+    result = {
+        "images_per_s_per_core": round(m, 1),
+        "baseline_images_per_s_per_core": round(b, 1),
+        "ratio": round(m / b, 3),
+        "shards_images_per_s": round(shards_ips, 1),
+        "batch": args.batch,
+        "input_size": 227,
+        "stored_size": 256,
+    }
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

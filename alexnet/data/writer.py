@@ -244,6 +244,7 @@ def _run(
     map_fn: MapFn | None,
     progress: bool,
 ) -> BuildSummary:
+    """Write the shards ``tasks`` lists that an earlier run has not, then the index beside them."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -266,6 +267,23 @@ def _run(
             results[r.name] = r
             written += r.count
             bar.update(r.count + len(r.skipped))
+    splits, skipped = _write_index(fs, root, tasks, results, meta)
+    return BuildSummary(
+        out=out,
+        counts={k: v["count"] for k, v in splits.items()},
+        shards_written=len(todo),
+        shards_reused=len(tasks) - len(todo),
+        skipped=skipped,
+        seconds=time.perf_counter() - t0,
+        written_images=written,
+    )
+
+
+def _write_index(
+    fs: Any, root: str, tasks: list[ShardTask], results: dict[str, ShardResult], meta: dict
+) -> tuple[dict[str, Any], list]:
+    """The mean image and ``dataset.json`` (written last: its presence means "complete");
+    returns the index's ``splits`` and the skipped source files."""
     # statistics from the per-shard partial sums (also those of shards written by an earlier run)
     stats = PixelStats(tasks[0].size)
     for t in tasks:
@@ -291,15 +309,7 @@ def _run(
         **final,
     )
     _atomic_write(fs, f"{root}/{INDEX_NAME}", json.dumps(index, indent=1).encode())
-    return BuildSummary(
-        out=out,
-        counts={k: v["count"] for k, v in splits.items()},
-        shards_written=len(todo),
-        shards_reused=len(tasks) - len(todo),
-        skipped=skipped,
-        seconds=time.perf_counter() - t0,
-        written_images=written,
-    )
+    return splits, skipped
 
 
 def _tasks(out: str, split: str, items: list, source: dict, size: int, quality: int, shard_size: int) -> list:
@@ -379,8 +389,16 @@ def build_synthetic(
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction={val_fraction}: must be in [0, 1)")
     names = [f"class_{c:03d}" for c in range(classes)]
-    plan = {"kind": "synthetic", "n": n, "size": size, "quality": quality, "shard_size": shard_size,
-            "classes": names, "seed": seed, "val_fraction": val_fraction}  # fmt: skip
+    plan = {
+        "kind": "synthetic",
+        "n": n,
+        "size": size,
+        "quality": quality,
+        "shard_size": shard_size,
+        "classes": names,
+        "seed": seed,
+        "val_fraction": val_fraction,
+    }
     fp = _fingerprint(plan)
     _prepare_out(out, fp, plan)
     source = {"kind": "synthetic", "seed": seed, "classes": classes}
