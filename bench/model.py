@@ -33,6 +33,7 @@ import ctypes
 import importlib.util
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -201,6 +202,7 @@ def load_fused(path: str) -> type[nn.Module]:
     if spec is None or spec.loader is None:
         raise SystemExit(f"--against {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.FusedAlexNet
 
