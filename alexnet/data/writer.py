@@ -145,14 +145,17 @@ def _load(task: ShardTask, item: tuple, read: _SourceBytes) -> Image.Image:
     if src["kind"] == "synthetic":
         return Image.fromarray(synthetic_image(src["seed"], task.split, item[0], task.size, src["classes"]))
     data = read(item)
+    im = None
     try:
         # PIL reads the format from the bytes, not the name: ImageNet's PNG named .JPEG is read as PNG
         im = Image.open(io.BytesIO(data))
+        im.load()
     except UnidentifiedImageError:
         raise ValueError(
             "empty file" if not data else f"not an image: no format PIL reads matches its {len(data)} bytes"
         ) from None
-    im.load()
+    except (OSError, SyntaxError) as e:  # what PIL's parsers and decoders raise on damaged data
+        raise ValueError(f"damaged {im.format if im else 'image'} data ({e})") from None
     return resize_center_crop(im, task.size)
 
 
