@@ -413,3 +413,19 @@ def test_truncated_train_tar(tmp_path, capsys):
     err = _refused(["shards", str(src), str(out)], out, capsys)
     assert "ILSVRC2012_img_train.tar" in err and "download it again" in err
     shutil.rmtree(src)
+
+
+def test_readme_datasets_commands_parse():
+    """The README's `alexnet shards` lines for ImageNet are real commands with real flags."""
+    import re
+
+    from tests.deploy.test_configs import check_alexnet_command
+    from tests.deploy.test_readme import ROOT, shell_commands
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Datasets: `alexnet shards`", 1)[1].split("\n### ", 1)[0]
+    cmds = shell_commands(section)
+    assert [c[:2] for c in cmds] == [["alexnet", "shards"]] * 2 and "--val-labels" in cmds[1]
+    for argv in cmds:
+        check_alexnet_command(argv, "README Datasets")
+    assert re.search(r"`--allow-empty-classes`", section)

@@ -67,6 +67,11 @@ def test_imagefolder_without_val_warns(tmp_path):
     assert s.counts == {"train": 9} and len(s.warnings) == 1 and "eval.every_epochs=0" in s.warnings[0]
     s = build_shards(_tree(tmp_path / "src2"), str(tmp_path / "out2"), size=SIZE, workers=1, progress=False)
     assert s.counts == {"train": 9, "val": 3} and s.warnings == []
+    src = _tree(tmp_path / "src3", val=False)
+    (tmp_path / "src3" / "val" / "ant").mkdir(parents=True)
+    (tmp_path / "src3" / "val" / "ant" / "bad.jpg").write_bytes(b"not an image")  # val there, none readable
+    s = build_shards(src, str(tmp_path / "out3"), size=SIZE, workers=1, progress=False)
+    assert s.counts == {"train": 9, "val": 0} and "holds no images" in s.warnings[0]
 
 
 # ---- dataset.json ------------------------------------------------------------------------------
