@@ -311,8 +311,9 @@ class Progress:
         from tqdm import tqdm
 
         file = self.file or sys.stderr
-        if not self.enabled or _isatty(file):
-            return tqdm(total=total, unit="img", desc="shards", file=file, disable=not self.enabled)
+        quiet = not self.enabled or total == 0  # nothing to write: every shard is from an earlier run
+        if quiet or _isatty(file):
+            return tqdm(total=total, unit="img", desc="shards", file=file, disable=quiet)
         fmt = "{desc}: {n_fmt}/{total_fmt} images ({percentage:.0f}%), {elapsed} elapsed, {remaining} left"
         fmt += ", {rate_fmt}"
         # miniters=1: no dynamic miniters, so only mininterval decides when a line is written

@@ -254,6 +254,8 @@ def test_progress_in_a_log_at_intervals(tmp_path):
         "shards: 0/60 images (0%)",
         "shards: 60/60 images (100%)",
     ]
+    (tmp_path / "out" / "dataset.json").unlink()
+    assert _progress_build(tmp_path, io.StringIO(), interval=0.0) == ""  # a resume with nothing to write
 
 
 def test_progress_on_a_terminal_is_a_bar(tmp_path):
