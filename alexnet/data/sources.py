@@ -74,9 +74,8 @@ class Source:
     classes: list[str]  # sorted; index = label
     class_names: list[str]  # same order; the folder name where no names file says otherwise
     splits: dict[str, list[SourceFile]]
-    layout: dict[
-        str, str | None
-    ]  # {"train", "val": what was read; "val_labels", "class_names": FILE or None}
+    # "train", "val": what was read; "val_labels", "class_names": the label file used, or None
+    layout: dict[str, str | None]
     warnings: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -216,11 +215,8 @@ def scan_val(fs: Any, root: str, src: str) -> tuple[dict[str, list[_Found]] | li
         },
         "keep one (an unpacking or a sorting into class folders that stopped half-way leaves both)",
     )
-    if layout is None:
-        # an empty val/ folder is a val split with no images (as before); no val/ is no val split
-        return ({} if fs.isdir(f"{root}/val") else None), (
-            "empty SRC/val/" if fs.isdir(f"{root}/val") else "none"
-        )
+    if layout is None:  # an empty val/ is a val split without images (as before); no val/ is no val split
+        return ({}, "empty SRC/val/") if fs.isdir(f"{root}/val") else (None, "none")
     if layout == folders:
         return _folder_classes(fs, root, "val", dirs), layout
     if layout == flat:
@@ -254,6 +250,17 @@ def _train_classes(
 def _label_flat(files: list[_Found], vl: ValLabels, known: set[str]) -> dict[str, list[_Found]]:
     """Flat val files -> {WNID: files} by ``vl``; refuses labels and files that do not match."""
     by_stem = {posixpath.splitext(posixpath.basename(f.path))[0]: f for f in files}
+    if len(by_stem) < len(files):
+        seen: dict[str, str] = {}
+        twice = [
+            f.path
+            for f in files
+            if seen.setdefault(posixpath.splitext(posixpath.basename(f.path))[0], f.path) != f.path
+        ]
+        raise ValueError(
+            f"SRC: {len(files) - len(by_stem)} val image(s) share a name with another but for the extension "
+            f"({_short(twice)}): the labels are by name; keep one of each"
+        )
     unlabelled = sorted(set(by_stem) - set(vl.labels))
     if unlabelled:
         raise ValueError(
@@ -319,10 +326,8 @@ def scan_source(src: str, *, val_labels: str | None = None, allow_empty_classes:
     classes, warnings = _train_classes(train, train_where, src, allow_empty_classes)
     val, val_layout = scan_val(fs, root, src)
     if val_labels is not None and not isinstance(val, list):
-        raise ValueError(
-            f"--val-labels {val_labels}: the val set here is {val_layout}, whose labels are its folders; "
-            f"drop --val-labels (it is for a flat val folder)"
-        )
+        what = "SRC has no val set" if val is None else f"the val set is in {val_layout}, labelled by them"
+        raise ValueError(f"--val-labels {val_labels}: {what}; drop --val-labels (it labels a flat val set)")
     # labels for a flat val set; class names from the same files when there is one (also for folders)
     labels_url = val_labels or find_val_labels(src)
     vl = load_val_labels(labels_url) if labels_url else None

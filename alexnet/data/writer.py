@@ -413,9 +413,7 @@ def _split_warnings(out: str, splits: dict[str, Any]) -> list[str]:
     if "val" not in splits:
         what = f"{out} has no val split"
     elif splits["val"]["count"] == 0:
-        what = (
-            f"the val split of {out} holds no images (SRC/val/ is empty, or none of its images was readable)"
-        )
+        what = f"the val split of {out} holds no images (none of its images was readable: see skipped above)"
     else:
         return []
     return [

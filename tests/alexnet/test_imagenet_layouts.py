@@ -429,3 +429,17 @@ def test_readme_datasets_commands_parse():
     for argv in cmds:
         check_alexnet_command(argv, "README Datasets")
     assert re.search(r"`--allow-empty-classes`", section)
+
+
+def test_val_labels_without_val_set_and_twin_names(tmp_path, capsys):
+    src = tmp_path / "src"
+    train_folders(src)
+    labels = tmp_path / "LOC_val_solution.csv"
+    labels.write_bytes(_loc_csv(TRUTH))
+    out = tmp_path / "out"
+    err = _refused(["shards", str(src), str(out), "--val-labels", str(labels)], out, capsys)
+    assert "SRC has no val set; drop --val-labels" in err
+    val_flat(src)
+    _write(src / "val" / "ILSVRC2012_val_00000002.png", VAL["ILSVRC2012_val_00000002.JPEG"])
+    err = _refused(["shards", str(src), str(out), "--val-labels", str(labels)], out, capsys)
+    assert "1 val image(s) share a name" in err and "val/ILSVRC2012_val_00000002.png" in err
