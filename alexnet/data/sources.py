@@ -158,70 +158,67 @@ def _tar_of_tars(fs: Any, root: str, rel: str) -> dict[str, list[_Found]]:
     return out
 
 
-def _the_one(src: str, what: str, present: dict[str, bool], fix: str) -> str | None:
-    """The single layout present (``present``: description -> found); two at once are ambiguous."""
+def _layout(
+    fs: Any,
+    root: str,
+    src: str,
+    split: str,
+    tar: str,
+    entries: tuple[list[str], list[tuple[str, int]]],
+    loose: tuple[str, bool],
+) -> tuple[str | None, str | None]:
+    """The one layout SRC holds ``split`` in: its description (None: none), and the path in SRC of
+    the download's ``tar`` when it is that. Two at once (a half-done unpacking) are refused."""
+    dirs, files = entries
+    tars = {f"SRC/{tar}": tar, f"SRC/{split}/{tar}": f"{split}/{tar}"}
+    present = {
+        f"SRC/{tar}": fs.isfile(f"{root}/{tar}"),
+        f"SRC/{split}/{tar}": any(name == tar for name, _ in files),
+        f"class folders SRC/{split}/<class>/": bool(dirs),
+        loose[0]: loose[1],
+    }
     found = [k for k, v in present.items() if v]
     if len(found) > 1:
-        raise ValueError(f"SRC={src}: {what} is there twice, as {' and as '.join(found)}; {fix}")
-    return found[0] if found else None
+        raise ValueError(
+            f"SRC={src}: {split} is there twice, as {' and as '.join(found)}; keep one in SRC (an "
+            f"unpacking, or a sorting into class folders, stopped half-way leaves both: finish or undo it)"
+        )
+    return (found[0], tars.get(found[0])) if found else (None, None)
 
 
 def scan_train(fs: Any, root: str, src: str) -> tuple[dict[str, list[_Found]], dict[str, str], str]:
     """{class: files}, {class: where it is, for messages}, and the layout's description."""
     dirs, files = _entries(fs, f"{root}/train")
     tars = [name for name, _ in files if name.endswith(".tar") and name != TRAIN_TAR]
-    big = {f"SRC/{TRAIN_TAR}": f"{TRAIN_TAR}", f"SRC/train/{TRAIN_TAR}": f"train/{TRAIN_TAR}"}
-    folders, class_tars = "class folders SRC/train/<class>/", "class tars SRC/train/<class>.tar"
-    layout = _the_one(
-        src,
-        "the training set",
-        {
-            f"SRC/{TRAIN_TAR}": fs.isfile(f"{root}/{TRAIN_TAR}"),
-            f"SRC/train/{TRAIN_TAR}": any(name == TRAIN_TAR for name, _ in files),
-            folders: bool(dirs),
-            class_tars: bool(tars),
-        },
-        "keep one in SRC (an unpacking that stopped half-way leaves both: finish or undo it)",
-    )
+    class_tars = "class tars SRC/train/<class>.tar"
+    layout, rel = _layout(fs, root, src, "train", TRAIN_TAR, (dirs, files), (class_tars, bool(tars)))
     if layout is None:
         raise ValueError(
             f"SRC={src}: no training set; expected SRC/train/<class>/<image> (an ImageFolder tree, "
             f"with SRC/val/...), SRC/train/<class>.tar, or ImageNet's SRC/{TRAIN_TAR}"
         )
-    if layout == folders:
-        return _folder_classes(fs, root, "train", dirs), {d: f"train/{d}" for d in dirs}, layout
+    if rel is not None:
+        classes = _tar_of_tars(fs, root, rel)
+        return classes, {c: f"{rel}/{c}.tar" for c in classes}, f"{layout}, read in place"
     if layout == class_tars:
         classes = {t[: -len(".tar")]: _tar_files(fs, root, f"train/{t}") for t in tars}
         return classes, {t[: -len(".tar")]: f"train/{t}" for t in tars}, layout
-    rel = big[layout]
-    classes = _tar_of_tars(fs, root, rel)
-    return classes, {c: f"{rel}/{c}.tar" for c in classes}, f"{layout}, read in place"
+    return _folder_classes(fs, root, "train", dirs), {d: f"train/{d}" for d in dirs}, layout
 
 
 def scan_val(fs: Any, root: str, src: str) -> tuple[dict[str, list[_Found]] | list[_Found] | None, str]:
     """Class folders ({class: files}), a flat set (files) or None (no val/), and the layout's description."""
     dirs, files = _entries(fs, f"{root}/val")
     images = [(name, size) for name, size in files if _is_image(name)]
-    big = {f"SRC/{VAL_TAR}": f"{VAL_TAR}", f"SRC/val/{VAL_TAR}": f"val/{VAL_TAR}"}
-    folders, flat = "class folders SRC/val/<class>/", "flat SRC/val/<image>"
-    layout = _the_one(
-        src,
-        "the val set",
-        {
-            f"SRC/{VAL_TAR}": fs.isfile(f"{root}/{VAL_TAR}"),
-            f"SRC/val/{VAL_TAR}": any(name == VAL_TAR for name, _ in files),
-            folders: bool(dirs),
-            flat: bool(images),
-        },
-        "keep one (an unpacking or a sorting into class folders that stopped half-way leaves both)",
-    )
+    flat = "flat SRC/val/<image>"
+    layout, rel = _layout(fs, root, src, "val", VAL_TAR, (dirs, files), (flat, bool(images)))
     if layout is None:  # an empty val/ is a val split without images (as before); no val/ is no val split
         return ({}, "empty SRC/val/") if fs.isdir(f"{root}/val") else (None, "none")
-    if layout == folders:
-        return _folder_classes(fs, root, "val", dirs), layout
+    if rel is not None:
+        return _tar_files(fs, root, rel), f"{layout}, read in place"
     if layout == flat:
         return [_Found(f"val/{name}", size) for name, size in images], layout
-    return _tar_files(fs, root, big[layout]), f"{layout}, read in place"
+    return _folder_classes(fs, root, "val", dirs), layout
 
 
 def _train_classes(
