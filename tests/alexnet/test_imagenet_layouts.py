@@ -443,3 +443,16 @@ def test_val_labels_without_val_set_and_twin_names(tmp_path, capsys):
     _write(src / "val" / "ILSVRC2012_val_00000002.png", VAL["ILSVRC2012_val_00000002.JPEG"])
     err = _refused(["shards", str(src), str(out), "--val-labels", str(labels)], out, capsys)
     assert "1 val image(s) share a name" in err and "val/ILSVRC2012_val_00000002.png" in err
+
+
+def test_val_half_sorted_refused_but_a_script_beside_folders_is_fine(tmp_path, capsys):
+    src = tmp_path / "src"
+    train_folders(src)
+    val_folders(src)
+    _write(src / "val" / "valprep.sh", b"#!/bin/sh\nmkdir -p n01440764\n")  # what the sorting recipes leave
+    s = _build(src, tmp_path / "ok")
+    assert s.counts == {"train": 12, "val": 8}
+    _write(src / "val" / "ILSVRC2012_val_00000099.JPEG", VAL["ILSVRC2012_val_00000001.JPEG"])  # not sorted
+    out = tmp_path / "out"
+    err = _refused(["shards", str(src), str(out)], out, capsys)
+    assert "val is there twice, as class folders SRC/val/<class>/ and as flat SRC/val/<image>" in err
