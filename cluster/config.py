@@ -12,11 +12,12 @@ valid ones listed), each section checks its own values in ``__post_init__``, and
 :class:`alexnet.config.ModelConfig` and :class:`pipeline.grid.Grid`, translating the grid's
 refusals to the config keys a user sets. Errors are ``ValueError`` naming the key and the fix.
 
-Who takes what: the checkpoint writer, the reporting callbacks and the LR rule take their own
-section (or plain values from it), the data pool a :class:`alexnet.data.reader.ReaderSpec`
-built from ``[data]``; the coordinator, which drives them all, and the trainer actors, which
-build an engine from ``[model]``, ``[grid]``, ``[optim]``, ``[data]`` and ``[train]``, take the
-whole :class:`JobConfig`.
+Who takes what: the run's checkpoints take ``[checkpoint]``, the LR rule ``[schedule]``, the
+failure policy and the fault plan ``[faults]``, the reporting callbacks plain values (batch size,
+``train.log_every_steps``), the data pool a :class:`alexnet.data.reader.ReaderSpec` built from
+``[data]``; the coordinator, which drives them all, the trainer group and the trainer actors,
+which build an engine from ``[model]``, ``[grid]``, ``[optim]``, ``[data]`` and ``[train]``, take
+the whole :class:`JobConfig`.
 """
 
 from __future__ import annotations
@@ -399,6 +400,13 @@ class JobConfig:
         return from_dict(self.to_dict(), overrides)
 
 
+# number types of config fields: how a message names them, and the TOML values each accepts
+_NUMBERS: dict[type, tuple[str, tuple[type, ...]]] = {
+    int: ("an integer", (int,)),
+    float: ("a number", (int, float)),
+}
+
+
 def _coerce(key: str, hint: Any, value: Any) -> Any:
     """Convert a TOML value or a ``--set`` string to the field's declared type."""
     origin = typing.get_origin(hint)
@@ -414,22 +422,15 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             return low in ("true", "1", "yes")
         _need(isinstance(value, bool), key, value, "use true or false")
         return value
-    if hint is int:
+    if hint in _NUMBERS:
+        what, accepted = _NUMBERS[hint]
         if isinstance(value, str):
             try:
-                return int(value.strip())
+                return hint(value.strip())
             except ValueError:
-                raise ValueError(f"{key}={value!r}: give an integer") from None
-        _need(isinstance(value, int) and not isinstance(value, bool), key, value, "give an integer")
-        return value
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise ValueError(f"{key}={value!r}: give a number") from None
-        _need(isinstance(value, int | float) and not isinstance(value, bool), key, value, "give a number")
-        return float(value)
+                raise ValueError(f"{key}={value!r}: give {what}") from None
+        _need(isinstance(value, accepted) and not isinstance(value, bool), key, value, f"give {what}")
+        return hint(value)
     if hint is str:
         _need(isinstance(value, str), key, value, "give a string")
         return value

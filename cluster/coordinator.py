@@ -138,13 +138,17 @@ class Coordinator:
         """The run's position: step, LR rule, data positions and the tensors still to load into the
         group, from checkpoint ``ck`` (its validation and checkpoint at that step are done), or a
         fresh start at step 0."""
-        m = None if ck is None else Manifest.from_json(ck.manifest)
-        self.step_no = 0 if m is None else m.step
-        lr = LRSchedule(self.cfg.schedule, self.cfg.optim.lr)
-        self.lr_schedule = lr if m is None else LRSchedule.from_state(self.cfg.schedule, m.lr_schedule)
-        self.positions = None if m is None else m.positions_for(self.cfg.data.workers)
+        rule = self.cfg.schedule
+        if ck is None:
+            self.step_no, self.positions = 0, None
+            self.lr_schedule = LRSchedule(rule, self.cfg.optim.lr)
+        else:
+            m = Manifest.from_json(ck.manifest)
+            self.step_no, self.positions = m.step, m.positions_for(self.cfg.data.workers)
+            self.lr_schedule = LRSchedule.from_state(rule, m.lr_schedule)
         self.to_load = ck
-        self.checkpoints.last_step = self._evaluated_step = -1 if m is None else m.step
+        # what was due at the restored step is done: it was validated before it was checkpointed
+        self._evaluated_step = self.checkpoints.last_step = -1 if ck is None else self.step_no
 
     # -- the state machine ---------------------------------------------------------------
     def run(self) -> str:
@@ -221,12 +225,15 @@ class Coordinator:
             # they go on training while the driver reduces, logs and exports metrics.
             self._inflight = self._submit(end)
         results = self.group.collect(handle)
-        self.step_no = end
         bad = self.policy.first_non_finite(results)
         if bad is not None:  # before anything is recorded or checkpointed: the weights are poisoned
+            self.step_no = end
             self.report.non_finite(bad["loss"])
             raise self.policy.non_finite_error(bad, self.checkpoints.newest())
-        self.report.chunk(results, end, self.lr_schedule.lr, self.group.data_stats())
+        self.report.steps(results, end, self.lr_schedule.lr)
+        self.step_no = end  # once its steps are recorded: a watcher of step_no sees their metrics
+        self.report.data(self.group.data_stats())
+        self.report.progress(end, self.lr_schedule.lr)
         return self._next()
 
     def _submit(self, step: int) -> tuple[int, int, Any]:
@@ -267,9 +274,8 @@ class Coordinator:
         self.group.shutdown()
         ck = self.checkpoints.load_newest()  # a write in flight completes first: it may be the newest
         self._resume_from(ck)
-        self.report.restarting(
-            len(self.policy.failures), self.cfg.faults.max_failures, self.step_no, ck and ck.url
-        )
+        newest = None if ck is None else ck.url
+        self.report.restarting(len(self.policy.failures), self.cfg.faults.max_failures, self.step_no, newest)
         return STARTING
 
     def _on_failure(self, e: TrainerDied) -> str:

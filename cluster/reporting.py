@@ -133,8 +133,8 @@ class Reporter:
         self.metrics.gauge("loss", loss, split="train")
 
     # -- training and validation -------------------------------------------------------------
-    def chunk(self, results: list[dict[str, Any]], step: int, lr: float, data_stats: dict[str, Any]) -> None:
-        """Steps up to ``step`` done: history, Prometheus, and a progress line when due."""
+    def steps(self, results: list[dict[str, Any]], step: int, lr: float) -> None:
+        """Steps up to ``step`` done (one reduced result each): the history and the step metrics."""
         for r in results:
             if "keys" in r:
                 self.history.keys[r["step"]] = list(r["keys"])
@@ -145,9 +145,6 @@ class Reporter:
         self.metrics.inc("images", self.batch_size * len(results))
         self._progress_gauges(step, lr)
         self._step_gauges(results[-1])
-        self._data_metrics(data_stats)
-        if len(self._window) >= self.log_every or step >= self.plan.total_steps:
-            self._log_progress(step, lr)
 
     def _progress_gauges(self, step: int, lr: float) -> None:
         m = self.metrics
@@ -177,7 +174,9 @@ class Reporter:
         for stage, frac in last.get("bubble", {}).items():
             m.gauge("pipeline_bubble_ratio", frac, stage=str(stage))
 
-    def _data_metrics(self, stats: dict[str, Any]) -> None:
+    def data(self, stats: dict[str, Any]) -> None:
+        """The data workers' counters (:meth:`cluster.coordinator.TrainerGroup.data_stats`): queue
+        depths, decode rate, and newly skipped samples and worker restarts (counted and logged)."""
         m = self.metrics
         for w, depth in enumerate(stats.get("queue_depth", [])):
             m.gauge("data_queue_depth_batches", depth, worker=str(w))
@@ -196,6 +195,11 @@ class Reporter:
         if delta > 0:
             m.inc("data_worker_restarts", delta)
             self._data_restarts_seen += delta
+
+    def progress(self, step: int, lr: float) -> None:
+        """A progress line every ``log_every_steps`` steps and at the run's end."""
+        if len(self._window) >= self.log_every or step >= self.plan.total_steps:
+            self._log_progress(step, lr)
 
     def _log_progress(self, step: int, lr: float) -> None:
         now, w = time.perf_counter(), self._window
