@@ -79,6 +79,7 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
+        """The step the checkpoint was written at (the next step to run)."""
         return int(self.manifest["step"])
 
 

@@ -126,6 +126,7 @@ class GridSection:
 
     @property
     def world_size(self) -> int:
+        """Trainer ranks: R x S x C."""
         r, s, c = self.dims
         return r * s * c
 

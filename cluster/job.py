@@ -44,6 +44,7 @@ class JobResult:
 
     @property
     def exit_code(self) -> int:
+        """0 finished, 143 stopped on request (after a complete checkpoint), 1 failed."""
         if self.state != FINISHED:
             return 1
         return EXIT_STOPPED if self.stopped else 0

@@ -147,16 +147,20 @@ class Metrics:
         return self._m[name]
 
     def gauge(self, name: str, value: float, **labels: str) -> None:
+        """Set gauge ``name`` (the run label filled in)."""
         self._m[name].labels(run=self.run, **labels).set(value)
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        """Add ``amount`` to counter ``name`` (the run label filled in)."""
         self._m[name].labels(run=self.run, **labels).inc(amount)
 
     def state(self, state: str) -> None:
+        """The coordinator entered ``state``: the enum and the transition counter."""
         self._m["state"].labels(run=self.run).state(state)
         self.inc("state_transitions", to_state=state)
 
     def info(self, **facts: str) -> None:
+        """The run's static facts (``alexnet_run_info``)."""
         self._m["run"].labels(run=self.run).info({k: str(v) for k, v in facts.items()})
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
@@ -166,6 +170,7 @@ class Metrics:
         return server.server_address[1]
 
     def close(self) -> None:
+        """Stop the HTTP endpoint, if serving."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -105,16 +105,20 @@ class Reporter:
         self._window_t = time.perf_counter()
 
     def transition(self, old: str, new: str, step: int) -> None:
+        """The coordinator went from state ``old`` to ``new`` at ``step``."""
         self.log(f"[coordinator] {old} -> {new} at step {step}")
         self.metrics.state(new)
 
     def failed(self, state: str, error: BaseException) -> None:
+        """An error no restart can fix ended the run in ``state``."""
         self.log(f"[coordinator] failed in state {state}: {type(error).__name__}: {error}")
 
     def stop_requested(self, step: int) -> None:
+        """A stop request is being served: the final checkpoint is of ``step``."""
         self.log(f"[coordinator] stop requested: final checkpoint at step {step}")
 
     def trainer_failure(self, count: int, step: int, error: BaseException) -> None:
+        """Trainer failure number ``count`` of the run, at ``step``."""
         self.log(f"[coordinator] trainer failure {count} at step {step}: {error}")
 
     def restarting(self, count: int, max_failures: int, step: int, newest: str | None) -> None:
@@ -260,10 +264,12 @@ class Reporter:
         self.metrics.inc("checkpoints")
 
     def final_checkpoint(self, rec: CheckpointRecord | None) -> None:
+        """The run's last checkpoint is on disk (``rec``: None when the run wrote none)."""
         if rec is not None:
             self.log(f"[coordinator] checkpoint {rec.url} ({rec.bytes / 1e6:.1f} MB)")
 
     def writer_failed(self, error: BaseException) -> None:
+        """The checkpoint writer failed when the run closed it."""
         self.log(f"[coordinator] checkpoint writer: {error}")
 
 
