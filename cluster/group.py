@@ -36,7 +36,8 @@ FAILURE_GRACE_S = 3.0  # after a rank fails, how long to collect the others' err
 # cause. NCCL (and torch's own store and network errors) raise torch.distributed.DistError; gloo
 # raises a plain RuntimeError (torch 2.14: "[gloo/transport/tcp/pair.cc] Read error ...: Connection
 # reset by peer", "[.../unbound_buffer.cc] Timed out waiting ... for recv"), so for gloo only the
-# message tells.
+# message tells. (A rank whose own fault surfaces as a DistError, e.g. an NCCL error on its GPU, is
+# listed among the consequences, in rank order; a dead actor always comes first.)
 _GLOO_PEER_LOST = ("Timed out", "timed out", "Connection closed", "Connection reset", "Read error")
 
 
