@@ -2,11 +2,10 @@
 
 States (``cluster.metrics.STATES``)::
 
-    starting ──> running ⇄ evaluating, checkpointing
-                    │
-                    └──> finishing ──> finished
-    any state ── a trainer died ──> recovering ──> starting      (failed: the budget is spent,
-                                                                  or any other error)
+    starting ──> running <──> evaluating, checkpointing
+                 (any of these three) ──> finishing ──> finished
+    any state ── a trainer died ──> recovering ──> starting
+    any state ── the restart budget is spent, or any other error ──> failed
 
 * ``starting``: start the trainer group (placement groups, trainer and data actors, process
   groups) and load the checkpoint to resume from, if any;
