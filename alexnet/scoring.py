@@ -51,7 +51,9 @@ class Tally:
         self.top1 = self.top1 + h1
         self.top5 = self.top5 + h5
         if loss:
-            self.loss_sum = self.loss_sum + F.cross_entropy(logits.float(), labels, reduction="sum").detach()
+            # float64 running sum: thousands of batches summed in float32 would drift in the 7th digit
+            ce = F.cross_entropy(logits.float(), labels, reduction="sum").detach()
+            self.loss_sum = self.loss_sum + ce.double()
         self.n += int(labels.shape[0])
 
     def totals(self) -> dict[str, float]:

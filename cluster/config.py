@@ -66,10 +66,7 @@ class ModelSection:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        built = self.to_model_config()
-        # for_variant reads a size of 0 as "the variant's default": here it is a value set by mistake
-        for key in ("num_classes", "input_size"):
-            _need(getattr(built, key) == getattr(self, key), f"model.{key}", getattr(self, key), "use > 0")
+        self.to_model_config()  # ModelConfig's checks are the model's only ones
 
     def to_model_config(self) -> ModelConfig:
         """The :class:`alexnet.config.ModelConfig` this section describes."""
