@@ -97,9 +97,7 @@ class ModelConfig:
         (paper: 1000 classes at 227 px; small: 10 classes at 32 px)."""
         if variant not in VARIANTS:
             raise ValueError(f"model.variant={variant!r}: use one of {VARIANTS}")
-        sizes = {
-            k: v for k, v in (("num_classes", num_classes), ("input_size", input_size)) if v is not None
-        }
+        sizes = {k: v for k, v in (("num_classes", num_classes), ("input_size", input_size)) if v is not None}
         if variant == "small":
             return cls.small(**sizes, **overrides)
         return cls(**sizes, **overrides)
