@@ -74,7 +74,7 @@ class ModelConfig:
         net starves the gradient for hundreds of steps; the paper network keeps 0.01.
         """
         if input_size < 32:
-            raise ValueError(f"input_size={input_size}: the small variant needs >= 32 px")
+            raise ValueError(f"model.input_size={input_size}: the small variant needs >= 32 px")
         params = dict(
             num_classes=num_classes,
             input_size=input_size,
@@ -97,7 +97,7 @@ class ModelConfig:
         (paper: 1000 classes at 227 px; small: 10 classes at 32 px)."""
         if variant not in VARIANTS:
             raise ValueError(f"model.variant={variant!r}: use one of {VARIANTS}")
-        sizes = {k: v for k, v in (("num_classes", num_classes), ("input_size", input_size)) if v}
+        sizes = {k: v for k, v in (("num_classes", num_classes), ("input_size", input_size)) if v is not None}
         if variant == "small":
             return cls.small(**sizes, **overrides)
         return cls(**sizes, **overrides)

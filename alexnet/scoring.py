@@ -59,6 +59,7 @@ class Tally:
 
     def add_loss(self, ce_sum: Tensor) -> None:
         """Add a batch's summed cross-entropy computed elsewhere (0-dim; e.g. the training loss)."""
+        # float64 running sum: thousands of batches summed in float32 would drift in the 7th digit
         self.loss_sum = self.loss_sum + ce_sum.detach().double()
 
     def totals(self) -> dict[str, float]:

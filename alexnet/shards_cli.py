@@ -1,19 +1,24 @@
-"""``alexnet shards``: build WebDataset shards from an ImageFolder tree, or a generated dataset.
+"""``alexnet shards``: WebDataset shards from an ImageFolder tree, ImageNet as downloaded, or generated data.
 
     alexnet shards SRC OUT [--size 256] [--quality 90] [--shard-size 1000] [--workers N]
+                           [--val-labels FILE] [--allow-empty-classes]
     alexnet shards --synthetic N OUT [--size 40] [--classes 10] [--val-fraction 0.1] [--seed 0]
 
-OUT may be a local path or an fsspec URL. Interrupted builds resume (complete shards are kept).
+SRC holds ``train/`` and ``val/`` class folders, or the ILSVRC-2012 files (the train tar, a flat
+val folder with the devkit's labels: :mod:`alexnet.data.sources`). OUT may be a local path or an
+fsspec URL. Interrupted builds resume (complete shards are kept). Progress goes to stderr: a bar
+on a terminal, a line every 30 s in a log (``ray job logs``, ``kubectl logs``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    """Run the build and print a summary (skipped files named)."""
+    """Run the build and print a summary (skipped files named, warnings last)."""
     from alexnet.data.writer import build_shards, build_synthetic
 
     common = dict(
@@ -22,6 +27,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
     if args.synthetic is not None:
         if args.out is not None:
             raise ValueError("with --synthetic N give only OUT (no SRC)")
+        if args.val_labels is not None or args.allow_empty_classes:
+            raise ValueError("--val-labels and --allow-empty-classes are for SRC OUT, not --synthetic")
         s = build_synthetic(
             args.synthetic,
             args.src,
@@ -36,7 +43,14 @@ def cmd_shards(args: argparse.Namespace) -> int:
             raise ValueError(
                 "give SRC OUT (an ImageFolder tree and the output directory), or --synthetic N OUT"
             )
-        s = build_shards(args.src, args.out, size=args.size or 256, **common)
+        s = build_shards(
+            args.src,
+            args.out,
+            size=args.size or 256,
+            val_labels=args.val_labels,
+            allow_empty_classes=args.allow_empty_classes,
+            **common,
+        )
     counts = ", ".join(f"{k} {v}" for k, v in s.counts.items())
     print(
         f"{s.out}: {counts} images; {s.shards_written} shards written, {s.shards_reused} kept from an "
@@ -46,15 +60,22 @@ def cmd_shards(args: argparse.Namespace) -> int:
         print(f"skipped {len(s.skipped)} unreadable images:")
         for path, reason in s.skipped:
             print(f"  {path}: {reason}")
+    for w in s.warnings:
+        print(f"alexnet shards: warning: {w}", file=sys.stderr)
     return 0
 
 
 def add_shards(sub: argparse._SubParsersAction) -> None:
     """Register ``alexnet shards``."""
     p = sub.add_parser(
-        "shards", help="ImageFolder tree (or --synthetic N) -> WebDataset shards + dataset.json"
+        "shards",
+        help="ImageFolder tree, ImageNet files (or --synthetic N) -> WebDataset shards + dataset.json",
     )
-    p.add_argument("src", metavar="SRC", help="ImageFolder root with train/ and val/ (with --synthetic: OUT)")
+    p.add_argument(
+        "src",
+        metavar="SRC",
+        help="folder with train/ and val/ (class folders, or ImageNet's tars, flat val; --synthetic: OUT)",
+    )
     p.add_argument("out", metavar="OUT", nargs="?", help="output directory or fsspec URL")
     p.add_argument(
         "--synthetic", type=int, metavar="N", help="generate N learnable images instead of reading SRC"
@@ -63,10 +84,23 @@ def add_shards(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument(
+        "--val-labels",
+        metavar="FILE",
+        default=None,
+        help="labels of a flat val folder: ILSVRC2012_devkit_t12.tar.gz (or its folder), its "
+        "ILSVRC2012_validation_ground_truth.txt (meta.mat beside it), or LOC_val_solution.csv "
+        "(default: the first of those found in SRC)",
+    )
+    p.add_argument(
+        "--allow-empty-classes",
+        action="store_true",
+        help="leave training class folders without images out of the classes (default: refuse them)",
+    )
     p.add_argument("--classes", type=int, default=10, help="synthetic: number of classes")
     p.add_argument("--val-fraction", type=float, default=0.1, help="synthetic: fraction of N for validation")
     p.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_shards)
 
 

@@ -4,7 +4,7 @@
     first fill their queues with the N batches, so decoding does not compete with the trainers for
     this 2-core machine's cores during the timed part):
     * baseline: each actor drives its engine directly on one fixed in-memory batch
-      (``TrainerActor.run_direct``: no data workers, no Ray call between steps);
+      (``DirectTrainer.run_direct`` below: no data workers, no Ray call between steps);
     * runtime: the coordinator's path (``RayTrainerGroup.train`` in chunks of ``steps_per_call``),
       the trainers pulling their batches from the data workers.
     control_overhead = (runtime wall - its data wait) / baseline wall - 1: what the Ray calls,
@@ -35,12 +35,41 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _direct_trainer():
+    """The production trainer actor plus the baseline of (a): ``run_direct``."""
+    import torch
+
+    from alexnet.data.transforms import to_model_input
+    from cluster.rank import TrainerActor
+
+    class DirectTrainer(TrainerActor):
+        def run_direct(self, first_step: int, steps: int, lr: float) -> float:
+            """``steps`` engine steps on one fixed in-memory batch (no data workers, no Ray calls
+            between steps); returns the seconds they took."""
+            g, m = self.grid, self.cfg.model
+            gen = torch.Generator().manual_seed(self.r)
+            u8 = torch.randint(0, 256, (g.replica_batch, 3, m.input_size, m.input_size), generator=gen)
+            images = to_model_input(
+                u8.to(torch.uint8).to(self.device),
+                torch.zeros(g.replica_batch, 3),
+                self.mean,
+                self.cfg.data.input_scale,
+            )
+            labels = torch.randint(0, m.num_classes, (g.replica_batch,), generator=gen).to(self.device)
+            t0 = time.perf_counter()
+            for t in range(first_step, first_step + steps):
+                self.engine.step(t, lr, images if self.first else None, labels if self.last else None)
+            return time.perf_counter() - t0
+
+    return DirectTrainer
+
+
 def _group(cfg, shards):
-    from cluster.job import plan_run
-    from cluster.trainer import RayTrainerGroup
+    from cluster.group import RayTrainerGroup
+    from cluster.plan import plan_run
 
     plan, _ = plan_run(cfg, shards)
-    group = RayTrainerGroup(cfg, plan, shards)
+    group = RayTrainerGroup(cfg, plan, shards, actor_cls=_direct_trainer())
     group.start(0, None)
     return group
 

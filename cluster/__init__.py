@@ -1,1 +1,22 @@
-"""Where it runs: Ray actors, the coordinator, checkpoints, metrics and the CLI's job commands."""
+"""Where it runs: Ray actors, the coordinator, checkpoints, metrics and the CLI's job commands.
+
+One owner per concern::
+
+    cli.py          alexnet train / alexnet eval (arguments -> config)
+    job.py          run_training: the driver's outline, top to bottom
+    config.py       the typed job config; its one validation builds the Grid and the ModelConfig
+    plan.py         RunPlan (the dataset checked once) and Milestones (what happens at step N)
+    coordinator.py  the state machine
+    faults.py       the failure policy (restart budget, NaN rule) and the injected faults
+    lr_schedule.py  the learning-rate rule ([schedule])
+    manifest.py     the typed checkpoint manifest, the resume checks, the run's checkpoints
+    checkpoint.py   checkpoint files: safetensors + manifest, atomic, pruned, background writer
+    reporting.py    metrics, progress lines, history; metrics.jsonl, plot, trace
+    metrics.py      every Prometheus metric, declared once
+    group.py        Ray: placement groups, actors, calls with timeouts, failure classification
+    placement.py    the placement layout, as a pure function
+    rank.py         the trainer actor (one grid rank: engine, batches, validation)
+    reduce.py       which ranks' numbers mean what; per-rank results -> one per step
+    evaluate.py     validation scoring shared with alexnet eval
+    data.py         the Ray data workers
+"""

@@ -7,8 +7,9 @@ Layout (``RUN_DIR`` is a local path or any fsspec URL, e.g. ``s3://bucket/run``)
         optimizer.safetensors   # SGD momentum buffers, keyed like the parameter they belong to
         manifest.json           # written LAST, by atomic rename: only a directory with it is a checkpoint
 
-The manifest holds the format version, step, epoch, the sizes and sha256 of the tensor files,
-and whatever the coordinator adds (data positions, RNG state, schedule state, config, grid).
+The manifest holds the format version, the step, the sizes and sha256 of the tensor files and
+the time of the write, plus the run's entries (:class:`cluster.manifest.Manifest`: epoch, data
+positions, learning-rate rule state, config, grid).
 Loading verifies sizes and hashes and never unpickles anything (safetensors + JSON only).
 Because the keys are the canonical per-column names, a checkpoint written on one grid loads on
 any other grid, and into the local and fused executions.
@@ -33,7 +34,6 @@ from typing import Any
 
 import fsspec
 import safetensors.torch
-import torch
 from torch import Tensor
 
 FORMAT_VERSION = 1
@@ -48,7 +48,8 @@ def checkpoint_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
 
 
-def _join(base: str, *parts: str) -> str:
+def join_url(base: str, *parts: str) -> str:
+    """``base/part/...`` for a local path or an fsspec URL (``s3://bucket/run``)."""
     return "/".join([base.rstrip("/"), *parts])
 
 
@@ -78,12 +79,13 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
+        """The step the checkpoint was written at (the next step to run)."""
         return int(self.manifest["step"])
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     """Complete checkpoints (those with a manifest) under ``run_dir``, oldest first, as (step, url)."""
-    root = _join(run_dir, "checkpoints")
+    root = join_url(run_dir, "checkpoints")
     fs, path = _fs(root)
     if not fs.exists(path):
         return []
@@ -92,8 +94,8 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         if not name.startswith(_PREFIX) or not name[len(_PREFIX) :].isdigit():
             continue
-        if fs.exists(_join(entry, MANIFEST)):
-            out.append((int(name[len(_PREFIX) :]), _join(root, name)))
+        if fs.exists(join_url(entry, MANIFEST)):
+            out.append((int(name[len(_PREFIX) :]), join_url(root, name)))
     return sorted(out)
 
 
@@ -106,7 +108,7 @@ def latest_checkpoint(run_dir: str) -> str | None:
 def resolve_checkpoint(path: str) -> str:
     """``path`` if it is a checkpoint directory, else the newest complete checkpoint of the run dir."""
     fs, p = _fs(path)
-    if fs.exists(_join(p, MANIFEST)):
+    if fs.exists(join_url(p, MANIFEST)):
         return path
     latest = latest_checkpoint(path)
     if latest is None:
@@ -120,7 +122,7 @@ def resolve_checkpoint(path: str) -> str:
 def read_manifest(url: str) -> dict[str, Any]:
     """The manifest of checkpoint ``url`` (JSON only), its format version checked."""
     fs, p = _fs(url)
-    with fs.open(_join(p, MANIFEST), "rb") as f:
+    with fs.open(join_url(p, MANIFEST), "rb") as f:
         manifest = json.loads(f.read())
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
@@ -138,7 +140,7 @@ def load_checkpoint(url: str) -> Checkpoint:
     fs, p = _fs(url)
     tensors = {}
     for name in (MODEL_FILE, OPTIMIZER_FILE):
-        with fs.open(_join(p, name), "rb") as f:
+        with fs.open(join_url(p, name), "rb") as f:
             data = f.read()
         want = manifest["files"][name]
         if len(data) != want["bytes"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
@@ -165,7 +167,7 @@ def write_checkpoint(
 ) -> CheckpointRecord:
     """Write one checkpoint synchronously: the tensor files first, then the manifest by rename."""
     t0 = time.perf_counter()
-    url = _join(run_dir, "checkpoints", checkpoint_name(step))
+    url = join_url(run_dir, "checkpoints", checkpoint_name(step))
     fs, p = _fs(url)
     fs.makedirs(p, exist_ok=True)
     files, total = {}, 0
@@ -173,17 +175,17 @@ def write_checkpoint(
         data = safetensors.torch.save(
             _to_host(tensors, copy=False), metadata={"format_version": str(FORMAT_VERSION)}
         )
-        with fs.open(_join(p, name), "wb") as f:
+        with fs.open(join_url(p, name), "wb") as f:
             f.write(data)
         files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         total += len(data)
     _crash_hook(step)
     manifest = {**(meta or {}), "format_version": FORMAT_VERSION, "step": step, "files": files}
     manifest["written_unix_s"] = time.time()
-    tmp = _join(p, MANIFEST + ".tmp")
+    tmp = join_url(p, MANIFEST + ".tmp")
     with fs.open(tmp, "wb") as f:
         f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
-    fs.mv(tmp, _join(p, MANIFEST))  # a rename on local disk: the manifest appears whole or not at all
+    fs.mv(tmp, join_url(p, MANIFEST))  # a rename on local disk: the manifest appears whole or not at all
     return CheckpointRecord(url, step, total, time.perf_counter() - t0)
 
 
@@ -211,19 +213,19 @@ def prune_checkpoints(run_dir: str, keep: int) -> list[str]:
         return []
     newest = complete[-1][0]
     doomed = [url for _, url in complete[:-keep]]
-    root = _join(run_dir, "checkpoints")
+    root = join_url(run_dir, "checkpoints")
     fs, path = _fs(root)
     have = {s for s, _ in complete}
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         digits = name[len(_PREFIX) :]
         if name.startswith(_PREFIX) and digits.isdigit() and int(digits) < newest and int(digits) not in have:
-            doomed.append(_join(root, name))
+            doomed.append(join_url(root, name))
     for url in doomed:
         fs_, p = _fs(url)
         # the manifest goes first, so a half-deleted directory is never mistaken for a checkpoint
-        if fs_.exists(_join(p, MANIFEST)):
-            fs_.rm(_join(p, MANIFEST))
+        if fs_.exists(join_url(p, MANIFEST)):
+            fs_.rm(join_url(p, MANIFEST))
         fs_.rm(p, recursive=True)
     return doomed
 
@@ -304,21 +306,3 @@ def merge_rank_states(states: list[dict[str, dict[str, Tensor]]]) -> tuple[dict,
         for k, v in st.get("optimizer", {}).items():
             optimizer.setdefault(k, v)
     return model, optimizer
-
-
-def check_keys(model: dict[str, Tensor], expected: list[str], what: str = "model") -> None:
-    """Refuse a state dict whose keys are not exactly ``expected`` (the canonical names)."""
-    missing, extra = sorted(set(expected) - set(model)), sorted(set(model) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{what} state has missing keys {missing[:4]} / unexpected keys {extra[:4]}")
-
-
-def rng_state() -> dict[str, Any]:
-    """The driver's torch CPU RNG state as JSON (a list of byte values; nothing pickled)."""
-    return {"torch_cpu": torch.get_rng_state().tolist()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_state`."""
-    if "torch_cpu" in state:
-        torch.set_rng_state(torch.tensor(state["torch_cpu"], dtype=torch.uint8))

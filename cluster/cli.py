@@ -64,7 +64,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on the val split; print one JSON line."""
-    from cluster.job import evaluate_checkpoint
+    from cluster.evaluate import evaluate_checkpoint
 
     res = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.max_samples)
     print(json.dumps(res), flush=True)

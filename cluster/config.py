@@ -6,27 +6,33 @@ A job config is built in three layers, later ones winning:
 2. ``--set section.key=value`` overrides from the command line (values coerced to the field's type);
 3. the CLI's own flags (``--steps``, ``--epochs``, ``--metrics-port``), applied as overrides.
 
-Every key is checked: unknown sections and keys are refused (with the valid ones listed), and
-every value is validated in its section's ``__post_init__`` plus the cross-section checks in
-:meth:`JobConfig.validate`, all before any actor starts. Errors are ``ValueError`` naming the
-key and the fix.
+Every key is checked before any actor starts: unknown sections and keys are refused (with the
+valid ones listed), each section checks its own values in ``__post_init__``, and
+:meth:`JobConfig.validate` builds the two objects that own the model and parallel rules,
+:class:`alexnet.config.ModelConfig` and :class:`pipeline.grid.Grid`, translating the grid's
+refusals to the config keys a user sets. Errors are ``ValueError`` naming the key and the fix.
 
-Each component receives only its own section (``cfg.checkpoint`` goes to the checkpoint
-manager, ``cfg.data`` to the data workers, ...), as torchtitan does after removing its
-monolithic config.
+Who takes what: the run's checkpoints take ``[checkpoint]``, the LR rule ``[schedule]``, the
+failure policy and the fault plan ``[faults]``, the reporting callbacks plain values (batch size,
+``train.log_every_steps``), the data pool a :class:`alexnet.data.reader.ReaderSpec` built from
+``[data]``; the coordinator, which drives them all, the trainer group and the trainer actors,
+which build an engine from ``[model]``, ``[grid]``, ``[optim]``, ``[data]`` and ``[train]``, take
+the whole :class:`JobConfig`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from alexnet.config import LRN_CONVENTIONS, ModelConfig
+from alexnet.config import ModelConfig
+from pipeline.grid import Grid, parse_shape
 
 try:
     import tomllib
@@ -34,7 +40,6 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as a package
     import tomli as tomllib
 
 PRESETS = ("paper", "demo", "small")
-SCHEDULES = ("1f1b", "gpipe")
 LR_SCHEDULES = ("plateau", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -47,7 +52,11 @@ def _need(cond: bool, key: str, value: Any, fix: str) -> None:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """The network: ``variant = "paper"`` (227 px, the 2012 widths) or ``"small"`` (32-64 px)."""
+    """The network: ``variant = "paper"`` (227 px, the 2012 widths) or ``"small"`` (32-64 px).
+
+    Checked by the :class:`alexnet.config.ModelConfig` it builds, whose errors name the
+    ``model.*`` keys.
+    """
 
     variant: str = "paper"
     num_classes: int = 1000
@@ -57,35 +66,33 @@ class ModelSection:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _need(self.variant in ("paper", "small"), "model.variant", self.variant, 'use "paper" or "small"')
-        _need(self.num_classes >= 2, "model.num_classes", self.num_classes, "need at least 2 classes")
-        _need(
-            self.lrn_convention in LRN_CONVENTIONS,
-            "model.lrn_convention",
-            self.lrn_convention,
-            f"use one of {LRN_CONVENTIONS}",
-        )
-        _need(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use a value in [0, 1)")
-        if self.variant == "small":
-            _need(self.input_size >= 32, "model.input_size", self.input_size, "the small variant needs >= 32")
-        self.to_model_config()  # ModelConfig's own checks (e.g. input too small for the paper net)
+        self.to_model_config()  # ModelConfig's checks are the model's only ones
 
     def to_model_config(self) -> ModelConfig:
         """The :class:`alexnet.config.ModelConfig` this section describes."""
-        common = dict(dropout=self.dropout, lrn_convention=self.lrn_convention, seed=self.seed)
-        if self.variant == "small":
-            return ModelConfig.small(num_classes=self.num_classes, input_size=self.input_size, **common)
-        return ModelConfig(num_classes=self.num_classes, input_size=self.input_size, **common)
+        return ModelConfig.for_variant(
+            self.variant,
+            self.num_classes,
+            self.input_size,
+            dropout=self.dropout,
+            lrn_convention=self.lrn_convention,
+            seed=self.seed,
+        )
 
 
 @dataclass(frozen=True)
 class GridSection:
-    """The parallel layout: ``shape = "RxSxC"`` (replicas x stages x columns) and its placement."""
+    """The parallel layout: ``shape = "RxSxC"`` (replicas x stages x columns) and its placement.
+
+    The layout's rules (sizes, cuts, schedule, the batch split) are :class:`pipeline.grid.Grid`'s,
+    checked when :meth:`JobConfig.to_grid` builds it; this section checks what only placement
+    and the process groups use.
+    """
 
     shape: str = "1x1x2"
     microbatches: int = 1
     cuts: tuple[str, ...] = ()  # first block of stages 1..S-1; empty: the engine's default split
-    schedule: str = "1f1b"
+    schedule: str = "1f1b"  # the micro-batch order (pipeline.schedules), not the learning-rate rule
     gpus_per_rank: float = 0.0
     cpus_per_rank: float = 1.0
     backend: str = "auto"  # "auto": nccl with GPUs, gloo without
@@ -93,13 +100,6 @@ class GridSection:
     collective_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        _need(len(self.dims) == 3, "grid.shape", self.shape, 'write "RxSxC", e.g. "1x2x2"')
-        r, s, c = self.dims
-        _need(r >= 1 and s >= 1, "grid.shape", self.shape, "replicas and stages must be >= 1")
-        _need(c in (1, 2), "grid.shape", self.shape, "columns (the last number) must be 1 or 2")
-        _need(s <= 8, "grid.shape", self.shape, "the network has 8 blocks: use at most 8 stages")
-        _need(self.microbatches >= 1, "grid.microbatches", self.microbatches, "use >= 1")
-        _need(self.schedule in SCHEDULES, "grid.schedule", self.schedule, f"use one of {SCHEDULES}")
         _need(self.gpus_per_rank >= 0, "grid.gpus_per_rank", self.gpus_per_rank, "use >= 0 (0: CPU only)")
         _need(self.cpus_per_rank > 0, "grid.cpus_per_rank", self.cpus_per_rank, "use > 0")
         _need(
@@ -112,40 +112,38 @@ class GridSection:
         _need(
             self.collective_timeout_s > 0, "grid.collective_timeout_s", self.collective_timeout_s, "use > 0"
         )
-        _need(
-            not self.cuts or len(self.cuts) == s - 1,
-            "grid.cuts",
-            list(self.cuts),
-            f"give {s - 1} block names (the first block of stages 1..{s - 1}) or none",
-        )
 
     @property
-    def dims(self) -> tuple[int, ...]:
-        """(R, S, C) parsed from ``shape`` (empty tuple when unparsable)."""
+    def dims(self) -> tuple[int, int, int]:
+        """(R, S, C) parsed from ``shape`` by :func:`pipeline.grid.parse_shape`."""
         try:
-            return tuple(int(x) for x in self.shape.lower().split("x"))
-        except ValueError:
-            return ()
+            return parse_shape(self.shape)
+        except ValueError as e:
+            raise ValueError(f"grid.shape={self.shape!r}: {e}") from None
 
     @property
     def world_size(self) -> int:
+        """Trainer ranks: R x S x C."""
         r, s, c = self.dims
         return r * s * c
 
-    def to_grid(self, global_batch: int):
-        """The engine's :class:`pipeline.grid.Grid` for this layout (the engine validates it too)."""
-        from pipeline.grid import Grid
 
-        r, s, c = self.dims
-        return Grid(
-            replicas=r,
-            stages=s,
-            columns=c,
-            microbatches=self.microbatches,
-            global_batch=global_batch,
-            cuts=tuple(self.cuts) or None,
-            schedule=self.schedule,
-        )
+# A Grid refusal names the Grid's own fields; each of them is set by one config key.
+_GRID_FIELD_KEYS = {
+    "replicas": "grid.shape",
+    "stages": "grid.shape",
+    "columns": "grid.shape",
+    "microbatches": "grid.microbatches",
+    "global_batch": "optim.batch_size",
+    "cuts": "grid.cuts",
+    "schedule": "grid.schedule",
+}
+
+
+def grid_error_keys(message: str) -> list[str]:
+    """The config keys behind a :class:`pipeline.grid.Grid` refusal, in the order it names them."""
+    fields = re.findall(r"\b(" + "|".join(_GRID_FIELD_KEYS) + r")\b", message)
+    return list(dict.fromkeys(_GRID_FIELD_KEYS[f] for f in fields)) or ["grid.shape"]
 
 
 @dataclass(frozen=True)
@@ -166,10 +164,13 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class ScheduleSection:
-    """Learning-rate schedule, applied at each epoch end after validation.
+    """The learning-rate rule, applied at each epoch end after validation (:mod:`cluster.lr_schedule`).
 
+    The section keeps its name ``[schedule]`` for existing configs; in code it is the
+    ``lr_schedule`` (``grid.schedule`` is the unrelated micro-batch order).
     ``plateau`` (the paper): divide the rate by ``1 / factor`` when the validation top-1 error has
     not improved by ``threshold`` for ``patience`` epochs, at most ``max_reductions`` times.
+    ``constant``: never change it.
     """
 
     kind: str = "plateau"
@@ -192,7 +193,9 @@ class TrainSection:
 
     ``steps`` > 0 wins over ``epochs``; both count from step 0, so a resumed run stops where an
     uninterrupted one would. ``steps_per_call`` steps run per Ray call to the trainers (the
-    coordinator is off the per-step path); a smaller value reacts faster to SIGTERM.
+    coordinator is off the per-step path); a smaller value reacts faster to SIGTERM. ``seed`` is
+    recorded with the config but drives nothing: the weights and dropout masks draw from
+    ``model.seed``, the data order and augmentation from ``data.seed``.
     """
 
     epochs: int = 90
@@ -203,7 +206,7 @@ class TrainSection:
     log_every_steps: int = 10
     threads_per_rank: int = 0  # torch intra-op threads per trainer; 0: Ray's cpus_per_rank
     # debug (off by default): stage-0 trainers return the sample keys they consumed with each
-    # step's results (Coordinator.history.keys), so tests can check an epoch saw every sample once
+    # step's results (History.keys), so tests can check an epoch saw every sample once
     record_keys: bool = False
 
     def __post_init__(self) -> None:
@@ -338,32 +341,19 @@ class JobConfig:
 
     def validate(self) -> None:
         """Checks that span sections (each section checked its own values already)."""
-        r, s, c = self.grid.dims
-        b, m = self.optim.batch_size, self.grid.microbatches
+        grid = self.to_grid()
         _need(
-            b % r == 0,
-            "optim.batch_size",
-            b,
-            f"must divide evenly over grid.shape={self.grid.shape!r}'s {r} replicas",
-        )
-        _need(
-            (b // r) % m == 0,
+            grid.microbatches >= grid.stages or grid.schedule == "gpipe",
             "grid.microbatches",
-            m,
-            f"must divide the per-replica batch {b // r} (optim.batch_size / replicas)",
-        )
-        _need(
-            m >= s or self.grid.schedule == "gpipe",
-            "grid.microbatches",
-            m,
-            f"1F1B needs at least as many micro-batches as stages ({s}); raise it or use gpipe",
+            grid.microbatches,
+            f"1F1B needs at least as many micro-batches as stages ({grid.stages}); raise it or use gpipe",
         )
         if self.faults.kill_rank >= 0:
             _need(
-                self.faults.kill_rank < self.grid.world_size,
+                self.faults.kill_rank < grid.world_size,
                 "faults.kill_rank",
                 self.faults.kill_rank,
-                f"grid {self.grid.shape} has ranks 0..{self.grid.world_size - 1}",
+                f"grid {self.grid.shape} has ranks 0..{grid.world_size - 1}",
             )
         if self.faults.kill_data_worker >= 0:
             _need(
@@ -375,7 +365,28 @@ class JobConfig:
         if self.train.device == "cuda":
             _need(self.grid.gpus_per_rank > 0, "grid.gpus_per_rank", 0, 'train.device="cuda" needs > 0')
 
+    def to_grid(self) -> Grid:
+        """The engine's :class:`pipeline.grid.Grid` of ``[grid]`` and ``optim.batch_size``.
+
+        The Grid owns the layout's rules; its refusals come back naming the config keys to change.
+        """
+        g = self.grid
+        r, s, c = g.dims
+        try:
+            return Grid(r, s, c, g.microbatches, self.optim.batch_size, tuple(g.cuts) or None, g.schedule)
+        except ValueError as e:
+            values = {
+                "grid.shape": g.shape,
+                "grid.microbatches": g.microbatches,
+                "grid.cuts": list(g.cuts),
+                "grid.schedule": g.schedule,
+                "optim.batch_size": self.optim.batch_size,
+            }
+            named = ", ".join(f"{k}={values[k]!r}" for k in grid_error_keys(str(e)))
+            raise ValueError(f"{named}: {e}") from None
+
     def model_config(self) -> ModelConfig:
+        """The :class:`alexnet.config.ModelConfig` of ``[model]``."""
         return self.model.to_model_config()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -385,6 +396,13 @@ class JobConfig:
     def replace(self, **overrides: Any) -> JobConfig:
         """A copy with ``{"section.key": value}`` overrides applied (values coerced, validated)."""
         return from_dict(self.to_dict(), overrides)
+
+
+# number types of config fields: how a message names them, and the TOML values each accepts
+_NUMBERS: dict[type, tuple[str, tuple[type, ...]]] = {
+    int: ("an integer", (int,)),
+    float: ("a number", (int, float)),
+}
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:
@@ -402,22 +420,15 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             return low in ("true", "1", "yes")
         _need(isinstance(value, bool), key, value, "use true or false")
         return value
-    if hint is int:
+    if hint in _NUMBERS:
+        what, accepted = _NUMBERS[hint]
         if isinstance(value, str):
             try:
-                return int(value.strip())
+                return hint(value.strip())
             except ValueError:
-                raise ValueError(f"{key}={value!r}: give an integer") from None
-        _need(isinstance(value, int) and not isinstance(value, bool), key, value, "give an integer")
-        return value
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise ValueError(f"{key}={value!r}: give a number") from None
-        _need(isinstance(value, int | float) and not isinstance(value, bool), key, value, "give a number")
-        return float(value)
+                raise ValueError(f"{key}={value!r}: give {what}") from None
+        _need(isinstance(value, accepted) and not isinstance(value, bool), key, value, f"give {what}")
+        return hint(value)
     if hint is str:
         _need(isinstance(value, str), key, value, "give a string")
         return value

@@ -39,11 +39,9 @@ import ray
 from alexnet.data.index import DatasetIndex
 from alexnet.data.reader import ReaderSpec, WorkerStream, steps_per_epoch, val_batches
 from alexnet.data.writer import BuildSummary, build_shards, build_synthetic
+from cluster.metrics import SKIP_REASONS
 
 DEFAULT_TIMEOUT_S = 300.0
-# reasons a training sample is skipped (``alexnet_skipped_samples_total{reason=...}``): undecodable
-# image, record without jpg or cls, lost to a truncated tar, in a shard that cannot be opened at all
-SKIP_REASONS = ("corrupt", "missing", "truncated", "unreadable")
 
 
 def _key(epoch: int, index: int) -> tuple[int, int]:
@@ -160,9 +158,15 @@ class DataWorker:
 
     # API --------------------------------------------------------------------------------------------
     def get_batch(
-        self, epoch: int, index: int, part: int = 0, parts: int = 1, consumer: int = 0,
-        timeout_s: float = DEFAULT_TIMEOUT_S, images: bool = True,
-    ) -> dict:  # fmt: skip
+        self,
+        epoch: int,
+        index: int,
+        part: int = 0,
+        parts: int = 1,
+        consumer: int = 0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        images: bool = True,
+    ) -> dict:
         """Rows ``[part*B/parts, (part+1)*B/parts)`` of batch ``index`` of ``epoch`` (blocks until made)."""
         B = self.spec.batch_size
         if index % self.W != self.worker:
@@ -194,8 +198,8 @@ class DataWorker:
                 )
             b = self._buf[k]
         r = slice(part * B // parts, (part + 1) * B // parts)
-        out = {"labels": b["labels"][r], "keys": b["keys"][r], "epoch": b["epoch"], "index": b["index"],
-               "worker": self.worker, "position": b["position"]}  # fmt: skip
+        out = {k: b[k][r] for k in ("labels", "keys")}
+        out.update(epoch=b["epoch"], index=b["index"], worker=self.worker, position=b["position"])
         if images:  # label-only consumers (the last stage) need not carry the pixels
             out["images"], out["lighting"] = b["images"][r], b["lighting"][r]
         return out
@@ -288,12 +292,9 @@ class DataPool:
     ) -> None:
         index = DatasetIndex.load(spec.url)
         self.spec = spec
+        # the sizes (e.g. no more workers than batches) were checked by the run's plan before Ray
+        # started (cluster.plan)
         self.steps_per_epoch = steps_per_epoch(index.count(spec.split), spec.batch_size)
-        if spec.workers > self.steps_per_epoch:
-            raise ValueError(
-                f"data.workers={spec.workers} but an epoch has only {self.steps_per_epoch} batches: "
-                f"use at most {self.steps_per_epoch} data workers"
-            )
         if positions is not None and len(positions) != spec.workers:
             raise ValueError(
                 f"{len(positions)} saved data positions for data.workers={spec.workers}: resume with the "
@@ -310,7 +311,7 @@ class DataPool:
                 self.registry,
                 start_epoch,
                 end=None if end_step is None else divmod(end_step, self.steps_per_epoch),
-            )  # fmt: skip
+            )
             for w in range(spec.workers)
         ]
         self.timeout_s = timeout_s

@@ -12,8 +12,22 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Info, start_http_server
 
-STATES = ("starting", "running", "recovering", "checkpointing", "finished", "failed")
-STEP_PARTS = ("compute", "exchange", "pipeline_wait", "data_wait", "optimizer")
+# the coordinator's states (cluster.coordinator); new ones are appended, names are never changed
+STATES = (
+    "starting",
+    "running",
+    "recovering",
+    "checkpointing",
+    "finished",
+    "failed",
+    "evaluating",
+    "finishing",
+)
+# label values of alexnet_step_time_seconds{part}: the engine's <part>_s timings plus data_wait_s
+STEP_PARTS = ("compute", "exchange", "pipeline_wait", "data_wait", "optimizer", "grad_sync")
+# label values of alexnet_skipped_samples_total{reason}: an undecodable image, a record without jpg
+# or cls, a record lost to a truncated tar, a record in a shard that cannot be opened at all
+SKIP_REASONS = ("corrupt", "missing", "truncated", "unreadable")
 
 
 @dataclass(frozen=True)
@@ -51,15 +65,16 @@ SPECS: tuple[MetricSpec, ...] = (
         "step_time_seconds",
         "gauge",
         "Wall time of the last step split into parts "
-        "(compute, exchange, pipeline_wait, data_wait, optimizer), "
-        "per pipeline stage and column.",
+        "(compute, exchange, pipeline_wait, data_wait, optimizer, grad_sync: the optimizer update "
+        "alone and the gradient all-reduce across replicas), per pipeline stage and column.",
         ("run", "part", "stage", "column"),
     ),
     MetricSpec("step_seconds", "gauge", "Wall time of the last whole training step."),
     MetricSpec(
         "pipeline_bubble_ratio",
         "gauge",
-        "Measured fraction of the step a stage sat idle in the schedule, 0..1.",
+        "Per-stage idle fraction of the last step: the time a stage's ranks waited on pipeline "
+        "receives (pipeline_wait) over their step time, mean over its columns (replica 0), 0..1.",
         ("run", "stage"),
     ),
     MetricSpec(
@@ -87,7 +102,7 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("checkpoints", "counter", "Checkpoints written."),
     MetricSpec("restarts", "counter", "Trainer-group restarts after a failure.", ("run", "reason")),
     MetricSpec("data_worker_restarts", "counter", "Data workers replaced after a failure."),
-    MetricSpec("state", "enum", "Coordinator state."),
+    MetricSpec("state", "enum", "Coordinator state (see cluster.coordinator)."),
     MetricSpec("state_transitions", "counter", "Coordinator state transitions.", ("run", "to_state")),
     MetricSpec("run", "info", "Static facts of the run: grid, preset, device, model."),
 )
@@ -132,16 +147,20 @@ class Metrics:
         return self._m[name]
 
     def gauge(self, name: str, value: float, **labels: str) -> None:
+        """Set gauge ``name`` (the run label filled in)."""
         self._m[name].labels(run=self.run, **labels).set(value)
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        """Add ``amount`` to counter ``name`` (the run label filled in)."""
         self._m[name].labels(run=self.run, **labels).inc(amount)
 
     def state(self, state: str) -> None:
+        """The coordinator entered ``state``: the enum and the transition counter."""
         self._m["state"].labels(run=self.run).state(state)
         self.inc("state_transitions", to_state=state)
 
     def info(self, **facts: str) -> None:
+        """The run's static facts (``alexnet_run_info``)."""
         self._m["run"].labels(run=self.run).info({k: str(v) for k, v in facts.items()})
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
@@ -151,6 +170,7 @@ class Metrics:
         return server.server_address[1]
 
     def close(self) -> None:
+        """Stop the HTTP endpoint, if serving."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

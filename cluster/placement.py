@@ -1,8 +1,8 @@
 """Where the trainer ranks go: the placement-group layout for a grid, as a pure function.
 
-The design asks for the columns of one stage on one node (they all-gather at every exchange
-point), a whole replica on one node where it fits (its stages pass activations point to point),
-and replicas spread over nodes (they only all-reduce gradients once per step). Ray's placement
+Wanted: the columns of one stage on one node (they all-gather at every exchange point), a whole
+replica on one node where it fits (its stages pass activations point to point), and replicas
+spread over nodes (they only all-reduce gradients once per step). Ray's placement
 groups have no affinity between bundles of one group beyond PACK/SPREAD, but a bundle always lands
 on a single node, so the layout is expressed by what one bundle holds:
 

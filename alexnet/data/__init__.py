@@ -1,6 +1,7 @@
 """The data pipeline without Ray: shard writer, ``dataset.json`` index, transforms, deterministic readers.
 
 * :mod:`alexnet.data.writer`: ``build_shards`` (ImageFolder -> WebDataset shards), ``build_synthetic``;
+* :mod:`alexnet.data.sources`, :mod:`alexnet.data.imagenet`: what SRC may hold (ImageNet as downloaded);
 * :mod:`alexnet.data.index`: ``DatasetIndex.load(url)`` (classes, shard counts, mean, RGB PCA);
 * :mod:`alexnet.data.transforms`: the paper's crop/flip/lighting draws, 10-crop, ``to_model_input``;
 * :mod:`alexnet.data.reader`: ``ReaderSpec``, ``WorkerStream`` (epoch plan, positions), ``val_batches``.

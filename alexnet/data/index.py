@@ -11,8 +11,14 @@ Layout of a shard directory (local path or any fsspec URL)::
 ``dataset.json`` fields (format version 1):
 
 * ``format_version``, ``size`` (stored images are size x size), ``quality`` (JPEG), ``fingerprint``
-  (identifies the source: a different one makes ``alexnet shards`` refuse the directory);
-* ``classes``: class names, index = label (sorted folder names, as torchvision's ImageFolder);
+  (identifies the source: a different one makes ``alexnet shards`` refuse the directory),
+  ``source`` (SRC, or ``synthetic:<seed>``);
+* ``classes``: class names, index = label (sorted folder names, as torchvision's ImageFolder; for
+  ImageNet the WNIDs, ``n01440764`` ...);
+* ``class_names`` (since the ImageNet layouts; optional, same order as ``classes``): readable names,
+  from the devkit's meta.mat ``words`` (``tench, Tinca tinca``) where one was found, else the class;
+* ``layout`` (optional, folder builds): what SRC held: ``train``, ``val`` (e.g. ``flat SRC/val/<image>``),
+  ``val_labels`` and ``class_names`` (the label file used, or null);
 * ``splits``: ``{"train": {"count": N, "shards": [{"name": "train-000000.tar", "count": n}, ...]}, ...}``;
 * ``mean_rgb`` (3,), ``mean_image_file`` ("mean_image.npy"), ``rgb_cov`` (3, 3), ``eigenvalues`` (3,,
   descending) and ``eigenvectors`` (3, 3, one eigenvector per COLUMN): all in pixel units (0-255) over
@@ -36,6 +42,8 @@ import torch
 
 FORMAT_VERSION = 1
 INDEX_NAME = "dataset.json"
+# keys a reader needs; the others (quality, fingerprint, skipped, class_names, ...) are informative
+REQUIRED_KEYS = ("size", "classes", "splits", "mean_rgb", "mean_image_file", "eigenvalues", "eigenvectors")
 MEAN_IMAGE_NAME = "mean_image.npy"
 SPLITS = ("train", "val")
 
@@ -129,6 +137,25 @@ class PixelStats:
         }
 
 
+def _check_meta(meta: dict[str, Any], path: str, fix: str) -> None:
+    """The keys and the ``splits`` structure readers rely on are there."""
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} (an incomplete or edited index); {fix}")
+    splits = meta["splits"]
+    ok = isinstance(splits, dict) and all(
+        isinstance(s, dict)
+        and isinstance(s.get("shards"), list)
+        and all(isinstance(sh, dict) and {"name", "count"} <= set(sh) for sh in s["shards"])
+        for s in splits.values()
+    )
+    if not ok or not isinstance(meta["classes"], list):
+        raise ValueError(
+            f'{path}: `splits` must map each split to {{"count", "shards": [{{"name", "count"}}, ...]}} '
+            f"and `classes` be a list; {fix}"
+        )
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     """One shard: its URL and its sample count as written."""
@@ -147,26 +174,47 @@ class DatasetIndex:
 
     @classmethod
     def load(cls, url: str) -> DatasetIndex:
-        """Read ``URL/dataset.json`` (URL: the shard directory, local path or fsspec URL)."""
+        """Read ``URL/dataset.json`` (URL: the shard directory, local path or fsspec URL).
+
+        A missing, unparsable or incomplete file is a ``ValueError`` naming it and the fix.
+        """
+        path = join(url, INDEX_NAME)
         try:
-            with fsspec.open(join(url, INDEX_NAME), "r") as f:
-                meta = json.load(f)
+            with fsspec.open(path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             raise ValueError(
                 f"{url}: no {INDEX_NAME} here; build shards first with `alexnet shards SRC {url}` "
                 f"or `alexnet shards --synthetic N {url}`"
             ) from None
+        rebuild = (
+            f"run the `alexnet shards ... {url}` command that built it again (it keeps the complete "
+            f"shards and writes {INDEX_NAME} anew)"
+        )
+        try:
+            meta = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e}): a damaged copy; {rebuild}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}: a JSON {type(meta).__name__}, not a shard index; {rebuild}")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(
-                f"{url}/{INDEX_NAME}: format_version {meta.get('format_version')}, this code reads "
+                f"{path}: format_version {meta.get('format_version')}, this code reads "
                 f"{FORMAT_VERSION}; rebuild the shards with this version of `alexnet shards`"
             )
+        _check_meta(meta, path, rebuild)
         return cls(url=url, meta=meta)
 
     @property
     def classes(self) -> list[str]:
         """Class names; the label of a sample is its index here."""
         return list(self.meta["classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        """Readable class names, same order as :attr:`classes` (the classes themselves in an index
+        written before names were recorded)."""
+        return list(self.meta.get("class_names") or self.meta["classes"])
 
     @property
     def num_classes(self) -> int:

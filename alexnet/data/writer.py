@@ -1,4 +1,7 @@
-"""``alexnet shards``: an ImageFolder tree (or generated images) -> WebDataset shards + ``dataset.json``.
+"""``alexnet shards``: an ImageFolder tree, ImageNet as downloaded, or generated images -> WebDataset shards.
+
+What SRC may look like (ImageFolder, the ILSVRC-2012 tars, a flat val folder with the devkit's
+labels) is :mod:`alexnet.data.sources`; here: writing the shards and ``dataset.json``.
 
 Work unit: one shard. The files of a split are sorted (class folder, then file name) and cut into
 consecutive runs of ``shard_size``; shard i always holds the same source files, which is what
@@ -22,27 +25,30 @@ import io
 import json
 import multiprocessing as mp
 import os
+import posixpath
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import fsspec
 import numpy as np
 import webdataset as wds
 from fsspec.core import url_to_fs
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from alexnet.data.index import (
     FORMAT_VERSION,
     INDEX_NAME,
     MEAN_IMAGE_NAME,
-    SPLITS,
     PixelStats,
     join,
     shard_name,
 )
+from alexnet.data.sources import SourceFile, scan_source
 from alexnet.data.synthetic import synthetic_image, synthetic_label
 
 PARTS = "_parts"
@@ -57,7 +63,7 @@ class ShardTask:
     split: str
     index: int
     first: int  # index of the shard's first item within the split (sample keys are split_<index>)
-    items: tuple  # folder: ((relpath, label), ...); synthetic: ((i, label), ...)
+    items: tuple  # folder: (SourceFile, ...); synthetic: ((i, label), ...)
     source: dict  # {"kind": "folder", "root": url} or {"kind": "synthetic", "seed", "classes"}
     size: int
     quality: int
@@ -88,6 +94,7 @@ class BuildSummary:
     shards_reused: int
     skipped: list
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # for the end of the build's output
 
     @property
     def images_per_s(self) -> float:
@@ -111,15 +118,54 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     return im.crop((x, y, x + size, y + size))
 
 
-def _load(task: ShardTask, item: tuple) -> Image.Image:
+class _SourceBytes:
+    """Reads source images: plain files, or byte ranges of a tar kept open for the whole shard."""
+
+    def __init__(self, root: str, stack: ExitStack) -> None:
+        self.root, self.stack, self.archives = root, stack, {}
+
+    def __call__(self, item: SourceFile) -> bytes:
+        if not item.archive:
+            with fsspec.open(join(self.root, item.path), "rb") as f:
+                return f.read()
+        f = self.archives.get(item.archive)
+        if f is None:
+            f = self.archives[item.archive] = self.stack.enter_context(
+                fsspec.open(join(self.root, item.archive), "rb")
+            )
+        f.seek(item.offset)
+        data = f.read(item.size)
+        if len(data) != item.size:
+            raise EOFError(f"{item.archive} ends {item.size - len(data)} bytes into it: a truncated tar")
+        return data
+
+
+def _load(task: ShardTask, item: tuple, read: _SourceBytes) -> Image.Image:
     src = task.source
     if src["kind"] == "synthetic":
         return Image.fromarray(synthetic_image(src["seed"], task.split, item[0], task.size, src["classes"]))
-    with fsspec.open(join(src["root"], item[0]), "rb") as f:
-        data = f.read()
-    im = Image.open(io.BytesIO(data))
-    im.load()
+    data = read(item)
+    im = None
+    try:
+        # PIL reads the format from the bytes, not the name: ImageNet's PNG named .JPEG is read as PNG
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except UnidentifiedImageError:
+        raise ValueError(
+            "empty file" if not data else f"not an image: no format PIL reads matches its {len(data)} bytes"
+        ) from None
+    except (OSError, SyntaxError) as e:  # what PIL's parsers and decoders raise on damaged data
+        raise ValueError(f"damaged {im.format if im else 'image'} data ({e})") from None
     return resize_center_crop(im, task.size)
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def skip_reason(e: Exception) -> str:
+    """Why a source image was skipped, as text (no ``<_io.BytesIO object at 0x...>`` in it)."""
+    text = _OBJECT_REPR.sub("the file", str(e))
+    return text if isinstance(e, ValueError) else f"{type(e).__name__}: {text}"
 
 
 def write_shard(task: ShardTask) -> ShardResult:
@@ -128,15 +174,18 @@ def write_shard(task: ShardTask) -> ShardResult:
     final, tmp = f"{root}/{task.name}", f"{root}/{task.name}.tmp"
     stats = PixelStats(task.size) if task.split == "train" else None
     skipped, count = [], 0
-    with fs.open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as tw:
+    with ExitStack() as stack:
+        f = stack.enter_context(fs.open(tmp, "wb"))
+        tw = stack.enter_context(wds.TarWriter(f, encoder=False, mtime=0.0))
+        read = _SourceBytes(task.source.get("root", ""), stack)
         for j, item in enumerate(task.items):
             try:
-                im = _load(task, item)
+                im = _load(task, item, read)
                 buf = io.BytesIO()
-                im.save(buf, "JPEG", quality=task.quality)
+                im.save(buf, "JPEG", quality=task.quality)  # im is RGB: a 3-channel (YCbCr) baseline JPEG
                 data = buf.getvalue()
             except Exception as e:  # any unreadable source image: skip it, name it in the summary
-                skipped.append((str(item[0]), f"{type(e).__name__}: {e}"))
+                skipped.append((str(item[0]), skip_reason(e)))
                 continue
             if stats is not None:
                 # statistics over exactly what the readers will decode
@@ -165,47 +214,48 @@ def _read_part(fs: Any, root: str, name: str) -> dict | None:
         return json.loads(f.read())
 
 
-def scan_imagefolder(src: str) -> tuple[list[str], dict[str, list[tuple[str, int, int]]]]:
-    """Classes (sorted train folder names) and, per split, sorted (relpath, label, bytes) lists."""
-    fs, root = url_to_fs(src)
-    root = root.rstrip("/")
-    if not fs.isdir(f"{root}/train"):
-        raise ValueError(
-            f"SRC={src}: expected an ImageFolder tree SRC/train/<class>/<image> (and SRC/val/...)"
-        )
-    classes = sorted(
-        e["name"].rstrip("/").rsplit("/", 1)[-1]
-        for e in fs.ls(f"{root}/train", detail=True)
-        if e["type"] == "directory" and not e["name"].rstrip("/").rsplit("/", 1)[-1].startswith(".")
-    )
-    if not classes:
-        raise ValueError(f"SRC={src}: no class folders under SRC/train")
-    label = {c: i for i, c in enumerate(classes)}
-    splits = {}
-    for split in SPLITS:
-        if not fs.isdir(f"{root}/{split}"):
-            continue
-        items = []
-        for path, info in fs.find(f"{root}/{split}", detail=True).items():
-            rel = path[len(root) + 1 :]
-            parts = rel.split("/")
-            if len(parts) != 3 or parts[2].startswith(".") or info["type"] != "file":
-                continue
-            if parts[1] not in label:
-                raise ValueError(
-                    f"SRC={src}: class folder {split}/{parts[1]} has no counterpart in SRC/train"
-                )
-            items.append((rel, label[parts[1]], int(info.get("size") or 0)))
-        splits[split] = sorted(items, key=lambda t: (t[1], t[0]))
-    return classes, splits
-
-
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def _unwritable(out: str, fs: Any, root: str, e: OSError) -> ValueError:
+    parent = root
+    while posixpath.dirname(parent) not in (parent, ""):
+        parent = posixpath.dirname(parent)
+        if fs.isfile(parent):
+            return ValueError(
+                f"OUT={out}: cannot create it: {parent} is a file, not a folder; choose another OUT"
+            )
+    return ValueError(
+        f"OUT={out}: cannot create or write it ({e.strerror or e}); choose a folder you may write, or "
+        f"change its permissions"
+    )
+
+
+def _check_out(out: str) -> None:
+    """Before any source is read: OUT is a folder that is new, empty or an earlier build, and writable."""
+    fs, root = url_to_fs(out)
+    if fs.isfile(root):
+        raise ValueError(f"OUT={out} is a file; give a folder (new, empty, or an earlier build to resume)")
+    if fs.isdir(root) and not fs.exists(f"{root}/{PARTS}/plan.json"):
+        # an empty _parts/ is what this check leaves behind when the source scan then failed
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+        if names and not (names == [PARTS] and not fs.ls(f"{root}/{PARTS}", detail=False)):
+            raise ValueError(
+                f"OUT={out} is not empty and holds no shard build; use an empty or new directory"
+            )
+    try:
+        fs.makedirs(f"{root}/{PARTS}", exist_ok=True)
+        probe = f"{root}/{PARTS}/.write-test"
+        with fs.open(probe, "wb") as f:
+            f.write(b"")
+        fs.rm(probe)
+    except OSError as e:  # NotADirectoryError (a parent is a file), PermissionError, a read-only mount
+        raise _unwritable(out, fs, root, e) from None
+
+
 def _prepare_out(out: str, fingerprint: str, plan: dict) -> None:
-    """Refuse a directory that holds something else; record the plan."""
+    """Refuse an earlier build of something else; record the plan (OUT was checked by _check_out)."""
     fs, root = url_to_fs(out)
     plan_path = f"{root}/{PARTS}/plan.json"
     if fs.exists(plan_path):
@@ -217,10 +267,66 @@ def _prepare_out(out: str, fingerprint: str, plan: dict) -> None:
                 f"(size, quality, shard size, source files); use an empty OUT or delete it"
             )
         return
-    if fs.exists(root) and fs.ls(root, detail=False):
-        raise ValueError(f"OUT={out} is not empty and holds no shard build; use an empty or new directory")
-    fs.makedirs(f"{root}/{PARTS}", exist_ok=True)
     _atomic_write(fs, plan_path, json.dumps(dict(plan, fingerprint=fingerprint)).encode())
+
+
+class _Lines:
+    """A file for tqdm that turns its carriage-return redraws into whole lines (pipes, log files)."""
+
+    def __init__(self, file: TextIO) -> None:
+        self.file = file
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").rstrip()  # tqdm pads a redraw with spaces to cover the previous one
+        if s:
+            self.file.write(s + "\n")
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _isatty(file: TextIO) -> bool:
+    try:
+        return file.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed file
+        return False
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the build's progress goes: a tqdm bar on a terminal; elsewhere (``ray job logs``, a pipe,
+    a file) one plain line at the start, then at most one every ``interval`` seconds, and at the end."""
+
+    enabled: bool = True
+    file: TextIO | None = None  # default: sys.stderr at the time of the build
+    interval: float = 30.0
+
+    def say(self, line: str) -> None:
+        """A line of its own in the progress output."""
+        if self.enabled:
+            print(line, file=self.file or sys.stderr, flush=True)
+
+    def bar(self, total: int) -> Any:
+        """A tqdm bar over ``total`` images."""
+        from tqdm import tqdm
+
+        file = self.file or sys.stderr
+        quiet = not self.enabled or total == 0  # nothing to write: every shard is from an earlier run
+        if quiet or _isatty(file):
+            return tqdm(total=total, unit="img", desc="shards", file=file, disable=quiet)
+        fmt = "{desc}: {n_fmt}/{total_fmt} images ({percentage:.0f}%), {elapsed} elapsed, {remaining} left"
+        fmt += ", {rate_fmt}"
+        # miniters=1: no dynamic miniters, so only mininterval decides when a line is written
+        return tqdm(
+            total=total,
+            unit="img",
+            desc="shards",
+            file=_Lines(file),
+            mininterval=self.interval,
+            miniters=1,
+            ascii=True,
+            bar_format=fmt,
+        )
 
 
 def _pool_map(workers: int) -> MapFn | None:
@@ -242,11 +348,10 @@ def _run(
     meta: dict,
     workers: int,
     map_fn: MapFn | None,
-    progress: bool,
+    progress: Progress,
+    warnings: list[str],
 ) -> BuildSummary:
     """Write the shards ``tasks`` lists that an earlier run has not, then the index beside them."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     fs, root = url_to_fs(out)
     results, todo = {}, []
@@ -262,7 +367,7 @@ def _run(
         map_fn = _pool_map(workers)
     mapped = map_fn(write_shard, todo) if (map_fn is not None and todo) else map(write_shard, todo)
     written = 0
-    with tqdm(total=sum(len(t.items) for t in todo), unit="img", disable=not progress, desc="shards") as bar:
+    with progress.bar(sum(len(t.items) for t in todo)) as bar:
         for r in mapped:
             results[r.name] = r
             written += r.count
@@ -275,6 +380,7 @@ def _run(
         shards_reused=len(tasks) - len(todo),
         skipped=skipped,
         seconds=time.perf_counter() - t0,
+        warnings=warnings + _split_warnings(out, splits),
         written_images=written,
     )
 
@@ -312,6 +418,21 @@ def _write_index(
     return splits, skipped
 
 
+def _split_warnings(out: str, splits: dict[str, Any]) -> list[str]:
+    """A dataset without val images builds fine, but `alexnet train` validates every epoch by default."""
+    if "val" not in splits:
+        what = f"{out} has no val split"
+    elif splits["val"]["count"] == 0:
+        what = f"the val split of {out} holds no images (none of its images was readable: see skipped above)"
+    else:
+        return []
+    return [
+        f"{what}: `alexnet train` validates after every epoch, so train on it with "
+        f"`--set eval.every_epochs=0`, or add validation images (SRC/val/, or --val-fraction > 0) and "
+        f"build into a new OUT"
+    ]
+
+
 def _tasks(out: str, split: str, items: list, source: dict, size: int, quality: int, shard_size: int) -> list:
     return [
         ShardTask(out, split, k, i, tuple(items[i : i + shard_size]), source, size, quality)
@@ -337,29 +458,51 @@ def build_shards(
     shard_size: int = 1000,
     workers: int | None = None,
     map_fn: MapFn | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
+    val_labels: str | None = None,
+    allow_empty_classes: bool = False,
 ) -> BuildSummary:
-    """Turn the ImageFolder tree ``src`` into shards in ``out`` (both local paths or fsspec URLs).
+    """Turn the image tree ``src`` into shards in ``out`` (both local paths or fsspec URLs).
 
-    Resumable and idempotent: shards completed by an earlier run with the same source and settings
-    are kept. ``map_fn(fn, tasks)`` replaces the local process pool (e.g. Ray tasks on a cluster;
-    then ``out`` must be reachable from every node).
+    ``src``: an ImageFolder tree or ImageNet as downloaded (layouts, ``val_labels`` and
+    ``allow_empty_classes``: :mod:`alexnet.data.sources`). Everything a user can get wrong in SRC
+    or OUT is a ``ValueError`` before any shard is written. Resumable and idempotent: shards
+    completed by an earlier run with the same source and settings are kept. ``map_fn(fn, tasks)``
+    replaces the local process pool (e.g. Ray tasks on a cluster; then ``out`` must be reachable
+    from every node).
     """
+    progress = progress if isinstance(progress, Progress) else Progress(enabled=progress)
     _check(size, quality, shard_size)
-    classes, splits = scan_imagefolder(src)
-    if not splits.get("train"):
-        raise ValueError(f"SRC={src}: no training images under SRC/train/<class>/")
-    plan = {"kind": "folder", "size": size, "quality": quality, "shard_size": shard_size, "classes": classes}
-    fp = _fingerprint(dict(plan, files={k: [list(x) for x in v] for k, v in splits.items()}))
+    _check_out(out)
+    source = scan_source(src, val_labels=val_labels, allow_empty_classes=allow_empty_classes)
+    progress.say(f"{src}: {source.describe()}")
+    plan = {
+        "kind": "folder",
+        "size": size,
+        "quality": quality,
+        "shard_size": shard_size,
+        "classes": source.classes,
+    }
+    # the fingerprint of a folder build is unchanged from before the ImageNet layouts: an
+    # interrupted build of an earlier version resumes
+    files = {k: [[f.path, f.label, f.size] for f in v] for k, v in source.splits.items()}
+    fp = _fingerprint(dict(plan, files=files))
     _prepare_out(out, fp, plan)
-    source = {"kind": "folder", "root": src}
     tasks = [
         t
-        for split, items in splits.items()
-        for t in _tasks(out, split, [(p, lab) for p, lab, _ in items], source, size, quality, shard_size)
+        for split, items in source.splits.items()
+        for t in _tasks(out, split, items, {"kind": "folder", "root": src}, size, quality, shard_size)
     ]
-    meta = {"size": size, "quality": quality, "classes": classes, "fingerprint": fp, "source": src}
-    return _run(out, tasks, meta, workers or os.cpu_count() or 1, map_fn, progress)
+    meta = {
+        "size": size,
+        "quality": quality,
+        "classes": source.classes,
+        "class_names": source.class_names,
+        "layout": source.layout,
+        "fingerprint": fp,
+        "source": src,
+    }
+    return _run(out, tasks, meta, workers or os.cpu_count() or 1, map_fn, progress, source.warnings)
 
 
 def build_synthetic(
@@ -374,12 +517,13 @@ def build_synthetic(
     shard_size: int = 1000,
     workers: int | None = None,
     map_fn: MapFn | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
 ) -> BuildSummary:
     """A generated dataset of ``n`` images (``round(n * val_fraction)`` of them validation), same format.
 
     Defaults suit ``ModelConfig.small()``: 40 px stored images for 32 px crops, 10 classes.
     """
+    progress = progress if isinstance(progress, Progress) else Progress(enabled=progress)
     _check(size, quality, shard_size)
     n_val = round(n * val_fraction)
     if classes < 2 or n - n_val < classes:
@@ -399,6 +543,7 @@ def build_synthetic(
         "seed": seed,
         "val_fraction": val_fraction,
     }
+    _check_out(out)
     fp = _fingerprint(plan)
     _prepare_out(out, fp, plan)
     source = {"kind": "synthetic", "seed": seed, "classes": classes}
@@ -410,7 +555,8 @@ def build_synthetic(
         "size": size,
         "quality": quality,
         "classes": names,
+        "class_names": names,
         "fingerprint": fp,
         "source": f"synthetic:{seed}",
     }
-    return _run(out, tasks, meta, workers or os.cpu_count() or 1, map_fn, progress)
+    return _run(out, tasks, meta, workers or os.cpu_count() or 1, map_fn, progress, [])

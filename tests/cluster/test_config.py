@@ -59,8 +59,17 @@ def test_toml_file(tmp_path):
         (["nosuch.key=1"], ["nosuch", "optim"]),
         (["optim.lr=fast"], ["optim.lr", "number"]),
         (["optim.lr=-1"], ["optim.lr", "> 0"]),
-        (["grid.shape=1x2x3"], ["grid.shape", "1 or 2"]),
+        (["grid.shape=1x2x3"], ["grid.shape", "columns=3", "use 2", "or 1"]),
         (["grid.shape=two"], ["grid.shape", "RxSxC"]),
+        (["grid.shape=1x9x2"], ["grid.shape", "8 blocks"]),
+        (["grid.cuts=conv9"], ["grid.cuts", "unknown block"]),  # at config time, before Ray starts
+        (["grid.cuts=conv3,fc6"], ["grid.cuts", "give 1 block names"]),
+        (["grid.schedule=zero-bubble"], ["grid.schedule", "use one of"]),
+        (["grid.microbatches=0"], ["grid.microbatches", "positive"]),
+        (["grid.microbatches=1"], ["grid.microbatches", "1F1B"]),
+        (["model.num_classes=0"], ["model.num_classes"]),
+        (["model.num_classes=1"], ["model.num_classes", "at least 2"]),
+        (["model.variant=huge"], ["model.variant", "paper"]),
         (["optim.batch_size=33"], ["grid.microbatches", "33"]),
         (["grid.shape=3x1x2"], ["optim.batch_size", "replicas"]),
         (["eval.ten_crop=maybe"], ["eval.ten_crop", "true or false"]),
@@ -96,3 +105,25 @@ def test_round_trip_through_dict():
     cfg = load_config(preset="demo", overrides={"grid.cuts": "conv3"})
     assert cfg.replace() == cfg
     assert cfg.replace(**{"optim.lr": 0.3}).optim.lr == 0.3
+
+
+def test_grid_refusals_name_the_config_keys():
+    """Every refusal of pipeline.grid.Grid comes back naming the keys that set the fields it names."""
+    from cluster.config import grid_error_keys
+    from pipeline.grid import Grid
+
+    cases = [
+        (dict(replicas=0), ["grid.shape"]),
+        (dict(columns=3), ["grid.shape"]),
+        (dict(stages=9), ["grid.shape"]),
+        (dict(microbatches=0), ["grid.microbatches"]),
+        (dict(global_batch=6, microbatches=4), ["optim.batch_size", "grid.shape", "grid.microbatches"]),
+        (dict(stages=2, cuts=("conv9",)), ["grid.cuts"]),
+        (dict(stages=2, cuts=("conv1",)), ["grid.cuts"]),
+        (dict(schedule="zero-bubble"), ["grid.schedule"]),
+    ]
+    for kwargs, keys in cases:
+        args = dict(replicas=1, stages=1, columns=2, microbatches=1, global_batch=8) | kwargs
+        with pytest.raises(ValueError) as e:
+            Grid(**args)
+        assert grid_error_keys(str(e.value))[: len(keys)] == keys, (kwargs, str(e.value))

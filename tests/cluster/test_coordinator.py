@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from alexnet.config import ModelConfig
@@ -12,17 +10,19 @@ from cluster.checkpoint import list_checkpoints, load_checkpoint
 from cluster.config import load_config
 from cluster.coordinator import (
     CHECKPOINTING,
+    EVALUATING,
     FAILED,
     FINISHED,
+    FINISHING,
     RECOVERING,
     RUNNING,
     STARTING,
     Coordinator,
-    PlateauSchedule,
-    RunPlan,
-    TrainerDied,
 )
+from cluster.faults import TrainerDied
 from cluster.metrics import Metrics
+from cluster.plan import RunPlan
+from cluster.reporting import Reporter
 
 
 class FakeGroup:
@@ -77,7 +77,7 @@ class FakeGroup:
             "loss": 1.0,
         }
 
-    def state(self, step):
+    def snapshot(self, step):
         return (
             dict(self.model),
             {k: torch.zeros_like(v) for k, v in self.model.items()},
@@ -94,14 +94,15 @@ class FakeGroup:
         self.calls.append(("shutdown",))
 
 
-def _coordinator(tmp_path, group, total=12, spe=5, resume=None, **sets):
+def _coordinator(tmp_path, group, total=12, spe=5, resume=None, log=None, **sets):
     overrides = {"train.steps_per_call": 3, "checkpoint.every_steps": 4, "checkpoint.background": False}
     overrides.update(sets)
     cfg = load_config(preset="demo", overrides=overrides)
-    plan = RunPlan(
-        steps_per_epoch=spe, total_steps=total, train_samples=spe * 32, val_samples=10, data_workers=2
+    plan = RunPlan(steps_per_epoch=spe, total_steps=total, data_workers=2)
+    report = Reporter(
+        Metrics("t"), plan, cfg.optim.batch_size, cfg.train.log_every_steps, log=log or (lambda s: None)
     )
-    return Coordinator(cfg, group, plan, str(tmp_path), Metrics("t"), resume=resume, log=lambda s: None)
+    return Coordinator(cfg, group, plan, str(tmp_path), report, resume=resume)
 
 
 def test_steps_through_states_and_chunks(tmp_path):
@@ -120,19 +121,6 @@ def test_steps_through_states_and_chunks(tmp_path):
     assert CHECKPOINTING in states
 
 
-def test_plateau_schedule_divides_lr_at_most_n_times(tmp_path):
-    cfg = load_config(preset="paper").schedule
-    s = PlateauSchedule(0.01)
-    errs = [0.9, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]
-    lrs = []
-    for e in errs:
-        s.update(e, cfg)
-        lrs.append(s.lr)
-    assert math.isclose(lrs[2], 1e-3) and math.isclose(lrs[4], 1e-4) and math.isclose(lrs[5], 1e-5)
-    assert math.isclose(lrs[-1], 1e-5) and s.reductions == 3
-    assert PlateauSchedule.from_state(s.state_dict()) == s
-
-
 def test_stop_request_checkpoints_and_finishes(tmp_path):
     g = FakeGroup()
     c = _coordinator(tmp_path, g, **{"checkpoint.every_steps": 0, "checkpoint.at_epoch_end": False})
@@ -140,9 +128,10 @@ def test_stop_request_checkpoints_and_finishes(tmp_path):
     c.step()  # 3 steps done, steps 3..4 queued on the trainers (look-ahead)
     assert c.step_no == 3 and c._inflight[:2] == (3, 2)  # up to the epoch end (5)
     c.request_stop()
-    assert c.step() == RUNNING  # the queued chunk is collected, nothing new is submitted
+    assert c.step() == EVALUATING  # the queued chunk is collected, nothing new is submitted
     assert c.step_no == 5 and c._inflight is None
-    assert c.step() == CHECKPOINTING
+    assert c.step() == FINISHING  # the epoch end's validation first (the LR rule is checkpointed)
+    assert c.report.history.evals[-1]["step"] == 5
     assert c.step() == FINISHED
     assert [s for s, _ in list_checkpoints(str(tmp_path))] == [5]
 
@@ -170,7 +159,7 @@ def test_trainer_failure_recovers_from_newest_checkpoint(tmp_path):
     assert c.state == FINISHED and RECOVERING in seen
     assert ("load", 8) in g.calls  # restored the step-8 checkpoint
     assert (
-        c.metrics.registry.get_sample_value(
+        c.report.metrics.registry.get_sample_value(
             "alexnet_restarts_total", {"run": "t", "reason": "trainer_failure"}
         )
         == 1

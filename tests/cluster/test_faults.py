@@ -13,30 +13,25 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from alexnet.data.index import DatasetIndex
 from alexnet.data.reader import ReaderStats, Segment, read_segment
 from cluster.checkpoint import list_checkpoints
-from cluster.coordinator import (
-    FAILED,
-    FINISHED,
-    RECOVERING,
-    RUNNING,
-    STARTING,
-    NonFiniteLoss,
-    TrainerDied,
-)
+from cluster.config import load_config
+from cluster.coordinator import FAILED, FINISHED, RECOVERING, RUNNING, STARTING
+from cluster.faults import FailurePolicy, FaultPlan, NonFiniteLoss, RankFaults, TrainerDied
 from cluster.metrics import STATES
 from tests.cluster.test_coordinator import FakeGroup, _coordinator
 
 
 def _state_values(c) -> dict[str, float]:
-    reg = c.metrics.registry
+    reg = c.report.metrics.registry
     return {s: reg.get_sample_value("alexnet_state", {"run": "t", "alexnet_state": s}) for s in STATES}
 
 
 def _transitions(c, state: str) -> float:
-    v = c.metrics.registry.get_sample_value(
+    v = c.report.metrics.registry.get_sample_value(
         "alexnet_state_transitions_total", {"run": "t", "to_state": state}
     )
     return v or 0.0
@@ -45,8 +40,7 @@ def _transitions(c, state: str) -> float:
 def test_every_transition_is_logged_and_exported_step_by_step(tmp_path):
     g = FakeGroup(die_at=9)
     lines: list[str] = []
-    c = _coordinator(tmp_path, g)
-    c.log = lines.append
+    c = _coordinator(tmp_path, g, log=lines.append)
     assert c.state == STARTING and _state_values(c)["starting"] == 1
     seen = [STARTING]
     while c.state not in (FINISHED, FAILED):
@@ -70,10 +64,12 @@ def test_every_transition_is_logged_and_exported_step_by_step(tmp_path):
         # +1: the initial "starting" is exported when the coordinator is built
         assert counts[s] == changes.count(s) + (s == STARTING), (s, counts, changes)
     assert counts["recovering"] == 1 and counts["checkpointing"] >= 3 and counts["failed"] == 0
+    # validation at the two epoch ends (5, 10), once each; the final checkpoint in its own state
+    assert counts["evaluating"] == 2 and counts["finishing"] == 1
     assert any("trainer failure 1 at step" in x and "rank 1 died at step 9" in x for x in lines), lines
     assert any("restart 1 of at most faults.max_failures=3" in x and "(step 8)" in x for x in lines), lines
     # the history holds the final trajectory only: each step once, steps 8..9 not doubled
-    assert [r["step"] for r in c.history.steps] == list(range(12))
+    assert [r["step"] for r in c.report.history.steps] == list(range(12))
 
 
 def test_failure_before_any_checkpoint_restarts_from_step_0(tmp_path):
@@ -88,7 +84,7 @@ def test_failure_before_any_checkpoint_restarts_from_step_0(tmp_path):
     starts = [x for x in g.calls if x[0] == "start"]
     assert len(starts) == 2 and starts[1] == ("start", None)  # fresh data position, no load
     assert not any(x[0] == "load" for x in g.calls)
-    assert [r["step"] for r in c.history.steps] == list(range(12))
+    assert [r["step"] for r in c.report.history.steps] == list(range(12))
 
 
 def test_exceeding_max_failures_lists_each_failure(tmp_path):
@@ -112,7 +108,7 @@ def test_exceeding_max_failures_lists_each_failure(tmp_path):
         assert f"death {k}" in msg, msg
     assert msg.count("step 5:") == 3  # each failure with the step it happened at
     assert _transitions(c, RECOVERING) == 2 and _transitions(c, FAILED) == 1
-    reg = c.metrics.registry
+    reg = c.report.metrics.registry
     assert reg.get_sample_value("alexnet_restarts_total", {"run": "t", "reason": "trainer_failure"}) == 2
     assert [s for s, _ in list_checkpoints(str(tmp_path))] == [4, 5]  # none after the failures (at 5+)
 
@@ -128,8 +124,7 @@ def test_nan_loss_stops_without_checkpointing_over_a_good_one(tmp_path):
 
     g = NanAt()
     lines: list[str] = []
-    c = _coordinator(tmp_path, g, **{"faults.nan_step": 6})
-    c.log = lines.append
+    c = _coordinator(tmp_path, g, log=lines.append, **{"faults.nan_step": 6})
     assert c.run() == FAILED
     assert isinstance(c.error, NonFiniteLoss)
     msg = str(c.error)
@@ -139,8 +134,52 @@ def test_nan_loss_stops_without_checkpointing_over_a_good_one(tmp_path):
     assert [s for s, _ in list_checkpoints(str(tmp_path))] == [4, 5]
     assert not any(Path(tmp_path, "checkpoints").glob("step-0000000[6-9]"))
     assert any("running -> failed" in x for x in lines), lines
-    loss = c.metrics.registry.get_sample_value("alexnet_loss", {"run": "t", "split": "train"})
+    loss = c.report.metrics.registry.get_sample_value("alexnet_loss", {"run": "t", "split": "train"})
     assert math.isnan(loss)  # exported, so the AlexNetLossNaN alert fires
+
+
+# -- the fault plan and the failure policy, as plain Python -------------------------------------
+
+
+def test_injected_faults_fire_once():
+    f = load_config(
+        preset="demo",
+        overrides={
+            "faults.kill_rank": 3,
+            "faults.kill_step": 7,
+            "faults.kill_data_worker": 1,
+            "faults.kill_data_step": 5,
+            "faults.nan_step": 6,
+        },
+    ).faults
+    plan = FaultPlan(f)
+    assert plan.for_rank(3) == RankFaults(kill_step=7, nan_step=6)
+    assert plan.for_rank(2) == RankFaults(kill_step=-1, nan_step=6)
+    assert plan.data_worker_to_kill(0, 5) is None  # steps 0..4
+    assert plan.data_worker_to_kill(4, 2) == 1  # steps 4..5 reach step 5
+    assert plan.data_worker_to_kill(4, 2) is None  # once
+    plan.trainer_failed()
+    assert plan.for_rank(3).kill_step == -1  # the restarted group is not killed again
+    images = torch.ones(2, 3)
+    assert RankFaults(nan_step=6).images(5, images) is images
+    assert torch.isnan(RankFaults(nan_step=6).images(6, images)).all()
+    assert RankFaults(nan_step=6).images(6, None) is None  # a rank without images
+    off = FaultPlan(load_config(preset="demo").faults)
+    assert off.for_rank(0) == RankFaults() and off.data_worker_to_kill(0, 10**6) is None
+
+
+def test_failure_policy_budget_and_nan_rule():
+    policy = FailurePolicy(load_config(preset="demo", overrides={"faults.max_failures": 1}).faults)
+    assert policy.trainer_died(5, TrainerDied("rank 1 died"))
+    assert not policy.trainer_died(9, TrainerDied("rank 2 died"))
+    assert str(policy.exhausted()) == (
+        "2 trainer failures exceed faults.max_failures=1:\n  step 5: rank 1 died\n  step 9: rank 2 died"
+    )
+    rows = [{"step": 3, "loss": 1.0}, {"step": 4, "loss": math.inf}, {"step": 5, "loss": math.nan}]
+    assert policy.first_non_finite(rows[:1]) is None and policy.first_non_finite(rows) is rows[1]
+    msg = str(policy.non_finite_error(rows[1], (2, "RUN/checkpoints/step-00000002")))
+    assert msg.startswith("loss is inf at step 4: training diverged") and "(step 2)" in msg, msg
+    assert "no checkpoint was written yet" in str(policy.non_finite_error(rows[1], None))
 
 
 # -- the reader: truncated and unreadable shards --------------------------------------------------

@@ -82,17 +82,15 @@ def reference(ray_local, shards, tmp_path_factory) -> dict:
         run_dir = str(tmp_path_factory.mktemp("ref") / "run")
         res, coord = _run(_cfg(), shards, run_dir)
         assert res.state == FINISHED and res.step == STEPS, res.error
-        keys = dict(coord.history.keys)
+        keys = dict(coord.report.history.keys)
         assert sorted(keys) == list(range(STEPS)) and all(len(k) == 32 for k in keys.values())
         _REFERENCE.update(dir=run_dir, ck=load_checkpoint(run_dir), keys=keys)
     return _REFERENCE
 
 
 def _counter(coord, name: str, **labels) -> float:
-    return (
-        coord.metrics.registry.get_sample_value(f"alexnet_{name}", {"run": coord.metrics.run, **labels})
-        or 0.0
-    )
+    m = coord.report.metrics
+    return m.registry.get_sample_value(f"alexnet_{name}", {"run": m.run, **labels}) or 0.0
 
 
 def _assert_same_weights(ck, ref_ck) -> None:
@@ -115,20 +113,21 @@ def test_killed_trainer_restarts_and_matches_the_undisturbed_run(
     ray_local, shards, reference, tmp_path, rank, step, where
 ):
     cfg = _cfg(**{"faults.kill_rank": rank, "faults.kill_step": step})
-    r, s, c = cfg.grid.to_grid(cfg.optim.batch_size).coords(rank)
+    r, s, c = cfg.to_grid().coords(rank)
     assert (s, c) == ((0, 0) if where == "first stage" else (1, 1))
     run_dir = str(tmp_path / "run")
     t0 = time.monotonic()
     res, coord = _run(cfg, shards, run_dir)
     assert res.state == FINISHED and res.step == STEPS, res.error
-    assert len(coord.failures) == 1, coord.failures
-    assert coord.failures[0].split(";")[0].split(": ", 1)[1].startswith("train steps")
-    assert f"rank {rank}: " in coord.failures[0] and "ActorDiedError" in coord.failures[0], coord.failures
+    failures = coord.policy.failures
+    assert len(failures) == 1, failures
+    assert failures[0].split(";")[0].split(": ", 1)[1].startswith("train steps")
+    assert f"rank {rank}: " in failures[0] and "ActorDiedError" in failures[0], failures
     assert _counter(coord, "restarts_total", reason="trainer_failure") == 1
     assert _counter(coord, "state_transitions_total", to_state="recovering") == 1
     # restored from the newest checkpoint before the kill, then exactly the reference's steps
-    assert coord.history.keys == reference["keys"]
-    assert [row["step"] for row in coord.history.steps] == list(range(STEPS))
+    assert coord.report.history.keys == reference["keys"]
+    assert [row["step"] for row in coord.report.history.steps] == list(range(STEPS))
     _assert_same_weights(load_checkpoint(run_dir), reference["ck"])
     assert time.monotonic() - t0 < 120
 
@@ -138,13 +137,13 @@ def test_killed_data_worker_loses_and_repeats_no_sample(ray_local, shards, refer
     cfg = _cfg(**{"faults.kill_data_worker": 1, "faults.kill_data_step": 5})
     res, coord = _run(cfg, shards, str(tmp_path / "run"))
     assert res.state == FINISHED and res.step == STEPS, res.error
-    assert coord.failures == []  # the trainers never noticed: Ray restarted the worker
+    assert coord.policy.failures == []  # the trainers never noticed: Ray restarted the worker
     assert _counter(coord, "data_worker_restarts_total") == 1
-    consumed = [k for s in range(STEPS) for k in coord.history.keys[s]]
+    consumed = [k for s in range(STEPS) for k in coord.report.history.keys[s]]
     assert len(consumed) == STEPS * 32 == len(set(consumed))  # every sample of the epoch exactly once
     index = DatasetIndex.load(shards)
     assert len(consumed) == index.count("train") // 32 * 32
-    assert coord.history.keys == reference["keys"]  # and in the uninterrupted stream's order
+    assert coord.report.history.keys == reference["keys"]  # and in the uninterrupted stream's order
     _assert_same_weights(load_checkpoint(str(tmp_path / "run")), reference["ck"])
 
 
@@ -228,7 +227,7 @@ def test_corrupt_truncated_and_unreadable_shards_are_skipped_and_counted(ray_loc
     assert got == {"corrupt": 1, "missing": 0, "truncated": 30, "unreadable": 50}, got
     assert sum(got.values()) == planted
     # every batch full all the same (the workers pad from their own stream)
-    assert all(len(k) == 32 for k in coord.history.keys.values())
+    assert all(len(k) == 32 for k in coord.report.history.keys.values())
 
 
 # -- multi-node: must stay last in this module (it shuts the session's Ray down) ---------------------
@@ -265,7 +264,7 @@ def test_node_loss_recovers_on_the_remaining_node_or_fails_clearly(ray_local_shu
         def lose_worker_node(coord, before=None):
             # after the step-4 checkpoint is on disk: free the head, lose the worker node
             deadline = time.monotonic() + 120
-            while coord.ckpt.last is None or coord.step_no < 5:
+            while coord.checkpoints.last is None or coord.step_no < 5:
                 if time.monotonic() > deadline or coord.state in (FINISHED, FAILED):
                     return
                 time.sleep(0.02)
@@ -293,7 +292,7 @@ def test_node_loss_recovers_on_the_remaining_node_or_fails_clearly(ray_local_shu
         watcher["t"].join(30)
         coord = watcher["c"]
         assert res.state == FINISHED and res.step == 60, res.error
-        assert len(coord.failures) == 1, coord.failures
+        assert len(coord.policy.failures) == 1, coord.policy.failures
         assert _counter(coord, "restarts_total", reason="trainer_failure") == 1
         assert len(ray.nodes()) >= 1 and sum(n["Alive"] for n in ray.nodes()) == 1
         assert load_checkpoint(str(tmp_path / "a")).step == 60

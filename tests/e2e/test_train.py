@@ -77,7 +77,7 @@ def test_demo_trains_and_serves_every_metric(ray_local, shards, tmp_path):
             coord = holder["coord"]
             deadline = time.monotonic() + 240
             # after the first epoch's validation and checkpoint (step 18), before the end (30)
-            while coord.step_no < 19 or not coord.ckpt.last:
+            while coord.step_no < 19 or not coord.checkpoints.last:
                 assert time.monotonic() < deadline and coord.state not in (FINISHED, FAILED), coord.state
                 time.sleep(0.05)
             scraped.update(_scrape(holder["url"]))
@@ -86,7 +86,7 @@ def test_demo_trains_and_serves_every_metric(ray_local, shards, tmp_path):
 
     def on_coord(coord):
         holder["coord"] = coord
-        port = coord.metrics._server.server_address[1]
+        port = coord.report.metrics._server.server_address[1]
         holder["url"] = f"http://127.0.0.1:{port}/metrics"
 
     t = threading.Thread(target=scrape_when_ready, daemon=True)
@@ -98,10 +98,10 @@ def test_demo_trains_and_serves_every_metric(ray_local, shards, tmp_path):
 
     # the loss falls; validation ran at the epoch end over the whole val split
     coord = holder["coord"]
-    losses = [r["loss"] for r in coord.history.steps]
+    losses = [r["loss"] for r in coord.report.history.steps]
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
-    (ev,) = coord.history.evals
+    (ev,) = coord.report.history.evals
     assert ev["samples"] == 64 and 0 <= ev["top1_error"] <= 1 and "top5_error_10crop" in ev
     assert [s for s, _ in list_checkpoints(run_dir)] == [18, 30]
     for key in ("metrics", "plot", "trace"):
@@ -128,7 +128,7 @@ def test_demo_trains_and_serves_every_metric(ray_local, shards, tmp_path):
     assert value("learning_rate") == pytest.approx(cfg.optim.lr)
     for stage in ("0", "1"):
         for column in ("0", "1"):
-            for part in ("compute", "exchange", "pipeline_wait", "data_wait", "optimizer"):
+            for part in ("compute", "exchange", "pipeline_wait", "data_wait", "optimizer", "grad_sync"):
                 assert value("step_time_seconds", part=part, stage=stage, column=column) >= 0
             assert value("step_time_seconds", part="compute", stage=stage, column=column) > 0
         assert 0 <= value("pipeline_bubble_ratio", stage=stage) < 1
@@ -143,10 +143,8 @@ def test_demo_trains_and_serves_every_metric(ray_local, shards, tmp_path):
 
     # alexnet eval: the fused one-process execution reproduces the run's own validation (step 18)
     ck18 = f"{run_dir}/checkpoints/step-00000018"
-    r = subprocess.run(
-        [str(BIN / "alexnet"), "eval", "--checkpoint", ck18, "--data", shards],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    argv = [str(BIN / "alexnet"), "eval", "--checkpoint", ck18, "--data", shards]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["samples"] == 64
@@ -205,8 +203,9 @@ def test_killed_trainer_and_data_worker_recover_bit_exact(ray_local, shards, tmp
     )
     assert res.state == FINISHED and res.step == 12, res.error
     coord = holder["c"]
-    assert len(coord.failures) == 1 and "rank 3" in coord.failures[0].split(";")[0], coord.failures
-    reg = coord.metrics.registry
+    failures = coord.policy.failures
+    assert len(failures) == 1 and "rank 3" in failures[0].split(";")[0], failures
+    reg = coord.report.metrics.registry
     assert reg.get_sample_value("alexnet_restarts_total", {"run": "b", "reason": "trainer_failure"}) == 1
     _, model_a, opt_a = _weights(str(tmp_path / "a"))
     _, model_b, opt_b = _weights(str(tmp_path / "b"))

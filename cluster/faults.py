@@ -1,0 +1,118 @@
+"""Faults, from the ``[faults]`` section: what the run does about a failure, and the injected ones.
+
+* :class:`FailurePolicy` (the coordinator's): the restart budget (``faults.max_failures``) and
+  the NaN rule (a non-finite loss stops the run: restarting would replay the same numbers);
+* :class:`FaultPlan` (the trainer group's): the injected faults of a rehearsal or a test, all off
+  by default, each firing once per run; :class:`RankFaults` is its part inside one trainer rank.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from cluster.config import FaultsSection
+
+
+class TrainerDied(RuntimeError):
+    """A trainer (or its process group) failed; the group must be restarted to continue."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """A step's loss was NaN or infinite: the run stops (restarting would replay the same numbers)."""
+
+
+class FailurePolicy:
+    """Counts trainer failures against ``faults.max_failures`` and words the run's failure errors."""
+
+    def __init__(self, faults: FaultsSection) -> None:
+        self.faults = faults
+        self.failures: list[str] = []  # "step S: cause", one per trainer failure
+
+    def trainer_died(self, step: int, error: BaseException) -> bool:
+        """Record a trainer failure at ``step``; True while the budget allows a restart."""
+        self.failures.append(f"step {step}: {error}")
+        return len(self.failures) <= self.faults.max_failures
+
+    def exhausted(self) -> RuntimeError:
+        """The run's error once the budget is spent: every failure, one per line."""
+        return RuntimeError(
+            f"{len(self.failures)} trainer failures exceed faults.max_failures="
+            f"{self.faults.max_failures}:\n  " + "\n  ".join(self.failures)
+        )
+
+    @staticmethod
+    def first_non_finite(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The first step result whose loss is NaN or infinite (None: all finite)."""
+        return next((r for r in results if not math.isfinite(r.get("loss", 0.0))), None)
+
+    def non_finite_error(self, result: dict[str, Any], newest: tuple[int, str] | None) -> NonFiniteLoss:
+        """The error for a non-finite ``result``; ``newest`` is the (step, url) of the newest
+        complete checkpoint, all of which are from before it (it is found before any is written)."""
+        where = (
+            f"the newest complete checkpoint is {newest[1]} (step {newest[0]})"
+            if newest
+            else "no checkpoint was written yet"
+        )
+        step = result["step"]
+        injected = " (injected by faults.nan_step)" if step == self.faults.nan_step else ""
+        return NonFiniteLoss(
+            f"loss is {result['loss']} at step {step}{injected}: training diverged; stopped without "
+            f"writing a checkpoint. {where}. Continue with --resume and a lower optim.lr, or check "
+            "the data"
+        )
+
+
+@dataclass(frozen=True)
+class RankFaults:
+    """The faults injected inside one trainer rank (-1: off)."""
+
+    kill_step: int = -1  # the rank's process exits abruptly when it reaches this step
+    nan_step: int = -1  # this step's images become NaN (so its loss is NaN)
+
+    def before_step(self, step: int) -> None:
+        """Die abruptly at ``kill_step``, as a crashed process or a lost node would."""
+        if step == self.kill_step:
+            os._exit(1)
+
+    def images(self, step: int, images: Tensor | None) -> Tensor | None:
+        """``images`` as the step gets them: all NaN at ``nan_step``."""
+        if step == self.nan_step and images is not None:
+            return images * math.nan
+        return images
+
+
+class FaultPlan:
+    """The injected faults of ``[faults]``, read where they are injected; each fires once per run.
+
+    ``kill_rank``/``kill_step``: grid rank R's process exits at step K (not again once the group
+    was restarted); ``kill_data_worker``/``kill_data_step``: data worker W's process is killed
+    while the chunk reaching step K runs (Ray restarts it); ``nan_step``: NaN images at step K.
+    """
+
+    def __init__(self, faults: FaultsSection) -> None:
+        self.faults = faults
+        self._rank_armed = faults.kill_rank >= 0 and faults.kill_step >= 0
+        self._data_armed = faults.kill_data_worker >= 0 and faults.kill_data_step >= 0
+
+    def for_rank(self, rank: int) -> RankFaults:
+        """The faults rank ``rank``'s actor injects (started after :meth:`trainer_failed`: no kill)."""
+        f = self.faults
+        kill = f.kill_step if self._rank_armed and rank == f.kill_rank else -1
+        return RankFaults(kill, f.nan_step)
+
+    def trainer_failed(self) -> None:
+        """A trainer failure happened: the injected kill (if it was the cause) has fired."""
+        self._rank_armed = False
+
+    def data_worker_to_kill(self, first_step: int, steps: int) -> int | None:
+        """The data worker to kill while steps ``first_step .. first_step + steps - 1`` run, if any."""
+        f = self.faults
+        if self._data_armed and first_step <= f.kill_data_step < first_step + steps:
+            self._data_armed = False
+            return f.kill_data_worker
+        return None

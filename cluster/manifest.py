@@ -1,0 +1,199 @@
+"""What a checkpoint records about the run, and how a run continues from it.
+
+:class:`Manifest` is the typed form of the run's entries in a checkpoint's ``manifest.json``
+(:mod:`cluster.checkpoint` adds the file-level ones: ``format_version``, ``files``,
+``written_unix_s``)::
+
+    step, epoch                  the step reached (the next one to run) and its epoch
+    schedule                     the learning-rate rule's state (cluster.lr_schedule)
+    data.workers, .positions     the data workers' count and stream positions at ``step``
+    data.steps_per_epoch         batches per epoch: the data position is counted in them
+    config                       the whole job config (JobConfig.to_dict)
+    grid                         the grid that wrote it (pipeline.grid.Grid.to_dict), for the record
+
+Older checkpoints also hold ``epoch_complete`` (derived from the step) and ``rng`` (the run's
+seed, also in ``config``, and the driver's torch RNG, which nothing draws from: every random
+draw is a function of seeds, steps and sample indices); both are read past and no longer written.
+
+:meth:`Manifest.check_resume` refuses a checkpoint a run cannot continue exactly;
+:class:`RunCheckpoints` is the coordinator's checkpoint management (assemble, write, find the
+newest, restore).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from cluster.checkpoint import (
+    Checkpoint,
+    CheckpointManager,
+    CheckpointRecord,
+    list_checkpoints,
+    load_checkpoint,
+)
+from cluster.config import CheckpointSection, JobConfig
+from cluster.plan import RunPlan
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The run's position and settings as one checkpoint records them."""
+
+    step: int
+    epoch: int
+    lr_schedule: dict[str, Any]  # LRSchedule.state_dict()
+    data_workers: int | None
+    data_positions: list[dict] | None
+    steps_per_epoch: int | None  # None: a checkpoint that did not record it
+    config: dict[str, Any]
+    grid: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest entries (JSON-able) this object stands for."""
+        out: dict[str, Any] = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "schedule": self.lr_schedule,
+            "data": {
+                "workers": self.data_workers,
+                "positions": self.data_positions,
+                "steps_per_epoch": self.steps_per_epoch,
+            },
+            "config": self.config,
+        }
+        if self.grid is not None:
+            out["grid"] = self.grid
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        """Read a checkpoint's manifest (any checkpoint of format version 1)."""
+        data = d.get("data", {})
+        return cls(
+            step=int(d["step"]),
+            epoch=int(d.get("epoch", 0)),
+            lr_schedule=d["schedule"],
+            data_workers=data.get("workers"),
+            data_positions=data.get("positions"),
+            steps_per_epoch=data.get("steps_per_epoch"),
+            config=d.get("config", {}),
+            grid=d.get("grid"),
+        )
+
+    def check_resume(self, cfg: JobConfig, plan: RunPlan, url: str) -> None:
+        """Refuse a checkpoint this run cannot continue exactly (model, batch, data position)."""
+        model = cfg.to_dict()["model"]
+        if self.config.get("model") != model:
+            raise ValueError(
+                f"{url}: saved with model {self.config.get('model')}, this run has {model}; "
+                "resume with the same [model] section (or start a new --run-dir)"
+            )
+        b_saved = self.config.get("optim", {}).get("batch_size")
+        if b_saved != cfg.optim.batch_size:
+            raise ValueError(
+                f"{url}: saved with optim.batch_size={b_saved}, this run has {cfg.optim.batch_size}; "
+                f"the data position is counted in batches: --set optim.batch_size={b_saved}"
+            )
+        if self.steps_per_epoch is not None and self.steps_per_epoch != plan.steps_per_epoch:
+            raise ValueError(
+                f"{url}: saved with {self.steps_per_epoch} steps per epoch, the dataset at --data gives "
+                f"{plan.steps_per_epoch}; the data position is counted in steps of that dataset: "
+                "resume with the shards the run was started on (or start a new --run-dir)"
+            )
+        at_epoch_end = self.step % plan.steps_per_epoch == 0
+        if self.data_workers != cfg.data.workers and not at_epoch_end:
+            raise ValueError(
+                f"{url}: step {self.step} is inside an epoch, whose sample order belongs to "
+                f"data.workers={self.data_workers}; resume with --set data.workers={self.data_workers} "
+                "(another worker count is possible from a checkpoint at an epoch end)"
+            )
+
+    def positions_for(self, workers: int) -> list[dict] | None:
+        """The data positions to resume ``workers`` data workers at (None: the start of the step's
+        epoch, for another worker count, which :meth:`check_resume` allows at an epoch end only)."""
+        return self.data_positions if self.data_workers == workers else None
+
+
+def load_resume(run_dir: str, cfg: JobConfig, plan: RunPlan) -> Checkpoint | None:
+    """The newest complete checkpoint in ``run_dir``, checked for this run (None: there is none)."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    ck = load_checkpoint(found[-1][1])
+    Manifest.from_json(ck.manifest).check_resume(cfg, plan, ck.url)
+    return ck
+
+
+class RunCheckpoints:
+    """The coordinator's checkpoints of one run.
+
+    :meth:`save` assembles the :class:`Manifest` from the group's snapshot and the run's position
+    and hands everything to the background writer (:class:`cluster.checkpoint.CheckpointManager`,
+    keeping ``checkpoint.keep``); :meth:`newest` and :meth:`load_newest` first let a write in
+    flight complete, since it may be the newest checkpoint.
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        section: CheckpointSection,
+        plan: RunPlan,
+        config: dict[str, Any],
+        grid: dict[str, Any] | None = None,
+    ) -> None:
+        self.run_dir, self.plan, self.config, self.grid = run_dir, plan, config, grid
+        self.writer = CheckpointManager(run_dir, section.keep, section.background)
+        self.last_step = -1  # the step of the newest checkpoint saved or restored (-1: none)
+
+    def save(
+        self,
+        step: int,
+        model: dict[str, Tensor],
+        optimizer: dict[str, Tensor],
+        positions: list[dict],
+        lr_schedule: dict[str, Any],
+    ) -> Future:
+        """Write a checkpoint of ``step`` in the background; a Future of its CheckpointRecord.
+
+        The tensors are handed over (``copy=False``): the caller must not modify them afterwards."""
+        manifest = Manifest(
+            step=step,
+            epoch=step // self.plan.steps_per_epoch,
+            lr_schedule=lr_schedule,
+            data_workers=self.plan.data_workers,
+            data_positions=positions,
+            steps_per_epoch=self.plan.steps_per_epoch,
+            config=self.config,
+            grid=self.grid,
+        )
+        fut = self.writer.save(step, model, optimizer, manifest.to_json(), copy=False)
+        self.last_step = step
+        return fut
+
+    @property
+    def last(self) -> CheckpointRecord | None:
+        """The newest checkpoint written by this run so far."""
+        return self.writer.last
+
+    def wait(self, timeout: float | None = None) -> CheckpointRecord | None:
+        """Block until the write in flight (if any) is done; re-raises its failure."""
+        return self.writer.wait(timeout)
+
+    def newest(self) -> tuple[int, str] | None:
+        """(step, url) of the newest complete checkpoint in the run directory, or None."""
+        self.writer.wait()
+        found = list_checkpoints(self.run_dir)
+        return found[-1] if found else None
+
+    def load_newest(self) -> Checkpoint | None:
+        """The newest complete checkpoint, loaded (verified), or None."""
+        newest = self.newest()
+        return None if newest is None else load_checkpoint(newest[1])
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the write in flight and stop the writer thread."""
+        self.writer.close(timeout)

@@ -1,0 +1,105 @@
+"""The plan of a run: its sizes from the config and the dataset, and what happens at each step.
+
+:func:`plan_run` is the one place the dataset is checked against the config (before Ray starts);
+:class:`Milestones` is the one place that says what a step number means: whether it ends an
+epoch, is due a validation or a checkpoint, ends the run, and how long the chunk of steps
+starting there may be. Both are plain Python, tested without Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alexnet.data.index import DatasetIndex
+from alexnet.data.reader import check_plan
+from cluster.config import JobConfig
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Sizes of the run derived from the config and the dataset index."""
+
+    steps_per_epoch: int
+    total_steps: int
+    data_workers: int
+
+
+def plan_run(cfg: JobConfig, data_url: str) -> tuple[RunPlan, DatasetIndex]:
+    """Check the dataset against the config and size the run (steps per epoch, total steps)."""
+    index = DatasetIndex.load(data_url)  # no dataset.json there: a ValueError saying how to build it
+    if index.num_classes != cfg.model.num_classes:
+        raise ValueError(
+            f"model.num_classes={cfg.model.num_classes} but the dataset at {data_url} has "
+            f"{index.num_classes} classes: --set model.num_classes={index.num_classes}"
+        )
+    spe = check_plan(index, cfg.optim.batch_size, cfg.model.input_size, cfg.data.workers)
+    total = cfg.train.steps or cfg.train.epochs * spe
+    return RunPlan(spe, total, cfg.data.workers), index
+
+
+@dataclass(frozen=True)
+class Due:
+    """What happens once ``step`` steps are done (step 0: nothing yet)."""
+
+    step: int
+    epoch_end: bool  # the step completes an epoch
+    evaluate: bool  # validation (and the LR rule) is due: an epoch end every eval.every_epochs
+    checkpoint: bool  # a checkpoint is due: checkpoint.every_steps, or an epoch end (at_epoch_end)
+    end: bool  # the run's last step
+
+    @property
+    def boundary(self) -> bool:
+        """The coordinator acts here, so no chunk of steps may run past it (an epoch end changes
+        the learning rate the next chunk is submitted with)."""
+        return self.epoch_end or self.checkpoint or self.end
+
+
+@dataclass(frozen=True)
+class Milestones:
+    """The rule "what happens at step N", for one run."""
+
+    steps_per_epoch: int
+    total_steps: int
+    steps_per_call: int
+    checkpoint_every: int = 0  # 0: only at epoch ends (if at_epoch_end) and the end
+    checkpoint_at_epoch_end: bool = True
+    eval_every_epochs: int = 1  # 0: never
+
+    @classmethod
+    def of(cls, cfg: JobConfig, plan: RunPlan) -> Milestones:
+        """The milestones of a run of ``cfg`` sized by ``plan``."""
+        return cls(
+            plan.steps_per_epoch,
+            plan.total_steps,
+            cfg.train.steps_per_call,
+            cfg.checkpoint.every_steps,
+            cfg.checkpoint.at_epoch_end,
+            cfg.eval.every_epochs,
+        )
+
+    def at(self, step: int) -> Due:
+        """What is due once ``step`` steps are done."""
+        done = step > 0
+        epoch_end = done and step % self.steps_per_epoch == 0
+        epochs = step // self.steps_per_epoch  # completed epochs
+        periodic = done and self.checkpoint_every > 0 and step % self.checkpoint_every == 0
+        return Due(
+            step=step,
+            epoch_end=epoch_end,
+            evaluate=epoch_end and self.eval_every_epochs > 0 and epochs % self.eval_every_epochs == 0,
+            checkpoint=periodic or (epoch_end and self.checkpoint_at_epoch_end),
+            end=step >= self.total_steps,
+        )
+
+    def chunk(self, step: int) -> int:
+        """Steps in the call starting at ``step``: up to ``steps_per_call``, ending at the next
+        boundary (so an epoch end, a due checkpoint and the end happen exactly at their step)."""
+        assert step < self.total_steps, f"no chunk starts at step {step} of {self.total_steps}"
+        limits = [
+            self.steps_per_call,
+            self.total_steps - step,
+            self.steps_per_epoch - step % self.steps_per_epoch,
+        ]
+        if self.checkpoint_every:
+            limits.append(self.checkpoint_every - step % self.checkpoint_every)
+        return min(limits)
