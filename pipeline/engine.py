@@ -9,7 +9,7 @@ global step, with the same ``step`` and ``lr`` everywhere. Per step:
    :mod:`pipeline.exchange`) and sends one tensor per held column to stage s+1, or on the
    last stage gathers the logit halves and computes the loss. A backward receives the
    output gradients (or starts from the loss), back-propagates, and sends the input
-   gradients to stage s-1;
+   gradients to stage s-1 (point to point: :mod:`pipeline.p2p`);
 2. gradients are summed across replicas, each parameter's all-reduce launched (async) as
    soon as its gradient is final during the last backward, so it overlaps the rest of it;
 3. SGD with momentum and weight decay, learning rate from the caller.
@@ -62,14 +62,9 @@ from alexnet.scoring import Tally
 from pipeline.dist import Groups
 from pipeline.exchange import ColumnExchange
 from pipeline.grid import Grid
+from pipeline.p2p import ACT, GRAD, HEAD, StageLink
 from pipeline.schedules import Action, make_schedule
 from pipeline.timeline import Timeline
-
-_ACT, _GRAD, _HEAD = 0, 1, 2  # P2P message kinds (part of the tag)
-
-
-def _tag(mb: int, kind: int, k: int) -> int:
-    return (mb * 3 + kind) * 2 + k
 
 
 class _GradSync:
@@ -191,8 +186,7 @@ class Engine:
             else []
         )
         self.out_shapes = [geometry(model_cfg, self.blocks[-1], c).out for c in self.columns]
-        self._deferred: list[tuple[Tensor, int, int]] = []  # sends not yet posted: (tensor, dst, tag)
-        self._pending: list[tuple[Tensor, dist.Work]] = []  # sends posted, maybe not complete
+        self.link = StageLink(groups.pipeline, groups.backend, self.device, self.timeline)
 
     # -- overridable pieces (the tests plant faults by overriding them) ----------------------
     def _exchange(self, spec: BlockSpec, parts: list[Tensor]) -> Tensor:
@@ -212,47 +206,6 @@ class Engine:
         """(loss to back-propagate, summed cross-entropy of the micro-batch for the metrics)."""
         ce = F.cross_entropy(logits, labels, reduction="sum")
         return ce * self._loss_scale(), ce.detach()
-
-    # -- point to point ----------------------------------------------------------------------
-    # A send is deferred to the start of the rank's next action and posted together with that
-    # action's receive (Megatron's send_forward_recv_backward pairing). On NCCL the pair goes
-    # in one batch_isend_irecv: two neighbours that each send, then receive, from one another
-    # (1F1B's steady state) would otherwise deadlock on NCCL's per-pair stream. On gloo,
-    # whose batch_isend_irecv can hang (pytorch #132644), each send is an isend and the
-    # receive blocking: the path the CPU tests run. The NCCL path is not tested here (no GPU).
-    def _send(self, tensors: list[Tensor], dst: int, mb: int, kind: int) -> None:
-        for k, t in enumerate(tensors):
-            self._deferred.append((t.detach().contiguous(), dst, _tag(mb, kind, k)))
-
-    def _post(self, recvs: list[tuple[Tensor, int, int]]) -> None:
-        """Post the deferred sends and the receives ``(buffer, src, tag)``; wait for the receives."""
-        sends, self._deferred = self._deferred, []
-        pg = self.groups.pipeline
-        if self.groups.backend == "nccl" and sends and recvs:
-            ops = [dist.P2POp(dist.isend, t, dst, pg, tag) for t, dst, tag in sends]
-            ops += [dist.P2POp(dist.irecv, b, src, pg, tag) for b, src, tag in recvs]
-            # NCCL coalesces the batch into ONE work (not one per op): wait on every work
-            # returned, or the receive buffers could be read before NCCL has filled them
-            for w in dist.batch_isend_irecv(ops):
-                w.wait()
-            return
-        for t, dst, tag in sends:
-            self._pending.append((t, dist.isend(t, dst=dst, group=pg, tag=tag)))
-        for b, src, tag in recvs:
-            dist.recv(b, src=src, group=pg, tag=tag)
-
-    def _recv(self, shapes: list[tuple[int, ...]], rows: int, src: int, mb: int, kind: int) -> list[Tensor]:
-        bufs = [torch.empty((rows, *shape), device=self.device) for shape in shapes]
-        with self.timeline.span("recv", f"recv{'AGH'[kind]}{mb}"):
-            self._post([(b, src, _tag(mb, kind, k)) for k, b in enumerate(bufs)])
-        return bufs
-
-    def _wait_sends(self) -> None:
-        with self.timeline.span("send_wait"):
-            self._post([])
-            for _, work in self._pending:
-                work.wait()
-        self._pending.clear()
 
     # -- one step ----------------------------------------------------------------------------
     def _check_inputs(self, images: Tensor | None, labels: Tensor | None) -> None:
@@ -275,7 +228,7 @@ class Engine:
         self._check_inputs(images, labels)
         tl, mbs = self.timeline, self.grid.microbatch_size
         tl.clear(step)
-        self._deferred, self._pending = [], []  # nothing left over from a step that raised
+        self.link.reset()  # nothing left over from a step that raised
         if self.meter is not None:
             self.meter.reset()
         self.stage.train()
@@ -293,7 +246,7 @@ class Engine:
                     self.grad_sync.armed = True
                 self._backward(a.mb, *live.pop(a.mb))
         tl.mb = None
-        self._wait_sends()
+        self.link.wait_sends()
         if self.grad_sync is not None:
             self.grad_sync.wait()
         with tl.span("optimizer"):
@@ -308,10 +261,10 @@ class Engine:
         """Micro-batch ``mb``'s forward: (its inputs, its outputs) or on the last stage (inputs, [loss])."""
         rows = self.grid.microbatch_size
         if self.first:
-            self._post([])  # no receive to pair the previous action's sends with
+            self.link.flush()  # no receive to pair the previous action's sends with
             inputs, xs = [], [imgs[mb]]
         else:
-            inputs = self._recv(self.in_shapes, rows, self.prev, mb, _ACT)
+            inputs = self.link.recv(self.in_shapes, rows, self.prev, mb, ACT)
             xs = [x.requires_grad_() for x in inputs]
         ctx = StepContext(seed=self.cfg.seed, step=step, sample_index=self._sample_index(mb, rows))
         hooks = (
@@ -328,18 +281,18 @@ class Engine:
                 tally.add_loss(ce)
                 outs = [loss]
         if not self.last:
-            self._send(outs, self.next, mb, _ACT)
+            self.link.send(outs, self.next, mb, ACT)
         return inputs, outs
 
     def _backward(self, mb: int, inputs: list[Tensor], outs: list[Tensor]) -> None:
         if self.last:
-            self._post([])
+            self.link.flush()
         rows = self.grid.microbatch_size
-        grads = None if self.last else self._recv(self.out_shapes, rows, self.next, mb, _GRAD)
+        grads = None if self.last else self.link.recv(self.out_shapes, rows, self.next, mb, GRAD)
         with self.timeline.span("backward", f"B{mb}"):
             torch.autograd.backward(outs, grads)
         if not self.first:
-            self._send([x.grad for x in inputs], self.prev, mb, _GRAD)
+            self.link.send([x.grad for x in inputs], self.prev, mb, GRAD)
 
     def _metrics(self, tally: Tally, step_s: float) -> dict[str, float]:
         """The step's metrics (see the module docstring); reads the scores from the device once."""
@@ -382,21 +335,21 @@ class Engine:
                 mb, more = 0, True
                 while more:
                     if self.first:
-                        self._post([])
+                        self.link.flush()
                         xs, rows, more = [chunks[mb]], chunks[mb].shape[0], mb + 1 < len(chunks)
                     else:
-                        (head,) = self._recv([(2,)], 1, self.prev, mb, _HEAD)
+                        (head,) = self.link.recv([(2,)], 1, self.prev, mb, HEAD)
                         rows, more = int(head[0, 0]), bool(head[0, 1])
-                        xs = self._recv(self.in_shapes, rows, self.prev, mb, _ACT)
+                        xs = self.link.recv(self.in_shapes, rows, self.prev, mb, ACT)
                     outs = self.stage.run(xs, self._exchange)  # eval mode: no dropout, no context
                     if self.last:
                         logits.append(self._full_logits(outs))
                     else:
                         head = torch.tensor([[rows, int(more)]], dtype=torch.float32, device=self.device)
-                        self._send([head], self.next, mb, _HEAD)
-                        self._send(outs, self.next, mb, _ACT)
+                        self.link.send([head], self.next, mb, HEAD)
+                        self.link.send(outs, self.next, mb, ACT)
                     mb += 1
-            self._wait_sends()
+            self.link.wait_sends()
         finally:
             self.stage.train(was_training)
         return torch.cat(logits) if self.last else None
