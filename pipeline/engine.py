@@ -51,7 +51,6 @@ import time
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -59,10 +58,10 @@ from alexnet.config import ModelConfig
 from alexnet.layers import StepContext
 from alexnet.model import BLOCK_NAMES, BlockSpec, Stage, concat_exchange, geometry
 from alexnet.scoring import Tally
-from pipeline.dist import Groups
+from pipeline.dist import Comm, Groups
 from pipeline.exchange import ColumnExchange
 from pipeline.grid import Grid
-from pipeline.p2p import ACT, GRAD, HEAD, StageLink
+from pipeline.p2p import ACT, GRAD, StageLink, step_plan
 from pipeline.schedules import Action, make_schedule
 from pipeline.timeline import Timeline
 
@@ -71,15 +70,15 @@ class _GradSync:
     """Sums gradients across replicas: an async all-reduce per parameter, launched from its
     post-accumulate hook while :attr:`armed` (during the step's last backward)."""
 
-    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, timeline: Timeline) -> None:
-        self.group, self.timeline = group, timeline
+    def __init__(self, params: list[nn.Parameter], comm: Comm, group, timeline: Timeline) -> None:
+        self.comm, self.group, self.timeline = comm, group, timeline
         self.armed, self.works = False, []
         for p in params:
             p.register_post_accumulate_grad_hook(self._hook)
 
     def _hook(self, p: Tensor) -> None:
         if self.armed:
-            self.works.append(dist.all_reduce(p.grad, group=self.group, async_op=True))
+            self.works.append(self.comm.all_reduce(p.grad, self.group, async_op=True))
 
     def wait(self) -> None:
         with self.timeline.span("grad_sync"):
@@ -169,12 +168,16 @@ class Engine:
         self.schedule = make_schedule(grid.schedule, grid.stages, grid.microbatches)
         self.actions: list[Action] = self.schedule.actions(self.s)
         self.column_exchange = (
-            ColumnExchange(model_cfg, groups.column, self.c, self.timeline) if grid.columns == 2 else None
+            ColumnExchange(model_cfg, groups.comm, groups.column, self.c, self.timeline)
+            if grid.columns == 2
+            else None
         )
         params = list(self.stage.parameters())
         self.optimizer = torch.optim.SGD(params, lr=0.0, momentum=momentum, weight_decay=weight_decay)
         self.param_names = dict(self.stage.named_parameters())
-        self.grad_sync = _GradSync(params, groups.data, self.timeline) if groups.data is not None else None
+        self.grad_sync = (
+            _GradSync(params, groups.comm, groups.data, self.timeline) if groups.data is not None else None
+        )
         self.meter = _ActivationMeter(params) if track_memory else None
         self.prev = grid.rank_of(self.r, self.s - 1, self.c) if not self.first else None
         self.next = grid.rank_of(self.r, self.s + 1, self.c) if not self.last else None
@@ -186,7 +189,11 @@ class Engine:
             else []
         )
         self.out_shapes = [geometry(model_cfg, self.blocks[-1], c).out for c in self.columns]
-        self.link = StageLink(groups.pipeline, groups.backend, self.device, self.timeline)
+        self.link = StageLink(groups.comm, groups.pipeline, self.device, self.timeline)
+        # each action's receive and send peer: the P2P layer posts receives ahead from it
+        self.plan = step_plan(
+            self.actions, self.prev, self.next, self.in_shapes, self.out_shapes, grid.microbatch_size
+        )
 
     # -- overridable pieces (the tests plant faults by overriding them) ----------------------
     def _exchange(self, spec: BlockSpec, parts: list[Tensor]) -> Tensor:
@@ -228,7 +235,7 @@ class Engine:
         self._check_inputs(images, labels)
         tl, mbs = self.timeline, self.grid.microbatch_size
         tl.clear(step)
-        self.link.reset()  # nothing left over from a step that raised
+        self.link.start(self.plan)  # nothing left over from a step that raised
         if self.meter is not None:
             self.meter.reset()
         self.stage.train()
@@ -328,6 +335,7 @@ class Engine:
             raise ValueError(f"rank {self.rank} is on stage 0: infer() needs the images")
         was_training = self.stage.training
         self.stage.eval()
+        self.link.start(None)
         logits: list[Tensor] = []
         try:
             with torch.no_grad():
@@ -336,18 +344,14 @@ class Engine:
                 while more:
                     if self.first:
                         self.link.flush()
-                        xs, rows, more = [chunks[mb]], chunks[mb].shape[0], mb + 1 < len(chunks)
+                        xs, more = [chunks[mb]], mb + 1 < len(chunks)
                     else:
-                        (head,) = self.link.recv([(2,)], 1, self.prev, mb, HEAD)
-                        rows, more = int(head[0, 0]), bool(head[0, 1])
-                        xs = self.link.recv(self.in_shapes, rows, self.prev, mb, ACT)
+                        xs, more = self.link.recv_headed(self.in_shapes, self.prev, mb)
                     outs = self.stage.run(xs, self._exchange)  # eval mode: no dropout, no context
                     if self.last:
                         logits.append(self._full_logits(outs))
                     else:
-                        head = torch.tensor([[rows, int(more)]], dtype=torch.float32, device=self.device)
-                        self.link.send([head], self.next, mb, HEAD)
-                        self.link.send(outs, self.next, mb, ACT)
+                        self.link.send_headed(outs, self.next, mb, more)
                     mb += 1
             self.link.wait_sends()
         finally:
