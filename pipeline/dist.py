@@ -5,19 +5,18 @@ A dead or stuck peer makes a collective or a receive raise after ``timeout_s`` (
 at once when the peer's socket closes) instead of hanging the job: the runtime above
 catches the error and restarts the trainer group.
 
-**Eager groups.** On an accelerator the default group is created with ``device_id=`` (the
-rank's device), which makes NCCL build its communicator at once instead of at the first
-operation. What this relies on in torch 2.14 (``torch/distributed/distributed_c10d.py``):
-``new_group`` without a ``device_id`` takes the default group's ``bound_device_id``
-(``_new_group_with_tag``), so every subgroup made here is bound to the same device, split from
-the default communicator (``_get_split_source``) and connected eagerly
-(``eager_connect_single_device``) when it is created. With an eagerly initialised group, NCCL's
-point-to-point ops run on the group's own communicator rather than on a lazily created 2-rank
-one keyed by the rank pair (pytorch/pytorch #129140, #129147, #154132); the P2P layer also posts
-every transfer as one ``batch_isend_irecv``, the form that uses the group's communicator in
-either case (pytorch/pytorch #160342). On the CPU torch accepts no ``device_id`` (gloo has no
-lazy communicator to avoid), so gloo groups are created as before: one code path, the device a
-parameter.
+**Eager groups.** On NCCL the default group is created with ``device_id=`` (the rank's CUDA
+device), which makes NCCL build its communicator at once instead of at the first operation.
+What this relies on in torch 2.14 (``torch/distributed/distributed_c10d.py``): ``new_group``
+without a ``device_id`` takes the default group's ``bound_device_id`` (``_new_group_with_tag``),
+so every subgroup made here is bound to the same device, split from the default communicator
+(``_get_split_source``) and connected eagerly (``eager_connect_single_device``) when it is
+created. With an eagerly initialised group, NCCL's point-to-point ops run on the group's own
+communicator rather than on a lazily created 2-rank one keyed by the rank pair (pytorch/pytorch
+#129140, #129147, #154132); the P2P layer also posts every transfer as one ``batch_isend_irecv``,
+the form that uses the group's communicator in either case (pytorch/pytorch #160342). torch
+accepts a ``device_id`` only for an accelerator, and gloo has no lazy communicator to avoid, so
+gloo groups are created without one: one code path, the device a parameter.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ validation headers) and what it expects to receive; the layer decides how the tr
 posted. The rules it keeps, on every backend (NCCL's; gloo is more permissive):
 
 * **every post is exactly one** ``batch_isend_irecv``: the sends queued since the last post
-  (an action's outputs, sent after its compute) together with the next receive. NCCL matches
+  (an action's outputs, queued after its compute) together with the receive the next action
+  needs, unless that receive was posted ahead (below: then each goes alone). NCCL matches
   the n-th send to a peer with the peer's n-th receive on the same communicator, in the order
   both sides post, and ignores tags; a batch is matched as a unit (Megatron's
   ``send_forward_recv_backward`` pairing, also what ``torch.distributed.pipelining`` posts).
@@ -135,6 +136,7 @@ class StageLink:
     ) -> None:
         self.comm, self.group, self.device, self.timeline = comm, group, device, timeline
         self.dtype = dtype  # of training messages: the step's activation dtype (bf16 under autocast)
+        self.receive_ahead = True  # False: every receive waits for its action (bench/pipeline.py's baseline)
         self.start(None)
 
     def start(self, plan: Sequence[Transfer] | None) -> None:
@@ -233,8 +235,7 @@ class StageLink:
             ops = self._recv_ops(nxt.shapes, nxt.rows, nxt.recv_from, nxt.mb, nxt.kind, None)
             self._ahead[(nxt.recv_from, nxt.mb, nxt.kind)] = self._post(ops)
 
-    @staticmethod
-    def _may_post_ahead(here: Transfer, nxt: Transfer) -> bool:
+    def _may_post_ahead(self, here: Transfer, nxt: Transfer) -> bool:
         """Whether the next action's receive may go out before this action computes: it has one,
         and this action does not send to that peer (the cycle in the module docstring)."""
-        return nxt.recv_from is not None and nxt.recv_from != here.send_to
+        return self.receive_ahead and nxt.recv_from is not None and nxt.recv_from != here.send_to

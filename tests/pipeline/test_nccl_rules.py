@@ -82,8 +82,7 @@ class _PaddedSendLink(StageLink):
 class _GreedyAheadLink(StageLink):
     """Posts every next receive ahead, even from the peer this action sends to."""
 
-    @staticmethod
-    def _may_post_ahead(here, nxt):
+    def _may_post_ahead(self, here, nxt):
         return nxt.recv_from is not None
 
 
