@@ -18,9 +18,10 @@ import torch
 from alexnet.config import ModelConfig
 from pipeline.engine import Engine
 from pipeline.grid import Grid
-from pipeline.nccl_rules import OpRecord, Post, RankLog, check
+from pipeline.local_world import local_groups, run_threads
+from pipeline.nccl_rules import OpRecord, Post, RankLog, RecordingComm, check
 from pipeline.p2p import StageLink, _Post
-from pipeline.verify import check_nccl_rules, compare, reference_run, run_configs
+from pipeline.verify import check_nccl_rules, compare, reference_run, run_configs, run_rank
 
 CFG = ModelConfig.small(num_classes=10, input_size=32)
 SHAPES = [f"{r}x{s}x{c}" for r, s, c in itertools.product((1, 2), (1, 2, 3, 4), (1, 2))]
@@ -133,9 +134,7 @@ def test_a_deadlock_is_explained_as_a_cycle():
 
 # -- the receive-ahead is there, and only where it is safe -------------------------------------
 def _logs(grid: Grid, engine_cls: type[Engine] = Engine) -> list[RankLog]:
-    from pipeline.local_world import local_groups, run_threads
-    from pipeline.nccl_rules import RecordingComm
-    from pipeline.verify import run_rank
+    """Every rank's recording of one step and a validation pass, ranks as threads."""
 
     def body(rank, world):
         groups = local_groups(world, grid, rank)
@@ -163,6 +162,10 @@ def test_gpipe_receives_the_next_micro_batch_before_computing_this_one():
 
 
 # -- the recording is the same over real gloo and over threads ---------------------------------
+def _ops(log: RankLog) -> list[tuple]:
+    return [(p.group, p.members, p.op, p.p2p, p.shapes, p.dtype, p.where) for p in log.posts]
+
+
 @pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_gloo_and_threads_record_the_same_ops_and_the_engine_matches_the_reference():
@@ -171,18 +174,14 @@ def test_gloo_and_threads_record_the_same_ops_and_the_engine_matches_the_referen
     gloo = [r["nccl_log"] for r in results]
     assert check(gloo, grid) == []
     threads = _logs(grid)
-    strip = lambda log: [(p.group, p.members, p.op, p.p2p, p.shapes, p.dtype, p.where) for p in log.posts]  # noqa: E731
     for rank in range(grid.world_size):
-        assert strip(gloo[rank]) == strip(threads[rank]), rank
+        assert _ops(gloo[rank]) == _ops(threads[rank]), rank
         assert gloo[rank].program == threads[rank].program, rank
     errors = compare(CFG, reference_run(CFG, grid.global_batch, 1, 0.05), results)
     assert errors["max_rel_grad_error"] < 1e-5, errors
 
 
 def test_the_threads_world_trains_like_the_reference():
-    from pipeline.local_world import local_groups, run_threads
-    from pipeline.verify import run_rank
-
     grid = _grid("2x2x2", 2, "1f1b")  # all three kinds of group: column, pipeline, data
 
     def body(rank, world):
