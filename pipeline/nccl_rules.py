@@ -208,24 +208,31 @@ class _Namer:
         return f"the {p.group} group {list(p.members)}"
 
     @staticmethod
-    def message(op: OpRecord) -> str:
+    def message(op: OpRecord, short: bool = False) -> str:
         mb, kind, part = untag(op.tag)
         what = KIND_NAMES[kind] if kind < len(KIND_NAMES) else "message"
-        return f"{what} of micro-batch {mb} (part {part}, tag {op.tag}), {op.shape} {op.dtype}"
+        if short:
+            return f"{what} of mb {mb} part {part}"
+        return f"{what} of micro-batch {mb}, part {part} (tag {op.tag}), {op.shape} {op.dtype}"
 
     def op(self, key: OpKey) -> str:
         r, i, k = key
         o = self.posts[r][i].p2p[k]
         way = f"send to rank {o.peer}" if o.send else f"receive from rank {o.peer}"
-        return f"{way}: {self.message(o)}"
+        return f"{way} of {self.message(o)}"
 
-    def post(self, p: Post) -> str:
+    def post(self, p: Post, subject: int | None = None) -> str:
+        """The post in words; "its post" when ``subject`` (the rank the sentence is about) posted it."""
         if p.is_p2p:
-            ops = ", ".join(self.op((p.rank, p.index, k)).split(" (part")[0] for k in range(len(p.p2p)))
+            ops = ", ".join(
+                f"{'send to' if o.send else 'receive from'} {o.peer} {self.message(o, short=True)}"
+                for o in p.p2p
+            )
             body = f"{p.op} [{ops}]"
         else:
             body = f"{p.op} of {p.shapes[0]} {p.dtype}"
-        return f"{self.rank(p.rank)}'s post #{p.index} on {self.comm(p)}, {body} ({p.where})"
+        owner = "its" if subject == p.rank else f"{self.rank(p.rank)}'s"
+        return f"{owner} post #{p.index} on {self.comm(p)}, {body} ({p.where})"
 
 
 def _unbatched(logs: Sequence[RankLog], name: _Namer) -> list[str]:
@@ -437,7 +444,7 @@ class _Simulation:
         if stuck:
             r = min(stuck)
             cur = (r, self.logs[r].program[self.pc[r]][1])
-            steps = [f"{self.name.rank(r)} waits for {self.name.post(self._post(*cur))}"]
+            steps = [f"{self.name.rank(r)} waits for {self.name.post(self._post(*cur), r)}"]
         else:
             r, comm = min(queued)
             cur = (r, self.queues[(r, comm)][0])
