@@ -14,7 +14,10 @@ so every subgroup made here is bound to the same device, split from the default 
 created. With an eagerly initialised group, NCCL's point-to-point ops run on the group's own
 communicator rather than on a lazily created 2-rank one keyed by the rank pair (pytorch/pytorch
 #129140, #129147, #154132); the P2P layer also posts every transfer as one ``batch_isend_irecv``,
-the form that uses the group's communicator in either case (pytorch/pytorch #160342). torch
+the form that uses the group's communicator in either case (pytorch/pytorch #160342). Eager
+creation also meets ``batch_isend_irecv``'s other rule: a batch that is a group's first call
+must involve every rank of the group (its docstring; pytorch/pytorch #74701), which the first
+batch of a pipeline group of S >= 3 stages (stages 0 and 1 only) would break on a lazy group. torch
 accepts a ``device_id`` only for an accelerator, and gloo has no lazy communicator to avoid, so
 gloo groups are created without one: one code path, the device a parameter.
 """

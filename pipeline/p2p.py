@@ -164,11 +164,18 @@ class StageLink:
         """Receive one tensor of ``(rows, *shape)`` per shape from ``src`` (``dtype`` None: the
         link's): post the queued sends with this receive as one batch, or, if the receive was
         posted ahead, post the sends alone first; then wait for it."""
+        dtype = dtype or self.dtype
         with self.timeline.span("recv", f"recv{'AGH'[kind]}{mb}"):
             post = self._ahead.pop((src, mb, kind), None)
             if post is None:
                 post = self._post(self._recv_ops(shapes, rows, src, mb, kind, dtype))
             else:
+                # posted ahead in the link's dtype: a caller's other dtype would mean a buffer that
+                # does not match what the peer sends (set the link's dtype to the step's instead)
+                assert all(b.dtype == dtype for b in post.bufs), (
+                    f"receive of {KIND_NAMES[kind]} {mb} from rank {src} was posted ahead as "
+                    f"{post.bufs[0].dtype}, asked for as {dtype}: StageLink.dtype must be the step's"
+                )
                 self._post([])  # our sends must not wait behind the receive
             bufs = post.wait_recvs()
         self._next_action(src, mb, kind)

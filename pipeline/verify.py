@@ -90,7 +90,7 @@ def run_rank(
 
     Returns per step this rank's grads and weights (numpy, canonical keys), its metrics,
     and the last step's timeline events. With a ``recorder`` (installed on ``groups``), a
-    validation pass of ``replica_batch + 1`` rows follows the steps, recorded too.
+    validation pass of ``microbatch_size + 1`` rows follows the steps, recorded too.
     """
     engine = engine_cls(cfg, grid, rank, groups, device=device or groups.device)
     if recorder is not None:
@@ -98,7 +98,7 @@ def run_rank(
     out = _train(cfg, grid, engine, steps, lr)
     if recorder is not None:
         recorder.phase = "validation"
-        images, _ = random_batch(cfg, grid.replica_batch + 1, steps)
+        images, _ = random_batch(cfg, grid.microbatch_size + 1, steps)  # a full and a partial micro-batch
         engine.infer(images.to(engine.device) if engine.first else None)
     return out
 

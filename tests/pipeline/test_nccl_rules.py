@@ -20,7 +20,9 @@ from pipeline.engine import Engine
 from pipeline.grid import Grid
 from pipeline.local_world import local_groups, run_threads
 from pipeline.nccl_rules import OpRecord, Post, RankLog, RecordingComm, check
-from pipeline.p2p import StageLink, _Post
+from pipeline.p2p import ACT, StageLink, _Post, step_plan
+from pipeline.schedules import make_schedule
+from pipeline.timeline import Timeline
 from pipeline.verify import check_nccl_rules, compare, reference_run, run_configs, run_rank
 
 CFG = ModelConfig.small(num_classes=10, input_size=32)
@@ -159,6 +161,30 @@ def test_gpipe_receives_the_next_micro_batch_before_computing_this_one():
     # stage 0's last forward sends to the stage it receives the first gradient from: one batch
     mixed = [ops for _, ops in _batches(logs[0]) if len({send for send, _, _ in ops}) == 2]
     assert mixed == [[(True, 1, 18), (True, 1, 19), (False, 1, 2), (False, 1, 3)]], mixed  # act3, grad0
+
+
+def test_a_receive_posted_ahead_takes_the_links_dtype_and_refuses_another():
+    # GPipe, 2 stages, M = 2: stage 1's receive of micro-batch 1 goes out before micro-batch 0's forward
+    sent = [torch.randn(2, 3).to(torch.bfloat16) for _ in range(2)]
+
+    def body(rank, world):
+        groups = local_groups(world, _grid("1x2x1", 2), rank)
+        link = StageLink(groups.comm, groups.pipeline, torch.device("cpu"), Timeline(rank), torch.bfloat16)
+        prev, nxt = (None, 1) if rank == 0 else (0, None)
+        link.start(step_plan(make_schedule("gpipe", 2, 2).actions(rank), prev, nxt, [(3,)], [(3,)], 2))
+        if rank == 0:
+            for mb in (0, 1):
+                link.flush()
+                link.send([sent[mb]], 1, mb, ACT)
+            link.wait_sends()
+            return None
+        (first,) = link.recv([(3,)], 2, 0, 0, ACT)  # the link's dtype
+        with pytest.raises(AssertionError, match="as torch.bfloat16, asked for as torch.float32"):
+            link.recv([(3,)], 2, 0, 1, ACT, dtype=torch.float32)
+        return first
+
+    _, first = run_threads(body, 2)
+    assert first.dtype == torch.bfloat16 and torch.equal(first.view(torch.int16), sent[0].view(torch.int16))
 
 
 # -- the recording is the same over real gloo and over threads ---------------------------------

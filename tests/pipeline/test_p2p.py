@@ -25,10 +25,12 @@ def _payload(seed: int, shape=BIG, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def _emulate(link: StageLink, s: int, schedule: str) -> list[float]:
+def _emulate(link: StageLink, s: int, schedule: str, dtype: torch.dtype = torch.float32) -> list[float]:
     """A stage's actions as the engine calls the link, with "compute" = add 1: forwards pass
-    x + 1 on, the last stage turns x into the gradient, backwards pass g + 1 back. Returns the
-    gradients stage 0 receives, per micro-batch (each a constant tensor)."""
+    x + 1 on, the last stage turns x into the gradient, backwards pass g + 1 back, all in
+    ``dtype`` (the link's, so receives posted ahead take it too). Returns the gradients stage 0
+    receives, per micro-batch (each a constant tensor)."""
+    link.dtype = dtype
     prev, nxt = (s - 1 if s > 0 else None), (s + 1 if s < STAGES - 1 else None)
     actions = make_schedule(schedule, STAGES, M).actions(s)
     link.start(step_plan(actions, prev, nxt, [BIG[1:]], [BIG[1:]], BIG[0]))
@@ -37,7 +39,7 @@ def _emulate(link: StageLink, s: int, schedule: str) -> list[float]:
         if a.kind == "F":
             if prev is None:
                 link.flush()
-                x = torch.full(BIG, float(a.mb))
+                x = torch.full(BIG, float(a.mb), dtype=dtype)
             else:
                 (x,) = link.recv([BIG[1:]], BIG[0], prev, a.mb, ACT)
             held[a.mb] = x + 1
@@ -50,10 +52,11 @@ def _emulate(link: StageLink, s: int, schedule: str) -> list[float]:
             else:
                 (g,) = link.recv([BIG[1:]], BIG[0], nxt, a.mb, GRAD)
                 got[a.mb] = float(g[0, 0])
-                assert bool((g == g[0, 0]).all())
+                assert g.dtype == dtype and bool((g == g[0, 0]).all())
             if prev is not None:
                 link.send([g + 1], prev, a.mb, GRAD)
     link.wait_sends()
+    link.dtype = torch.float32
     return [got.get(i, float("nan")) for i in range(M)]
 
 
@@ -92,6 +95,7 @@ def _worker(rank: int, world_size: int, port: int) -> dict:
         # whole steps along the chain, receives posted ahead where the plan allows
         for schedule in ("gpipe", "1f1b"):
             out[schedule] = _emulate(link, rank, schedule)
+            out[f"{schedule}-bf16"] = _emulate(link, rank, schedule, torch.bfloat16)
     finally:
         destroy()
     return out
@@ -126,7 +130,7 @@ def test_neighbours_exchange_in_one_batch(results):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "gpipe-bf16", "1f1b-bf16"])
 def test_a_step_with_receives_ahead_delivers_every_message(results, schedule):
     # micro-batch i: stage 0 sends i + 1, stage 1 i + 2, the last stage's gradient is i + 3 and
     # it sends i + 4 back; stage 1 receives that and sends i + 5 to stage 0
