@@ -6,6 +6,7 @@ header's)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,13 @@ def _emulate(link: StageLink, s: int, schedule: str, dtype: torch.dtype = torch.
     return [got.get(i, float("nan")) for i in range(M)]
 
 
+def _bits(t: torch.Tensor) -> tuple[torch.dtype, np.ndarray]:
+    """``t``'s dtype and bits as numpy integers (a tensor returned through the launcher's queue is
+    shared by a file descriptor that dies with the rank's process)."""
+    ints = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+    return t.dtype, t.view(ints[t.dtype]).numpy().copy()
+
+
 def _worker(rank: int, world_size: int, port: int) -> dict:
     grid = Grid.parse(f"1x{STAGES}x1", 1, 1)
     groups = init_distributed(grid, rank, "127.0.0.1", port, backend="gloo", timeout_s=30)
@@ -74,7 +82,7 @@ def _worker(rank: int, world_size: int, port: int) -> dict:
         elif rank == 1:
             link.dtype = torch.bfloat16
             (x,) = link.recv([BIG[1:]], BIG[0], 0, 0, ACT)
-            out["bf16"] = (x.dtype, x.view(torch.int16).clone())
+            out["bf16"] = _bits(x)
             link.dtype = torch.float32
         # validation messages: rows and dtype from the header
         link.start(None)
@@ -83,7 +91,9 @@ def _worker(rank: int, world_size: int, port: int) -> dict:
             link.send_headed([_payload(3, (2, 7))], 1, 1, more=False)
             link.wait_sends()
         elif rank == 1:
-            out["headed"] = [link.recv_headed([(7,)], 0, mb) for mb in (0, 1)]
+            out["headed"] = [
+                (_bits(xs[0]), more) for xs, more in (link.recv_headed([(7,)], 0, mb) for mb in (0, 1))
+            ]
         # 1F1B's steady state: each neighbour sends to and receives from the other in one batch
         link.start(None)
         if rank < 2:
@@ -112,16 +122,16 @@ def results():
 def test_a_bf16_send_arrives_as_bf16_with_the_same_bits(results):
     dtype, bits = results[1]["bf16"]
     assert dtype == torch.bfloat16
-    assert torch.equal(bits, _payload(1, dtype=torch.bfloat16).view(torch.int16))
+    assert np.array_equal(bits, _bits(_payload(1, dtype=torch.bfloat16))[1])
 
 
 @pytest.mark.timeout(200)
 def test_validation_headers_carry_rows_and_dtype(results):
     (first, more0), (second, more1) = results[1]["headed"]
     assert (more0, more1) == (True, False)
-    assert first[0].dtype == torch.bfloat16 and first[0].shape == (5, 7)
-    assert torch.equal(first[0].view(torch.int16), _payload(2, (5, 7), torch.bfloat16).view(torch.int16))
-    assert second[0].dtype == torch.float32 and torch.equal(second[0], _payload(3, (2, 7)))
+    assert first[0] == torch.bfloat16 and first[1].shape == (5, 7)
+    assert np.array_equal(first[1], _bits(_payload(2, (5, 7), torch.bfloat16))[1])
+    assert second[0] == torch.float32 and np.array_equal(second[1], _bits(_payload(3, (2, 7)))[1])
 
 
 @pytest.mark.timeout(200)
