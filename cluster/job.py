@@ -72,6 +72,8 @@ def run_training(
     ``on_coordinator(coord)`` is called once it exists (tests use it to stop a run or scrape).
     """
     # Everything a user can get wrong is checked before Ray starts (a ValueError: exit 2)
+    if from_checkpoint is not None and not resume:
+        raise ValueError(f"--from-checkpoint {from_checkpoint} continues a run: add --resume")
     plan, _index = plan_run(cfg, data_url)
     check_run_dir(run_dir)
     ck = _resume_point(run_dir, resume, cfg, plan, from_checkpoint)
@@ -145,8 +147,6 @@ def _resume_point(
 ) -> Checkpoint | None:
     """The checkpoint to continue from (``--resume``), or None; an old run dir without it is refused."""
     if not resume:
-        if from_checkpoint is not None:
-            raise ValueError(f"--from-checkpoint {from_checkpoint} continues a run: add --resume")
         if scan_checkpoints(run_dir):
             raise ValueError(
                 f"--run-dir {run_dir} already holds checkpoints: pass --resume to continue that run, "

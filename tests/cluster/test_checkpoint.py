@@ -207,9 +207,9 @@ def test_a_wrong_size_is_found_by_the_scan_a_wrong_hash_by_the_load(tmp_path):
     ck, skipped = load_newest(run)
     assert ck.step == 4
     assert skipped[0].startswith("step-00000012: model.safetensors has")
-    assert (
-        skipped[1]
-        == "step-00000008: model.safetensors: size or sha256 differs from manifest.json (corrupt or partly overwritten)"
+    assert skipped[1] == (
+        "step-00000008: model.safetensors: size or sha256 differs from manifest.json "
+        "(corrupt or partly overwritten)"
     )
     with pytest.raises(ValueError, match="sha256 differs"):
         load_checkpoint(f"{run}/checkpoints/step-00000008")
