@@ -1,9 +1,12 @@
 """The training job (``alexnet train``): what the driver does, top to bottom, in :func:`run_training`.
 
-Validate the config and the dataset before any actor starts (:mod:`cluster.plan`); find the
-checkpoint to resume from and refuse an incompatible one (:mod:`cluster.manifest`); attach to
-the Ray cluster (``RAY_ADDRESS``, as under ``ray job submit``) or start an embedded local one;
-serve the metrics; run the coordinator (:mod:`cluster.coordinator`), which on SIGTERM / ``ray job
+Before Ray starts, check everything a user can get wrong (a ``ValueError`` each, exit code 2):
+the config and the dataset (:mod:`cluster.plan`: a val split when the run validates, every shard
+on disk), the run directory (a writable directory), the checkpoint to resume from (the newest
+complete one, or ``--from-checkpoint``; an incompatible one is refused: :mod:`cluster.manifest`),
+and the metrics endpoint, which is served from then on, so its port stays the run's. Then attach
+to the Ray cluster (``RAY_ADDRESS``, as under ``ray job submit``) or start an embedded local one;
+run the coordinator (:mod:`cluster.coordinator`), which on SIGTERM / ``ray job
 stop`` checkpoints and stops; at the end write the history, the plot and the Chrome trace into
 the run directory (:mod:`cluster.reporting`) and print where everything is.
 """
