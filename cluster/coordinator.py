@@ -269,7 +269,8 @@ class Coordinator:
         self.report.checkpoint_saved(time.perf_counter() - t0, written)
 
     def _finishing(self) -> str:
-        if self.checkpoints.last_step < self.step_no:
+        # a write that failed within checkpoint.max_failed_writes is tried again: the last must succeed
+        if self.checkpoints.last_step < self.step_no or self.checkpoints.failing:
             self._checkpoint()
         self.report.final_checkpoint(self.checkpoints.wait(timeout=self.cfg.checkpoint.stop_timeout_s))
         return FINISHED

@@ -131,8 +131,8 @@ def _load_model(checkpoint: str):
     if is_checkpoint(checkpoint):
         return load_checkpoint(checkpoint, optimizer=False)
     ck, skipped = load_newest(checkpoint, optimizer=False)
+    if ck is None:  # the error naming the directory and what was skipped
+        return load_checkpoint(checkpoint, optimizer=False)
     for line in skipped:
         print(f"alexnet eval: skipped newer checkpoint {line}", file=sys.stderr, flush=True)
-    if ck is None:
-        return load_checkpoint(checkpoint, optimizer=False)  # the error naming the directory
     return ck

@@ -219,6 +219,12 @@ class RunCheckpoints:
         self.writer.wait(raise_errors=False)
         return load_newest(self.run_dir)
 
+    @property
+    def failing(self) -> bool:
+        """The newest write that ended failed (within ``checkpoint.max_failed_writes``, or the
+        run would have failed)."""
+        return bool(self.writer.failures)
+
     def check_writes(self) -> None:
         """Fail the run (:class:`cluster.faults.CheckpointWriteFailed`) once more writes in a row
         failed than ``checkpoint.max_failed_writes`` allows (default 0: the first failure)."""

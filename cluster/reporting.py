@@ -13,7 +13,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,7 +122,7 @@ class Reporter:
         self.log(f"[coordinator] trainer failure {count} at step {step}: {error}")
 
     def restarting(
-        self, count: int, max_failures: int, step: int, newest: str | None, skipped: list[str] = ()
+        self, count: int, max_failures: int, step: int, newest: str | None, skipped: Sequence[str] = ()
     ) -> None:
         """The group restarts at ``step`` (from checkpoint ``newest``; ``skipped``: the newer ones
         that were incomplete or corrupt, and why): later history is re-run."""

@@ -276,3 +276,23 @@ def test_losses_within_max_skipped_fraction_do_not_stop_the_run(tmp_path):
     lost = {(0, "d/train-000001.tar", "unreadable"): 50}
     c = _coordinator(tmp_path / "b", LosesData(lost), **{"data.max_skipped_fraction": 0.5})
     assert c.run() == FINISHED
+
+
+def test_a_stop_right_after_a_tolerated_failed_write_writes_again(tmp_path, monkeypatch):
+    import cluster.checkpoint as checkpoint
+
+    real, tries = checkpoint.write_checkpoint, []
+
+    def write(run_dir, step, *args):
+        tries.append(step)
+        if tries.count(step) == 1 and step == 4:  # the first try of step 4 fails
+            raise OSError(28, "No space left on device")
+        return real(run_dir, step, *args)
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", write)
+    c = _coordinator(tmp_path, FakeGroup(), **{"checkpoint.max_failed_writes": 1})
+    while c.step_no < 4 or c.state != RUNNING:
+        c.step()
+    c.request_stop()
+    assert c.run() == FINISHED and c.step_no == 4
+    assert tries == [4, 4] and [s for s, _ in list_checkpoints(str(tmp_path))] == [4]
