@@ -203,7 +203,8 @@ def _no_checkpoint(path: str, skipped: list[str]) -> ValueError:
 def read_manifest(url: str) -> dict[str, Any]:
     """The manifest of checkpoint ``url`` (JSON only), its format version checked.
 
-    Invalid JSON or another format version is a :class:`CorruptCheckpoint` naming the file."""
+    Invalid JSON is a :class:`CorruptCheckpoint` naming the file; another format version a
+    ``ValueError`` (a checkpoint of other code, not a damaged one)."""
     fs, p = _fs(url)
     with fs.open(join_url(p, MANIFEST), "rb") as f:
         raw = f.read()
@@ -224,9 +225,10 @@ def read_manifest(url: str) -> dict[str, Any]:
 
 def _read_verified(url: str, manifest: dict[str, Any], name: str) -> bytes:
     """The bytes of file ``name`` of checkpoint ``url``, checked against the manifest's size and sha256."""
-    want = manifest.get("files", {}).get(name)
-    if want is None:
-        raise CorruptCheckpoint(url, f"{MANIFEST} does not list {name}")
+    files = manifest.get("files")
+    want = files.get(name) if isinstance(files, dict) else None
+    if not isinstance(want, dict) or not {"bytes", "sha256"} <= set(want):
+        raise CorruptCheckpoint(url, f"{MANIFEST} does not list {name} with its size and sha256")
     fs, p = _fs(url)
     try:
         with fs.open(join_url(p, name), "rb") as f:
