@@ -278,9 +278,8 @@ class Coordinator:
     def _recovering(self) -> str:
         self._inflight = None  # its results died with the group
         self.group.shutdown()
-        ck, skipped = (
-            self.checkpoints.load_newest()
-        )  # a write in flight completes first: it may be the newest
+        # the newest complete checkpoint (a write in flight completes first: it may be the newest)
+        ck, skipped = self.checkpoints.load_newest()
         self._resume_from(ck)
         newest = None if ck is None else ck.url
         self.report.restarting(

@@ -201,12 +201,14 @@ def _ckpt(run_dir, step: int, name: str = "") -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}" / name
 
 
-def test_resume_and_eval_skip_a_damaged_newest_checkpoint(fake_ray, data, tmp_path, capsys):
+def test_resume_and_eval_skip_a_damaged_newest_checkpoint(fake_ray, data, train_only, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(train(data, run, "--steps", "6", *SETS)) == 0
     assert _steps(run) == [2, 3, 4, 6]  # every 2 steps and the epoch ends (3, 6)
     _ckpt(run, 6, "optimizer.safetensors").unlink()
     capsys.readouterr()
+    msg = refused(capsys, ["eval", "--checkpoint", str(run), "--data", train_only], "eval")
+    assert f"--data {train_only} has no val images" in msg, msg
 
     # eval needs only the weights: the newest checkpoint still scores
     for where in (run, _ckpt(run, 6)):
