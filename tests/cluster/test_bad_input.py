@@ -85,7 +85,9 @@ def test_no_val_split_is_refused_unless_validation_is_off(tripwire, train_only, 
         main(train(train_only, tmp_path / "r", "--set", "eval.every_epochs=0"))
 
 
-def test_a_metrics_port_in_use_is_refused_and_a_free_one_stays_ours(tripwire, data, tmp_path, capsys):
+def test_a_metrics_port_in_use_is_refused_and_a_free_one_stays_ours(
+    tripwire, data, tmp_path, capsys, monkeypatch
+):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -100,15 +102,12 @@ def test_a_metrics_port_in_use_is_refused_and_a_free_one_stays_ours(tripwire, da
         assert e.value.errno == errno.EADDRINUSE
         raise RayStarted
 
-    job_init, job.init_ray = job.init_ray, init_ray
-    try:
-        with socket.socket() as free:
-            free.bind(("127.0.0.1", 0))
-            port = free.getsockname()[1]
-        with pytest.raises(RayStarted):
-            main(train(data, tmp_path / "r", "--metrics-port", str(port)))
-    finally:
-        job.init_ray = job_init
+    monkeypatch.setattr(job, "init_ray", init_ray)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with pytest.raises(RayStarted):
+        main(train(data, tmp_path / "r", "--metrics-port", str(port)))
 
 
 def test_a_metrics_address_not_of_this_machine_is_refused(tripwire, data, tmp_path, capsys):
