@@ -1,7 +1,7 @@
 """``alexnet train`` and ``alexnet eval``: the job a user submits, and offline evaluation.
 
     alexnet train --preset NAME | --config FILE.toml [--set key=value ...] --data SHARDS --run-dir DIR
-                  [--resume] [--steps N | --epochs N] [--metrics-port P]
+                  [--resume [--from-checkpoint CKPT]] [--steps N | --epochs N] [--metrics-port P]
     alexnet eval --checkpoint DIR --data SHARDS
 
 Both validate everything before any actor starts; a ``ValueError`` becomes a clean error
@@ -19,6 +19,10 @@ from cluster.config import PRESETS, load_config, parse_sets
 def job_config(args: argparse.Namespace):
     """The validated :class:`cluster.config.JobConfig` of ``alexnet train``'s arguments."""
     overrides: dict = parse_sets(args.set)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: use >= 1, or leave it out to run train.epochs")
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs}: use >= 1")
     if args.steps is not None:
         overrides["train.steps"] = args.steps
     if args.epochs is not None:
@@ -40,7 +44,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(
             "no data: pass --data SHARDS (a directory or URL with dataset.json), or set data.path"
         )
-    res = run_training(cfg, cfg.data.path, args.run_dir, resume=args.resume, preset=args.preset)
+    res = run_training(
+        cfg,
+        cfg.data.path,
+        args.run_dir,
+        resume=args.resume,
+        preset=args.preset,
+        from_checkpoint=args.from_checkpoint,
+    )
     return res.exit_code
 
 
@@ -55,6 +66,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "--run-dir", required=True, metavar="DIR", help="checkpoints, metrics, plots (path or URL)"
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument(
+        "--from-checkpoint",
+        metavar="CKPT",
+        help="with --resume: continue from this checkpoint (RUN/checkpoints/step-N) instead, writing "
+        "into --run-dir",
+    )
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="total steps of the run (counted from step 0)")
     length.add_argument("--epochs", type=int, help="total epochs of the run")
