@@ -1,7 +1,8 @@
 """The training job (``alexnet train``): what the driver does, top to bottom, in :func:`run_training`.
 
 Validate the config and the dataset before any actor starts (:mod:`cluster.plan`); find the
-checkpoint to resume from and refuse an incompatible one (:mod:`cluster.manifest`); attach to
+checkpoint to resume from and refuse an incompatible one (:mod:`cluster.manifest`); write the
+resolved config into the run directory (``config.toml``, which ``--config`` reruns); attach to
 the Ray cluster (``RAY_ADDRESS``, as under ``ray job submit``) or start an embedded local one;
 serve the metrics; run the coordinator (:mod:`cluster.coordinator`), which on SIGTERM / ``ray job
 stop`` checkpoints and stops; at the end write the history, the plot and the Chrome trace into
@@ -19,13 +20,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
+from cluster.checkpoint import Checkpoint, join_url, latest_checkpoint, list_checkpoints
 from cluster.config import JobConfig
 from cluster.coordinator import FINISHED, Coordinator
 from cluster.manifest import load_resume
 from cluster.metrics import Metrics
 from cluster.plan import RunPlan, plan_run
-from cluster.reporting import Reporter, write_outputs
+from cluster.reporting import Reporter, write_bytes, write_outputs
 
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a complete checkpoint
 
@@ -64,8 +65,10 @@ def run_training(
     ``group_factory(cfg, plan, data_url)`` builds the trainer group (default: Ray actors);
     ``on_coordinator(coord)`` is called once it exists (tests use it to stop a run or scrape).
     """
+    cfg = cfg.for_data(data_url)  # model.input_size from the stored images when unset
     plan, _index = plan_run(cfg, data_url)
     ck = _resume_point(run_dir, resume, cfg, plan)
+    write_bytes(join_url(run_dir, "config.toml"), cfg.to_toml().encode())  # `--config` it to rerun
     init_ray(cfg, plan)
     group = (group_factory or _ray_group)(cfg, plan, data_url)
     name = run_dir.rstrip("/").rsplit("/", 1)[-1] or "run"
