@@ -482,10 +482,13 @@ class JobConfig:
         """This config for images stored ``stored`` px square (the dataset's ``size``).
 
         ``model.input_size`` 0 becomes the paper's fraction of it (:func:`alexnet.config.crop_size`);
-        a set one is kept, but refused if it would crop less than half the stored side. Errors name
-        ``where`` (the shards) and the fix."""
+        a set one is kept, but refused if it is larger than the stored side or crops less than half
+        of it. Errors name ``where`` (the shards) and the fix."""
+        from alexnet.data.index import check_input_size  # the reader's own check: crop <= stored
+
         size = self.model.input_size or crop_size(stored)
         try:
+            check_input_size(size, stored)
             check_crop(size, stored)
             resolved = self.replace(**{"model.input_size": size})
         except ValueError as e:

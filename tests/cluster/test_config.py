@@ -53,7 +53,14 @@ def test_crops_that_do_not_fit_the_stored_images_are_refused(preset, sets, store
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_toml_form_reads_back_to_the_same_config(name, tmp_path):
-    sets = {"data.path": 'C:\\x "q"', "grid.cuts": "conv3", "schedule.milestones": "3,7", "optim.lr": 1e-5}
+    sets = {
+        "data.path": 'C:\\x "q"',
+        "grid.shape": "1x2x2",
+        "grid.microbatches": 2,
+        "grid.cuts": "conv3",
+        "schedule.milestones": "3,7",
+        "optim.lr": 1e-5,
+    }
     for cfg in (load_config(preset=name), load_config(preset=name, overrides=sets)):
         p = tmp_path / "config.toml"
         p.write_text(cfg.to_toml())
