@@ -2,7 +2,7 @@
 configuration, and offline evaluation.
 
     alexnet train --preset NAME | --config FILE.toml [--set key=value ...] --data SHARDS --run-dir DIR
-                  [--resume] [--steps N | --epochs N] [--metrics-port P]
+                  [--resume [--from-checkpoint CKPT]] [--steps N | --epochs N] [--metrics-port P]
     alexnet config --preset NAME | --config FILE.toml [--set key=value ...] [--data SHARDS]
                    [--steps N | --epochs N] [--metrics-port P] [--json]
     alexnet eval --checkpoint DIR --data SHARDS
@@ -22,6 +22,10 @@ from cluster.config import PRESETS, load_config, parse_sets
 def job_config(args: argparse.Namespace):
     """The validated :class:`cluster.config.JobConfig` of ``alexnet train``'s arguments."""
     overrides: dict = parse_sets(args.set)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: use >= 1, or leave it out to run train.epochs")
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs}: use >= 1")
     if args.steps is not None:
         overrides["train.steps"] = args.steps
     if args.epochs is not None:
@@ -92,7 +96,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(
             "no data: pass --data SHARDS (a directory or URL with dataset.json), or set data.path"
         )
-    res = run_training(cfg, cfg.data.path, args.run_dir, resume=args.resume, preset=args.preset)
+    res = run_training(
+        cfg,
+        cfg.data.path,
+        args.run_dir,
+        resume=args.resume,
+        preset=args.preset,
+        from_checkpoint=args.from_checkpoint,
+    )
     return res.exit_code
 
 
@@ -103,6 +114,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "--run-dir", required=True, metavar="DIR", help="checkpoints, metrics, plots (path or URL)"
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument(
+        "--from-checkpoint",
+        metavar="CKPT",
+        help="with --resume: continue from this checkpoint (RUN/checkpoints/step-N) instead, writing "
+        "into --run-dir",
+    )
     p.set_defaults(func=cmd_train)
 
 

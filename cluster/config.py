@@ -291,6 +291,9 @@ class DataSection:
     shuffle_buffer: int = 1000  # records per worker's shuffle buffer (0: shard order only)
     mean: str = "image"  # subtract the training-set mean "image" (the paper) or mean "rgb" pixel
     input_scale: float = 1.0  # model input = (pixels - mean + lighting) * input_scale
+    # the run fails once an epoch loses more than this fraction of its samples to unreadable or
+    # truncated shards and corrupt samples (0: any loss fails the run; 1: never)
+    max_skipped_fraction: float = 0.01
 
     def __post_init__(self) -> None:
         _need(self.workers >= 1, "data.workers", self.workers, "use >= 1")
@@ -298,21 +301,34 @@ class DataSection:
         _need(self.mean in ("image", "rgb"), "data.mean", self.mean, 'use "image" or "rgb"')
         _need(self.input_scale > 0, "data.input_scale", self.input_scale, "use > 0 (1.0: raw pixel units)")
         _need(self.prefetch >= 1, "data.prefetch", self.prefetch, "use >= 1 (batches per worker)")
+        _need(
+            0 <= self.max_skipped_fraction <= 1,
+            "data.max_skipped_fraction",
+            self.max_skipped_fraction,
+            "use a fraction of an epoch's samples in [0, 1], e.g. 0.01",
+        )
 
 
 @dataclass(frozen=True)
 class CheckpointSection:
-    """``every_steps`` (0: only at epoch ends and the run's end), ``keep`` the last K."""
+    """``every_steps`` (0: only at epoch ends and the run's end), ``keep`` the last K.
+
+    ``max_failed_writes``: checkpoint writes in a row that may fail (disk full, permissions, a
+    flaky store) before the run fails; 0: the first failed write fails it. The run's last
+    checkpoint must always succeed.
+    """
 
     every_steps: int = 0
     at_epoch_end: bool = True
     keep: int = 3
     background: bool = True
     stop_timeout_s: float = 120.0  # bound on the final checkpoint after SIGTERM
+    max_failed_writes: int = 0
 
     def __post_init__(self) -> None:
         _need(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use >= 0 (0: off)")
         _need(self.keep >= 1, "checkpoint.keep", self.keep, "use >= 1")
+        _need(self.max_failed_writes >= 0, "checkpoint.max_failed_writes", self.max_failed_writes, "use >= 0")
         _need(self.stop_timeout_s > 0, "checkpoint.stop_timeout_s", self.stop_timeout_s, "use > 0")
 
 

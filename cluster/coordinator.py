@@ -48,7 +48,7 @@ from torch import Tensor
 
 from cluster.checkpoint import Checkpoint
 from cluster.config import JobConfig
-from cluster.faults import FailurePolicy, TrainerDied
+from cluster.faults import CheckpointWriteFailed, DataLossBound, FailurePolicy, TrainerDied
 from cluster.lr_schedule import Cut, LRSchedule
 from cluster.manifest import Manifest, RunCheckpoints
 from cluster.metrics import Metrics
@@ -127,6 +127,9 @@ class Coordinator:
             run_dir, cfg.checkpoint, plan, cfg.to_dict(), cfg.to_grid().to_dict()
         )
         self.policy = FailurePolicy(cfg.faults)
+        self.data_loss = DataLossBound(
+            cfg.data.max_skipped_fraction, plan.steps_per_epoch * cfg.optim.batch_size
+        )
         self.state = STARTING
         self.error: BaseException | None = None
         self.stop_requested = threading.Event()
@@ -168,6 +171,7 @@ class Coordinator:
             RECOVERING: self._recovering,
         }[self.state]
         try:
+            self.checkpoints.check_writes()  # a failed background write fails the run here, at once
             new = handler()
         except TrainerDied as e:
             new = self._on_failure(e)
@@ -232,8 +236,10 @@ class Coordinator:
             raise self.policy.non_finite_error(bad, self.checkpoints.newest())
         self.report.steps(results, end, self.lr_schedule.lr)
         self.step_no = end  # once its steps are recorded: a watcher of step_no sees their metrics
-        self.report.data(self.group.data_stats())
+        stats = self.group.data_stats()
+        self.report.data(stats)
         self.report.progress(end, self.lr_schedule.lr)
+        self.data_loss.check(stats.get("lost", {}))  # early: an epoch fails once it has lost too much
         due = self.milestones.at(end)
         if due.epoch_end and not due.evaluate:  # the LR rule sees every epoch end, validated or not
             self._lr_rule(None)
@@ -277,7 +283,8 @@ class Coordinator:
         self.report.checkpoint_saved(time.perf_counter() - t0, written)
 
     def _finishing(self) -> str:
-        if self.checkpoints.last_step < self.step_no:
+        # a write that failed within checkpoint.max_failed_writes is tried again: the last must succeed
+        if self.checkpoints.last_step < self.step_no or self.checkpoints.failing:
             self._checkpoint()
         self.report.final_checkpoint(self.checkpoints.wait(timeout=self.cfg.checkpoint.stop_timeout_s))
         return FINISHED
@@ -285,10 +292,13 @@ class Coordinator:
     def _recovering(self) -> str:
         self._inflight = None  # its results died with the group
         self.group.shutdown()
-        ck = self.checkpoints.load_newest()  # a write in flight completes first: it may be the newest
+        # the newest complete checkpoint (a write in flight completes first: it may be the newest)
+        ck, skipped = self.checkpoints.load_newest()
         self._resume_from(ck)
         newest = None if ck is None else ck.url
-        self.report.restarting(len(self.policy.failures), self.cfg.faults.max_failures, self.step_no, newest)
+        self.report.restarting(
+            len(self.policy.failures), self.cfg.faults.max_failures, self.step_no, newest, skipped
+        )
         return STARTING
 
     def _on_failure(self, e: TrainerDied) -> str:
@@ -302,7 +312,9 @@ class Coordinator:
         try:
             self.checkpoints.close(timeout=self.cfg.checkpoint.stop_timeout_s)
         except Exception as e:  # a failed final write must not hide the run's own outcome
-            self.report.writer_failed(e)
             if self.state == FINISHED:
+                self.report.writer_failed(e)
                 self.error = e
                 self._enter(FAILED)
+            elif not isinstance(self.error, CheckpointWriteFailed):  # else: that is the run's error
+                self.report.writer_failed(e)

@@ -13,7 +13,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,8 +122,13 @@ class Reporter:
         """Trainer failure number ``count`` of the run, at ``step``."""
         self.log(f"[coordinator] trainer failure {count} at step {step}: {error}")
 
-    def restarting(self, count: int, max_failures: int, step: int, newest: str | None) -> None:
-        """The group restarts at ``step`` (from checkpoint ``newest``): later history is re-run."""
+    def restarting(
+        self, count: int, max_failures: int, step: int, newest: str | None, skipped: Sequence[str] = ()
+    ) -> None:
+        """The group restarts at ``step`` (from checkpoint ``newest``; ``skipped``: the newer ones
+        that were incomplete or corrupt, and why): later history is re-run."""
+        for line in skipped:
+            self.log(f"[coordinator] skipped newer checkpoint {line}")
         self.metrics.inc("restarts", reason="trainer_failure")
         self.history.rewind(step)
         self._skipped_seen, self._data_restarts_seen = {}, 0  # the new data workers count from 0

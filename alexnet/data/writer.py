@@ -405,7 +405,8 @@ def _write_index(
     splits: dict[str, Any] = {}
     for t in tasks:
         s = splits.setdefault(t.split, {"count": 0, "shards": []})
-        s["shards"].append({"name": t.name, "count": results[t.name].count})
+        size = fs.size(f"{root}/{t.name}")  # what `alexnet train` checks each shard against
+        s["shards"].append({"name": t.name, "count": results[t.name].count, "bytes": size})
         s["count"] += results[t.name].count
     skipped = [s for t in tasks for s in results[t.name].skipped]
     index = dict(
