@@ -13,7 +13,8 @@ States (``cluster.metrics.STATES``)::
   end, a due checkpoint or the run's end: :class:`cluster.plan.Milestones`): the trainers pull
   their own batches, so the coordinator makes one Ray call per rank per chunk, not per step;
 * ``evaluating``: validation at an epoch end (every ``eval.every_epochs``), then the learning-rate
-  rule (:class:`cluster.lr_schedule.LRSchedule`);
+  rule (:class:`cluster.lr_schedule.LRSchedule`; at an epoch end without validation ``running``
+  feeds it the epoch alone), each cut logged with its evidence;
 * ``checkpointing``: gather the state into host memory (the only stall) and hand it to the
   background writer;
 * ``finishing``: at the run's end, or after a stop request (SIGTERM, ``ray job stop``) once the
@@ -48,7 +49,7 @@ from torch import Tensor
 from cluster.checkpoint import Checkpoint
 from cluster.config import JobConfig
 from cluster.faults import CheckpointWriteFailed, DataLossBound, FailurePolicy, TrainerDied
-from cluster.lr_schedule import LRSchedule
+from cluster.lr_schedule import Cut, LRSchedule
 from cluster.manifest import Manifest, RunCheckpoints
 from cluster.metrics import Metrics
 from cluster.plan import Milestones, RunPlan
@@ -147,7 +148,7 @@ class Coordinator:
         else:
             m = Manifest.from_json(ck.manifest)
             self.step_no, self.positions = m.step, m.positions_for(self.cfg.data.workers)
-            self.lr_schedule = LRSchedule.from_state(rule, m.lr_schedule)
+            self.lr_schedule = LRSchedule.from_state(rule, m.lr_schedule, m.epoch)
         self.to_load = ck
         # what was due at the restored step is done: it was validated before it was checkpointed
         self._evaluated_step = self.checkpoints.last_step = -1 if ck is None else self.step_no
@@ -239,6 +240,9 @@ class Coordinator:
         self.report.data(stats)
         self.report.progress(end, self.lr_schedule.lr)
         self.data_loss.check(stats.get("lost", {}))  # early: an epoch fails once it has lost too much
+        due = self.milestones.at(end)
+        if due.epoch_end and not due.evaluate:  # the LR rule sees every epoch end, validated or not
+            self._lr_rule(None)
         return self._next()
 
     def _submit(self, step: int) -> tuple[int, int, Any]:
@@ -248,13 +252,23 @@ class Coordinator:
     def _evaluating(self) -> str:
         t0 = time.perf_counter()
         res = self.group.evaluate(self.cfg.eval.ten_crop, self.cfg.eval.max_samples)
-        reduced = self.lr_schedule.update(res["top1_error"])
+        cut = self._lr_rule(res["top1_error"])
         self._evaluated_step = self.step_no
-        epoch = self.step_no // self.plan.steps_per_epoch - 1  # the epoch just completed
-        self.report.evaluated(
-            epoch, self.step_no, self.lr_schedule.lr, res, reduced, time.perf_counter() - t0
-        )
+        seconds, lr = time.perf_counter() - t0, self.lr_schedule.lr
+        self.report.evaluated(self._epoch_done(), self.step_no, lr, res, cut is not None, seconds)
+        if cut is not None:
+            self.report.lr_cut(cut)
         return self._next()
+
+    def _epoch_done(self) -> int:
+        return self.step_no // self.plan.steps_per_epoch - 1  # the epoch just completed, from 0
+
+    def _lr_rule(self, val_error: float | None) -> Cut | None:
+        """Feed the epoch just completed to the LR rule; a cut without validation is logged here."""
+        cut = self.lr_schedule.update(self._epoch_done(), val_error)
+        if cut is not None and val_error is None:
+            self.report.lr_cut(cut)
+        return cut
 
     def _checkpointing(self) -> str:
         self._checkpoint()

@@ -4,7 +4,8 @@ Before Ray starts, check everything a user can get wrong (a ``ValueError`` each,
 the config and the dataset (:mod:`cluster.plan`: a val split when the run validates, every shard
 on disk), the run directory (a writable directory), the checkpoint to resume from (the newest
 complete one, or ``--from-checkpoint``; an incompatible one is refused: :mod:`cluster.manifest`),
-and the metrics endpoint, which is served from then on, so its port stays the run's. Then attach
+and the metrics endpoint, which is served from then on, so its port stays the run's. Write the
+resolved config into the run directory (``config.toml``, which ``--config`` reruns). Then attach
 to the Ray cluster (``RAY_ADDRESS``, as under ``ray job submit``) or start an embedded local one;
 run the coordinator (:mod:`cluster.coordinator`), which on SIGTERM / ``ray job
 stop`` checkpoints and stops; at the end write the history, the plot and the Chrome trace into
@@ -26,13 +27,13 @@ from typing import Any
 
 import fsspec
 
-from cluster.checkpoint import Checkpoint, latest_checkpoint, scan_checkpoints
+from cluster.checkpoint import Checkpoint, join_url, latest_checkpoint, scan_checkpoints
 from cluster.config import JobConfig
 from cluster.coordinator import FAILED, FINISHED, Coordinator
 from cluster.manifest import load_resume
 from cluster.metrics import Metrics
 from cluster.plan import RunPlan, plan_run
-from cluster.reporting import Reporter, write_outputs
+from cluster.reporting import Reporter, write_bytes, write_outputs
 
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a complete checkpoint
 
@@ -77,9 +78,11 @@ def run_training(
     # Everything a user can get wrong is checked before Ray starts (a ValueError: exit 2)
     if from_checkpoint is not None and not resume:
         raise ValueError(f"--from-checkpoint {from_checkpoint} continues a run: add --resume")
+    cfg = cfg.for_data(data_url)  # model.input_size from the stored images when unset
     plan, _index = plan_run(cfg, data_url)
     check_run_dir(run_dir)
     ck = _resume_point(run_dir, resume, cfg, plan, from_checkpoint)
+    write_bytes(join_url(run_dir, "config.toml"), cfg.to_toml().encode())  # `--config` it to rerun
     name = run_dir.rstrip("/").rsplit("/", 1)[-1] or "run"
     metrics = Metrics(run=name)
     metrics_url = _serve_metrics(metrics, cfg, plan, name, preset)  # bound now, so the port stays ours

@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
+from alexnet.optim import check_resume_rule
 from cluster.checkpoint import (
     Checkpoint,
     CheckpointManager,
@@ -87,13 +88,15 @@ class Manifest:
         )
 
     def check_resume(self, cfg: JobConfig, plan: RunPlan, url: str) -> None:
-        """Refuse a checkpoint this run cannot continue exactly (model, batch, data position)."""
+        """Refuse a checkpoint this run cannot continue exactly (model, update rule, batch, data
+        position)."""
         model = cfg.to_dict()["model"]
         if self.config.get("model") != model:
             raise ValueError(
                 f"{url}: saved with model {self.config.get('model')}, this run has {model}; "
                 "resume with the same [model] section (or start a new --run-dir)"
             )
+        check_resume_rule(self.config.get("optim", {}).get("rule"), cfg.optim.rule, url)
         b_saved = self.config.get("optim", {}).get("batch_size")
         if b_saved != cfg.optim.batch_size:
             raise ValueError(

@@ -82,6 +82,7 @@ class TrainerActor:
             device=self.device,
             momentum=o.momentum,
             weight_decay=o.weight_decay,
+            rule=o.rule,
         )
         self.index = DatasetIndex.load(self.data_url)
         self.mean = self.index.mean_tensor(self.cfg.model.input_size, self.cfg.data.mean).to(self.device)

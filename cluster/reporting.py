@@ -21,6 +21,7 @@ from typing import Any
 import fsspec
 
 from cluster.checkpoint import CheckpointRecord, join_url
+from cluster.lr_schedule import Cut
 from cluster.metrics import SKIP_REASONS, STEP_PARTS, Metrics
 from cluster.plan import RunPlan
 
@@ -252,6 +253,11 @@ class Reporter:
             f"{ten} ({int(res['samples'])} images, {seconds:.1f}s)"
             + (f"; learning rate divided -> {lr:.4g}" if reduced else "")
         )
+
+    def lr_cut(self, cut: Cut) -> None:
+        """The learning-rate rule changed the rate: the line says why
+        (``lr 0.01 -> 0.001 at epoch 23: val top-1 0.452, best 0.451 at epoch 21``)."""
+        self.log(f"[coordinator] {cut.describe()}")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_saved(self, stall_s: float, written: Future) -> None:

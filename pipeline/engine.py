@@ -12,7 +12,7 @@ global step, with the same ``step`` and ``lr`` everywhere. Per step:
    gradients to stage s-1 (point to point: :mod:`pipeline.p2p`);
 2. gradients are summed across replicas, each parameter's all-reduce launched (async) as
    soon as its gradient is final during the last backward, so it overlaps the rest of it;
-3. SGD with momentum and weight decay, learning rate from the caller.
+3. the update rule (:mod:`alexnet.optim`, ``optim.rule``), learning rate from the caller.
 
 Loss scaling, so that gradients are exact for any R, S, C, M: each micro-batch's loss is
 ``sum of its cross-entropies / B_global``; the sum over micro-batches and the all-reduce
@@ -20,11 +20,10 @@ SUM over replicas then give the gradient of the global-batch mean. With C = 2 bo
 ranks compute that loss from the same gathered logits and the gather's backward sums their
 two gradients, so each also divides by C (without it the gradient comes back doubled).
 
-Optimizer: ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4)`` on every parameter. torch
-keeps v <- mu v + (g + wd w), w <- w - lr v; the paper writes v <- 0.9 v - 0.0005 lr w -
-lr g, w <- w + v. The two are the same sequence of weights while lr is constant
-(v_paper = -lr v_torch); when lr drops, torch applies the new lr to the accumulated
-momentum at once, the paper lets the old momentum decay.
+Optimizer: :func:`alexnet.optim.make_optimizer` of ``rule``: the paper's (default; v <- 0.9 v -
+0.0005 lr w - lr g, w <- w + v, no weight decay on biases) or torch's SGD. Either keeps one
+momentum buffer per parameter (``state_dict()["optimizer"]``, canonical keys); what it holds
+depends on the rule (see :mod:`alexnet.optim`).
 
 Why not DDP for step 2: DDP decides at forward time which backward reduces, which does
 not fit GPipe (all forwards before any backward); gradient hooks on the last backward give
@@ -57,6 +56,7 @@ from torch import Tensor, nn
 from alexnet.config import ModelConfig
 from alexnet.layers import StepContext
 from alexnet.model import BLOCK_NAMES, BlockSpec, Stage, concat_exchange, geometry
+from alexnet.optim import make_optimizer
 from alexnet.scoring import Tally
 from pipeline.dist import Comm, Groups
 from pipeline.exchange import ColumnExchange
@@ -149,6 +149,7 @@ class Engine:
         device: torch.device,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
+        rule: str = "paper",
         track_memory: bool = False,
     ) -> None:
         g = groups.grid
@@ -173,7 +174,7 @@ class Engine:
             else None
         )
         params = list(self.stage.parameters())
-        self.optimizer = torch.optim.SGD(params, lr=0.0, momentum=momentum, weight_decay=weight_decay)
+        self.optimizer = make_optimizer(self.stage.named_parameters(), rule, 0.0, momentum, weight_decay)
         self.param_names = dict(self.stage.named_parameters())
         self.grad_sync = (
             _GradSync(params, groups.comm, groups.data, self.timeline) if groups.data is not None else None
@@ -360,7 +361,8 @@ class Engine:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
-        """This rank's parameters and momentum buffers under canonical keys (copies)."""
+        """This rank's parameters and momentum buffers under canonical keys (copies; a buffer not yet
+        made, before the first step, is zeros: both rules start from zero momentum)."""
         model = {k: p.detach().clone() for k, p in self.param_names.items()}
         optim = {}
         for k, p in self.param_names.items():

@@ -162,6 +162,8 @@ def test_exact_resume_same_grid_and_other_grid(ray_local, shards, tmp_path):
     n, k = 10, 5  # k inside the first epoch: the data position must resume mid-epoch
     straight, split, other = (str(tmp_path / x) for x in ("straight", "split", "other"))
     assert run_training(_cfg(**{"train.steps": n}), shards, straight).state == FINISHED
+    # the run's config.toml is the run's config, resolved against the shards: `--config` reruns it
+    assert load_config(path=f"{straight}/config.toml") == _cfg(**{"train.steps": n}).for_data(shards)
     assert run_training(_cfg(**{"train.steps": k}), shards, split).state == FINISHED
     shutil.copytree(split, other)
     with pytest.raises(ValueError, match="data.workers=2"):  # mid-epoch: the sample order is the 2 workers'
