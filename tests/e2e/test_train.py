@@ -100,7 +100,10 @@ def test_demo_trains_and_serves_every_metric(ray_local, shards, tmp_path):
     coord = holder["coord"]
     losses = [r["loss"] for r in coord.report.history.steps]
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
-    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    # the net starts at the chance loss (ln 10 ~ 2.30, issue 13's init; it was ~20 before, when this
+    # asked for half): in 30 steps at lr 0.005 the loss falls ~10 %, to below chance
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.95 * first and last < math.log(10), losses
     (ev,) = coord.report.history.evals
     assert ev["samples"] == 64 and 0 <= ev["top1_error"] <= 1 and "top5_error_10crop" in ev
     assert [s for s, _ in list_checkpoints(run_dir)] == [18, 30]
