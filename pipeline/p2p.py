@@ -49,9 +49,18 @@ class StageLink:
         for k, t in enumerate(tensors):
             self._deferred.append((t.detach().contiguous(), dst, tag(mb, kind, k)))
 
-    def recv(self, shapes: list[tuple[int, ...]], rows: int, src: int, mb: int, kind: int) -> list[Tensor]:
-        """Post the queued sends and receive one tensor of ``(rows, *shape)`` per shape from ``src``."""
-        bufs = [torch.empty((rows, *shape), device=self.device) for shape in shapes]
+    def recv(
+        self,
+        shapes: list[tuple[int, ...]],
+        rows: int,
+        src: int,
+        mb: int,
+        kind: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> list[Tensor]:
+        """Post the queued sends and receive one tensor of ``(rows, *shape)`` per shape from ``src``;
+        ``dtype``: the sender's (the step's activation dtype: bfloat16 under bf16 autocast)."""
+        bufs = [torch.empty((rows, *shape), device=self.device, dtype=dtype) for shape in shapes]
         with self.timeline.span("recv", f"recv{'AGH'[kind]}{mb}"):
             self._post([(b, src, tag(mb, kind, k)) for k, b in enumerate(bufs)])
         return bufs
