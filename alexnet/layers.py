@@ -103,7 +103,8 @@ class _LRNFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, out, d = ctx.saved_tensors
         size, alpha, beta, groups, relu = ctx.hyper
-        grad = _lrn_grad(x, out, d, grad_out, size, alpha, beta, groups, relu)
+        with torch.profiler.record_function(LRN_BACKWARD_RANGE):
+            grad = _lrn_grad(x, out, d, grad_out, size, alpha, beta, groups, relu)
         return grad, None, None, None, None, None, None
 
 
@@ -137,6 +138,8 @@ def _lrn_grad(
 # backward recomputes d from the input (a 5-channel stencil, cheap inside the kernel) rather than
 # saving it. Whether it is faster is a property of the device: ``bench/gpu_check.py`` times both.
 LRN_KERNELS = ("eager", "compiled")
+# profiler ranges around every LRN call, so a profile can tell LRN's share of a step
+LRN_FORWARD_RANGE, LRN_BACKWARD_RANGE = "alexnet.lrn", "alexnet.lrn_backward"
 
 
 def _window_sum(t5: Tensor, size: int) -> Tensor:
@@ -222,20 +225,21 @@ class _CompiledLRNFunction(torch.autograd.Function):
         z, out = ctx.saved_tensors
         hyper = ctx.hyper
         fn = _compiled("backward")
-        if fn is not None:
-            try:
-                return fn(z, out, grad_out, *hyper), None, None, None, None, None, None
-            except Exception as e:
-                _compile_failed("backward", e)
-        return _lrn_backward_math(z, out, grad_out, *hyper), None, None, None, None, None, None
+        with torch.profiler.record_function(LRN_BACKWARD_RANGE):
+            if fn is not None:
+                try:
+                    return fn(z, out, grad_out, *hyper), None, None, None, None, None, None
+                except Exception as e:
+                    _compile_failed("backward", e)
+            return _lrn_backward_math(z, out, grad_out, *hyper), None, None, None, None, None, None
 
 
 def _lrn_apply(x: Tensor, size, alpha, beta, k, groups, relu: bool, kernel: str) -> Tensor:
     if kernel not in LRN_KERNELS:
         raise ValueError(f"LRN kernel={kernel!r}: use one of {LRN_KERNELS} (train.lrn_kernel)")
-    if kernel == "compiled" and compiled_lrn_available():
-        return _CompiledLRNFunction.apply(x, size, alpha, beta, k, groups, relu)
-    return _LRNFunction.apply(x, size, alpha, beta, k, groups, relu)
+    fn = _CompiledLRNFunction if kernel == "compiled" and compiled_lrn_available() else _LRNFunction
+    with torch.profiler.record_function(LRN_FORWARD_RANGE):
+        return fn.apply(x, size, alpha, beta, k, groups, relu)
 
 
 def _lrn_dtype(x: Tensor) -> Tensor:
