@@ -234,6 +234,12 @@ class Engine:
             weight_decay=weight_decay,
             fused=True if self.scaler is not None else None,
         )
+        if self.scaler is not None and momentum > 0:
+            # torch's fused SGD allocates the momentum uninitialised in its first step and leaves it
+            # so when that step is skipped (fp16's first steps overflow as the scale backs off from
+            # 2**16): start from zeros, which the first update turns into the gradient, as unfused SGD
+            for p in params:
+                self.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
         self.param_names = dict(self.stage.named_parameters())
         self.grad_sync = _GradSync(params, groups.data, self.timeline) if groups.data is not None else None
         self.meter = _ActivationMeter(params) if track_memory else None
