@@ -34,13 +34,20 @@ Besides stepping, inference and its state: ``grads()`` (this rank's gradients af
 step, canonical keys; for verification) and ``track_memory`` (peak bytes of saved
 activations per step, reported as ``activation_peak_bytes``).
 
-The metrics :meth:`Engine.step` returns (per rank, seconds unless named otherwise): ``loss``
+Numerics (``precision``: autocast, fp16's loss scale; the fused path for a rank holding both
+columns; channels_last on CUDA) are described in :class:`Engine`. A step reads nothing back
+from the device: its scores stay device tensors and its timeline spans unresolved marks (CUDA
+events on a GPU) until :meth:`Engine.read_steps`, which the trainer calls once per chunk.
+
+The metrics of each step (per rank, seconds unless named otherwise; :meth:`Engine.step` or
+:meth:`Engine.read_steps`): ``loss``
 (mean cross-entropy of the replica's rows), ``top1`` / ``top5`` (hit counts), ``samples``
 (rows), ``compute_s`` (forward + backward without the exchanges), ``exchange_s`` (column
 all-gathers and their backward), ``pipeline_wait_s`` (blocked on receives from and sends to
 the neighbouring stages), ``grad_sync_s`` (waiting for the replica gradient sums after the
 last backward), ``optimizer_s`` (the SGD update alone) and ``step_s`` (the whole step). The
-first three are NaN except on the last stage.
+first three are NaN except on the last stage. Times are the timeline's: host time on CPU,
+device time (CUDA events) on a GPU.
 """
 
 from __future__ import annotations
@@ -305,7 +312,8 @@ class Engine:
         )
 
     def step(self, step: int, lr: float, images: Tensor | None, labels: Tensor | None) -> dict[str, float]:
-        """Run one global step on this rank (:meth:`submit_step`) and read its metrics."""
+        """Run one global step on this rank (:meth:`submit_step`) and read its metrics (reading, and
+        so dropping, any step submitted earlier and not read yet)."""
         self.submit_step(step, lr, images, labels)
         return self.read_steps()[-1].metrics
 
