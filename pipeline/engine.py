@@ -260,8 +260,9 @@ class Engine:
             else []
         )
         self.out_shapes = [geometry(model_cfg, self.blocks[-1], c).out for c in self.columns]
-        self.link = StageLink(groups.pipeline, groups.backend, self.device, self.timeline)
-        self._unread: list[tuple[int, Tensor | None]] = []  # submitted steps: (step, scores on the device)
+        self.link = StageLink(groups.pipeline, groups.backend, self.device, self.timeline, self.act_dtype)
+        # submitted steps: (step, scores on the device, peak saved-activation bytes or None)
+        self._unread: list[tuple[int, Tensor | None, int | None]] = []
 
     # -- overridable pieces (the tests plant faults by overriding them) ----------------------
     def _exchange(self, spec: BlockSpec, parts: list[Tensor]) -> Tensor:
@@ -332,7 +333,7 @@ class Engine:
         except BaseException:
             tl.discard(step)
             raise
-        self._unread.append((step, scores))
+        self._unread.append((step, scores, self.meter.peak if self.meter is not None else None))
 
     def _run_step(self, step: int, lr: float, images: Tensor | None, labels: Tensor | None) -> Tensor | None:
         """The step's work; returns the last stage's (3,) float64 [loss sum, top-1, top-5] on the device."""
@@ -380,7 +381,7 @@ class Engine:
             self.link.flush()  # no receive to pair the previous action's sends with
             inputs, xs = [], [imgs[mb]]
         else:
-            inputs = self.link.recv(self.in_shapes, rows, self.prev, mb, ACT, self.act_dtype)
+            inputs = self.link.recv(self.in_shapes, rows, self.prev, mb, ACT)
             xs = [self._layout(x.requires_grad_()) for x in inputs]
         ctx = StepContext(seed=self.cfg.seed, step=step, sample_index=self._sample_index(mb, rows))
         hooks = (
@@ -407,9 +408,7 @@ class Engine:
         if self.last:
             self.link.flush()
         rows = self.grid.microbatch_size
-        grads = (
-            None if self.last else self.link.recv(self.out_shapes, rows, self.next, mb, GRAD, self.act_dtype)
-        )
+        grads = None if self.last else self.link.recv(self.out_shapes, rows, self.next, mb, GRAD)
         with self.timeline.span("backward", f"B{mb}"):
             torch.autograd.backward(outs, grads)
         if not self.first:
@@ -420,17 +419,18 @@ class Engine:
         the device for all of them (the scores in one copy, the timeline's events after one wait)."""
         unread, self._unread = self._unread, []
         events = self.timeline.read()
-        scored = [sc for _, sc in unread if sc is not None]
+        scored = [sc for _, sc, _ in unread if sc is not None]
         values = torch.stack(scored).tolist() if scored else []
         reports = []
-        for step, sc in unread:
+        for step, sc, peak in unread:
             scores = values.pop(0) if sc is not None else [math.nan] * 3
             evs = events.get(step, [])
-            reports.append(StepReport(step, self._metrics(scores, totals_of(evs)), evs))
+            reports.append(StepReport(step, self._metrics(scores, totals_of(evs), peak), evs))
         return reports
 
-    def _metrics(self, scores: list[float], t: dict[str, float]) -> dict[str, float]:
-        """The step's metrics (see the module docstring) from its scores and its timeline totals."""
+    def _metrics(self, scores: list[float], t: dict[str, float], peak: int | None) -> dict[str, float]:
+        """The step's metrics (see the module docstring) from its scores, its timeline totals and its
+        peak of saved activations (None: not tracked)."""
         exchange = t["exchange"]
         loss_sum, top1, top5 = scores
         out = {
@@ -445,8 +445,8 @@ class Engine:
             "optimizer_s": t["optimizer"],
             "step_s": t["step"],
         }
-        if self.meter is not None:
-            out["activation_peak_bytes"] = float(self.meter.peak)
+        if peak is not None:
+            out["activation_peak_bytes"] = float(peak)
         return out
 
     # -- inference ---------------------------------------------------------------------------
@@ -474,9 +474,9 @@ class Engine:
                         self.link.flush()
                         xs, rows, more = [chunks[mb]], chunks[mb].shape[0], mb + 1 < len(chunks)
                     else:
-                        (head,) = self.link.recv([(2,)], 1, self.prev, mb, HEAD)
+                        (head,) = self.link.recv([(2,)], 1, self.prev, mb, HEAD, torch.float32)
                         rows, more = int(head[0, 0]), bool(head[0, 1])
-                        xs = self.link.recv(self.in_shapes, rows, self.prev, mb, ACT, self.act_dtype)
+                        xs = self.link.recv(self.in_shapes, rows, self.prev, mb, ACT)
                         xs = [self._layout(x) for x in xs]
                     with self._autocast():
                         outs = self.stage.run(xs, self._exchange)  # eval mode: no dropout, no context

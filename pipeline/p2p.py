@@ -34,9 +34,15 @@ class StageLink:
     """This rank's sends to and receives from the neighbouring stages of its pipeline group."""
 
     def __init__(
-        self, group: dist.ProcessGroup | None, backend: str, device: torch.device, timeline: Timeline
+        self,
+        group: dist.ProcessGroup | None,
+        backend: str,
+        device: torch.device,
+        timeline: Timeline,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.group, self.backend, self.device, self.timeline = group, backend, device, timeline
+        self.dtype = dtype  # of training messages: the step's activation dtype (bf16 under autocast)
         self._deferred: list[tuple[Tensor, int, int]] = []  # sends not yet posted: (tensor, dst, tag)
         self._pending: list[tuple[Tensor, dist.Work]] = []  # sends posted, maybe not complete
 
@@ -56,10 +62,11 @@ class StageLink:
         src: int,
         mb: int,
         kind: int,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> list[Tensor]:
         """Post the queued sends and receive one tensor of ``(rows, *shape)`` per shape from ``src``;
-        ``dtype``: the sender's (the step's activation dtype: bfloat16 under bf16 autocast)."""
+        ``dtype``: the sender's (None: the link's, the step's activation dtype)."""
+        dtype = dtype or self.dtype
         bufs = [torch.empty((rows, *shape), device=self.device, dtype=dtype) for shape in shapes]
         with self.timeline.span("recv", f"recv{'AGH'[kind]}{mb}"):
             self._post([(b, src, tag(mb, kind, k)) for k, b in enumerate(bufs)])
