@@ -52,6 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 from alexnet.config import ModelConfig  # noqa: E402
 from alexnet.info import summary  # noqa: E402
 from alexnet.layers import LRN_BACKWARD_RANGE, LRN_FORWARD_RANGE, local_response_norm  # noqa: E402
+from bench.model import count_macs  # noqa: E402
 from pipeline.dist import Groups  # noqa: E402
 from pipeline.engine import Engine  # noqa: E402
 from pipeline.grid import Grid  # noqa: E402
@@ -255,28 +256,8 @@ def _tv_trainer(sizes: Sizes, device: torch.device, precision: str) -> Callable[
         loss.backward()
         opt.step()
 
-    step.macs = _tv_macs(model, x)  # type: ignore[attr-defined]
+    step.macs = count_macs(model, x)  # type: ignore[attr-defined]
     return step
-
-
-def _tv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
-    total = 0
-
-    def hook(mod, inputs, out):
-        nonlocal total
-        total += mod.weight.numel() * (out[0].numel() // out.shape[1])
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
-    ]
-    with torch.no_grad():
-        model.eval()(x[:1])
-    for h in handles:
-        h.remove()
-    model.train()
-    return total
 
 
 def section_throughput(device: torch.device, sizes: Sizes) -> dict:
