@@ -7,6 +7,9 @@ from dataclasses import dataclass
 LRN_CONVENTIONS = ("paper", "per_size")
 VARIANTS = ("paper", "small")
 
+# The paper's crop: 224 (227 here, see ModelConfig) of the 256 px images it stored.
+CROP_FRACTION = 227 / 256
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -22,10 +25,18 @@ class ModelConfig:
     with no padding (as Caffe's reference model does), which gives the same 55x55x48
     maps per column and the same 60,965,224 parameters.
 
-    LRN convention: ``"paper"`` (default) uses the formula as printed,
-    b = a / (k + alpha * sum a^2)^beta, because this project reproduces the paper
-    to its printed constants. ``"per_size"`` divides alpha by n, as cuda-convnet
-    and ``torch.nn.LocalResponseNorm`` do; choose it to match those exactly.
+    LRN convention: ``"per_size"`` (default) is the network as it was trained,
+    b = a / (k + (alpha / n) * sum a^2)^beta: cuda-convnet's ``layer.py`` divides the
+    layer's ``scale`` by its ``size`` before the kernel sees it, Caffe's AlexNet
+    (``lrn_param { local_size: 5 alpha: 0.0001 }``) divides by ``local_size`` too, and so
+    does ``torch.nn.LocalResponseNorm``. ``"paper"`` is the formula as section 3.3 prints
+    it, b = a / (k + alpha * sum a^2)^beta, five times stronger: with activations near 100
+    its factor is 0.23 where the trained network's is 0.44.
+
+    Initialisation (:func:`alexnet.model.init_column_params`): the weights of the layers a
+    ReLU follows ~ N(0, ``init_std``), those of the logits layer fc8 ~ N(0, ``fc8_init_std``)
+    (both the paper's 0.01; 0 means He, sqrt(2 / fan_in)), and the biases of conv2, conv4,
+    conv5, fc6 and fc7 = ``init_bias`` (the paper's 1; the others 0).
     """
 
     num_classes: int = 1000
@@ -41,9 +52,11 @@ class ModelConfig:
     lrn_k: float = 2.0
     lrn_alpha: float = 1e-4
     lrn_beta: float = 0.75
-    lrn_convention: str = "paper"
+    lrn_convention: str = "per_size"
     dropout: float = 0.5
     init_std: float = 0.01
+    fc8_init_std: float = 0.01
+    init_bias: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,13 +81,28 @@ class ModelConfig:
     def small(cls, num_classes: int = 10, input_size: int = 32, **overrides) -> ModelConfig:
         """The small-image variant: same eight blocks and exchange points, narrower.
 
-        For 32-64 px inputs (CIFAR- or MNIST-sized). conv1 becomes 5x5 with stride
-        ``input_size // 32`` so that the three 3/2 max-pools leave 3x3 maps before fc6.
-        Initialisation is scaled to the fan-in (He), because N(0, 0.01) on a narrow
-        net starves the gradient for hundreds of steps; the paper network keeps 0.01.
+        For 32-64 px inputs (CIFAR- or MNIST-sized; up to 191 px, where conv1's stride
+        ``input_size // 32`` would pass its 5 px kernel and skip pixels). conv1 becomes 5x5
+        with that stride so that the three 3/2 max-pools leave 3x3 to 6x6 maps before fc6.
+
+        A start a reader expects, loss ~ ln(num_classes): N(0, 0.01) on a narrow net starves
+        the gradient for hundreds of steps, so the layers a ReLU follows are He-initialised
+        (their activations keep their scale, layer after layer), with biases 0: the paper's
+        bias 1 was sized for its N(0, 0.01) activations and, under He, adds a mean that grows
+        through the layers (activation rms 1.1 -> 3.6 -> 9.1, logits std 14, loss ~20 on 10
+        classes). fc8, linear, keeps the paper's N(0, 0.01), so the first logits are small.
         """
         if input_size < 32:
-            raise ValueError(f"model.input_size={input_size}: the small variant needs >= 32 px")
+            raise ValueError(
+                f"model.input_size={input_size}: the small variant needs >= 32 px "
+                "(store small images with `alexnet shards --size 36`: 32 px crops)"
+            )
+        if input_size // 32 > 5:
+            raise ValueError(
+                f"model.input_size={input_size}: the small variant is for 32-64 px images (its 5x5 conv1 "
+                f'at stride {input_size // 32} would skip pixels); use model.variant="paper", or store '
+                "the images smaller (`alexnet shards --size 36`: 32 px crops; --size 72: 64 px)"
+            )
         params = dict(
             num_classes=num_classes,
             input_size=input_size,
@@ -85,6 +113,7 @@ class ModelConfig:
             conv1_padding=2,
             conv2_kernel=5,
             init_std=0.0,  # 0 means: He initialisation (std = sqrt(2 / fan_in))
+            init_bias=0.0,
         )
         params.update(overrides)
         return cls(**params)
@@ -115,3 +144,22 @@ class ModelConfig:
         p2 = (p1 - 3) // 2 + 1  # conv2 keeps the size (padding kernel // 2)
         p5 = (p2 - 3) // 2 + 1  # conv3-5 keep the size (padding 1)
         return s1, p1, p2, p5
+
+
+def crop_size(stored: int) -> int:
+    """The crop side taken from ``stored`` px images when ``model.input_size`` is not set: the
+    paper's fraction (227 of 256), rounded (36 -> 32, 64 -> 57, 72 -> 64, 256 -> 227)."""
+    return max(1, round(stored * CROP_FRACTION))
+
+
+def check_crop(input_size: int, stored: int) -> None:
+    """Refuse a crop that sees less than half the stored side (its random crops would show a
+    quarter of an object, or less): the fix is to leave ``model.input_size`` unset or to store the
+    images nearer the crop's size."""
+    if 2 * input_size < stored:
+        fit = round(input_size / CROP_FRACTION)  # the stored side this crop is the paper's fraction of
+        raise ValueError(
+            f"model.input_size={input_size} crops less than half of the {stored} px stored images: "
+            f"leave model.input_size unset (0: {crop_size(stored)} px, {CROP_FRACTION:.3f} of the side, "
+            f"as the paper), or rebuild the shards with `alexnet shards --size {fit}`"
+        )

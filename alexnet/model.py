@@ -134,23 +134,28 @@ def _lrn(cfg: ModelConfig, groups: int = 1, kernel: str = "eager") -> LocalRespo
     )
 
 
-def _init_std(cfg: ModelConfig, weight_shape: tuple[int, ...]) -> float:
-    if cfg.init_std > 0:
-        return cfg.init_std
+def _init_std(cfg: ModelConfig, spec: BlockSpec, weight_shape: tuple[int, ...]) -> float:
+    """The std of one block's initial weights: ``fc8_init_std`` for the logits layer (no ReLU
+    follows it, and small logits start the softmax near uniform), else ``init_std``; 0 means He
+    (sqrt(2 / fan_in), which keeps a ReLU layer's activations at its input's scale)."""
+    std = cfg.init_std if spec.relu else cfg.fc8_init_std
+    if std > 0:
+        return std
     return math.sqrt(2.0 / math.prod(weight_shape[1:]))  # He: fan_in of one output unit
 
 
 def init_column_params(cfg: ModelConfig, name: str, column: int) -> tuple[Tensor, Tensor]:
-    """The paper's initial (weight, bias) of one column of one block.
+    """The initial (weight, bias) of one column of one block (see :class:`ModelConfig`).
 
-    Weights ~ N(0, cfg.init_std) (0.01 in the paper), biases 1 in conv2, conv4, conv5,
-    fc6, fc7 and 0 elsewhere. Drawn from a generator keyed by (seed, block, column), so
-    any split of the model into stages and ranks starts from the same weights.
+    The paper's: weights ~ N(0, 0.01), biases 1 in conv2, conv4, conv5, fc6, fc7 and 0
+    elsewhere; the small variant's: He weights with biases 0, fc8 ~ N(0, 0.01). Drawn from a
+    generator keyed by (seed, block, column), so any split of the model into stages and ranks
+    starts from the same weights.
     """
     spec, geo = BLOCK_BY_NAME[name], geometry(cfg, name, column)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + spec.index * 16 + column)
-    w = torch.empty(geo.weight_shape).normal_(0.0, _init_std(cfg, geo.weight_shape), generator=gen)
-    b = torch.full((geo.weight_shape[0],), 1.0 if spec.bias_one else 0.0)
+    w = torch.empty(geo.weight_shape).normal_(0.0, _init_std(cfg, spec, geo.weight_shape), generator=gen)
+    b = torch.full((geo.weight_shape[0],), cfg.init_bias if spec.bias_one else 0.0)
     return w, b
 
 

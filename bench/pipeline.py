@@ -14,7 +14,10 @@
     forward + backward times measured here first **at that M's micro-batch size**
     (:func:`gpipe_cut`): a block's cost is not proportional to its rows (fc6/fc7 read their
     whole weights for every micro-batch), so one cut measured on the whole batch leaves the
-    stages unbalanced at large M.
+    stages unbalanced at large M. Each M runs twice, interleaved step by step: as the engine
+    runs (the next receive posted before the current compute, ``pipeline.p2p``), and with
+    ``StageLink.receive_ahead`` off, every receive posted when its action starts: the same-run
+    baseline ``bubble_no_ahead``.
 (c) memory: peak bytes of saved activations on stage 0 under 1F1B vs GPipe at M=8
     (goal <= 0.5x), from the engine's saved-tensor meter.
 
@@ -22,7 +25,8 @@
     .venv/bin/python bench/pipeline.py --variant small --batch 64 --steps 3   # quick
 
 The last line printed is one JSON object with ``split_vs_fused_ratio``,
-``bubble_measured``, ``bubble_theory`` (lists for M = 1, 2, 4, 8) and ``mem_1f1b_over_gpipe``.
+``bubble_measured``, ``bubble_no_ahead``, ``bubble_theory`` (lists for M = 1, 2, 4, 8) and
+``mem_1f1b_over_gpipe``.
 """
 
 from __future__ import annotations
@@ -149,17 +153,18 @@ def _pipe_worker(
     shape_grid = Grid.parse("1x2x1", microbatches=1, global_batch=rows, cuts=(cuts[1],))
     groups = init_distributed(shape_grid, rank, "127.0.0.1", port, backend="gloo", timeout_s=600)
     x, y = batch(cfg, rows)
-    out: dict = {"events": {}, "mem": {}}
+    out: dict = {"events": {}, "events_no_ahead": {}, "mem": {}}
     try:
         for m in MICROBATCHES:
             grid = Grid.parse("1x2x1", microbatches=m, global_batch=rows, cuts=(cuts[m],), schedule="gpipe")
             eng = Engine(cfg, grid, rank, groups, device=torch.device("cpu"))
-            events = []
+            out["events"][m], out["events_no_ahead"][m] = [], []
             for s in range(warmup + steps):
-                eng.step(s, 0.001, x if eng.first else None, y if eng.last else None)
-                if s >= warmup:
-                    events += eng.timeline.events
-            out["events"][m] = events
+                for ahead, key in ((True, "events"), (False, "events_no_ahead")):  # interleaved
+                    eng.link.receive_ahead = ahead
+                    eng.step(s, 0.001, x if eng.first else None, y if eng.last else None)
+                    if s >= warmup:
+                        out[key][m] += eng.timeline.events
         for sched in ("gpipe", "1f1b"):
             grid = Grid.parse("1x2x1", microbatches=8, global_batch=rows, cuts=(cuts[8],), schedule=sched)
             eng = Engine(cfg, grid, rank, groups, device=torch.device("cpu"), track_memory=True)
@@ -171,7 +176,7 @@ def _pipe_worker(
         destroy()
 
 
-def _r(d: dict[str, float]) -> dict[str, float]:
+def _r(d: dict) -> dict:
     return {k: round(v, 4) for k, v in d.items()}
 
 
@@ -209,13 +214,18 @@ def main() -> None:
         cost = {n: fwd[n] + bwd[n] for n in BLOCK_NAMES}
         shares[m] = round(sum(cost[n] for n in BLOCK_NAMES[: BLOCK_NAMES.index(cut)]) / sum(cost.values()), 3)
         print(f"(b) M={m}: per-block fwd s {_r(fwd)}, bwd s {_r(bwd)}; cut at {cut}", flush=True)
-    runs = spawn_ranks(_pipe_worker, 2, (cfg, rows, cuts, steps, warmup), timeout_s=1800)
-    measured, theory = [], []
+    runs = spawn_ranks(_pipe_worker, 2, (cfg, rows, cuts, steps, warmup), timeout_s=3600)
+    measured, no_ahead, theory = [], [], []
     for m in MICROBATCHES:
         stages = bubble_fraction({rank: runs[rank]["events"][m] for rank in range(2)})
+        base = bubble_fraction({rank: runs[rank]["events_no_ahead"][m] for rank in range(2)})
         measured.append(round(sum(stages.values()) / len(stages), 4))
+        no_ahead.append(round(sum(base.values()) / len(base), 4))
         theory.append(round(ideal_bubble_fraction(2, m), 4))
-        print(f"    M={m}: bubble per stage {stages}, theory {theory[-1]}", flush=True)
+        print(
+            f"    M={m}: bubble per stage {_r(stages)} (no receive-ahead: {_r(base)}), theory {theory[-1]}",
+            flush=True,
+        )
     mem = runs[0]["mem"]  # rank 0 = stage 0
     print(
         f"(c) stage-0 saved activations: gpipe {mem['gpipe'] / 2**20:.1f} MiB, "
@@ -229,6 +239,7 @@ def main() -> None:
                 "fused_images_per_s": round(fused_ips, 2),
                 "split_exchange_s_median": round(exch, 4),
                 "bubble_measured": measured,
+                "bubble_no_ahead": no_ahead,
                 "bubble_theory": theory,
                 "bubble_max_abs_diff": round(
                     max(abs(a - b) for a, b in zip(measured, theory, strict=True)), 4

@@ -10,7 +10,12 @@ Layout (``RUN_DIR`` is a local path or any fsspec URL, e.g. ``s3://bucket/run``)
 The manifest holds the format version, the step, the sizes and sha256 of the tensor files and
 the time of the write, plus the run's entries (:class:`cluster.manifest.Manifest`: epoch, data
 positions, learning-rate rule state, config, grid).
-Loading verifies sizes and hashes and never unpickles anything (safetensors + JSON only).
+A checkpoint is *complete* when its manifest parses and every file it lists is there with the
+recorded size (:func:`scan_checkpoints`: one listing and one manifest read per checkpoint, cheap
+on any filesystem); loading also verifies each file's sha256, since it reads the bytes anyway
+(hashing them in the scan would read every checkpoint whole). :func:`load_newest` takes the newest
+checkpoint that passes both and says why each newer one was skipped. Loading never unpickles
+anything (safetensors + JSON only).
 Because the keys are the canonical per-column names, a checkpoint written on one grid loads on
 any other grid, and into the local and fused executions.
 
@@ -29,6 +34,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,20 +89,85 @@ class Checkpoint:
         return int(self.manifest["step"])
 
 
-def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints (those with a manifest) under ``run_dir``, oldest first, as (step, url)."""
+CORRUPT_ADVICE = (
+    "`alexnet train --resume` takes the newest complete checkpoint by itself; to continue from a "
+    "chosen one: `alexnet train --resume --from-checkpoint RUN_DIR/checkpoints/step-N`; "
+    "`alexnet eval --checkpoint RUN_DIR/checkpoints/step-N` scores one"
+)
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint directory whose manifest or files cannot be used; ``reason`` says why, briefly."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url}: {reason}; {CORRUPT_ADVICE}")
+        self.url, self.reason = url, reason
+
+
+@dataclass(frozen=True)
+class CheckpointDir:
+    """One ``step-N`` directory with a manifest; ``problem`` is None when it is complete."""
+
+    step: int
+    url: str
+    problem: str | None
+
+    @property
+    def name(self) -> str:
+        """``step-00001200``."""
+        return checkpoint_name(self.step)
+
+
+def _step_dirs(run_dir: str) -> list[tuple[int, str]]:
+    """Every ``step-N`` directory under ``run_dir/checkpoints`` (manifest or not), oldest first."""
     root = join_url(run_dir, "checkpoints")
     fs, path = _fs(root)
-    if not fs.exists(path):
+    if not fs.isdir(path):
         return []
     out = []
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if not name.startswith(_PREFIX) or not name[len(_PREFIX) :].isdigit():
-            continue
-        if fs.exists(join_url(entry, MANIFEST)):
+        if name.startswith(_PREFIX) and name[len(_PREFIX) :].isdigit():
             out.append((int(name[len(_PREFIX) :]), join_url(root, name)))
     return sorted(out)
+
+
+def scan_checkpoints(run_dir: str, files: tuple[str, ...] | None = None) -> list[CheckpointDir]:
+    """Every checkpoint directory with a manifest under ``run_dir``, oldest first, each checked for
+    completeness: the files its manifest lists (or only ``files``) present with their sizes."""
+    out = []
+    for step, url in _step_dirs(run_dir):
+        fs, p = _fs(url)
+        try:
+            sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in fs.ls(p, detail=True)}
+            if MANIFEST in sizes:
+                out.append(CheckpointDir(step, url, _problem(url, sizes, files)))
+        except FileNotFoundError:  # deleted since the listing (pruned by another run's writer)
+            continue
+    return out
+
+
+def _problem(url: str, sizes: dict[str, int], files: tuple[str, ...] | None) -> str | None:
+    """Why checkpoint ``url`` (its files' ``sizes``) is incomplete, or None."""
+    try:
+        listed = read_manifest(url)["files"]
+        for name in files or tuple(listed):
+            if name not in listed:
+                return f"{MANIFEST} does not list {name}"
+            if name not in sizes:
+                return f"{name} is missing"
+            if sizes[name] != listed[name]["bytes"]:
+                return f"{name} has {sizes[name]} bytes, {MANIFEST} says {listed[name]['bytes']}"
+    except CorruptCheckpoint as e:
+        return e.reason
+    except (KeyError, TypeError):  # a manifest edited by hand: no "files", or entries without "bytes"
+        return f"{MANIFEST} does not record its files' sizes"
+    return None
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints (:func:`scan_checkpoints`) under ``run_dir``, oldest first, as (step, url)."""
+    return [(d.step, d.url) for d in scan_checkpoints(run_dir) if d.problem is None]
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -105,51 +176,105 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
+def is_checkpoint(url: str) -> bool:
+    """``url`` is a checkpoint directory (it holds a manifest), complete or not."""
+    fs, p = _fs(url)
+    return fs.exists(join_url(p, MANIFEST))
+
+
 def resolve_checkpoint(path: str) -> str:
     """``path`` if it is a checkpoint directory, else the newest complete checkpoint of the run dir."""
-    fs, p = _fs(path)
-    if fs.exists(join_url(p, MANIFEST)):
+    if is_checkpoint(path):
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise ValueError(
-            f"{path}: neither a checkpoint (no {MANIFEST}) nor a run directory with a complete "
-            "checkpoint under checkpoints/; point --checkpoint at RUN_DIR or RUN_DIR/checkpoints/step-N"
-        )
+        raise _no_checkpoint(path, [])
     return latest
 
 
+def _no_checkpoint(path: str, skipped: list[str]) -> ValueError:
+    why = f" (skipped: {'; '.join(skipped)})" if skipped else ""
+    return ValueError(
+        f"{path}: neither a checkpoint (no {MANIFEST}) nor a run directory with a complete "
+        f"checkpoint under checkpoints/{why}; point --checkpoint at RUN_DIR or RUN_DIR/checkpoints/step-N"
+    )
+
+
 def read_manifest(url: str) -> dict[str, Any]:
-    """The manifest of checkpoint ``url`` (JSON only), its format version checked."""
+    """The manifest of checkpoint ``url`` (JSON only), its format version checked.
+
+    Invalid JSON is a :class:`CorruptCheckpoint` naming the file; another format version a
+    ``ValueError`` (a checkpoint of other code, not a damaged one)."""
     fs, p = _fs(url)
     with fs.open(join_url(p, MANIFEST), "rb") as f:
-        manifest = json.loads(f.read())
+        raw = f.read()
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpoint(url, f"{MANIFEST} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise CorruptCheckpoint(url, f"{MANIFEST} holds a JSON {type(manifest).__name__}, not a manifest")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
-            f"{url}: checkpoint format_version {version}, this code reads {FORMAT_VERSION}; "
-            "use the matching version of alexnet-pipeline"
+            f"{join_url(url, MANIFEST)}: checkpoint format_version {version}, this code reads "
+            f"{FORMAT_VERSION}; use the matching version of alexnet-pipeline"
         )
     return manifest
 
 
-def load_checkpoint(url: str) -> Checkpoint:
-    """Load a complete checkpoint (``url`` may be a run dir: its newest). Verifies sizes and sha256."""
-    url = resolve_checkpoint(url)
-    manifest = read_manifest(url)
+def _read_verified(url: str, manifest: dict[str, Any], name: str) -> bytes:
+    """The bytes of file ``name`` of checkpoint ``url``, checked against the manifest's size and sha256."""
+    files = manifest.get("files")
+    want = files.get(name) if isinstance(files, dict) else None
+    if not isinstance(want, dict) or not {"bytes", "sha256"} <= set(want):
+        raise CorruptCheckpoint(url, f"{MANIFEST} does not list {name} with its size and sha256")
     fs, p = _fs(url)
-    tensors = {}
-    for name in (MODEL_FILE, OPTIMIZER_FILE):
+    try:
         with fs.open(join_url(p, name), "rb") as f:
             data = f.read()
-        want = manifest["files"][name]
-        if len(data) != want["bytes"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
-            raise ValueError(
-                f"{url}/{name}: size or sha256 differs from the manifest (corrupt or partly overwritten); "
-                "resume from an older checkpoint by pointing at its directory"
-            )
-        tensors[name] = safetensors.torch.load(data)
-    return Checkpoint(url, tensors[MODEL_FILE], tensors[OPTIMIZER_FILE], manifest)
+    except FileNotFoundError:
+        raise CorruptCheckpoint(url, f"{name} is missing") from None
+    if len(data) != want["bytes"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
+        raise CorruptCheckpoint(
+            url, f"{name}: size or sha256 differs from {MANIFEST} (corrupt or partly overwritten)"
+        )
+    return data
+
+
+def load_checkpoint(url: str, optimizer: bool = True) -> Checkpoint:
+    """Load a checkpoint directory, verifying sizes and sha256 (:class:`CorruptCheckpoint` if it
+    fails); ``url`` may be a run dir: its newest complete checkpoint (:func:`load_newest`).
+
+    ``optimizer=False`` reads only the model file (``Checkpoint.optimizer`` is empty): what
+    ``alexnet eval`` needs."""
+    if not is_checkpoint(url):
+        ck, skipped = load_newest(url, optimizer)
+        if ck is None:
+            raise _no_checkpoint(url, skipped)
+        return ck
+    manifest = read_manifest(url)
+    names = (MODEL_FILE, OPTIMIZER_FILE) if optimizer else (MODEL_FILE,)
+    tensors = {name: safetensors.torch.load(_read_verified(url, manifest, name)) for name in names}
+    return Checkpoint(url, tensors[MODEL_FILE], tensors.get(OPTIMIZER_FILE, {}), manifest)
+
+
+def load_newest(run_dir: str, optimizer: bool = True) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint of ``run_dir`` that is complete and verifies (None: there is none),
+    and one line per newer checkpoint skipped (``step-00000012: optimizer.safetensors is missing``).
+
+    ``optimizer=False``: only the model file must be complete (see :func:`load_checkpoint`)."""
+    skipped = []
+    files = None if optimizer else (MODEL_FILE,)
+    for d in reversed(scan_checkpoints(run_dir, files)):
+        problem = d.problem
+        if problem is None:
+            try:
+                return load_checkpoint(d.url, optimizer), skipped
+            except CorruptCheckpoint as e:
+                problem = e.reason
+        skipped.append(f"{d.name}: {problem}")
+    return None, skipped
 
 
 def _to_host(tensors: dict[str, Tensor], copy: bool = True) -> dict[str, Tensor]:
@@ -170,6 +295,8 @@ def write_checkpoint(
     url = join_url(run_dir, "checkpoints", checkpoint_name(step))
     fs, p = _fs(url)
     fs.makedirs(p, exist_ok=True)
+    if fs.exists(join_url(p, MANIFEST)):  # a checkpoint of this step from before a resume from an
+        fs.rm(join_url(p, MANIFEST))  # older one: not a checkpoint while its files are rewritten
     files, total = {}, 0
     for name, tensors in ((MODEL_FILE, model), (OPTIMIZER_FILE, optimizer)):
         data = safetensors.torch.save(
@@ -201,26 +328,25 @@ def _crash_hook(step: int) -> None:
 
 
 def prune_checkpoints(run_dir: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` complete checkpoints, and incomplete dirs older than the newest.
+    """Delete all but the newest ``keep`` complete checkpoints, and what is older than those kept:
+    damaged checkpoints (a manifest, but a file missing or of the wrong size) older than the oldest
+    kept one, and directories without a manifest (crash leftovers) older than the newest.
 
     Never deletes the newest complete checkpoint (``keep`` >= 1), nor an incomplete directory
-    newer than it (a write may be in progress). Returns the deleted URLs.
+    newer than it (a write may be in progress); a damaged checkpoint is never counted as one of the
+    ``keep``. Returns the deleted URLs.
     """
     if keep < 1:
         raise ValueError(f"checkpoint.keep={keep}: use >= 1")
-    complete = list_checkpoints(run_dir)
+    scanned = scan_checkpoints(run_dir)
+    complete = [d.step for d in scanned if d.problem is None]
     if not complete:
         return []
-    newest = complete[-1][0]
-    doomed = [url for _, url in complete[:-keep]]
-    root = join_url(run_dir, "checkpoints")
-    fs, path = _fs(root)
-    have = {s for s, _ in complete}
-    for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        digits = name[len(_PREFIX) :]
-        if name.startswith(_PREFIX) and digits.isdigit() and int(digits) < newest and int(digits) not in have:
-            doomed.append(join_url(root, name))
+    oldest_kept, newest = complete[-keep:][0], complete[-1]
+    with_manifest = {d.step for d in scanned}
+    doomed = [
+        url for step, url in _step_dirs(run_dir) if step < (oldest_kept if step in with_manifest else newest)
+    ]
     for url in doomed:
         fs_, p = _fs(url)
         # the manifest goes first, so a half-deleted directory is never mistaken for a checkpoint
@@ -237,6 +363,8 @@ class CheckpointManager:
     worker thread. ``wait()`` blocks until every submitted write finished (re-raising a
     failure). A thread pool of one keeps writes ordered; a new save waits for the previous
     write to finish, so at most one checkpoint's tensors are held in host memory twice.
+    ``failures`` lists the writes that failed since the last one that succeeded, as (step,
+    error): what the run's policy (``checkpoint.max_failed_writes``) judges.
     """
 
     def __init__(self, run_dir: str, keep: int = 3, background: bool = True) -> None:
@@ -247,6 +375,7 @@ class CheckpointManager:
         self._pending: Future | None = None
         self._lock = threading.Lock()
         self.last: CheckpointRecord | None = None
+        self.failures: list[tuple[int, BaseException]] = []
 
     def save(
         self,
@@ -260,28 +389,41 @@ class CheckpointManager:
 
         The tensors are copied to host memory before this returns (the only stall), so the
         caller may keep training on them; ``copy=False`` when the caller hands over tensors
-        it will not touch again (no second host copy)."""
-        self.wait()  # one write in flight at a time (bounded host memory; errors surface here)
+        it will not touch again (no second host copy). A failed write does not raise here: it
+        is in the Future and in :attr:`failures`."""
+        self.wait(raise_errors=False)  # one write in flight at a time (bounded host memory)
         model, optimizer = _to_host(model, copy), _to_host(optimizer, copy)
         fut = self._pool.submit(self._write, step, model, optimizer, dict(meta or {}))
         with self._lock:
             self._pending = fut
         if not self.background:
-            fut.result()
+            futures_wait([fut])
         return fut
 
     def _write(self, step, model, optimizer, meta) -> CheckpointRecord:
-        rec = write_checkpoint(self.run_dir, step, model, optimizer, meta)
-        prune_checkpoints(self.run_dir, self.keep)
+        try:
+            rec = write_checkpoint(self.run_dir, step, model, optimizer, meta)
+            prune_checkpoints(self.run_dir, self.keep)
+        except BaseException as e:
+            with self._lock:
+                self.failures.append((step, e))
+            raise
+        with self._lock:
+            self.failures = []
         self.last = rec
         return rec
 
-    def wait(self, timeout: float | None = None) -> CheckpointRecord | None:
-        """Block until the pending write (if any) is done; returns the newest record."""
+    def wait(self, timeout: float | None = None, raise_errors: bool = True) -> CheckpointRecord | None:
+        """Block until the pending write (if any) is done; returns the newest record. A failure of
+        that write is re-raised unless ``raise_errors=False`` (a timeout always is)."""
         with self._lock:
             fut, self._pending = self._pending, None
         if fut is not None:
-            fut.result(timeout=timeout)
+            done, _ = futures_wait([fut], timeout)
+            if not done:
+                raise TimeoutError(f"checkpoint write still running after {timeout}s")
+            if raise_errors and fut.exception() is not None:
+                raise fut.exception()
         return self.last
 
     def close(self, timeout: float | None = None) -> None:

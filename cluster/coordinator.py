@@ -13,7 +13,8 @@ States (``cluster.metrics.STATES``)::
   end, a due checkpoint or the run's end: :class:`cluster.plan.Milestones`): the trainers pull
   their own batches, so the coordinator makes one Ray call per rank per chunk, not per step;
 * ``evaluating``: validation at an epoch end (every ``eval.every_epochs``), then the learning-rate
-  rule (:class:`cluster.lr_schedule.LRSchedule`);
+  rule (:class:`cluster.lr_schedule.LRSchedule`; at an epoch end without validation ``running``
+  feeds it the epoch alone), each cut logged with its evidence;
 * ``checkpointing``: gather the state into host memory (the only stall) and hand it to the
   background writer;
 * ``finishing``: at the run's end, or after a stop request (SIGTERM, ``ray job stop``) once the
@@ -47,8 +48,8 @@ from torch import Tensor
 
 from cluster.checkpoint import Checkpoint
 from cluster.config import JobConfig
-from cluster.faults import FailurePolicy, TrainerDied
-from cluster.lr_schedule import LRSchedule
+from cluster.faults import CheckpointWriteFailed, DataLossBound, FailurePolicy, TrainerDied
+from cluster.lr_schedule import Cut, LRSchedule
 from cluster.manifest import Manifest, RunCheckpoints
 from cluster.metrics import Metrics
 from cluster.plan import Milestones, RunPlan
@@ -126,6 +127,9 @@ class Coordinator:
             run_dir, cfg.checkpoint, plan, cfg.to_dict(), cfg.to_grid().to_dict()
         )
         self.policy = FailurePolicy(cfg.faults)
+        self.data_loss = DataLossBound(
+            cfg.data.max_skipped_fraction, plan.steps_per_epoch * cfg.optim.batch_size
+        )
         self.state = STARTING
         self.error: BaseException | None = None
         self.stop_requested = threading.Event()
@@ -144,7 +148,7 @@ class Coordinator:
         else:
             m = Manifest.from_json(ck.manifest)
             self.step_no, self.positions = m.step, m.positions_for(self.cfg.data.workers)
-            self.lr_schedule = LRSchedule.from_state(rule, m.lr_schedule)
+            self.lr_schedule = LRSchedule.from_state(rule, m.lr_schedule, m.epoch)
         self.to_load = ck
         # what was due at the restored step is done: it was validated before it was checkpointed
         self._evaluated_step = self.checkpoints.last_step = -1 if ck is None else self.step_no
@@ -167,6 +171,7 @@ class Coordinator:
             RECOVERING: self._recovering,
         }[self.state]
         try:
+            self.checkpoints.check_writes()  # a failed background write fails the run here, at once
             new = handler()
         except TrainerDied as e:
             new = self._on_failure(e)
@@ -231,8 +236,13 @@ class Coordinator:
             raise self.policy.non_finite_error(bad, self.checkpoints.newest())
         self.report.steps(results, end, self.lr_schedule.lr)
         self.step_no = end  # once its steps are recorded: a watcher of step_no sees their metrics
-        self.report.data(self.group.data_stats())
+        stats = self.group.data_stats()
+        self.report.data(stats)
         self.report.progress(end, self.lr_schedule.lr)
+        self.data_loss.check(stats.get("lost", {}))  # early: an epoch fails once it has lost too much
+        due = self.milestones.at(end)
+        if due.epoch_end and not due.evaluate:  # the LR rule sees every epoch end, validated or not
+            self._lr_rule(None)
         return self._next()
 
     def _submit(self, step: int) -> tuple[int, int, Any]:
@@ -242,13 +252,23 @@ class Coordinator:
     def _evaluating(self) -> str:
         t0 = time.perf_counter()
         res = self.group.evaluate(self.cfg.eval.ten_crop, self.cfg.eval.max_samples)
-        reduced = self.lr_schedule.update(res["top1_error"])
+        cut = self._lr_rule(res["top1_error"])
         self._evaluated_step = self.step_no
-        epoch = self.step_no // self.plan.steps_per_epoch - 1  # the epoch just completed
-        self.report.evaluated(
-            epoch, self.step_no, self.lr_schedule.lr, res, reduced, time.perf_counter() - t0
-        )
+        seconds, lr = time.perf_counter() - t0, self.lr_schedule.lr
+        self.report.evaluated(self._epoch_done(), self.step_no, lr, res, cut is not None, seconds)
+        if cut is not None:
+            self.report.lr_cut(cut)
         return self._next()
+
+    def _epoch_done(self) -> int:
+        return self.step_no // self.plan.steps_per_epoch - 1  # the epoch just completed, from 0
+
+    def _lr_rule(self, val_error: float | None) -> Cut | None:
+        """Feed the epoch just completed to the LR rule; a cut without validation is logged here."""
+        cut = self.lr_schedule.update(self._epoch_done(), val_error)
+        if cut is not None and val_error is None:
+            self.report.lr_cut(cut)
+        return cut
 
     def _checkpointing(self) -> str:
         self._checkpoint()
@@ -263,7 +283,8 @@ class Coordinator:
         self.report.checkpoint_saved(time.perf_counter() - t0, written)
 
     def _finishing(self) -> str:
-        if self.checkpoints.last_step < self.step_no:
+        # a write that failed within checkpoint.max_failed_writes is tried again: the last must succeed
+        if self.checkpoints.last_step < self.step_no or self.checkpoints.failing:
             self._checkpoint()
         self.report.final_checkpoint(self.checkpoints.wait(timeout=self.cfg.checkpoint.stop_timeout_s))
         return FINISHED
@@ -271,10 +292,13 @@ class Coordinator:
     def _recovering(self) -> str:
         self._inflight = None  # its results died with the group
         self.group.shutdown()
-        ck = self.checkpoints.load_newest()  # a write in flight completes first: it may be the newest
+        # the newest complete checkpoint (a write in flight completes first: it may be the newest)
+        ck, skipped = self.checkpoints.load_newest()
         self._resume_from(ck)
         newest = None if ck is None else ck.url
-        self.report.restarting(len(self.policy.failures), self.cfg.faults.max_failures, self.step_no, newest)
+        self.report.restarting(
+            len(self.policy.failures), self.cfg.faults.max_failures, self.step_no, newest, skipped
+        )
         return STARTING
 
     def _on_failure(self, e: TrainerDied) -> str:
@@ -288,7 +312,9 @@ class Coordinator:
         try:
             self.checkpoints.close(timeout=self.cfg.checkpoint.stop_timeout_s)
         except Exception as e:  # a failed final write must not hide the run's own outcome
-            self.report.writer_failed(e)
             if self.state == FINISHED:
+                self.report.writer_failed(e)
                 self.error = e
                 self._enter(FAILED)
+            elif not isinstance(self.error, CheckpointWriteFailed):  # else: that is the run's error
+                self.report.writer_failed(e)

@@ -30,6 +30,7 @@ Checkpoints
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -340,14 +341,15 @@ class DataPool:
     def stats(self) -> dict:
         """Per-worker counters summed, plus the shapes the coordinator's metrics read.
 
-        Keys: every :class:`ReaderStats` counter (summed), ``queue_depth`` (list per worker),
-        ``decode_images_per_second`` (sum of the workers' rates), ``skipped`` (samples per reason in
-        :data:`SKIP_REASONS`), ``restarts``, ``per_worker`` (list of dicts).
+        Keys: every :class:`ReaderStats` counter (summed; ``lost`` summed per key), ``queue_depth``
+        (list per worker), ``decode_images_per_second`` (sum of the workers' rates), ``skipped``
+        (samples per reason in :data:`SKIP_REASONS`), ``restarts``, ``per_worker`` (list of dicts).
         """
         per = ray.get([w.stats.remote() for w in self.workers], timeout=self.timeout_s)
         total: dict[str, Any] = {
-            k: sum(p[k] for p in per) for k in per[0] if k not in ("worker", "queue_depth")
+            k: sum(p[k] for p in per) for k in per[0] if k not in ("worker", "queue_depth", "epoch", "lost")
         }
+        total["lost"] = dict(sum((collections.Counter(p["lost"]) for p in per), collections.Counter()))
         total["queue_depth"] = [p["queue_depth"] for p in per]
         total["decode_images_per_second"] = total.pop("decode_images_per_s")
         total["skipped"] = {reason: total[f"skipped_{reason}"] for reason in SKIP_REASONS}

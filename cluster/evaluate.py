@@ -71,16 +71,17 @@ def evaluate_checkpoint(
     """Center-crop and 10-crop top-1/top-5 error of a checkpoint on the val split (one process).
 
     Runs the fused execution (the same weights as any grid's, canonical keys) on CPU or the
-    local GPU. ``checkpoint`` may be a run directory (its newest complete checkpoint).
+    local GPU. Only the model file is read (and verified): a checkpoint whose optimizer state is
+    damaged still evaluates. ``checkpoint`` may be a run directory: its newest checkpoint with a
+    complete model file (newer ones skipped are named on stderr).
     """
     from alexnet.data.index import DatasetIndex
     from alexnet.data.reader import val_batches
     from alexnet.model import FusedAlexNet
-    from cluster.checkpoint import load_checkpoint
     from cluster.config import from_dict
     from cluster.manifest import Manifest
 
-    ck = load_checkpoint(checkpoint)
+    ck = _load_model(checkpoint)
     cfg = from_dict(Manifest.from_json(ck.manifest).config)
     mcfg = cfg.model_config()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,6 +92,11 @@ def evaluate_checkpoint(
     if index.num_classes != mcfg.num_classes:
         raise ValueError(
             f"--data {data_url} has {index.num_classes} classes, the checkpoint's model {mcfg.num_classes}"
+        )
+    if "val" not in index.meta["splits"] or index.count("val") == 0:
+        raise ValueError(
+            f"--data {data_url} has no val images: alexnet eval scores the val split; point --data at "
+            "shards built with validation images (SRC/val/, or --val-fraction > 0)"
         )
     mean = index.mean_tensor(mcfg.input_size, cfg.data.mean).to(device)
     bs = batch_size or cfg.eval.batch_size or cfg.optim.batch_size
@@ -113,3 +119,20 @@ def evaluate_checkpoint(
     out.update({k: v for k, v in errs.items() if k.endswith("_10crop")})
     out["step"] = ck.step
     return out
+
+
+def _load_model(checkpoint: str):
+    """The checkpoint's model weights and manifest (no optimizer state): ``checkpoint`` itself, or
+    the newest checkpoint of a run dir whose model file is complete."""
+    import sys
+
+    from cluster.checkpoint import is_checkpoint, load_checkpoint, load_newest
+
+    if is_checkpoint(checkpoint):
+        return load_checkpoint(checkpoint, optimizer=False)
+    ck, skipped = load_newest(checkpoint, optimizer=False)
+    if ck is None:  # the error naming the directory and what was skipped
+        return load_checkpoint(checkpoint, optimizer=False)
+    for line in skipped:
+        print(f"alexnet eval: skipped newer checkpoint {line}", file=sys.stderr, flush=True)
+    return ck

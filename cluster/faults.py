@@ -2,6 +2,11 @@
 
 * :class:`FailurePolicy` (the coordinator's): the restart budget (``faults.max_failures``) and
   the NaN rule (a non-finite loss stops the run: restarting would replay the same numbers);
+* :class:`DataLossBound` (the coordinator's): ``data.max_skipped_fraction``, the share of an
+  epoch the data workers may lose to bad shards and samples;
+* the errors that end a run without a restart: :class:`NonFiniteLoss`, :class:`DataLoss`,
+  :class:`CheckpointWriteFailed` (``checkpoint.max_failed_writes``, judged by
+  :class:`cluster.manifest.RunCheckpoints`);
 * :class:`FaultPlan` (the trainer group's): the injected faults of a rehearsal or a test, all off
   by default, each firing once per run; :class:`RankFaults` is its part inside one trainer rank.
 """
@@ -24,6 +29,53 @@ class TrainerDied(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     """A step's loss was NaN or infinite: the run stops (restarting would replay the same numbers)."""
+
+
+class DataLoss(RuntimeError):
+    """An epoch lost more of its samples to bad shards and samples than ``data.max_skipped_fraction``."""
+
+
+class CheckpointWriteFailed(RuntimeError):
+    """Checkpoint writes failed (disk full, permissions) beyond ``checkpoint.max_failed_writes``."""
+
+
+LostKey = tuple[int, str, str]  # (epoch, shard url, reason): the data workers' ``lost`` counters
+
+
+class DataLossBound:
+    """``data.max_skipped_fraction``: the samples of one epoch the data workers may lose.
+
+    Fed after each chunk with the workers' ``lost`` counters (:meth:`check`: samples per epoch,
+    shard and reason, summed over the workers). Those count from zero when a worker or the
+    trainer group restarts, so the bound keeps the largest count seen per key: never more than
+    the epoch lost, and an epoch that loses too much fails as soon as it has, not at its end.
+    """
+
+    def __init__(self, fraction: float, epoch_samples: int) -> None:
+        self.fraction, self.epoch_samples = fraction, epoch_samples
+        self.lost: dict[LostKey, int] = {}
+
+    def check(self, lost: dict[LostKey, int]) -> None:
+        """Take the latest counters in; :class:`DataLoss` if an epoch they touch lost too much."""
+        for key, n in lost.items():
+            self.lost[key] = max(self.lost.get(key, 0), n)
+        for epoch in sorted({key[0] for key in lost}):
+            shards = {(url, why): n for (e, url, why), n in self.lost.items() if e == epoch}
+            total = sum(shards.values())
+            if total > self.fraction * self.epoch_samples:
+                raise self._error(epoch, total, shards)
+
+    def _error(self, epoch: int, total: int, shards: dict[tuple[str, str], int]) -> DataLoss:
+        worst = sorted(shards.items(), key=lambda kv: (-kv[1], kv[0]))
+        listed = ", ".join(f"{url} ({n} {why})" for (url, why), n in worst[:10])
+        more = f" and {len(worst) - 10} more" if len(worst) > 10 else ""
+        return DataLoss(
+            f"epoch {epoch} lost {total} of its {self.epoch_samples} samples "
+            f"({100 * total / self.epoch_samples:.1f}%), more than data.max_skipped_fraction="
+            f"{self.fraction:g}, to bad shards and samples: {listed}{more}. Restore those shards from a "
+            "good copy, or delete them and run the `alexnet shards` command that built them again (it "
+            "rebuilds missing shards), then continue with --resume; or raise data.max_skipped_fraction"
+        )
 
 
 class FailurePolicy:

@@ -1,9 +1,13 @@
 """The training job (``alexnet train``): what the driver does, top to bottom, in :func:`run_training`.
 
-Validate the config and the dataset before any actor starts (:mod:`cluster.plan`); find the
-checkpoint to resume from and refuse an incompatible one (:mod:`cluster.manifest`); attach to
-the Ray cluster (``RAY_ADDRESS``, as under ``ray job submit``) or start an embedded local one;
-serve the metrics; run the coordinator (:mod:`cluster.coordinator`), which on SIGTERM / ``ray job
+Before Ray starts, check everything a user can get wrong (a ``ValueError`` each, exit code 2):
+the config and the dataset (:mod:`cluster.plan`: a val split when the run validates, every shard
+on disk), the run directory (a writable directory), the checkpoint to resume from (the newest
+complete one, or ``--from-checkpoint``; an incompatible one is refused: :mod:`cluster.manifest`),
+and the metrics endpoint, which is served from then on, so its port stays the run's. Write the
+resolved config into the run directory (``config.toml``, which ``--config`` reruns). Then attach
+to the Ray cluster (``RAY_ADDRESS``, as under ``ray job submit``) or start an embedded local one;
+run the coordinator (:mod:`cluster.coordinator`), which on SIGTERM / ``ray job
 stop`` checkpoints and stops; at the end write the history, the plot and the Chrome trace into
 the run directory (:mod:`cluster.reporting`) and print where everything is.
 """
@@ -11,21 +15,25 @@ the run directory (:mod:`cluster.reporting`) and print where everything is.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
+import posixpath
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
+import fsspec
+
+from cluster.checkpoint import Checkpoint, join_url, latest_checkpoint, scan_checkpoints
 from cluster.config import JobConfig
-from cluster.coordinator import FINISHED, Coordinator
+from cluster.coordinator import FAILED, FINISHED, Coordinator
 from cluster.manifest import load_resume
 from cluster.metrics import Metrics
 from cluster.plan import RunPlan, plan_run
-from cluster.reporting import Reporter, write_outputs
+from cluster.reporting import Reporter, write_bytes, write_outputs
 
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a complete checkpoint
 
@@ -58,52 +66,107 @@ def run_training(
     preset: str | None = None,
     group_factory: Callable[[JobConfig, RunPlan, str], Any] | None = None,
     on_coordinator: Callable[[Coordinator], None] | None = None,
+    from_checkpoint: str | None = None,
 ) -> JobResult:
     """Run (or resume) one training job to the end; see the module docstring.
 
+    ``from_checkpoint`` (``--from-checkpoint``, with ``resume``): continue from that checkpoint
+    instead of the newest in ``run_dir``; the run writes into ``run_dir`` either way.
     ``group_factory(cfg, plan, data_url)`` builds the trainer group (default: Ray actors);
     ``on_coordinator(coord)`` is called once it exists (tests use it to stop a run or scrape).
     """
+    # Everything a user can get wrong is checked before Ray starts (a ValueError: exit 2)
+    if from_checkpoint is not None and not resume:
+        raise ValueError(f"--from-checkpoint {from_checkpoint} continues a run: add --resume")
+    cfg = cfg.for_data(data_url)  # model.input_size from the stored images when unset
     plan, _index = plan_run(cfg, data_url)
-    ck = _resume_point(run_dir, resume, cfg, plan)
-    init_ray(cfg, plan)
-    group = (group_factory or _ray_group)(cfg, plan, data_url)
+    check_run_dir(run_dir)
+    ck = _resume_point(run_dir, resume, cfg, plan, from_checkpoint)
+    write_bytes(join_url(run_dir, "config.toml"), cfg.to_toml().encode())  # `--config` it to rerun
     name = run_dir.rstrip("/").rsplit("/", 1)[-1] or "run"
     metrics = Metrics(run=name)
-    metrics_url = _serve_metrics(metrics, cfg, plan, name, preset)
+    metrics_url = _serve_metrics(metrics, cfg, plan, name, preset)  # bound now, so the port stays ours
+    try:
+        init_ray(cfg, plan)
+        group = (group_factory or _ray_group)(cfg, plan, data_url)
+    except BaseException:
+        metrics.close()
+        raise
     report = Reporter(metrics, plan, cfg.optim.batch_size, cfg.train.log_every_steps)
     coord = Coordinator(cfg, group, plan, run_dir, report, resume=ck)
     del ck  # the coordinator loads the tensors into the group, then lets them go
     trace = _drive(coord, group, metrics, cfg.metrics.trace_steps, on_coordinator)
-    files = write_outputs(run_dir, report.history, trace)
+    state = coord.state
     error = None if coord.error is None else f"{type(coord.error).__name__}: {coord.error}"
+    try:
+        files = write_outputs(run_dir, report.history, trace)
+    except OSError as e:  # the run's checkpoints are what matters; say what is missing, no traceback
+        files, state = {}, FAILED
+        lost = f"metrics.jsonl, the plot and the trace could not be written to --run-dir {run_dir} ({e})"
+        error = f"{error}; {lost}" if error else lost
     res = JobResult(
-        coord.state,
-        coord.step_no,
-        coord.stop_requested.is_set(),
-        latest_checkpoint(run_dir),
-        files,
-        error,
-        metrics_url,
+        state, coord.step_no, coord.stop_requested.is_set(), _latest(run_dir), files, error, metrics_url
     )
     _print_result(res)
     return res
 
 
-def _resume_point(run_dir: str, resume: bool, cfg: JobConfig, plan: RunPlan) -> Checkpoint | None:
+def check_run_dir(run_dir: str) -> None:
+    """``--run-dir`` is a directory that exists or can be created, and can be written: checked by
+    creating it and writing (and removing) a probe file, so a read-only mount fails here too."""
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    if fs.isfile(root):
+        raise ValueError(
+            f"--run-dir {run_dir} is a file: give a directory (a new one, or the run's to --resume)"
+        )
+    try:
+        fs.makedirs(root, exist_ok=True)
+        probe = f"{root.rstrip('/')}/.alexnet-write-test"
+        with fs.open(probe, "wb") as f:
+            f.write(b"")
+        fs.rm(probe)
+    except OSError as e:  # a parent that is a file (NotADirectoryError, FileExistsError), permissions
+        parent = next((q for q in _parents(root) if fs.isfile(q)), None)
+        why = f"{parent} is a file" if parent else (e.strerror or str(e))
+        raise ValueError(
+            f"--run-dir {run_dir}: cannot create or write it ({why}): choose a directory you may "
+            "write (a local path, a shared mount or an fsspec URL)"
+        ) from None
+
+
+def _parents(path: str) -> Iterator[str]:
+    while posixpath.dirname(path.rstrip("/")) not in (path.rstrip("/"), ""):
+        path = posixpath.dirname(path.rstrip("/"))
+        yield path
+
+
+def _latest(run_dir: str) -> str | None:
+    """The newest complete checkpoint for the summary (None also when the storage cannot be read)."""
+    try:
+        return latest_checkpoint(run_dir)
+    except OSError:
+        return None
+
+
+def _resume_point(
+    run_dir: str, resume: bool, cfg: JobConfig, plan: RunPlan, from_checkpoint: str | None
+) -> Checkpoint | None:
     """The checkpoint to continue from (``--resume``), or None; an old run dir without it is refused."""
     if not resume:
-        if list_checkpoints(run_dir):
+        if scan_checkpoints(run_dir):
             raise ValueError(
                 f"--run-dir {run_dir} already holds checkpoints: pass --resume to continue that run, "
                 "or choose a new --run-dir"
             )
         return None
-    ck = load_resume(run_dir, cfg, plan)
+    ck, skipped = load_resume(run_dir, cfg, plan, from_checkpoint)
+    for line in skipped:
+        print(f"[alexnet] --resume: skipped newer checkpoint {line}", flush=True)
     if ck is None:
         print(f"[alexnet] --resume: no complete checkpoint in {run_dir}; starting from step 0", flush=True)
     else:
-        print(f"[alexnet] resuming from {ck.url} (step {ck.step})", flush=True)
+        into = f", writing into {run_dir}" if from_checkpoint is not None else ""
+        print(f"[alexnet] resuming from {ck.url} (step {ck.step}){into}", flush=True)
     return ck
 
 
@@ -140,7 +203,10 @@ def _serve_metrics(
     the run's header line; returns the endpoint's URL."""
     url = None
     if cfg.metrics.port >= 0:
-        port = metrics.serve(cfg.metrics.port, cfg.metrics.addr)
+        try:
+            port = metrics.serve(cfg.metrics.port, cfg.metrics.addr)
+        except OSError as e:
+            raise _unservable(cfg.metrics.port, cfg.metrics.addr, e) from None
         url = f"http://{cfg.metrics.addr}:{port}/metrics"
     metrics.info(
         grid=cfg.grid.shape,
@@ -158,6 +224,24 @@ def _serve_metrics(
         flush=True,
     )
     return url
+
+
+def _unservable(port: int, addr: str, e: OSError) -> ValueError:
+    """The error for a metrics endpoint that cannot listen on ``addr:port``, by cause."""
+    if e.errno == errno.EADDRINUSE:
+        return ValueError(
+            f"metrics.port={port} (--metrics-port): {addr}:{port} is already in use (another run or "
+            "program): choose another port, --metrics-port 0 for any free one, or -1 for no endpoint"
+        )
+    if e.errno == errno.EACCES:
+        return ValueError(
+            f"metrics.port={port} (--metrics-port): not allowed to listen on it ({e.strerror}): "
+            "use a port >= 1024, or 0 for any free one"
+        )
+    return ValueError(
+        f"metrics.addr={addr!r}: cannot listen on {addr}:{port} ({e.strerror or e}): use an address "
+        'of this machine ("0.0.0.0": all of them, "127.0.0.1": this machine only)'
+    )
 
 
 def _drive(coord: Coordinator, group, metrics: Metrics, trace_steps: int, on_coordinator) -> dict | None:

@@ -28,14 +28,17 @@ from typing import Any
 
 from torch import Tensor
 
+from alexnet.optim import check_resume_rule
 from cluster.checkpoint import (
     Checkpoint,
     CheckpointManager,
     CheckpointRecord,
     list_checkpoints,
     load_checkpoint,
+    load_newest,
 )
 from cluster.config import CheckpointSection, JobConfig
+from cluster.faults import CheckpointWriteFailed
 from cluster.plan import RunPlan
 
 
@@ -85,13 +88,15 @@ class Manifest:
         )
 
     def check_resume(self, cfg: JobConfig, plan: RunPlan, url: str) -> None:
-        """Refuse a checkpoint this run cannot continue exactly (model, batch, data position)."""
+        """Refuse a checkpoint this run cannot continue exactly (model, update rule, batch, data
+        position)."""
         model = cfg.to_dict()["model"]
         if self.config.get("model") != model:
             raise ValueError(
                 f"{url}: saved with model {self.config.get('model')}, this run has {model}; "
                 "resume with the same [model] section (or start a new --run-dir)"
             )
+        check_resume_rule(self.config.get("optim", {}).get("rule"), cfg.optim.rule, url)
         b_saved = self.config.get("optim", {}).get("batch_size")
         if b_saved != cfg.optim.batch_size:
             raise ValueError(
@@ -118,14 +123,39 @@ class Manifest:
         return self.data_positions if self.data_workers == workers else None
 
 
-def load_resume(run_dir: str, cfg: JobConfig, plan: RunPlan) -> Checkpoint | None:
-    """The newest complete checkpoint in ``run_dir``, checked for this run (None: there is none)."""
-    found = list_checkpoints(run_dir)
-    if not found:
-        return None
-    ck = load_checkpoint(found[-1][1])
-    Manifest.from_json(ck.manifest).check_resume(cfg, plan, ck.url)
-    return ck
+def load_resume(
+    run_dir: str, cfg: JobConfig, plan: RunPlan, start: str | None = None
+) -> tuple[Checkpoint | None, list[str]]:
+    """The checkpoint a ``--resume`` continues from, checked for this run (None: a fresh start),
+    and one line per newer checkpoint of ``run_dir`` skipped as incomplete or corrupt.
+
+    Without ``start``: the newest complete checkpoint in ``run_dir``; checkpoints there that are
+    all damaged are refused (a fresh start would hide them). ``start`` (``--from-checkpoint``): that
+    checkpoint directory (or that run dir's newest); the run writes into ``run_dir``, which must
+    hold no complete checkpoint newer than it (a later ``--resume`` would take that one, of
+    another history).
+    """
+    if start is None:
+        ck, skipped = load_newest(run_dir)
+        if ck is None and skipped:
+            raise ValueError(
+                f"--resume: no complete checkpoint in --run-dir {run_dir} ({'; '.join(skipped)}): "
+                "continue from one in another directory with --from-checkpoint DIR, or remove these "
+                "to start the run again"
+            )
+    else:
+        ck, skipped = load_checkpoint(start), []
+        newer = [url for step, url in list_checkpoints(run_dir) if step > ck.step]
+        if newer:
+            raise ValueError(
+                f"--from-checkpoint {start} is step {ck.step}, but --run-dir {run_dir} holds newer "
+                f"complete checkpoints ({', '.join(u.rsplit('/', 1)[-1] for u in newer)}): a run "
+                "continued there would mix two histories; pass a new --run-dir (the run continues "
+                "there from this checkpoint), or move those out of the run's checkpoints/ first"
+            )
+    if ck is not None:
+        Manifest.from_json(ck.manifest).check_resume(cfg, plan, ck.url)
+    return ck, skipped
 
 
 class RunCheckpoints:
@@ -147,6 +177,7 @@ class RunCheckpoints:
     ) -> None:
         self.run_dir, self.plan, self.config, self.grid = run_dir, plan, config, grid
         self.writer = CheckpointManager(run_dir, section.keep, section.background)
+        self.max_failed_writes = section.max_failed_writes
         self.last_step = -1  # the step of the newest checkpoint saved or restored (-1: none)
 
     def save(
@@ -179,20 +210,62 @@ class RunCheckpoints:
         """The newest checkpoint written by this run so far."""
         return self.writer.last
 
-    def wait(self, timeout: float | None = None) -> CheckpointRecord | None:
-        """Block until the write in flight (if any) is done; re-raises its failure."""
-        return self.writer.wait(timeout)
-
     def newest(self) -> tuple[int, str] | None:
         """(step, url) of the newest complete checkpoint in the run directory, or None."""
-        self.writer.wait()
+        self.writer.wait(raise_errors=False)  # a failed write is the policy's (check_writes)
         found = list_checkpoints(self.run_dir)
         return found[-1] if found else None
 
-    def load_newest(self) -> Checkpoint | None:
-        """The newest complete checkpoint, loaded (verified), or None."""
-        newest = self.newest()
-        return None if newest is None else load_checkpoint(newest[1])
+    def load_newest(self) -> tuple[Checkpoint | None, list[str]]:
+        """The newest checkpoint that is complete and verifies (None: none), and one line per
+        newer one skipped (see :func:`cluster.checkpoint.load_newest`)."""
+        self.writer.wait(raise_errors=False)
+        return load_newest(self.run_dir)
+
+    @property
+    def failing(self) -> bool:
+        """The newest write that ended failed (within ``checkpoint.max_failed_writes``, or the
+        run would have failed)."""
+        return bool(self.writer.failures)
+
+    def check_writes(self) -> None:
+        """Fail the run (:class:`cluster.faults.CheckpointWriteFailed`) once more writes in a row
+        failed than ``checkpoint.max_failed_writes`` allows (default 0: the first failure)."""
+        failures = list(self.writer.failures)
+        if len(failures) > self.max_failed_writes:
+            raise self._write_error(
+                failures,
+                f"{len(failures)} write(s) in a row failed, more than "
+                f"checkpoint.max_failed_writes={self.max_failed_writes}",
+            )
+
+    def wait(self, timeout: float | None = None) -> CheckpointRecord | None:
+        """Block until the write in flight (if any) is done. The run's last checkpoint has no next
+        one to make up for it: if it (or the write before it) failed, that is a
+        :class:`cluster.faults.CheckpointWriteFailed` whatever ``checkpoint.max_failed_writes``."""
+        rec = self.writer.wait(timeout, raise_errors=False)
+        failures = list(self.writer.failures)
+        if failures:
+            raise self._write_error(failures, "the run's last checkpoint is not on disk")
+        return rec
+
+    def _write_error(self, failures: list[tuple[int, BaseException]], why: str) -> CheckpointWriteFailed:
+        step, error = failures[-1]
+        try:
+            newest = self.newest()
+        except OSError:  # the storage that failed the write may fail the listing too
+            newest = None
+        where = (
+            f"the newest complete checkpoint is {newest[1]} (step {newest[0]})"
+            if newest
+            else "no complete checkpoint was written"
+        )
+        return CheckpointWriteFailed(
+            f"the checkpoint of step {step} could not be written to --run-dir {self.run_dir} "
+            f"({type(error).__name__}: {error}); {why}. {where}. Free space or fix the permissions "
+            "there and continue with --resume (checkpoint.max_failed_writes=N rides out N failed "
+            "writes in a row on a flaky store)"
+        )
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the write in flight and stop the writer thread."""

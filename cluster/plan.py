@@ -1,6 +1,7 @@
 """The plan of a run: its sizes from the config and the dataset, and what happens at each step.
 
-:func:`plan_run` is the one place the dataset is checked against the config (before Ray starts);
+:func:`plan_run` is the one place the dataset is checked against the config (before Ray starts):
+classes, sizes, a val split when the run validates, and every shard it reads on disk;
 :class:`Milestones` is the one place that says what a step number means: whether it ends an
 epoch, is due a validation or a checkpoint, ends the run, and how long the chunk of steps
 starting there may be. Both are plain Python, tested without Ray.
@@ -9,6 +10,8 @@ starting there may be. Both are plain Python, tested without Ray.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import fsspec
 
 from alexnet.data.index import DatasetIndex
 from alexnet.data.reader import check_plan
@@ -34,7 +37,51 @@ def plan_run(cfg: JobConfig, data_url: str) -> tuple[RunPlan, DatasetIndex]:
         )
     spe = check_plan(index, cfg.optim.batch_size, cfg.model.input_size, cfg.data.workers)
     total = cfg.train.steps or cfg.train.epochs * spe
+    validates = _check_val_split(index, cfg.eval.every_epochs, spe, total)
+    check_shards(index, ("train", "val") if validates else ("train",))
     return RunPlan(spe, total, cfg.data.workers), index
+
+
+def _check_val_split(index: DatasetIndex, every_epochs: int, steps_per_epoch: int, total: int) -> bool:
+    """Whether the run validates (an epoch end every ``eval.every_epochs`` within ``total`` steps);
+    if it does, refuse a dataset without val images before an epoch is trained for nothing."""
+    first = every_epochs * steps_per_epoch  # the step of the first validation
+    if every_epochs == 0 or first > total:
+        return False
+    splits = index.meta["splits"]
+    if "val" in splits and index.count("val") > 0:
+        return True
+    what = "no val split" if "val" not in splits else "a val split without images"
+    raise ValueError(
+        f"--data {index.url} has {what}, but eval.every_epochs={every_epochs} validates at step {first}: "
+        "train without validation with --set eval.every_epochs=0, or build the shards with validation "
+        "images (SRC/val/, or --val-fraction > 0) into a new directory"
+    )
+
+
+def check_shards(index: DatasetIndex, splits: tuple[str, ...]) -> None:
+    """Every shard of ``splits`` is on disk with the size ``dataset.json`` records (an index
+    written before sizes were recorded: present and not empty). One listing of the directory."""
+    fs, root = fsspec.core.url_to_fs(index.url)
+    sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in fs.ls(root, detail=True)}
+    bad = []
+    for split in splits:
+        for shard in index.meta["splits"][split]["shards"]:
+            name, want = shard["name"], shard.get("bytes")
+            size = sizes.get(name)
+            if size is None:
+                bad.append(f"{name} is missing")
+            elif want is not None and size != want:
+                bad.append(f"{name} has {size} bytes, dataset.json says {want}")
+            elif size == 0:
+                bad.append(f"{name} is empty")
+    if bad:
+        listed = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ValueError(
+            f"--data {index.url}: {len(bad)} damaged shard(s): {listed}. Restore them from a good copy, "
+            "or delete them and run the `alexnet shards` command that built them again (it rebuilds "
+            "missing shards)"
+        )
 
 
 @dataclass(frozen=True)

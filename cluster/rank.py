@@ -119,6 +119,7 @@ class TrainerActor:
             device=self.device,
             momentum=o.momentum,
             weight_decay=o.weight_decay,
+            rule=o.rule,
             precision=t.precision,
             deterministic=t.deterministic,
             cudnn_benchmark=t.benchmark_cudnn(self.device.type == "cuda"),

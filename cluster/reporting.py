@@ -13,7 +13,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import fsspec
 
 from cluster.checkpoint import CheckpointRecord, join_url
+from cluster.lr_schedule import Cut
 from cluster.metrics import SKIP_REASONS, STEP_PARTS, Metrics
 from cluster.plan import RunPlan
 
@@ -121,8 +122,13 @@ class Reporter:
         """Trainer failure number ``count`` of the run, at ``step``."""
         self.log(f"[coordinator] trainer failure {count} at step {step}: {error}")
 
-    def restarting(self, count: int, max_failures: int, step: int, newest: str | None) -> None:
-        """The group restarts at ``step`` (from checkpoint ``newest``): later history is re-run."""
+    def restarting(
+        self, count: int, max_failures: int, step: int, newest: str | None, skipped: Sequence[str] = ()
+    ) -> None:
+        """The group restarts at ``step`` (from checkpoint ``newest``; ``skipped``: the newer ones
+        that were incomplete or corrupt, and why): later history is re-run."""
+        for line in skipped:
+            self.log(f"[coordinator] skipped newer checkpoint {line}")
         self.metrics.inc("restarts", reason="trainer_failure")
         self.history.rewind(step)
         self._skipped_seen, self._data_restarts_seen = {}, 0  # the new data workers count from 0
@@ -247,6 +253,11 @@ class Reporter:
             f"{ten} ({int(res['samples'])} images, {seconds:.1f}s)"
             + (f"; learning rate divided -> {lr:.4g}" if reduced else "")
         )
+
+    def lr_cut(self, cut: Cut) -> None:
+        """The learning-rate rule changed the rate: the line says why
+        (``lr 0.01 -> 0.001 at epoch 23: val top-1 0.452, best 0.451 at epoch 21``)."""
+        self.log(f"[coordinator] {cut.describe()}")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_saved(self, stall_s: float, written: Future) -> None:

@@ -12,7 +12,7 @@ global step, with the same ``step`` and ``lr`` everywhere. Per step:
    gradients to stage s-1 (point to point: :mod:`pipeline.p2p`);
 2. gradients are summed across replicas, each parameter's all-reduce launched (async) as
    soon as its gradient is final during the last backward, so it overlaps the rest of it;
-3. SGD with momentum and weight decay, learning rate from the caller.
+3. the update rule (:mod:`alexnet.optim`, ``optim.rule``), learning rate from the caller.
 
 Loss scaling, so that gradients are exact for any R, S, C, M: each micro-batch's loss is
 ``sum of its cross-entropies / B_global``; the sum over micro-batches and the all-reduce
@@ -20,11 +20,10 @@ SUM over replicas then give the gradient of the global-batch mean. With C = 2 bo
 ranks compute that loss from the same gathered logits and the gather's backward sums their
 two gradients, so each also divides by C (without it the gradient comes back doubled).
 
-Optimizer: ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4)`` on every parameter. torch
-keeps v <- mu v + (g + wd w), w <- w - lr v; the paper writes v <- 0.9 v - 0.0005 lr w -
-lr g, w <- w + v. The two are the same sequence of weights while lr is constant
-(v_paper = -lr v_torch); when lr drops, torch applies the new lr to the accumulated
-momentum at once, the paper lets the old momentum decay.
+Optimizer: :func:`alexnet.optim.make_optimizer` of ``rule``: the paper's (default; v <- 0.9 v -
+0.0005 lr w - lr g, w <- w + v, no weight decay on biases) or torch's SGD. Either keeps one
+momentum buffer per parameter (``state_dict()["optimizer"]``, canonical keys); what it holds
+depends on the rule (see :mod:`alexnet.optim`).
 
 Why not DDP for step 2: DDP decides at forward time which backward reduces, which does
 not fit GPipe (all forwards before any backward); gradient hooks on the last backward give
@@ -58,18 +57,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alexnet.config import ModelConfig
 from alexnet.layers import StepContext
 from alexnet.model import BLOCK_NAMES, BlockSpec, Stage, concat_exchange, geometry
+from alexnet.optim import make_optimizer
 from alexnet.scoring import Tally
-from pipeline.dist import Groups
+from pipeline.dist import Comm, Groups
 from pipeline.exchange import ColumnExchange
 from pipeline.grid import Grid
-from pipeline.p2p import ACT, GRAD, HEAD, StageLink
+from pipeline.p2p import ACT, GRAD, StageLink, step_plan
 from pipeline.precision import (
     activation_dtype,
     autocast_dtype,
@@ -86,15 +85,15 @@ class _GradSync:
     """Sums gradients across replicas: an async all-reduce per parameter, launched from its
     post-accumulate hook while :attr:`armed` (during the step's last backward)."""
 
-    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, timeline: Timeline) -> None:
-        self.group, self.timeline = group, timeline
+    def __init__(self, params: list[nn.Parameter], comm: Comm, group, timeline: Timeline) -> None:
+        self.comm, self.group, self.timeline = comm, group, timeline
         self.armed, self.works = False, []
         for p in params:
             p.register_post_accumulate_grad_hook(self._hook)
 
     def _hook(self, p: Tensor) -> None:
         if self.armed:
-            self.works.append(dist.all_reduce(p.grad, group=self.group, async_op=True))
+            self.works.append(self.comm.all_reduce(p.grad, self.group, async_op=True))
 
     def wait(self) -> None:
         with self.timeline.span("grad_sync"):
@@ -190,6 +189,7 @@ class Engine:
         device: torch.device,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
+        rule: str = "paper",
         track_memory: bool = False,
         precision: str = "fp32",
         deterministic: bool = False,
@@ -229,26 +229,18 @@ class Engine:
         self.schedule = make_schedule(grid.schedule, grid.stages, grid.microbatches)
         self.actions: list[Action] = self.schedule.actions(self.s)
         self.column_exchange = (
-            ColumnExchange(model_cfg, groups.column, self.c, self.timeline) if grid.columns == 2 else None
+            ColumnExchange(model_cfg, groups.comm, groups.column, self.c, self.timeline)
+            if grid.columns == 2
+            else None
         )
         params = list(self.stage.parameters())
         self.scaler = loss_scaler(self.precision, self.device)
-        # fp16: the fused SGD reads the scaler's inf flag on the device (no host read to skip a step)
-        self.optimizer = torch.optim.SGD(
-            params,
-            lr=0.0,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            fused=True if self.scaler is not None else None,
-        )
-        if self.scaler is not None and momentum > 0:
-            # torch's fused SGD allocates the momentum uninitialised in its first step and leaves it
-            # so when that step is skipped (fp16's first steps overflow as the scale backs off from
-            # 2**16): start from zeros, which the first update turns into the gradient, as unfused SGD
-            for p in params:
-                self.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        # the scaler's step reads its inf flag on the host before the paper's rule (fp16 only)
+        self.optimizer = make_optimizer(self.stage.named_parameters(), rule, 0.0, momentum, weight_decay)
         self.param_names = dict(self.stage.named_parameters())
-        self.grad_sync = _GradSync(params, groups.data, self.timeline) if groups.data is not None else None
+        self.grad_sync = (
+            _GradSync(params, groups.comm, groups.data, self.timeline) if groups.data is not None else None
+        )
         self.meter = _ActivationMeter(params) if track_memory else None
         self.prev = grid.rank_of(self.r, self.s - 1, self.c) if not self.first else None
         self.next = grid.rank_of(self.r, self.s + 1, self.c) if not self.last else None
@@ -260,7 +252,11 @@ class Engine:
             else []
         )
         self.out_shapes = [geometry(model_cfg, self.blocks[-1], c).out for c in self.columns]
-        self.link = StageLink(groups.pipeline, groups.backend, self.device, self.timeline, self.act_dtype)
+        self.link = StageLink(groups.comm, groups.pipeline, self.device, self.timeline, self.act_dtype)
+        # each action's receive and send peer: the P2P layer posts receives ahead from it
+        self.plan = step_plan(
+            self.actions, self.prev, self.next, self.in_shapes, self.out_shapes, grid.microbatch_size
+        )
         # submitted steps: (step, scores on the device, peak saved-activation bytes or None)
         self._unread: list[tuple[int, Tensor | None, int | None]] = []
 
@@ -338,7 +334,7 @@ class Engine:
     def _run_step(self, step: int, lr: float, images: Tensor | None, labels: Tensor | None) -> Tensor | None:
         """The step's work; returns the last stage's (3,) float64 [loss sum, top-1, top-5] on the device."""
         tl, mbs = self.timeline, self.grid.microbatch_size
-        self.link.reset()  # nothing left over from a step that raised
+        self.link.start(self.plan)  # nothing left over from a step that raised
         if self.meter is not None:
             self.meter.reset()
         self.stage.train()
@@ -462,6 +458,7 @@ class Engine:
             raise ValueError(f"rank {self.rank} is on stage 0: infer() needs the images")
         was_training = self.stage.training
         self.stage.eval()
+        self.link.start(None)
         logits: list[Tensor] = []
         step_before = self.timeline.step
         self.timeline.clear(_INFER)  # its spans are not a training step's: dropped at the end
@@ -472,20 +469,16 @@ class Engine:
                 while more:
                     if self.first:
                         self.link.flush()
-                        xs, rows, more = [chunks[mb]], chunks[mb].shape[0], mb + 1 < len(chunks)
+                        xs, more = [chunks[mb]], mb + 1 < len(chunks)
                     else:
-                        (head,) = self.link.recv([(2,)], 1, self.prev, mb, HEAD, torch.float32)
-                        rows, more = int(head[0, 0]), bool(head[0, 1])
-                        xs = self.link.recv(self.in_shapes, rows, self.prev, mb, ACT)
+                        xs, more = self.link.recv_headed(self.in_shapes, self.prev, mb)
                         xs = [self._layout(x) for x in xs]
                     with self._autocast():
                         outs = self.stage.run(xs, self._exchange)  # eval mode: no dropout, no context
                         if self.last:
                             logits.append(self._full_logits(outs).float())
                     if not self.last:
-                        head = torch.tensor([[rows, int(more)]], dtype=torch.float32, device=self.device)
-                        self.link.send([head], self.next, mb, HEAD)
-                        self.link.send([o.to(self.act_dtype) for o in outs], self.next, mb, ACT)
+                        self.link.send_headed([o.to(self.act_dtype) for o in outs], self.next, mb, more)
                     mb += 1
             self.link.wait_sends()
         finally:
@@ -496,7 +489,8 @@ class Engine:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
-        """This rank's parameters and momentum buffers under canonical keys (copies)."""
+        """This rank's parameters and momentum buffers under canonical keys (copies; a buffer not yet
+        made, before the first step, is zeros: both rules start from zero momentum)."""
         model = {k: p.detach().clone() for k, p in self.param_names.items()}
         optim = {}
         for k, p in self.param_names.items():

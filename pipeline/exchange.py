@@ -15,12 +15,12 @@ in chunks; (b) the two logit halves differ in size when num_classes is odd (padd
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from alexnet.config import ModelConfig
 from alexnet.model import BLOCK_NAMES, COLUMNS, BlockSpec, geometry
+from pipeline.dist import Comm
 from pipeline.timeline import Timeline
 
 GLOO_CHUNK_BYTES = 4 << 20  # per rank and message; see the module docstring
@@ -43,15 +43,16 @@ class _GatherColumns(torch.autograd.Function):
     """(B, sizes[index], ...) on each rank -> (B, sum(sizes), ...) on every rank."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group, index: int, sizes: tuple[int, ...], chunk: int | None, tl):
-        ctx.group, ctx.index, ctx.sizes, ctx.chunk, ctx.tl = group, index, sizes, chunk, tl
+    def forward(ctx, x: Tensor, comm: Comm, group, index: int, sizes: tuple[int, ...], chunk_bytes, tl):
+        ctx.comm, ctx.group, ctx.index, ctx.sizes, ctx.tl = comm, group, index, sizes, tl
+        ctx.chunk = chunk_bytes // x.element_size() if chunk_bytes else None  # in elements of x's dtype
         width = max(sizes)
         xp = _pad_dim1(x, width).contiguous()
         flat = xp.view(-1)
         outs = [torch.empty_like(flat) for _ in sizes]  # one padded part per column
         with tl.span("exchange", "gather"):
-            for a, b in _chunks(flat.numel(), chunk):
-                dist.all_gather([o[a:b] for o in outs], flat[a:b], group=group)
+            for a, b in _chunks(flat.numel(), ctx.chunk):
+                comm.all_gather([o[a:b] for o in outs], flat[a:b], group)
         parts = [o.view(xp.shape)[:, :n] for o, n in zip(outs, sizes, strict=True)]
         return torch.cat(parts, dim=1)
 
@@ -62,33 +63,36 @@ class _GatherColumns(torch.autograd.Function):
         out = torch.empty_like(parts[0])
         with ctx.tl.span("exchange", "gather_grad"):
             for a, b in _chunks(out.numel(), ctx.chunk):
-                dist.reduce_scatter(out[a:b], [p[a:b] for p in parts], group=ctx.group)
+                ctx.comm.reduce_scatter(out[a:b], [p[a:b] for p in parts], ctx.group)
         shape = (grad.shape[0], width, *grad.shape[2:])
-        return out.view(shape)[:, : sizes[ctx.index]], None, None, None, None, None
+        return out.view(shape)[:, : sizes[ctx.index]], None, None, None, None, None, None
 
 
 class ColumnExchange:
     """The ``Exchange`` of one column rank (C = 2): ``exchange(spec, [own part]) -> full``.
 
     ``logits(part)`` gathers the fc8 halves into the full logits. ``chunk_bytes`` None
-    picks 4 MiB chunks on gloo and unchunked messages on other backends.
+    picks 4 MiB chunks on gloo and unchunked messages on other backends; the collectives go
+    through ``comm`` (:class:`pipeline.dist.Comm`), whatever the dtype of the parts.
     """
 
     def __init__(
         self,
         cfg: ModelConfig,
-        group: dist.ProcessGroup,
+        comm: Comm,
+        group,
         column: int,
         timeline: Timeline,
         chunk_bytes: int | None = None,
     ) -> None:
-        self.cfg, self.group, self.column, self.timeline = cfg, group, column, timeline
-        if chunk_bytes is None and dist.get_backend(group) == "gloo":
+        self.cfg, self.comm, self.group, self.column, self.timeline = cfg, comm, group, column, timeline
+        if chunk_bytes is None and comm.backend == "gloo":
             chunk_bytes = GLOO_CHUNK_BYTES
-        self.chunk_elems = chunk_bytes // 4 if chunk_bytes else None
+        self.chunk_bytes = chunk_bytes
 
     def gather(self, x: Tensor, sizes: tuple[int, ...]) -> Tensor:
-        return _GatherColumns.apply(x, self.group, self.column, sizes, self.chunk_elems, self.timeline)
+        args = (self.comm, self.group, self.column, sizes, self.chunk_bytes, self.timeline)
+        return _GatherColumns.apply(x, *args)
 
     def __call__(self, spec: BlockSpec, parts: list[Tensor]) -> Tensor:
         (x,) = parts  # one column per rank

@@ -13,6 +13,12 @@ reference's slice:
 The reference is :func:`alexnet.train_local.train_local` (the one-process training loop) on
 :func:`random_batch` data; :func:`run_rank` is what one rank does once its groups exist, and
 :func:`run_verify` launches the ranks as local processes with gloo.
+
+With ``--nccl-rules`` the same run is recorded (:class:`pipeline.nccl_rules.RecordingComm` over the
+real gloo calls), a validation pass (``Engine.infer``) is added, and the recording is checked
+against NCCL's rules (:func:`pipeline.nccl_rules.check`): ``nccl_rules_ok`` and the first violation
+(``nccl_violation``) join the report. :func:`check_nccl_rules` runs the same check with the ranks
+as threads of this process (:mod:`pipeline.local_world`), cheap enough for a matrix of grids.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from pipeline import dist as pdist
 from pipeline.engine import Engine
 from pipeline.grid import Grid, parse_shape
 from pipeline.launch import spawn_ranks
+from pipeline.local_world import LocalDeadlock, local_groups, run_threads
+from pipeline.nccl_rules import RankLog, RecordingComm, check
 from pipeline.schedules import SCHEDULE_CLASSES
 
 TOLERANCE = 1e-5
@@ -76,24 +84,35 @@ def run_rank(
     lr: float,
     engine_cls: type[Engine] = Engine,
     device: torch.device | None = None,
+    recorder: RecordingComm | None = None,
 ) -> dict[str, Any]:
     """One rank's side of the check: ``steps`` engine steps on :func:`random_batch` data.
 
     Returns per step this rank's grads and weights (numpy, canonical keys), its metrics,
-    and the last step's timeline events.
+    and the last step's timeline events. With a ``recorder`` (installed on ``groups``), a
+    validation pass of ``microbatch_size + 1`` rows follows the steps, recorded too.
     """
-    device = device or torch.device("cpu")
-    engine = engine_cls(cfg, grid, rank, groups, device=device)
-    r = engine.r
-    rows = slice(r * grid.replica_batch, (r + 1) * grid.replica_batch)
+    engine = engine_cls(cfg, grid, rank, groups, device=device or groups.device)
+    if recorder is not None:
+        recorder.follow(engine.timeline)
+    out = _train(cfg, grid, engine, steps, lr)
+    if recorder is not None:
+        recorder.phase = "validation"
+        images, _ = random_batch(cfg, grid.microbatch_size + 1, steps)  # a full and a partial micro-batch
+        engine.infer(images.to(engine.device) if engine.first else None)
+    return out
+
+
+def _train(cfg: ModelConfig, grid: Grid, engine: Engine, steps: int, lr: float) -> dict[str, Any]:
+    rows = slice(engine.r * grid.replica_batch, (engine.r + 1) * grid.replica_batch)
     out: dict[str, Any] = {"steps": [], "metrics": []}
     for step in range(steps):
         images, labels = random_batch(cfg, grid.global_batch, step)
         metrics = engine.step(
             step,
             lr,
-            images[rows].to(device) if engine.first else None,
-            labels[rows].to(device) if engine.last else None,
+            images[rows].to(engine.device) if engine.first else None,
+            labels[rows].to(engine.device) if engine.last else None,
         )
         out["metrics"].append(metrics)
         out["steps"].append(
@@ -139,12 +158,23 @@ def _worker(rank: int, world_size: int, port: int, cfg: ModelConfig, configs: li
     grids = [Grid.from_dict(c["grid"]) for c in configs]
     groups = pdist.init_distributed(grids[0], rank, "127.0.0.1", port, backend="gloo", timeout_s=timeout_s)
     try:
-        return [
-            run_rank(cfg, g, rank, groups, c["steps"], c["lr"], c.get("engine_cls", Engine))
-            for g, c in zip(grids, configs, strict=True)
-        ]
+        return [_run_config(cfg, g, rank, groups, c) for g, c in zip(grids, configs, strict=True)]
     finally:
         pdist.destroy()
+
+
+def _run_config(cfg: ModelConfig, grid: Grid, rank: int, groups: pdist.Groups, c: dict) -> dict[str, Any]:
+    rec = RecordingComm.install(groups) if c.get("record") else None
+    try:
+        out = run_rank(
+            cfg, grid, rank, groups, c["steps"], c["lr"], c.get("engine_cls", Engine), recorder=rec
+        )
+    finally:
+        if rec is not None:
+            groups.comm = rec.inner
+    if rec is not None:
+        out["nccl_log"] = rec.log
+    return out
 
 
 def run_configs(
@@ -152,7 +182,8 @@ def run_configs(
 ) -> list[list[dict[str, Any]]]:
     """Run several configs that share one grid shape in ONE set of local processes (spawning
     is the slow part on a small machine). A config: ``{"grid": Grid, "steps": int, "lr": float,
-    "engine_cls": optional Engine subclass}``. Returns ``[config][rank] -> run_rank result``."""
+    "engine_cls": optional Engine subclass, "record": optional bool}``. Returns ``[config][rank] ->
+    run_rank result``."""
     shapes = {c["grid"].shape for c in configs}
     if len(shapes) != 1:
         raise ValueError(f"run_configs needs one grid shape per call, got {sorted(shapes)}")
@@ -164,14 +195,21 @@ def run_configs(
 
 
 def run_verify(
-    cfg: ModelConfig, grid: Grid, steps: int = 2, lr: float = 0.05, timeout_s: float = 300.0
+    cfg: ModelConfig,
+    grid: Grid,
+    steps: int = 2,
+    lr: float = 0.05,
+    timeout_s: float = 300.0,
+    nccl_rules: bool = False,
 ) -> dict[str, Any]:
-    """The whole check on local processes: engine vs reference; returns the errors and a verdict."""
+    """The whole check on local processes: engine vs reference; returns the errors and a verdict.
+    ``nccl_rules``: the run is also recorded and checked against NCCL's rules (module docstring)."""
     t0 = time.perf_counter()
-    (results,) = run_configs(cfg, [{"grid": grid, "steps": steps, "lr": lr}], timeout_s=timeout_s)
+    config = {"grid": grid, "steps": steps, "lr": lr, "record": nccl_rules}
+    (results,) = run_configs(cfg, [config], timeout_s=timeout_s)
     errors = compare(cfg, reference_run(cfg, grid.global_batch, steps, lr), results)
     ok = errors["max_rel_grad_error"] < TOLERANCE and errors["max_rel_weight_error"] < TOLERANCE
-    return {
+    report = {
         "grid": grid.shape,
         "microbatches": grid.microbatches,
         "schedule": grid.schedule,
@@ -181,21 +219,62 @@ def run_verify(
         **errors,
         "tolerance": TOLERANCE,
         "ok": ok,
-        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    if nccl_rules:
+        report.update(nccl_report(check([r["nccl_log"] for r in results], grid)))
+    report["wall_s"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def nccl_report(violations: list[str]) -> dict[str, Any]:
+    """The report's NCCL keys: ``nccl_rules_ok``, the first violation (None if none), their count."""
+    return {
+        "nccl_rules_ok": not violations,
+        "nccl_violation": violations[0] if violations else None,
+        "nccl_violations": len(violations),
     }
 
 
+def check_nccl_rules(
+    cfg: ModelConfig, grid: Grid, steps: int = 1, lr: float = 0.05, engine_cls: type[Engine] = Engine
+) -> list[str]:
+    """The NCCL check of ``grid`` (training steps and a validation pass) with the ranks as threads
+    of this process, one intra-op thread in all; the violations, [] when none. A rank that raises
+    is reported after what the recording up to there shows."""
+
+    def rank_log(rank: int, world) -> tuple[RankLog, BaseException | None]:
+        groups = local_groups(world, grid, rank)
+        rec = RecordingComm.install(groups)
+        try:
+            run_rank(cfg, grid, rank, groups, steps, lr, engine_cls, recorder=rec)
+        except Exception as e:  # the recording so far still says what went wrong first
+            return rec.log, e
+        return rec.log, None
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks share the process: no oversubscription
+    try:
+        results = run_threads(rank_log, grid.world_size)
+    finally:
+        torch.set_num_threads(threads)
+    failed = {r: e for r, (_, e) in enumerate(results) if e is not None and not isinstance(e, LocalDeadlock)}
+    return check([log for log, _ in results], grid, failed)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    """``alexnet verify``: print the JSON report; exit 1 if an error is over the tolerance."""
+    """``alexnet verify``: print the JSON report; exit 1 if an error is over the tolerance (or, with
+    ``--nccl-rules``, if the communication breaks one of NCCL's rules)."""
     cfg = ModelConfig.for_variant(args.variant, args.num_classes, args.input_size)
     replicas, stages, columns = parse_shape(args.grid)
     m = args.microbatches
     batch = args.batch or 2 * m * replicas
     cuts = tuple(args.cuts.split(",")) if args.cuts else None
     grid = Grid(replicas, stages, columns, m, batch, cuts, args.schedule)
-    report = run_verify(cfg, grid, steps=args.steps, lr=args.lr, timeout_s=args.timeout)
+    report = run_verify(
+        cfg, grid, steps=args.steps, lr=args.lr, timeout_s=args.timeout, nccl_rules=args.nccl_rules
+    )
     print(json.dumps(report))
-    return 0 if report["ok"] else 1
+    return 0 if report["ok"] and report.get("nccl_rules_ok", True) else 1
 
 
 def add_verify(sub: argparse._SubParsersAction) -> None:
@@ -215,6 +294,11 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before the check is abandoned")
+    p.add_argument(
+        "--nccl-rules",
+        action="store_true",
+        help="also record the run (and a validation pass) and check it against NCCL's matching rules",
+    )
     p.set_defaults(func=cmd_verify)
 
 

@@ -19,7 +19,8 @@ Layout of a shard directory (local path or any fsspec URL)::
   from the devkit's meta.mat ``words`` (``tench, Tinca tinca``) where one was found, else the class;
 * ``layout`` (optional, folder builds): what SRC held: ``train``, ``val`` (e.g. ``flat SRC/val/<image>``),
   ``val_labels`` and ``class_names`` (the label file used, or null);
-* ``splits``: ``{"train": {"count": N, "shards": [{"name": "train-000000.tar", "count": n}, ...]}, ...}``;
+* ``splits``: ``{"train": {"count": N, "shards": [{"name": "train-000000.tar", "count": n, "bytes": b},
+  ...]}, ...}`` (``bytes``, each shard's file size, since the pre-run shard check; older indexes lack it);
 * ``mean_rgb`` (3,), ``mean_image_file`` ("mean_image.npy"), ``rgb_cov`` (3, 3), ``eigenvalues`` (3,,
   descending) and ``eigenvectors`` (3, 3, one eigenvector per COLUMN): all in pixel units (0-255) over
   every pixel of the stored (resized, cropped, JPEG-decoded) training images;

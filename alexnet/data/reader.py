@@ -150,6 +150,17 @@ class ReaderStats:
     padded: int = 0  # samples reused to fill a worker's last batches after skips
     batches: int = 0
     decode_s: float = 0.0  # time spent reading + decoding + augmenting + collating
+    # the skipped samples by (epoch, shard url, reason), for the run's data.max_skipped_fraction;
+    # ``epoch`` is the one being read (set by WorkerStream)
+    lost: dict[tuple[int, str, str], int] = dataclasses.field(default_factory=dict)
+    epoch: int = 0
+
+    def lose(self, reason: str, shard: str, n: int = 1) -> None:
+        """Count ``n`` samples of ``shard`` skipped for ``reason`` (corrupt, missing, truncated,
+        unreadable) in the epoch being read."""
+        setattr(self, f"skipped_{reason}", getattr(self, f"skipped_{reason}") + n)
+        key = (self.epoch, shard, reason)
+        self.lost[key] = self.lost.get(key, 0) + n
 
     @property
     def skipped(self) -> int:
@@ -295,12 +306,12 @@ def _count_lost(seg: Segment, read: int, tries: int, error: str, stats: ReaderSt
     lost = seg.stop - max(read, seg.start)
     if read == 0:
         stats.unreadable_shards += 1
-        stats.skipped_unreadable += lost
+        stats.lose("unreadable", seg.url, lost)
         msg = "shard %s: cannot be opened or read after %d tries (%s); skipping its %d samples"
         log.error(msg, seg.url, tries, error, lost)
     else:
         stats.truncated_shards += 1
-        stats.skipped_truncated += lost
+        stats.lose("truncated", seg.url, lost)
         msg = "shard %s: read error after %d records (%s); skipping its other %d samples"
         log.warning(msg, seg.url, read, error, lost)
 
@@ -340,18 +351,18 @@ def decode_record(rec: Record, input_size: int, stats: ReaderStats) -> Decoded |
     label = _label(rec)
     data = rec.get("jpg")
     if label is None or data is None:
-        stats.skipped_missing += 1
+        stats.lose("missing", rec.get("__url__", "?"))
         log.warning("sample %s in %s: missing jpg or cls; skipped", rec.get("__key__"), rec.get("__url__"))
         return None
     try:
         img = decode_image(data)
     except Exception as e:  # any decoder error: a corrupt sample, never a crash
-        stats.skipped_corrupt += 1
+        stats.lose("corrupt", rec.get("__url__", "?"))
         log.warning("sample %s in %s: cannot decode (%s); skipped", rec["__key__"], rec.get("__url__"), e)
         return None
     h, w = img.shape[-2:]
     if h != w or h < input_size:
-        stats.skipped_corrupt += 1
+        stats.lose("corrupt", rec.get("__url__", "?"))
         msg = "sample %s: image %dx%d, expected square >= %d px; skipped"
         log.warning(msg, rec["__key__"], h, w, input_size)
         return None
@@ -460,6 +471,7 @@ class WorkerStream:
         """(pass, Record): this worker's run of ``epoch``, then padding passes for as long as pulled."""
         s = self.spec
         segments = epoch_segments(self.shards, epoch, s.seed, s.workers, s.batch_size)[self.worker]
+        self.stats.epoch = epoch  # the epochs of a stream are read one after the other
         for p in itertools.count():
             n = 0
             rng = _rng(s.seed, epoch, self.worker, p)

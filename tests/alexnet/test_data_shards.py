@@ -15,7 +15,8 @@ from PIL import Image
 from alexnet.cli import main as cli_main
 from alexnet.data.index import DatasetIndex
 from alexnet.data.reader import ReaderSpec, WorkerStream
-from alexnet.data.writer import build_shards, build_synthetic
+from alexnet.data.sources import SourceFile, scan_source
+from alexnet.data.writer import build_shards, build_synthetic, shard_order
 
 pytestmark = pytest.mark.timeout(120)
 SIZE = 24
@@ -66,8 +67,11 @@ def test_counts_classes_and_skipped(built):
     assert s.counts == {"train": 12, "val": 4}  # 10 RGB + grey + CMYK; the corrupt file skipped
     assert [p for p, _ in s.skipped] == ["train/bee/corrupt.jpg"]
     assert [d["path"] for d in ix.meta["skipped"]] == ["train/bee/corrupt.jpg"]
-    # 13 files sorted by (class, name) in shards of 4; the last shard held only the corrupt file
-    assert [sh.count for sh in ix.shards("train")] == [4, 4, 4, 0]
+    # 13 files in shard order (shard_order) in shards of 4: the one holding the corrupt file has one less
+    order = [f.path for f in shard_order(scan_source(str(root / "src")).splits["train"], "train")]
+    expected = [4, 4, 4, 1]
+    expected[order.index("train/bee/corrupt.jpg") // 4] -= 1
+    assert [sh.count for sh in ix.shards("train")] == expected
     assert ix.count("val") == 4 and ix.meta["format_version"] == 1 and ix.size == SIZE
 
 
@@ -153,3 +157,17 @@ def test_synthetic_classes_differ():
     ratio = (gx / (gx + gy)).reshape(40, 10)  # (image, class)
     # vertical stripes (class 4) change along x; horizontal (class 3) along y
     assert ratio[:, 4].mean() > 0.6 > 0.4 > ratio[:, 3].mean()
+
+
+def test_shards_mix_the_classes():
+    """Class-sorted files (as an ImageFolder lists them) are written in a seeded order that puts
+    every class in every shard, so the reader's bounded shuffle buffer still gives mixed batches."""
+    files = [SourceFile(f"train/{c}/{i:04d}.png", c, 1) for c in range(10) for i in range(300)]
+    order = shard_order(files, "train")
+    assert sorted(order) == sorted(files) and order == shard_order(
+        list(files), "train"
+    )  # a fixed permutation
+    assert shard_order(files, "val") != order  # each split its own
+    for k in range(0, len(order), 100):  # shards of 100: a sorted order would hold one class each
+        counts = np.bincount([f.label for f in order[k : k + 100]], minlength=10)
+        assert counts.min() >= 2 and counts.max() <= 22, counts

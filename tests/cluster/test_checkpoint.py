@@ -14,12 +14,15 @@ from alexnet.model import FusedAlexNet, TwoColumnAlexNet
 from cluster.checkpoint import (
     MANIFEST,
     CheckpointManager,
+    CorruptCheckpoint,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_newest,
     merge_rank_states,
     prune_checkpoints,
     resolve_checkpoint,
+    scan_checkpoints,
     write_checkpoint,
 )
 
@@ -152,3 +155,139 @@ def test_merge_rank_states_takes_first_copy():
     b = {"model": {"x": torch.ones(1), "y": torch.ones(1)}, "optimizer": {"y": torch.ones(1)}}
     model, opt = merge_rank_states([a, b])
     assert model["x"].item() == 0 and set(model) == {"x", "y"} and set(opt) == {"x", "y"}
+
+
+# -- completeness: every file the manifest lists, present with its size; sha256 at load ------------
+
+
+def _run_with(tmp_path, steps=(4, 8)) -> str:
+    run = str(tmp_path / "run")
+    model, opt = _state()
+    for s in steps:
+        write_checkpoint(run, s, model, opt, {"epoch": 0})
+    return run
+
+
+def _file(run: str, step: int, name: str):
+    from pathlib import Path
+
+    return Path(run) / "checkpoints" / f"step-{step:08d}" / name
+
+
+def test_a_checkpoint_missing_a_file_is_skipped_for_the_older_one(tmp_path):
+    run = _run_with(tmp_path)
+    _file(run, 8, "optimizer.safetensors").unlink()
+    assert [s for s, _ in list_checkpoints(run)] == [4]
+    assert [(d.step, d.problem) for d in scan_checkpoints(run)] == [
+        (4, None),
+        (8, "optimizer.safetensors is missing"),
+    ]
+    ck, skipped = load_newest(run)
+    assert ck.step == 4 and skipped == ["step-00000008: optimizer.safetensors is missing"]
+    # the model file alone is complete: what alexnet eval reads
+    ck, skipped = load_newest(run, optimizer=False)
+    assert ck.step == 8 and ck.optimizer == {} and skipped == []
+    with pytest.raises(CorruptCheckpoint) as e:
+        load_checkpoint(f"{run}/checkpoints/step-00000008")
+    assert "step-00000008: optimizer.safetensors is missing" in str(e.value)
+    assert "--resume --from-checkpoint RUN_DIR/checkpoints/step-N" in str(e.value)
+
+
+def test_a_wrong_size_is_found_by_the_scan_a_wrong_hash_by_the_load(tmp_path):
+    run = _run_with(tmp_path, (4, 8, 12))
+    p = _file(run, 12, "model.safetensors")
+    p.write_bytes(p.read_bytes()[:-10])  # truncated: the scan sees it
+    p = _file(run, 8, "model.safetensors")
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: only the sha256 says so
+    p.write_bytes(bytes(data))
+    problems = {d.step: d.problem for d in scan_checkpoints(run)}
+    assert problems[4] is None and problems[8] is None
+    assert "model.safetensors has" in problems[12] and "manifest.json says" in problems[12]
+    ck, skipped = load_newest(run)
+    assert ck.step == 4
+    assert skipped[0].startswith("step-00000012: model.safetensors has")
+    assert skipped[1] == (
+        "step-00000008: model.safetensors: size or sha256 differs from manifest.json "
+        "(corrupt or partly overwritten)"
+    )
+    with pytest.raises(ValueError, match="sha256 differs"):
+        load_checkpoint(f"{run}/checkpoints/step-00000008")
+
+
+def test_invalid_json_in_a_manifest_names_the_file(tmp_path):
+    run = _run_with(tmp_path)
+    m = _file(run, 8, MANIFEST)
+    m.write_text(m.read_text()[:40])
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(f"{run}/checkpoints/step-00000008")
+    assert "step-00000008: manifest.json is not valid JSON (" in str(e.value), str(e.value)
+    ck, skipped = load_newest(run)
+    assert ck.step == 4 and skipped[0].startswith("step-00000008: manifest.json is not valid JSON")
+
+
+def test_no_complete_checkpoint_names_what_was_skipped(tmp_path):
+    run = _run_with(tmp_path, (4,))
+    _file(run, 4, "model.safetensors").unlink()
+    assert load_newest(run) == (None, ["step-00000004: model.safetensors is missing"])
+    with pytest.raises(ValueError, match="skipped: step-00000004: model.safetensors is missing"):
+        load_checkpoint(run)
+
+
+def test_a_damaged_checkpoint_is_not_one_of_the_kept(tmp_path):
+    run = _run_with(tmp_path, (1, 2, 3))
+    _file(run, 3, "optimizer.safetensors").unlink()
+    model, opt = _state()
+    write_checkpoint(run, 4, model, opt)
+    prune_checkpoints(run, keep=2)
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4]  # 2 kept: 3 does not count
+    assert _file(run, 3, MANIFEST).exists()  # damaged, newer than the oldest kept: left alone
+    write_checkpoint(run, 5, model, opt)
+    prune_checkpoints(run, keep=2)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-00000004",
+        "step-00000005",
+    ]
+
+
+def test_rewriting_a_step_is_never_its_old_checkpoint_with_new_files(tmp_path, monkeypatch):
+    import cluster.checkpoint as checkpoint
+
+    run = _run_with(tmp_path, (4, 8))
+    model, opt = _state()
+
+    def crash(step):
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(checkpoint, "_crash_hook", crash)
+    with pytest.raises(RuntimeError):
+        write_checkpoint(run, 8, {k: v + 1 for k, v in model.items()}, opt)
+    assert [s for s, _ in list_checkpoints(run)] == [4]  # the old manifest went first
+    assert not _file(run, 8, MANIFEST).exists()
+
+
+def test_manager_records_failed_writes_until_one_succeeds(tmp_path, monkeypatch):
+    import cluster.checkpoint as checkpoint
+
+    real = checkpoint.write_checkpoint
+
+    def disk_full_at(bad):
+        def write(run_dir, step, *args):
+            if step in bad:
+                raise OSError(28, "No space left on device")
+            return real(run_dir, step, *args)
+
+        return write
+
+    model, opt = _state()
+    monkeypatch.setattr(checkpoint, "write_checkpoint", disk_full_at({1, 2}))
+    mgr = CheckpointManager(str(tmp_path), keep=2, background=True)
+    f1 = mgr.save(1, model, opt)
+    f2 = mgr.save(2, model, opt)  # does not raise for the failed write before it
+    with pytest.raises(OSError, match="No space left"):
+        mgr.wait()
+    assert [(s, e.errno) for s, e in mgr.failures] == [(1, 28), (2, 28)]
+    assert isinstance(f1.exception(), OSError) and isinstance(f2.exception(), OSError)
+    mgr.save(3, model, opt)
+    assert mgr.wait().step == 3 and mgr.failures == []
+    mgr.close()

@@ -11,12 +11,69 @@ from cluster.config import PRESETS, JobConfig, load_config, parse_sets
 def test_presets_load_and_validate(name):
     cfg = load_config(preset=name)
     assert isinstance(cfg, JobConfig)
-    cfg.model_config()  # builds
+    cfg.for_stored_size(256 if name == "paper" else 40).model_config()  # builds
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_train_as_the_paper_trained(name):
+    cfg = load_config(preset=name)
+    assert cfg.model.lrn_convention == "per_size" and cfg.optim.rule == "paper"
+
+
+def test_unset_input_size_is_the_papers_fraction_of_the_stored_side():
+    small = load_config(preset="small")
+    assert small.model.input_size == 0  # unset: from the data
+    sizes = {stored: small.for_stored_size(stored).model.input_size for stored in (36, 40, 64, 72, 160)}
+    assert sizes == {36: 32, 40: 35, 64: 57, 72: 64, 160: 142}
+    paper = load_config(preset="paper", overrides={"model.input_size": 0})
+    assert paper.for_stored_size(256).model.input_size == 227
+    with pytest.raises(ValueError, match="model.input_size=0 takes its value from the stored images"):
+        small.model_config()
+
+
+@pytest.mark.parametrize(
+    "preset, sets, stored, words",
+    [
+        # the case: 32 px crops of 256 px images see an eighth of the side
+        ("small", {"model.input_size": 32}, 256, ["input_size=32", "less than half", "--size 36", "unset"]),
+        ("paper", {}, 512, ["model.input_size=227", "less than half", "--size 256"]),
+        ("paper", {}, 200, ["model.input_size=227", "larger than the stored"]),
+        ("small", {}, 28, ["28 px", "model.input_size=25", "--size 36"]),  # 227/256 of 28: too small
+        ("small", {}, 256, ["256 px", "model.input_size=227", "skip pixels", "--size 36"]),
+    ],
+)
+def test_crops_that_do_not_fit_the_stored_images_are_refused(preset, sets, stored, words):
+    cfg = load_config(preset=preset, overrides=sets)
+    with pytest.raises(ValueError) as e:
+        cfg.for_stored_size(stored, "SHARDS")
+    assert str(e.value).startswith("SHARDS")
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_toml_form_reads_back_to_the_same_config(name, tmp_path):
+    sets = {
+        "data.path": 'C:\\x "q"',
+        "grid.shape": "1x2x2",
+        "grid.microbatches": 2,
+        "grid.cuts": "conv3",
+        "schedule.milestones": "3,7",
+        "optim.lr": 1e-5,
+    }
+    for cfg in (load_config(preset=name), load_config(preset=name, overrides=sets)):
+        p = tmp_path / "config.toml"
+        p.write_text(cfg.to_toml())
+        assert load_config(path=p) == cfg
+        text = cfg.to_toml()
+        for section, values in cfg.to_dict().items():  # every section and key is written
+            assert f"[{section}]" in text and all(f"\n{k} = " in text for k in values)
 
 
 def test_paper_preset_is_the_paper():
     cfg = load_config(preset="paper")
     assert cfg.model.num_classes == 1000 and cfg.model.input_size == 227
+    assert cfg.model.lrn_convention == "per_size" and cfg.optim.rule == "paper"
     assert cfg.optim.batch_size == 128 and cfg.optim.lr == 0.01
     assert cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 5e-4
     assert cfg.schedule.kind == "plateau" and cfg.schedule.factor == 0.1 and cfg.schedule.max_reductions == 3
@@ -76,6 +133,9 @@ def test_toml_file(tmp_path):
         (["faults.kill_rank=9"], ["faults.kill_rank", "0..3"]),
         (["train.device=tpu"], ["train.device"]),
         (["optim.lr"], ["--set", "section.key=value"]),
+        (["optim.rule=adam"], ["optim.rule", "paper", "torch"]),
+        (["model.input_size=-1"], ["model.input_size", "0 (from the data)"]),
+        (["model.lrn_convention=torch"], ["model.lrn_convention", "per_size"]),
         (["lr=1"], ["section.key=value"]),
     ],
 )

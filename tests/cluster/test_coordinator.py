@@ -19,7 +19,7 @@ from cluster.coordinator import (
     STARTING,
     Coordinator,
 )
-from cluster.faults import TrainerDied
+from cluster.faults import CheckpointWriteFailed, DataLoss, TrainerDied
 from cluster.metrics import Metrics
 from cluster.plan import RunPlan
 from cluster.reporting import Reporter
@@ -174,3 +174,125 @@ def test_too_many_failures_fail_with_the_list(tmp_path):
     c = _coordinator(tmp_path, Dying(), **{"faults.max_failures": 1})
     assert c.run() == FAILED
     assert "faults.max_failures=1" in str(c.error) and str(c.error).count("boom") == 2
+
+
+# -- a failed checkpoint write, a damaged newest checkpoint, an epoch that loses too much data ------
+
+
+def _disk_full_at(monkeypatch, steps):
+    """Checkpoint writes of ``steps`` fail as on a full disk (the others are written)."""
+    import cluster.checkpoint as checkpoint
+
+    real = checkpoint.write_checkpoint
+
+    def write(run_dir, step, *args):
+        if step in steps:
+            raise OSError(28, "No space left on device")
+        return real(run_dir, step, *args)
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", write)
+
+
+def test_a_failed_checkpoint_write_fails_the_run_at_once(tmp_path, monkeypatch):
+    _disk_full_at(monkeypatch, {4})
+    g = FakeGroup()
+    c = _coordinator(tmp_path, g)
+    assert c.run() == FAILED and c.step_no == 4
+    assert [x[1:3] for x in g.calls if x[0] == "train"] == [(0, 3), (3, 1)]  # nothing after step 4
+    assert isinstance(c.error, CheckpointWriteFailed)
+    msg = str(c.error)
+    assert "checkpoint of step 4 could not be written" in msg and "No space left on device" in msg, msg
+    assert "checkpoint.max_failed_writes=0" in msg and "--resume" in msg, msg
+    assert list_checkpoints(str(tmp_path)) == []
+
+
+def test_failed_writes_within_max_failed_writes_are_ridden_out(tmp_path, monkeypatch):
+    _disk_full_at(monkeypatch, {4})
+    c = _coordinator(tmp_path, FakeGroup(), **{"checkpoint.max_failed_writes": 1})
+    assert c.run() == FINISHED and c.error is None
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [8, 10, 12]
+
+
+def test_more_failed_writes_in_a_row_than_allowed_fail_the_run(tmp_path, monkeypatch):
+    _disk_full_at(monkeypatch, {4, 5})
+    c = _coordinator(tmp_path, FakeGroup(), **{"checkpoint.max_failed_writes": 1})
+    assert c.run() == FAILED and c.step_no == 5
+    assert "2 write(s) in a row failed, more than checkpoint.max_failed_writes=1" in str(c.error)
+
+
+def test_the_last_checkpoint_must_be_written(tmp_path, monkeypatch):
+    _disk_full_at(monkeypatch, {12})
+    c = _coordinator(tmp_path, FakeGroup(), **{"checkpoint.max_failed_writes": 3})
+    assert c.run() == FAILED and c.step_no == 12
+    assert "the run's last checkpoint is not on disk" in str(c.error)
+    assert "newest complete checkpoint is" in str(c.error) and "(step 10)" in str(c.error)
+
+
+def test_recovery_skips_a_damaged_newest_checkpoint(tmp_path):
+    class LosesItsNewest(FakeGroup):
+        def train(self, first_step, steps, lr):
+            if first_step == 8 and self.die_at is not None:  # step-8's optimizer state is lost
+                (tmp_path / "checkpoints" / "step-00000008" / "optimizer.safetensors").unlink()
+            return super().train(first_step, steps, lr)
+
+    lines = []
+    g = LosesItsNewest(die_at=9)
+    c = _coordinator(tmp_path, g, log=lines.append)
+    assert c.run() == FINISHED
+    # checkpoints at 4, 5 (the epoch end) and 8: the newest complete one is 5's
+    assert ("load", 5) in g.calls and ("load", 8) not in g.calls
+    assert "[coordinator] skipped newer checkpoint step-00000008: optimizer.safetensors is missing" in lines
+    assert any("from checkpoint" in x and "step-00000005 (step 5)" in x for x in lines), lines
+
+
+class LosesData(FakeGroup):
+    """Data workers that lost ``lost`` samples of epoch 0 by the first chunk (a deleted shard)."""
+
+    def __init__(self, lost: dict) -> None:
+        super().__init__()
+        self.lost = lost
+
+    def data_stats(self):
+        return {**super().data_stats(), "lost": self.lost}
+
+
+def test_an_epoch_that_loses_too_much_data_fails_early_with_the_shards(tmp_path):
+    lost = {(0, "d/train-000001.tar", "unreadable"): 50, (0, "d/train-000000.tar", "corrupt"): 1}
+    g = LosesData(lost)
+    c = _coordinator(tmp_path, g)  # 5 steps of 32 per epoch: 1% is 1.6 samples
+    assert c.run() == FAILED and c.step_no == 3  # the first chunk, before the epoch's end
+    assert isinstance(c.error, DataLoss)
+    msg = str(c.error)
+    assert "epoch 0 lost 51 of its 160 samples (31.9%)" in msg, msg
+    assert "more than data.max_skipped_fraction=0.01" in msg, msg
+    assert "d/train-000001.tar (50 unreadable), d/train-000000.tar (1 corrupt)" in msg, msg
+    assert list_checkpoints(str(tmp_path)) == []
+
+
+def test_losses_within_max_skipped_fraction_do_not_stop_the_run(tmp_path):
+    lost = {(0, "d/train-000000.tar", "corrupt"): 1}
+    c = _coordinator(tmp_path, LosesData(lost))
+    assert c.run() == FINISHED
+    lost = {(0, "d/train-000001.tar", "unreadable"): 50}
+    c = _coordinator(tmp_path / "b", LosesData(lost), **{"data.max_skipped_fraction": 0.5})
+    assert c.run() == FINISHED
+
+
+def test_a_stop_right_after_a_tolerated_failed_write_writes_again(tmp_path, monkeypatch):
+    import cluster.checkpoint as checkpoint
+
+    real, tries = checkpoint.write_checkpoint, []
+
+    def write(run_dir, step, *args):
+        tries.append(step)
+        if tries.count(step) == 1 and step == 4:  # the first try of step 4 fails
+            raise OSError(28, "No space left on device")
+        return real(run_dir, step, *args)
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", write)
+    c = _coordinator(tmp_path, FakeGroup(), **{"checkpoint.max_failed_writes": 1})
+    while c.step_no < 4 or c.state != RUNNING:
+        c.step()
+    c.request_stop()
+    assert c.run() == FINISHED and c.step_no == 4
+    assert tries == [4, 4] and [s for s, _ in list_checkpoints(str(tmp_path))] == [4]

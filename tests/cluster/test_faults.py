@@ -247,3 +247,47 @@ def test_retry_recovers_a_transient_failure(syn, tmp_path, monkeypatch):
     got = list(read_segment(Segment(shard.url, 0, shard.count), stats, retries=2, wait_s=0.01))
     assert len(calls) == 2 and len(got) == shard.count and stats.skipped == 0
     assert len({r["__key__"] for r in got}) == shard.count
+
+
+def test_lost_samples_are_counted_per_epoch_and_shard(syn, tmp_path):
+    """What data.max_skipped_fraction judges: each epoch's losses by shard and reason, counted once
+    (the padding pass that refills the worker's batches re-reads the run without counting again)."""
+    from alexnet.data.reader import ReaderSpec, WorkerStream, epoch_segments
+
+    bad = tmp_path / "bad"
+    shutil.copytree(syn, bad)
+    index = DatasetIndex.load(str(bad))
+    shards = index.shards("train")
+    gone = shards[1].url
+    Path(gone).unlink()
+    spec = ReaderSpec(str(bad), batch_size=16, input_size=32, workers=1, shuffle_buffer=0)
+    stream = WorkerStream(spec, 0, index=index)
+    for _ in range(2 * stream.steps_per_epoch):  # two epochs
+        stream.next_batch()
+    want = {
+        (e, gone, "unreadable"): sum(
+            s.stop - s.start for s in epoch_segments(shards, e, 0, 1, 16)[0] if s.url == gone
+        )
+        for e in (0, 1)
+    }
+    assert all(n > 0 for n in want.values())
+    assert stream.stats.lost == want
+    assert stream.stats.skipped_unreadable == sum(want.values())
+
+
+def test_data_loss_bound_is_per_epoch_and_survives_restarted_counters():
+    from cluster.faults import DataLoss, DataLossBound
+
+    bound = DataLossBound(0.05, 100)  # 5 samples per epoch may be lost
+    bound.check({(0, "a.tar", "corrupt"): 3, (1, "a.tar", "corrupt"): 3})  # 3 + 3: two epochs
+    bound.check({(0, "a.tar", "corrupt"): 1})  # a restarted worker counts from 0: not 3 + 1
+    bound.check({(0, "a.tar", "corrupt"): 5})
+    with pytest.raises(DataLoss) as e:
+        bound.check({(1, "a.tar", "corrupt"): 3, (1, "b.tar", "truncated"): 4})
+    assert str(e.value).startswith(
+        "epoch 1 lost 7 of its 100 samples (7.0%), more than data.max_skipped_fraction=0.05"
+    )
+    assert "b.tar (4 truncated), a.tar (3 corrupt)" in str(e.value)
+    with pytest.raises(DataLoss):
+        DataLossBound(0.0, 100).check({(0, "a.tar", "missing"): 1})  # 0: any loss fails
+    DataLossBound(1.0, 100).check({(0, "a.tar", "unreadable"): 100})  # 1: never

@@ -101,3 +101,86 @@ def test_milestones_of_a_config():
     m = Milestones.of(cfg, RunPlan(steps_per_epoch=9, total_steps=50, data_workers=2))
     assert (m.steps_per_epoch, m.total_steps, m.steps_per_call) == (9, 50, cfg.train.steps_per_call)
     assert (m.checkpoint_every, m.checkpoint_at_epoch_end, m.eval_every_epochs) == (7, True, 2)
+
+
+# -- a val split when the run validates; every shard on disk ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_only(tmp_path_factory) -> str:
+    from alexnet.data.writer import build_synthetic
+
+    out = str(tmp_path_factory.mktemp("syn") / "no-val")
+    build_synthetic(108, out, size=36, shard_size=50, val_fraction=0.0, workers=1, progress=False)
+    return out  # 108 train images, no val split: 3 steps of 32 per epoch
+
+
+def test_a_run_that_validates_needs_a_val_split(train_only):
+    with pytest.raises(ValueError) as e:
+        plan_run(load_config(preset="demo"), train_only)
+    msg = str(e.value)
+    assert f"--data {train_only} has no val split" in msg and "validates at step 3" in msg, msg
+    assert "--set eval.every_epochs=0" in msg, msg
+    # said explicitly, or a run that ends before its first validation: nothing to refuse
+    plan_run(load_config(preset="demo", overrides={"eval.every_epochs": 0}), train_only)
+    plan_run(load_config(preset="demo", overrides={"train.steps": 2}), train_only)
+    with pytest.raises(ValueError, match="validates at step 6"):
+        plan_run(load_config(preset="demo", overrides={"eval.every_epochs": 2}), train_only)
+
+
+def _copy(src: str, dst) -> tuple[str, dict]:
+    import shutil
+
+    from alexnet.data.index import DatasetIndex
+
+    shutil.copytree(src, dst)
+    return str(dst), DatasetIndex.load(str(dst)).meta
+
+
+def test_every_shard_is_on_disk_with_its_recorded_size(syn, tmp_path):
+    from pathlib import Path
+
+    bad, meta = _copy(syn, tmp_path / "bad")
+    train = [s["name"] for s in meta["splits"]["train"]["shards"]]
+    assert all(s["bytes"] > 0 for s in meta["splits"]["train"]["shards"])  # recorded by alexnet shards
+    (Path(bad) / train[0]).unlink()
+    data = (Path(bad) / train[1]).read_bytes()
+    (Path(bad) / train[1]).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError) as e:
+        plan_run(load_config(preset="demo"), bad)
+    msg = str(e.value)
+    assert (
+        f"--data {bad}: 2 damaged shard(s): {train[0]} is missing; {train[1]} has {len(data) // 2} bytes, "
+        in msg
+    )
+    assert f"dataset.json says {len(data)}" in msg and "`alexnet shards`" in msg, msg
+    val = meta["splits"]["val"]["shards"][0]["name"]
+    (Path(bad) / val).unlink()
+    (Path(bad) / train[0]).write_bytes(b"")
+    # val shards are checked only when the run validates
+    with pytest.raises(ValueError, match=f"3 damaged shard.*{val} is missing"):
+        plan_run(load_config(preset="demo"), bad)
+    with pytest.raises(ValueError) as e:
+        plan_run(load_config(preset="demo", overrides={"eval.every_epochs": 0}), bad)
+    assert "2 damaged shard(s)" in str(e.value) and val not in str(e.value), str(e.value)
+
+
+def test_an_index_without_sizes_checks_that_shards_exist_and_are_not_empty(syn, tmp_path):
+    import json
+    from pathlib import Path
+
+    old, meta = _copy(syn, tmp_path / "old")
+    for split in meta["splits"].values():
+        for s in split["shards"]:
+            del s["bytes"]
+    (Path(old) / "dataset.json").write_text(json.dumps(meta))
+    train = [s["name"] for s in meta["splits"]["train"]["shards"]]
+    data = (Path(old) / train[1]).read_bytes()
+    (Path(old) / train[1]).write_bytes(data[:1000])  # truncated: not seen without a recorded size
+    plan_run(load_config(preset="demo"), old)
+    (Path(old) / train[1]).write_bytes(b"")
+    with pytest.raises(ValueError, match=f"1 damaged shard.*{train[1]} is empty"):
+        plan_run(load_config(preset="demo"), old)
+    (Path(old) / train[1]).unlink()
+    with pytest.raises(ValueError, match=f"{train[1]} is missing"):
+        plan_run(load_config(preset="demo"), old)

@@ -9,8 +9,9 @@ One undisturbed reference run (module fixture, ``train.record_keys`` on) is comp
 * NaN injected at step k: the run fails clearly and the newest complete checkpoint is from before k;
 * the driver SIGKILLed inside a checkpoint write: the previous checkpoint is complete and
   ``--resume`` continues from it to the reference's weights;
-* a corrupt JPEG, a truncated tar and an unreadable shard: the run completes and the skipped
-  count equals what was planted;
+* a corrupt JPEG, a truncated tar and an unreadable shard: within ``data.max_skipped_fraction`` the
+  run completes and the skipped count equals what was planted; beyond it (the default 1%) the run
+  fails naming the shards;
 * a node removed from a 2-node ``ray.cluster_utils.Cluster`` (fake GPUs): recovery onto the
   remaining node, or a clear error when the grid no longer fits (last: it replaces the session Ray).
 """
@@ -188,10 +189,21 @@ def test_driver_killed_inside_a_checkpoint_write_resumes_from_the_previous(
 
 
 def _plant_damage(src: str, dst: str) -> int:
-    """Copy the shards and damage three training shards; returns the samples made unusable."""
+    """Copy the shards and damage three training shards; returns the samples made unusable.
+
+    The copy's index records no shard sizes (as one written before they were recorded), so the
+    damage is met by the data workers, not refused before the run starts (tests/cluster/test_plan.py).
+    """
+    import json
+
     import webdataset as wds
 
     shutil.copytree(src, dst)
+    meta = json.loads((Path(dst) / "dataset.json").read_text())
+    for split in meta["splits"].values():
+        for shard in split["shards"]:
+            del shard["bytes"]
+    (Path(dst) / "dataset.json").write_text(json.dumps(meta))
     shards = DatasetIndex.load(dst).shards("train")
     # 1. one undecodable JPEG
     corrupt = shards[0].url
@@ -218,7 +230,8 @@ def _plant_damage(src: str, dst: str) -> int:
 def test_corrupt_truncated_and_unreadable_shards_are_skipped_and_counted(ray_local, shards, tmp_path):
     bad = str(tmp_path / "bad")
     planted = _plant_damage(shards, bad)
-    res, coord = _run(_cfg(**{"checkpoint.every_steps": 0}), bad, str(tmp_path / "run"))
+    sets = {"checkpoint.every_steps": 0, "data.max_skipped_fraction": 0.5}  # 81 of 320 may go
+    res, coord = _run(_cfg(**sets), bad, str(tmp_path / "run"))
     assert res.state == FINISHED and res.step == STEPS, res.error
     got = {
         reason: _counter(coord, "skipped_samples_total", reason=reason)
@@ -228,6 +241,22 @@ def test_corrupt_truncated_and_unreadable_shards_are_skipped_and_counted(ray_loc
     assert sum(got.values()) == planted
     # every batch full all the same (the workers pad from their own stream)
     assert all(len(k) == 32 for k in coord.report.history.keys.values())
+
+
+@pytest.mark.timeout(150)
+def test_an_epoch_losing_more_than_max_skipped_fraction_fails_naming_the_shards(ray_local, shards, tmp_path):
+    bad = str(tmp_path / "bad")
+    _plant_damage(shards, bad)
+    run_dir = str(tmp_path / "run")
+    res, coord = _run(_cfg(**{"checkpoint.every_steps": 0}), bad, run_dir)  # default: 1%
+    assert res.state == FAILED and res.exit_code == 1
+    assert res.error.startswith("DataLoss: epoch 0 lost "), res.error
+    assert "of its 320 samples" in res.error and "data.max_skipped_fraction=0.01" in res.error, res.error
+    train = DatasetIndex.load(bad).shards("train")
+    named = [s.url for s in (train[0], train[2], train[4]) if s.url in res.error]
+    assert named, res.error  # the damaged shards met so far, by name
+    assert all(s.url not in res.error for s in (train[1], train[3]))
+    assert list_checkpoints(run_dir) == []  # the epoch's end was never checkpointed
 
 
 # -- multi-node: must stay last in this module (it shuts the session's Ray down) ---------------------

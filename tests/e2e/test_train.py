@@ -100,7 +100,10 @@ def test_demo_trains_and_serves_every_metric(ray_local, shards, tmp_path):
     coord = holder["coord"]
     losses = [r["loss"] for r in coord.report.history.steps]
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
-    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    # the net starts at the chance loss (ln 10 ~ 2.30, issue 13's init; it was ~20 before, when this
+    # asked for half): in 30 steps at lr 0.005 the loss falls ~10 %, to below chance
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.95 * first and last < math.log(10), losses
     (ev,) = coord.report.history.evals
     assert ev["samples"] == 64 and 0 <= ev["top1_error"] <= 1 and "top5_error_10crop" in ev
     assert [s for s, _ in list_checkpoints(run_dir)] == [18, 30]
@@ -162,6 +165,8 @@ def test_exact_resume_same_grid_and_other_grid(ray_local, shards, tmp_path):
     n, k = 10, 5  # k inside the first epoch: the data position must resume mid-epoch
     straight, split, other = (str(tmp_path / x) for x in ("straight", "split", "other"))
     assert run_training(_cfg(**{"train.steps": n}), shards, straight).state == FINISHED
+    # the run's config.toml is the run's config, resolved against the shards: `--config` reruns it
+    assert load_config(path=f"{straight}/config.toml") == _cfg(**{"train.steps": n}).for_data(shards)
     assert run_training(_cfg(**{"train.steps": k}), shards, split).state == FINISHED
     shutil.copytree(split, other)
     with pytest.raises(ValueError, match="data.workers=2"):  # mid-epoch: the sample order is the 2 workers'

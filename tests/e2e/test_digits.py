@@ -1,0 +1,66 @@
+"""The small preset on real data, as a new user runs it: scikit-learn's 1,797 handwritten 8x8 digits
+written out as an ImageFolder of PNGs, ``alexnet shards --size 36``, ``alexnet train --preset small``;
+the validation error must come down to the level a small CNN reaches on them (<= 3 %).
+
+The run directory's ``config.toml`` must resolve (``alexnet config --config``) to the run's config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]
+
+BIN = Path(sys.executable).parent
+N_VAL = 297  # of 1,797: the rest (1,500) to train on
+
+
+def _digits_imagefolder(root: Path) -> None:
+    """SRC/{train,val}/<digit>/<index>.png: the 8x8 images at 0-255, split by a seeded permutation."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    order = np.random.default_rng(0).permutation(len(d.target))
+    for i, k in enumerate(order):
+        folder = root / ("val" if i < N_VAL else "train") / str(d.target[k])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (d.images[k] * (255 / 16)).round().astype(np.uint8)  # the set's values are 0..16
+        Image.fromarray(pixels, "L").save(folder / f"{k:04d}.png")
+
+
+def _run(argv: list[str], env: dict, timeout: float) -> str:
+    p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return p.stdout + p.stderr
+
+
+@pytest.mark.timeout(900)
+def test_small_preset_learns_handwritten_digits(ray_local, tmp_path):
+    _digits_imagefolder(tmp_path / "src")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    shards, run = str(tmp_path / "shards"), str(tmp_path / "run")
+    _run([str(BIN / "alexnet"), "shards", str(tmp_path / "src"), shards, "--size", "36", "--quiet"], env, 300)
+
+    recipe = ["--set", "optim.lr=0.02", "--set", "optim.batch_size=64", "--set", "schedule.kind=constant"]
+    recipe += ["--set", "model.dropout=0"]  # README "Small datasets": 1,500 images, 15 epochs
+    quick = ["--set", "eval.ten_crop=false", "--set", "checkpoint.at_epoch_end=false"]
+    argv = [str(BIN / "alexnet"), "train", "--preset", "small", "--data", shards, "--run-dir", run]
+    _run(argv + ["--epochs", "15", *recipe, *quick], env, 840)
+
+    evals = [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["kind"] == "eval"]
+    assert evals[0]["samples"] == N_VAL and evals[0]["top1_error"] > 0.5  # it starts from chance
+    assert evals[-1]["top1_error"] <= 0.03, [round(e["top1_error"], 3) for e in evals]
+
+    # RUN/config.toml is the run's config: 32 px crops (227/256 of 36) and the --set values
+    resolved = _run([str(BIN / "alexnet"), "config", "--config", f"{run}/config.toml", "--json"], env, 120)
+    cfg = json.loads(resolved[resolved.index("{") :])
+    assert cfg["model"]["input_size"] == 32 and cfg["optim"]["lr"] == 0.02 and cfg["data"]["path"] == shards
