@@ -53,7 +53,7 @@ from alexnet.config import ModelConfig  # noqa: E402
 from alexnet.info import summary  # noqa: E402
 from alexnet.layers import LRN_BACKWARD_RANGE, LRN_FORWARD_RANGE, local_response_norm  # noqa: E402
 from bench.model import count_macs  # noqa: E402
-from pipeline.dist import Groups  # noqa: E402
+from pipeline.dist import Comm, Groups  # noqa: E402
 from pipeline.engine import Engine  # noqa: E402
 from pipeline.grid import Grid  # noqa: E402
 from pipeline.syncs import count_host_syncs  # noqa: E402
@@ -150,7 +150,7 @@ class Sizes:
 def _engine(sizes: Sizes, device: torch.device, precision: str, **kw) -> Engine:
     """A 1x1x1 engine (one rank holding both columns: the fused path); no process group needed."""
     grid = Grid.parse("1x1x1", microbatches=1, global_batch=sizes.batch)
-    groups = Groups(grid, 0, "gloo", 60.0, None, None, None)
+    groups = Groups(grid, 0, "gloo", 60.0, None, None, None, Comm("gloo"), torch.device("cpu"))
     return Engine(sizes.cfg, grid, 0, groups, device=device, precision=precision, **kw)
 
 

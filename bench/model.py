@@ -209,13 +209,13 @@ def bench_lrn(args: argparse.Namespace, device: torch.device) -> dict:
 
 def bench_engine(args: argparse.Namespace, device: torch.device) -> dict:
     """The engine's 1x1x1 step, fused vs per-column, interleaved rounds, medians (module doc)."""
-    from pipeline.dist import Groups
+    from pipeline.dist import Comm, Groups
     from pipeline.engine import Engine
     from pipeline.grid import Grid
 
     cfg = ModelConfig()
     grid = Grid.parse("1x1x1", microbatches=1, global_batch=args.batch)
-    groups = Groups(grid, 0, "gloo", 60.0, None, None, None)
+    groups = Groups(grid, 0, "gloo", 60.0, None, None, None, Comm("gloo"), torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, cfg.input_size, cfg.input_size, generator=g).to(device)
     y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alexnet.config import ModelConfig
-from pipeline.dist import Groups
+from pipeline.dist import Comm, Groups
 from pipeline.engine import Engine
 from pipeline.grid import Grid
 from pipeline.precision import (
@@ -92,11 +92,14 @@ def test_backend_flags_follow_precision_and_determinism(restore_backends):
 
 
 # -- one-rank engines -------------------------------------------------------------------------
+def _solo_groups(grid: Grid) -> Groups:
+    """The groups of a one-rank world on CPU (no process group needed)."""
+    return Groups(grid, 0, "gloo", 30.0, None, None, None, Comm("gloo"), CPU)
+
+
 def _engine(precision: str = "fp32", m: int = 2, **kw) -> Engine:
     grid = Grid.parse("1x1x1", microbatches=m, global_batch=8)
-    return Engine(
-        CFG, grid, 0, Groups(grid, 0, "gloo", 30.0, None, None, None), device=CPU, precision=precision, **kw
-    )
+    return Engine(CFG, grid, 0, _solo_groups(grid), device=CPU, precision=precision, **kw)
 
 
 def _train(engine: Engine, steps: int = 2, lr: float = 0.05) -> list[dict]:
@@ -125,7 +128,7 @@ def test_a_rank_holding_both_columns_runs_fused_and_matches_the_per_column_refer
 
 def _scaled(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = random_batch(CFG, 8, step)
-    return images / 64, labels  # the demo's input scale: logits of order 10, not 100
+    return images / 8, labels  # inputs of order 1 for the chance-loss start
 
 
 def test_bf16_keeps_fp32_master_weights_and_computes_the_fp32_gradient():
@@ -146,8 +149,9 @@ def test_bf16_keeps_fp32_master_weights_and_computes_the_fp32_gradient():
 def test_bf16_training_lowers_the_loss():
     eng = _engine("bf16")
     images, labels = _scaled(0)
-    losses = [eng.step(s, 0.001, images, labels)["loss"] for s in range(12)]  # one batch, learnt
-    assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses  # dropout keeps it noisy: the last three
+    losses = [eng.step(s, 0.03, images, labels)["loss"] for s in range(12)]  # one batch, learnt
+    # from the chance loss (ln 10) a quarter off in 12 steps; dropout keeps it noisy: the last three
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
 
 
 def test_fp16_scales_the_loss_and_skips_a_step_whose_gradients_overflow():
@@ -158,14 +162,14 @@ def test_fp16_scales_the_loss_and_skips_a_step_whose_gradients_overflow():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         eng = _engine("fp16")
-        assert eng.scaler is not None and eng.optimizer.defaults["fused"]
+        assert eng.scaler is not None
         taken, step = False, 0
         while not taken and step < 8:  # from 2**16 the scale backs off until the gradients fit
             before = eng.state_dict()["model"]["fc8.0.weight"]
             eng.step(step, 0.001, *_scaled(step))
             taken, step = not torch.equal(before, eng.state_dict()["model"]["fc8.0.weight"]), step + 1
         assert taken
-        # the skipped steps left the momentum as it was (torch's fused SGD alone would leave garbage)
+        # the skipped steps left the momentum as it was
         assert all(torch.isfinite(v).all() for v in eng.state_dict()["optimizer"].values())
         before = eng.state_dict()["model"]
         scale = float(eng.scaler.get_scale())
@@ -205,7 +209,7 @@ def test_a_step_reads_nothing_from_the_device_and_a_chunk_reads_once(precision):
 
 def test_the_host_read_counter_sees_a_planted_read():
     grid = Grid.parse("1x1x1", microbatches=2, global_batch=8)
-    eng = PlantedSync(CFG, grid, 0, Groups(grid, 0, "gloo", 30.0, None, None, None), device=CPU)
+    eng = PlantedSync(CFG, grid, 0, _solo_groups(grid), device=CPU)
     with count_host_syncs() as syncs:
         eng.submit_step(0, 0.05, *random_batch(CFG, 8, 0))
     assert syncs.count == 2  # one per micro-batch
