@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/data.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/runtime.py
+
+# Everything about the engine that needs a GPU (bench/gpu_check.py): one JSON line, < 8 min on
+# one H100/H200. `bench/gpu_check.py --device cpu` runs the same sections on CPU (a test does).
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,8 @@
 """The paper's layers that torch does not provide as the paper defines them.
 
 * ``LocalResponseNorm``: the paper's cross-map normalisation, with a custom autograd
-  function (one cheap forward, an analytic backward that reuses the forward's work).
+  function (one cheap forward, an analytic backward that reuses the forward's work), or the
+  same math compiled into one kernel per direction (``kernel="compiled"``, for GPUs).
 * ``SeededDropout``: dropout whose mask is a pure function of
   (seed, step, layer, column, global sample index, unit), so it does not change with
   how a batch is split into micro-batches, pipeline stages or replicas.
@@ -9,7 +10,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,15 +103,143 @@ class _LRNFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, out, d = ctx.saved_tensors
         size, alpha, beta, groups, relu = ctx.hyper
-        split = (groups, x.shape[1] // groups)
-        u = torch.mul(grad_out, out).div_(d)  # g * b / d
-        t = torch.empty_like(u)
-        _window_sum_(u.unflatten(1, split), t.unflatten(1, split), size)
-        grad = _pow_neg_beta_(d, u, beta).mul_(grad_out)  # reuses u's memory: g * d^-beta
-        grad.addcmul_(x, t, value=-2.0 * alpha * beta)
-        if relu:
-            grad.mul_(torch.sign(x, out=t))  # ReLU's gradient: x = relu(z) >= 0, sign is 0 or 1
+        with torch.profiler.record_function(LRN_BACKWARD_RANGE):
+            grad = _lrn_grad(x, out, d, grad_out, size, alpha, beta, groups, relu)
         return grad, None, None, None, None, None, None
+
+
+def _lrn_grad(
+    x: Tensor,
+    out: Tensor,
+    d: Tensor,
+    grad_out: Tensor,
+    size: int,
+    alpha: float,
+    beta: float,
+    groups: int,
+    relu: bool,
+) -> Tensor:
+    """LRN's input gradient from x (after the ReLU, if folded in), b and d: see :class:`_LRNFunction`."""
+    split = (groups, x.shape[1] // groups)
+    u = torch.mul(grad_out, out).div_(d)  # g * b / d
+    t = torch.empty_like(u)
+    _window_sum_(u.unflatten(1, split), t.unflatten(1, split), size)
+    grad = _pow_neg_beta_(d, u, beta).mul_(grad_out)  # reuses u's memory: g * d^-beta
+    grad.addcmul_(x, t, value=-2.0 * alpha * beta)
+    if relu:
+        grad.mul_(torch.sign(x, out=t))  # ReLU's gradient: x = relu(z) >= 0, sign is 0 or 1
+    return grad
+
+
+# The same LRN as one generated kernel per direction (torch.compile: Triton on CUDA, C++ on CPU).
+# Eager LRN is ~9 elementwise passes forward and ~12 backward over the activation, each a trip
+# through memory; on a GPU that traffic is the whole cost, and one fused pass removes most of it.
+# Written as plain tensor functions (no in-place, no ``out=``) so Inductor can fuse them; the
+# backward recomputes d from the input (a 5-channel stencil, cheap inside the kernel) rather than
+# saving it. Whether it is faster is a property of the device: ``bench/gpu_check.py`` times both.
+LRN_KERNELS = ("eager", "compiled")
+# profiler ranges around every LRN call, so a profile can tell LRN's share of a step
+LRN_FORWARD_RANGE, LRN_BACKWARD_RANGE = "alexnet.lrn", "alexnet.lrn_backward"
+
+
+def _window_sum(t5: Tensor, size: int) -> Tensor:
+    """S(t) along dim 2 of a (B, G, Cg, H, W) view: the clamped window as shifted slices of a
+    zero-padded copy (which the compiler folds into index arithmetic)."""
+    lo = size // 2
+    padded = nn.functional.pad(t5, (0, 0, 0, 0, lo, size - 1 - lo))
+    cg = t5.shape[2]
+    acc = padded[:, :, 0:cg]
+    for i in range(1, size):
+        acc = acc + padded[:, :, i : i + cg]
+    return acc
+
+
+def _lrn_forward_math(z: Tensor, size: int, alpha: float, beta: float, k: float, groups: int, relu: bool):
+    x = torch.relu(z) if relu else z
+    x5 = x.unflatten(1, (groups, x.shape[1] // groups))
+    d = k + alpha * _window_sum(x5 * x5, size)
+    return (x5 * d.pow(-beta)).flatten(1, 2)
+
+
+def _lrn_backward_math(
+    z: Tensor, out: Tensor, g: Tensor, size: int, alpha: float, beta: float, k: float, groups: int, relu: bool
+):
+    x = torch.relu(z) if relu else z
+    split = (groups, x.shape[1] // groups)
+    x5, o5, g5 = x.unflatten(1, split), out.unflatten(1, split), g.unflatten(1, split)
+    d = k + alpha * _window_sum(x5 * x5, size)
+    t = _window_sum(g5 * o5 / d, size)
+    grad = g5 * d.pow(-beta) - (2.0 * alpha * beta) * x5 * t
+    if relu:
+        grad = grad * (z.unflatten(1, split) > 0)
+    return grad.flatten(1, 2)
+
+
+_COMPILED: dict[str, Callable | None] = {}  # "forward"/"backward" -> compiled function; None: failed
+
+
+def _compiled(direction: str) -> Callable | None:
+    """The compiled LRN function of ``direction``, built on first use; None once compiling failed."""
+    if direction not in _COMPILED:
+        fn = _lrn_forward_math if direction == "forward" else _lrn_backward_math
+        _COMPILED[direction] = torch.compile(fn, fullgraph=True)
+    return _COMPILED[direction]
+
+
+def _compile_failed(direction: str, error: Exception) -> None:
+    _COMPILED[direction] = None
+    warnings.warn(
+        f"LRN: torch.compile of the {direction} failed ({type(error).__name__}: {str(error)[:200]}); "
+        "using the eager LRN from now on (train.lrn_kernel=eager avoids the attempt)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def compiled_lrn_available() -> bool:
+    """False once compiling the LRN failed in this process (it then runs eagerly)."""
+    return all(_COMPILED.get(d, True) is not None for d in ("forward", "backward"))
+
+
+class _CompiledLRNFunction(torch.autograd.Function):
+    """:class:`_LRNFunction`'s forward and backward, each one compiled kernel; saves only the
+    input (before the ReLU) and the output. Falls back to the eager math if compiling fails."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, size: int, alpha: float, beta: float, k: float, groups: int, relu: bool):
+        ctx.hyper = (size, alpha, beta, k, groups, relu)
+        fn = _compiled("forward")
+        out = None
+        if fn is not None:
+            try:
+                out = fn(z, size, alpha, beta, k, groups, relu)
+            except Exception as e:  # no compiler / no Triton here: the eager math, same numbers
+                _compile_failed("forward", e)
+        if out is None:
+            out = _lrn_forward_math(z, size, alpha, beta, k, groups, relu)
+        ctx.save_for_backward(z, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        z, out = ctx.saved_tensors
+        hyper = ctx.hyper
+        fn = _compiled("backward")
+        with torch.profiler.record_function(LRN_BACKWARD_RANGE):
+            if fn is not None:
+                try:
+                    return fn(z, out, grad_out, *hyper), None, None, None, None, None, None
+                except Exception as e:
+                    _compile_failed("backward", e)
+            return _lrn_backward_math(z, out, grad_out, *hyper), None, None, None, None, None, None
+
+
+def _lrn_apply(x: Tensor, size, alpha, beta, k, groups, relu: bool, kernel: str) -> Tensor:
+    if kernel not in LRN_KERNELS:
+        raise ValueError(f"LRN kernel={kernel!r}: use one of {LRN_KERNELS} (train.lrn_kernel)")
+    fn = _CompiledLRNFunction if kernel == "compiled" and compiled_lrn_available() else _LRNFunction
+    with torch.profiler.record_function(LRN_FORWARD_RANGE):
+        return fn.apply(x, size, alpha, beta, k, groups, relu)
 
 
 def _lrn_dtype(x: Tensor) -> Tensor:
@@ -125,17 +255,20 @@ def local_response_norm(
     beta: float = 0.75,
     k: float = 2.0,
     groups: int = 1,
+    kernel: str = "eager",
 ) -> Tensor:
     """The paper's LRN with ``alpha`` used as written (no division by ``size``).
 
     ``groups`` > 1 normalises each group of channels on its own, which is how the fused
-    model applies one column's LRN to its half of a two-column tensor.
+    model applies one column's LRN to its half of a two-column tensor. ``kernel``: ``"eager"``
+    (the hand-written autograd function) or ``"compiled"`` (one generated kernel per direction,
+    the eager one if compiling fails); both compute the same function.
     """
     if x.dim() != 4:
         raise ValueError(f"local_response_norm expects (B, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
-    return _LRNFunction.apply(_lrn_dtype(x), size, alpha, beta, k, groups, False)
+    return _lrn_apply(_lrn_dtype(x), size, alpha, beta, k, groups, False, kernel)
 
 
 def relu_local_response_norm_(
@@ -145,9 +278,10 @@ def relu_local_response_norm_(
     beta: float = 0.75,
     k: float = 2.0,
     groups: int = 1,
+    kernel: str = "eager",
 ) -> Tensor:
     """``local_response_norm(relu(z))`` with the ReLU done in place on ``z`` and its backward
-    folded into LRN's.
+    folded into LRN's (``kernel`` as there; the compiled one leaves ``z`` as it is).
 
     Saves the separate ReLU backward, which allocates (and page-faults in) a gradient as big
     as the activation. ``z`` is consumed: pass a temporary nobody else reads (a conv output
@@ -157,7 +291,7 @@ def relu_local_response_norm_(
         raise ValueError(f"relu_local_response_norm_ expects (B, C, H, W), got shape {tuple(z.shape)}")
     if z.shape[1] % groups:
         raise ValueError(f"{z.shape[1]} channels do not split into {groups} groups")
-    return _LRNFunction.apply(_lrn_dtype(z), size, alpha, beta, k, groups, True)
+    return _lrn_apply(_lrn_dtype(z), size, alpha, beta, k, groups, True, kernel)
 
 
 class LocalResponseNorm(nn.Module):
@@ -180,18 +314,21 @@ class LocalResponseNorm(nn.Module):
         k: float = 2.0,
         convention: str = "paper",
         groups: int = 1,
+        kernel: str = "eager",
     ) -> None:
         super().__init__()
         if convention not in ("paper", "per_size"):
             raise ValueError(f"convention={convention!r}: use 'paper' or 'per_size'")
         if size < 1 or size % 2 == 0:
             raise ValueError(f"LRN size={size}: must be a positive odd number")
+        if kernel not in LRN_KERNELS:
+            raise ValueError(f"LRN kernel={kernel!r}: use one of {LRN_KERNELS}")
         self.size, self.beta, self.k, self.groups = size, beta, k, groups
-        self.convention = convention
+        self.convention, self.kernel = convention, kernel
         self.alpha = alpha / size if convention == "per_size" else alpha
 
     def forward(self, x: Tensor) -> Tensor:
-        return local_response_norm(x, self.size, self.alpha, self.beta, self.k, self.groups)
+        return local_response_norm(x, self.size, self.alpha, self.beta, self.k, self.groups, self.kernel)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha:g}, beta={self.beta}, k={self.k}, groups={self.groups}"
@@ -271,9 +408,10 @@ def dropout_masks(
     matters on a CPU, where each op on a (B, units) int64 tensor is cheap but not free.
     """
     keys = [_key32(ctx.seed, ctx.step, layer, column) for layer, column in layer_columns]
-    rows = ctx.indices(batch, device)
-    key_t = torch.tensor(keys, device=device, dtype=torch.int64)
-    row_key = _mix32((rows[:, None] * 0x9E3779B1 + key_t[None, :]) & _M32)  # (B, K)
+    rows = ctx.indices(batch, device) * 0x9E3779B1  # (B,)
+    # each key enters as a Python scalar (a kernel argument): no tensor built from host data,
+    # which on a GPU would be a host-to-device copy per dropout layer and step
+    row_key = torch.stack([_mix32((rows + key) & _M32) for key in keys], dim=1)  # (B, K)
     cols = torch.arange(units, device=device, dtype=torch.int64) * 0x85EBCA6B & _M32  # (U,)
     h = _mix32(_mix32(row_key[:, :, None] ^ cols))  # (B, K, U) uniform uint32
     return h >= int(p * 2**32)

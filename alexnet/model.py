@@ -127,9 +127,11 @@ def geometry(cfg: ModelConfig, name: str, column: int) -> LayerGeometry:
     return LayerGeometry(w, stride, pad, conv_out, out)
 
 
-def _lrn(cfg: ModelConfig, groups: int = 1) -> LocalResponseNorm:
+def _lrn(cfg: ModelConfig, groups: int = 1, kernel: str = "eager") -> LocalResponseNorm:
     """The paper's LRN with the config's constants; ``groups=2`` normalises each column's half apart."""
-    return LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k, cfg.lrn_convention, groups)
+    return LocalResponseNorm(
+        cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k, cfg.lrn_convention, groups, kernel
+    )
 
 
 def _init_std(cfg: ModelConfig, spec: BlockSpec, weight_shape: tuple[int, ...]) -> float:
@@ -160,13 +162,13 @@ def init_column_params(cfg: ModelConfig, name: str, column: int) -> tuple[Tensor
 class ColumnBlock(nn.Module):
     """One column's half of one block: conv or linear, then ReLU, LRN, pool, dropout as the paper."""
 
-    def __init__(self, cfg: ModelConfig, name: str, column: int) -> None:
+    def __init__(self, cfg: ModelConfig, name: str, column: int, lrn_kernel: str = "eager") -> None:
         super().__init__()
         self.spec, self.column = BLOCK_BY_NAME[name], column
         self.geo = geometry(cfg, name, column)
         w, b = init_column_params(cfg, name, column)
         self.weight, self.bias = nn.Parameter(w), nn.Parameter(b)
-        self.lrn = _lrn(cfg) if self.spec.lrn else None
+        self.lrn = _lrn(cfg, kernel=lrn_kernel) if self.spec.lrn else None
         self.drop = SeededDropout(cfg.dropout, self.spec.index, column) if self.spec.dropout else None
 
     def forward(self, x: Tensor, ctx: StepContext | None) -> Tensor:
@@ -191,9 +193,23 @@ class Stage(nn.ModuleDict):
 
     Parameters are named ``{block}.{column}.weight`` / ``.bias`` whatever the subset, so a
     stage's state dict is a slice of :class:`TwoColumnAlexNet`'s.
+
+    ``fused`` (both columns only): run them as :class:`FusedAlexNet` does, both columns' maps in
+    one tensor, grouped (conv2, conv4, conv5) or output-stacked (conv1, conv3) convolutions and
+    the exchanges free; the parameters stay per column (the weights are stacked per forward: a
+    few MB for the convolutions). The fc blocks stay two GEMMs on the same input: stacking
+    their weights would copy fc6's 151 MB every micro-batch, more traffic than the GEMMs' own.
+    ``lrn_kernel``: see :func:`alexnet.layers.local_response_norm`.
     """
 
-    def __init__(self, cfg: ModelConfig, blocks: Sequence[str], columns: Sequence[int]) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        blocks: Sequence[str],
+        columns: Sequence[int],
+        fused: bool = False,
+        lrn_kernel: str = "eager",
+    ) -> None:
         names = [b.name for b in BLOCKS if b.name in set(blocks)]
         if list(blocks) != names or not names:
             raise ValueError(f"blocks {list(blocks)} are not a contiguous run of {BLOCK_NAMES}")
@@ -202,8 +218,13 @@ class Stage(nn.ModuleDict):
             raise ValueError(f"blocks {list(blocks)} are not a contiguous run of {BLOCK_NAMES}")
         if not columns or any(c not in COLUMNS for c in columns) or sorted(set(columns)) != list(columns):
             raise ValueError(f"columns {list(columns)}: use (0,), (1,) or (0, 1)")
-        super().__init__({n: nn.ModuleDict({str(c): ColumnBlock(cfg, n, c) for c in columns}) for n in names})
+        if fused and tuple(columns) != COLUMNS:
+            raise ValueError(f"a fused stage holds both columns, got columns {list(columns)}")
+        super().__init__(
+            {n: nn.ModuleDict({str(c): ColumnBlock(cfg, n, c, lrn_kernel) for c in columns}) for n in names}
+        )
         self.cfg, self.block_names, self.columns = cfg, tuple(names), tuple(columns)
+        self.fused, self.lrn_kernel = fused, lrn_kernel
 
     def run(
         self,
@@ -217,6 +238,8 @@ class Stage(nn.ModuleDict):
         ``ctx`` keys the dropout masks: required in training mode when the stage holds fc6 or fc7
         (and dropout > 0), since a fixed default would draw the same masks every step.
         """
+        if self.fused:
+            return self._run_fused(xs, ctx)
         for name in self.block_names:
             spec = BLOCK_BY_NAME[name]
             if spec.input == "image":
@@ -229,6 +252,58 @@ class Stage(nn.ModuleDict):
         return xs
 
     forward = run
+
+    # -- fused execution: both columns' maps side by side in one tensor, column 0 first -----------
+    def _run_fused(self, xs: list[Tensor], ctx: StepContext | None) -> list[Tensor]:
+        """:meth:`run` with both columns in one tensor; the same numbers up to float summation order.
+
+        An exchange is the identity here (the tensor already holds both columns), so the caller's
+        ``exchange`` is not consulted.
+        """
+        first = BLOCK_BY_NAME[self.block_names[0]]
+        x = xs[0] if first.input == "image" else torch.cat(xs, dim=1)  # (B, both columns' maps, ...)
+        keep = self._fused_keep(x.shape[0], x.device, ctx)
+        for name in self.block_names:
+            spec = BLOCK_BY_NAME[name]
+            x = self._fused_conv(x, spec) if spec.kind == "conv" else self._fused_fc(x, spec, keep.get(name))
+        sizes = [geometry(self.cfg, self.block_names[-1], c).out[0] for c in COLUMNS]
+        return list(x.split(sizes, dim=1))  # one tensor per column, as the per-column path returns
+
+    def _fused_conv(self, x: Tensor, spec: BlockSpec) -> Tensor:
+        halves = [self[spec.name][str(c)] for c in COLUMNS]
+        weight = torch.cat([h.weight for h in halves])  # (out0 + out1, in per group, k, k)
+        bias = torch.cat([h.bias for h in halves])
+        geo = halves[0].geo
+        x = F.conv2d(x, weight, bias, geo.stride, geo.padding, 1, 2 if spec.grouped else 1)
+        if spec.lrn:
+            lrn = halves[0].lrn
+            # the conv output is a temporary: ReLU in place, folded into LRN's autograd node;
+            # groups=2 keeps each column's window inside its own maps
+            x = relu_local_response_norm_(x, lrn.size, lrn.alpha, lrn.beta, lrn.k, 2, self.lrn_kernel)
+        elif spec.relu:
+            x = F.relu(x, inplace=True)
+        return F.max_pool2d(x, 3, 2) if spec.pool else x
+
+    def _fused_fc(self, x: Tensor, spec: BlockSpec, keep: Tensor | None) -> Tensor:
+        x = x.flatten(1)
+        x = torch.cat([F.linear(x, h.weight, h.bias) for h in (self[spec.name][str(c)] for c in COLUMNS)], 1)
+        if spec.relu:
+            x = F.relu(x, inplace=True)
+        if keep is None:
+            return x
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.cfg.dropout))  # SeededDropout's op order
+
+    def _fused_keep(self, batch: int, device: torch.device, ctx: StepContext | None) -> dict[str, Tensor]:
+        """Keep-masks (B, 2 * fc_units) of the stage's dropout blocks, columns side by side, from one
+        hash pass; the bits of the per-column :class:`SeededDropout`. Empty when none are drawn."""
+        drop = [BLOCK_BY_NAME[n] for n in self.block_names if BLOCK_BY_NAME[n].dropout]
+        if not drop or not self.training or self.cfg.dropout == 0.0:
+            return {}
+        ctx = StepContext.required(ctx, "dropout")
+        pairs = [(s.index, c) for s in drop for c in COLUMNS]
+        keep = dropout_masks(ctx, pairs, batch, self.cfg.fc_units, self.cfg.dropout, device)  # (B, 2L, U)
+        keep = keep.unflatten(1, (len(drop), len(COLUMNS)))
+        return {s.name: keep[:, i].flatten(1) for i, s in enumerate(drop)}
 
 
 class TwoColumnAlexNet(Stage):

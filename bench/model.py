@@ -14,8 +14,13 @@ GFLOP/s) and, with ``--lrn``, a micro-benchmark of our LRN against
     .venv/bin/python bench/model.py --malloc tuned     # glibc keeps freed memory (both models)
     .venv/bin/python bench/model.py --profile            # + per-op time of one step each
     .venv/bin/python bench/model.py --lrn                # LRN micro-benchmark only
+    .venv/bin/python bench/model.py --engine             # the engine's step: fused vs per-column
     git show main:alexnet/model.py > /tmp/model_main.py
     .venv/bin/python bench/model.py --against /tmp/model_main.py   # + that FusedAlexNet, same rounds
+
+``--engine`` times the training engine's step on a one-rank grid (1x1x1: the rank holds both
+columns) run fused (grouped convolutions, what such a rank runs) against the same engine run per
+column (the baseline), interleaved in the same way; ``ratio`` is per-column step time over fused.
 
 ``--against FILE`` times the ``FusedAlexNet`` of another version of ``alexnet/model.py`` (its
 imports resolve to this tree's other modules) in the same interleaved rounds, as ``before``:
@@ -32,20 +37,26 @@ import contextlib
 import ctypes
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
-import torchvision
-from torch import Tensor, nn
+# Run as a script, this file's folder comes first on sys.path and its pipeline.py would shadow the
+# ``pipeline`` package (--engine imports it): drop the folder, as bench/pipeline.py does.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-from alexnet.config import ModelConfig
-from alexnet.info import summary
-from alexnet.layers import LocalResponseNorm, StepContext
-from alexnet.model import FusedAlexNet
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from alexnet.config import ModelConfig  # noqa: E402
+from alexnet.info import summary  # noqa: E402
+from alexnet.layers import LocalResponseNorm, StepContext  # noqa: E402
+from alexnet.model import FusedAlexNet  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -54,7 +65,7 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_gflops(device: torch.device, n: int = 2048, seconds: float = 1.0) -> float:
-    """Achieved fp32 GFLOP/s of an n x n matmul loop (TF32 off: a true fp32 ceiling)."""
+    """Achieved float32 GFLOP/s of an n x n matmul loop (TF32 only with --precision tf32)."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     c = torch.empty(n, n, device=device)
@@ -196,6 +207,56 @@ def bench_lrn(args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
+def bench_engine(args: argparse.Namespace, device: torch.device) -> dict:
+    """The engine's 1x1x1 step, fused vs per-column, interleaved rounds, medians (module doc)."""
+    from pipeline.dist import Comm, Groups
+    from pipeline.engine import Engine
+    from pipeline.grid import Grid
+
+    cfg = ModelConfig()
+    grid = Grid.parse("1x1x1", microbatches=1, global_batch=args.batch)
+    groups = Groups(grid, 0, "gloo", 60.0, None, None, None, Comm("gloo"), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, cfg.input_size, cfg.input_size, generator=g).to(device)
+    y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
+    engines = {
+        name: Engine(cfg, grid, 0, groups, device=device, precision=args.precision, fused=fused)
+        for name, fused in (("fused", True), ("per_column", False))
+    }
+    steps = dict.fromkeys(engines, 0)
+    wall: dict[str, list[float]] = {k: [] for k in engines}
+    cpu: dict[str, list[float]] = {k: [] for k in engines}
+
+    def run(name: str, n: int) -> None:
+        for _ in range(n):
+            engines[name].submit_step(steps[name], 1e-3, x, y)
+            steps[name] += 1
+        engines[name].read_steps()
+
+    for name in engines:
+        run(name, args.warmup)
+    order = list(engines)
+    for _ in range(args.rounds):
+        for name in order:
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            run(name, args.steps)
+            sync(device)
+            wall[name].append((time.perf_counter() - t0) / args.steps)
+            cpu[name].append((time.process_time() - c0) / args.steps)
+        order = order[::-1]
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    return {
+        "engine_fused_images_per_s": round(args.batch / med["fused"], 2),
+        "engine_per_column_images_per_s": round(args.batch / med["per_column"], 2),
+        "ratio": round(med["per_column"] / med["fused"], 3),
+        "ratio_fastest": round(min(wall["per_column"]) / min(wall["fused"]), 3),
+        "cpu_ratio": round(statistics.median(cpu["per_column"]) / statistics.median(cpu["fused"]), 3),
+        "precision": engines["fused"].precision,
+        "step_s": {k: [round(v, 3) for v in vs] for k, vs in wall.items()},
+    }
+
+
 def load_fused(path: str) -> type[nn.Module]:
     """``FusedAlexNet`` of the ``alexnet/model.py`` version at ``path`` (for ``--against``)."""
     spec = importlib.util.spec_from_file_location("_model_against", path)
@@ -217,6 +278,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for both models")
     p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "tf32", "bf16"],
+        help="both models' numerics (tf32: TF32 matmuls and convolutions on CUDA); --bf16 = bf16",
+    )
+    p.add_argument("--engine", action="store_true", help="only the engine: fused vs per-column step")
+    p.add_argument(
         "--baseline-layouts",
         default="contiguous,channels_last",
         help="torchvision runs in each of these layouts; the faster is the baseline "
@@ -236,12 +304,19 @@ def main() -> int:
         raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    if args.bf16:
+        args.precision = "bf16"
+    args.bf16 = args.precision == "bf16"
+    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
 
     result: dict = {"device": args.device, "threads": args.threads, "batch": args.batch}
     if device.type == "cuda":
         result["card"] = torch.cuda.get_device_name(device)
+    if args.engine:
+        result.update(bench_engine(args, device))
+        print(json.dumps(result))
+        return 0
     if args.lrn:
         result.update(bench_lrn(args, device))
         result["matmul_gflops"] = round(matmul_gflops(device), 1)
@@ -287,6 +362,7 @@ def main() -> int:
     result.update(
         {
             "bf16": args.bf16,
+            "precision": args.precision,
             "malloc": args.malloc,
             "images_per_s": round(args.batch / step_s, 2),
             "baseline_images_per_s": round(args.batch / base_s, 2),

@@ -33,7 +33,9 @@ from typing import Any
 
 from alexnet.config import CROP_FRACTION, ModelConfig, check_crop, crop_size
 from alexnet.optim import OPTIM_RULES
+from pipeline.engine import LRN_KERNEL_CHOICES as LRN_KERNELS
 from pipeline.grid import Grid, parse_shape
+from pipeline.precision import PRECISIONS
 
 try:
     import tomllib
@@ -43,6 +45,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as a package
 PRESETS = ("paper", "demo", "small")
 LR_SCHEDULES = ("plateau", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+SWITCHES = ("auto", "on", "off")
 
 
 def _need(cond: bool, key: str, value: Any, fix: str) -> None:
@@ -270,6 +273,12 @@ class TrainSection:
     # debug (off by default): stage-0 trainers return the sample keys they consumed with each
     # step's results (History.keys), so tests can check an epoch saw every sample once
     record_keys: bool = False
+    # numerics (pipeline.precision): "auto" is bf16 on a GPU that has it, fp32 on CPU
+    precision: str = "auto"
+    # deterministic kernels and pinned NCCL algorithms: a resume on the same GPUs is bit-exact
+    deterministic: bool = False
+    cudnn_benchmark: str = "auto"  # let cuDNN time its algorithms; auto: on CUDA, unless deterministic
+    lrn_kernel: str = "auto"  # "compiled" (one kernel per direction) or "eager"; auto: compiled on CUDA
 
     def __post_init__(self) -> None:
         _need(self.epochs >= 1, "train.epochs", self.epochs, "use >= 1")
@@ -278,6 +287,38 @@ class TrainSection:
         _need(self.steps_per_call >= 1, "train.steps_per_call", self.steps_per_call, "use >= 1")
         _need(self.log_every_steps >= 1, "train.log_every_steps", self.log_every_steps, "use >= 1")
         _need(self.threads_per_rank >= 0, "train.threads_per_rank", self.threads_per_rank, "use >= 0")
+        _need(self.precision in PRECISIONS, "train.precision", self.precision, f"use one of {PRECISIONS}")
+        _need(
+            self.cudnn_benchmark in SWITCHES,
+            "train.cudnn_benchmark",
+            self.cudnn_benchmark,
+            f"use one of {SWITCHES}",
+        )
+        _need(
+            self.lrn_kernel in LRN_KERNELS, "train.lrn_kernel", self.lrn_kernel, f"use one of {LRN_KERNELS}"
+        )
+        if self.deterministic:
+            # combinations whose numbers depend on more than the seeds and the data
+            _need(
+                self.cudnn_benchmark != "on",
+                "train.cudnn_benchmark",
+                self.cudnn_benchmark,
+                "with train.deterministic=true cuDNN must not choose its algorithms by timing them "
+                "(two runs could pick different ones): use auto or off",
+            )
+            _need(
+                self.precision != "fp16",
+                "train.precision",
+                self.precision,
+                "fp16's dynamic loss scale is not checkpointed, so a resumed run would not be bit-exact "
+                "as train.deterministic=true promises: use bf16 or fp32 (or deterministic=false)",
+            )
+
+    def benchmark_cudnn(self, cuda: bool) -> bool:
+        """Whether cuDNN benchmarks its algorithms (``cudnn_benchmark``; auto: CUDA, not deterministic)."""
+        if self.cudnn_benchmark == "auto":
+            return cuda and not self.deterministic
+        return self.cudnn_benchmark == "on"
 
 
 @dataclass(frozen=True)
@@ -442,7 +483,33 @@ class JobConfig:
             )
         if self.train.device == "cuda":
             _need(self.grid.gpus_per_rank > 0, "grid.gpus_per_rank", 0, 'train.device="cuda" needs > 0')
+        self._check_gpus_per_rank()
         self._check_lr_schedule()
+
+    def uses_nccl(self) -> bool:
+        """Whether the ranks talk over NCCL: ``grid.backend`` nccl, or auto with GPUs for the ranks."""
+        g = self.grid
+        return g.backend == "nccl" or (
+            g.backend == "auto" and g.gpus_per_rank > 0 and self.train.device != "cpu"
+        )
+
+    def _check_gpus_per_rank(self) -> None:
+        """One GPU per rank: a rank drives exactly one device, and NCCL refuses two ranks on one GPU."""
+        g = self.grid
+        _need(
+            g.gpus_per_rank <= 1,
+            "grid.gpus_per_rank",
+            g.gpus_per_rank,
+            "a rank uses one GPU, the others would sit idle: use 1 and more ranks (grid.shape) for more GPUs",
+        )
+        if self.uses_nccl():
+            _need(
+                g.gpus_per_rank == 1,
+                "grid.gpus_per_rank",
+                g.gpus_per_rank,
+                "NCCL needs one whole GPU per rank (two ranks on one GPU cannot share a communicator): "
+                'use 1, or grid.backend="gloo" with train.device="cpu" to run without GPUs',
+            )
 
     def _check_lr_schedule(self) -> None:
         """Refuse a plateau rule that can never cut in this run: no validation to watch, or a run

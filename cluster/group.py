@@ -118,6 +118,20 @@ def _short(e: BaseException) -> str:
     return text[-1][:300] if text else type(e).__name__
 
 
+def shared_visible_devices(assignments: list[dict[str, Any]]) -> list[str]:
+    """Each rank's ``CUDA_VISIBLE_DEVICES``: every GPU Ray assigned to a rank on its node, in
+    numeric order (Ray Train's sharing). ``assignments``: per rank ``{"node", "gpus"}``
+    (:meth:`cluster.rank.TrainerActor.gpu_assignment`)."""
+    per_node: dict[str, set[str]] = collections.defaultdict(set)
+    for a in assignments:
+        per_node[a["node"]].update(a["gpus"])
+
+    def order(gpu: str) -> tuple[int, str]:
+        return (int(gpu), "") if gpu.isdigit() else (1 << 30, gpu)  # "10" after "9"
+
+    return [",".join(sorted(per_node[a["node"]], key=order)) for a in assignments]
+
+
 def consumer_ids(grid) -> dict[int, int]:
     """Rank -> data consumer id, for the ranks that read batches (stage 0: images, last: labels)."""
     readers = [
@@ -208,11 +222,20 @@ class RayTrainerGroup:
         ]
         # the trainers' processes start while the data workers do (DataPool waits for its own)
         self.pool = self._start_data(step, data_positions)
+        if g.gpus_per_rank > 0:
+            self._share_gpus()
         consumers = consumer_ids(self.grid)
         addr, port = call_ranks([self.actors[0].rendezvous.remote()], 120, "rendezvous")[0]
         client = self.pool.client()
         refs = [a.setup.remote(addr, port, client, consumers.get(i, -1)) for i, a in enumerate(self.actors)]
         call_ranks(refs, g.collective_timeout_s + 60, "setup")
+
+    def _share_gpus(self) -> None:
+        """Every rank sees its node's GPUs and takes the one Ray assigned it (before CUDA starts)."""
+        where = call_ranks([a.gpu_assignment.remote() for a in self.actors], 120, "gpu assignment")
+        visible = shared_visible_devices(where)
+        refs = [a.share_visible_devices.remote(v) for a, v in zip(self.actors, visible, strict=True)]
+        call_ranks(refs, 120, "gpu visibility")
 
     def _start_data(self, step: int, positions: list[dict] | None):
         from alexnet.data.reader import ReaderSpec

@@ -10,10 +10,10 @@ engine steps per call, so the coordinator makes one Ray call per rank per chunk 
 from __future__ import annotations
 
 import collections
+import os
 import socket
-import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ray
@@ -26,11 +26,24 @@ from cluster.faults import RankFaults
 from cluster.plan import RunPlan
 
 
-def _device(cfg: JobConfig) -> torch.device:
+def _device(cfg: JobConfig, gpu_index: int | None) -> torch.device:
+    """The rank's device: the GPU at ``gpu_index`` of the visible ones (Ray's pick), or the CPU."""
     want = cfg.train.device
     if want == "auto":
         want = "cuda" if cfg.grid.gpus_per_rank > 0 and torch.cuda.is_available() else "cpu"
-    return torch.device("cuda", 0) if want == "cuda" else torch.device("cpu")
+    return torch.device("cuda", gpu_index or 0) if want == "cuda" else torch.device("cpu")
+
+
+def device_index(visible: str, gpu_ids: Sequence[Any]) -> int:
+    """Index of this rank's GPU (the first Ray assigned it, ``gpu_ids``) among ``visible`` (the
+    node's ``CUDA_VISIBLE_DEVICES``): the device number torch gives it, as Ray Train picks it."""
+    order = [v.strip() for v in visible.split(",") if v.strip()]
+    mine = str(gpu_ids[0]) if gpu_ids else None
+    if mine not in order:
+        raise RuntimeError(
+            f"CUDA_VISIBLE_DEVICES={visible!r} lacks this rank's GPU {mine}: was it overridden?"
+        )
+    return order.index(mine)
 
 
 class TrainerActor:
@@ -46,7 +59,9 @@ class TrainerActor:
         self.grid = self.cfg.to_grid()
         self.r, self.s, self.c = self.grid.coords(rank)
         self.first, self.last = self.s == 0, self.s == self.grid.stages - 1
-        self.device = _device(self.cfg)
+        # chosen in setup(): CUDA must not initialise before share_visible_devices() has run
+        self.device: torch.device | None = None
+        self.gpu_index: int | None = None
         self.engine = None
         self.data = None  # cluster.data.DataClient
         self.consumer = -1
@@ -60,13 +75,35 @@ class TrainerActor:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
+    def gpu_assignment(self) -> dict[str, Any]:
+        """This actor's node and the GPU ids Ray assigned it (for :meth:`share_visible_devices`)."""
+        return {"node": ray.get_runtime_context().get_node_id(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
+
+    def share_visible_devices(self, visible: str) -> int:
+        """See every GPU of the node (``CUDA_VISIBLE_DEVICES=visible``) and take the one Ray assigned
+        this rank: returns its index. Ray gives each actor only its own GPU; NCCL, when every rank
+        sees its node's GPUs, can map peers and use NVLink/NVSwitch paths directly (Ray Train does
+        the same). Must run before CUDA initialises in this process."""
+        assert not torch.cuda.is_initialized(), "CUDA started before the GPUs were shared"
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        self.gpu_index = device_index(visible, ray.get_gpu_ids())
+        return self.gpu_index
+
     def setup(self, master_addr: str, master_port: int, data, consumer: int) -> None:
         """Join the process groups, build the engine; ``data`` is the :class:`cluster.data.DataClient`
         and ``consumer`` this rank's consumer id for it (-1: this rank reads no batches)."""
         from alexnet.data.index import DatasetIndex
         from pipeline.dist import init_distributed
         from pipeline.engine import Engine
+        from pipeline.precision import deterministic_env, resolve_precision
 
+        t = self.cfg.train
+        if t.deterministic:  # before CUDA (cuBLAS) and the process groups (NCCL) read them
+            os.environ.update(deterministic_env())
+        self.device = _device(self.cfg, self.gpu_index)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        resolve_precision(t.precision, self.device)  # bf16 on a GPU without it: fail before joining
         backend = None if self.cfg.grid.backend == "auto" else self.cfg.grid.backend
         if backend is None and self.device.type == "cpu":
             backend = "gloo"
@@ -83,6 +120,10 @@ class TrainerActor:
             momentum=o.momentum,
             weight_decay=o.weight_decay,
             rule=o.rule,
+            precision=t.precision,
+            deterministic=t.deterministic,
+            cudnn_benchmark=t.benchmark_cudnn(self.device.type == "cuda"),
+            lrn_kernel=t.lrn_kernel,
         )
         self.index = DatasetIndex.load(self.data_url)
         self.mean = self.index.mean_tensor(self.cfg.model.input_size, self.cfg.data.mean).to(self.device)
@@ -101,29 +142,40 @@ class TrainerActor:
         images = labels = None
         if self.first:
             u8 = torch.from_numpy(batch["images"]).to(self.device, non_blocking=True)
-            light = torch.from_numpy(batch["lighting"]).to(self.device)
+            light = torch.from_numpy(batch["lighting"]).to(self.device, non_blocking=True)
             images = to_model_input(u8, light, self.mean, self.cfg.data.input_scale)
         if self.last:
-            labels = torch.from_numpy(batch["labels"]).to(self.device)
+            labels = torch.from_numpy(batch["labels"]).to(self.device, non_blocking=True)
         return images, labels
 
     def train(self, first_step: int, steps: int, lr: float) -> list[dict[str, float]]:
         """Steps ``first_step .. first_step + steps - 1``; one result dict per step (engine keys +
-        ``data_wait_s``)."""
-        out = []
+        ``data_wait_s``). The device is read once, after the last step of the chunk.
+
+        ``data_wait_s`` is a timeline span around fetching the batch: on CPU the host's wait; on
+        a GPU the device's (how long the device sat idle for it: with the host running ahead, a
+        fetch that overlaps the previous step's kernels costs nothing)."""
+        from pipeline.timeline import totals
+
+        tl, keys = self.engine.timeline, []
         for t in range(first_step, first_step + steps):
             self.faults.before_step(t)
-            t0 = time.perf_counter()
-            batch = self._batch(t) if self.consumer >= 0 else None
-            images, labels = self._inputs(batch) if batch is not None else (None, None)
+            tl.clear(t)
+            with tl.span("data_wait"):
+                batch = self._batch(t) if self.consumer >= 0 else None
+                images, labels = self._inputs(batch) if batch is not None else (None, None)
             images = self.faults.images(t, images)
-            wait = time.perf_counter() - t0
-            res = dict(self.engine.step(t, lr, images, labels))
-            if self.cfg.train.record_keys and self.first and self.c == 0 and batch is not None:
-                res["keys"] = list(batch["keys"])  # debug: the samples this replica consumed
-            res["data_wait_s"] = wait
-            res["step_s"] = res.get("step_s", 0.0) + wait
-            self._events.append(list(self.engine.timeline.events))
+            self.engine.submit_step(t, lr, images, labels)
+            record = self.cfg.train.record_keys and self.first and self.c == 0 and batch is not None
+            keys.append(list(batch["keys"]) if record else None)  # debug: the samples this replica consumed
+        out = []
+        for report, k in zip(self.engine.read_steps(), keys, strict=True):
+            res = dict(report.metrics)
+            if k is not None:
+                res["keys"] = k
+            res["data_wait_s"] = totals(report.events)["data_wait"]
+            res["step_s"] = res.get("step_s", 0.0) + res["data_wait_s"]
+            self._events.append(report.events)
             out.append(res)
         return out
 

@@ -33,21 +33,28 @@ Besides stepping, inference and its state: ``grads()`` (this rank's gradients af
 step, canonical keys; for verification) and ``track_memory`` (peak bytes of saved
 activations per step, reported as ``activation_peak_bytes``).
 
-The metrics :meth:`Engine.step` returns (per rank, seconds unless named otherwise): ``loss``
+Numerics (``precision``: autocast, fp16's loss scale; the fused path for a rank holding both
+columns; channels_last on CUDA) are described in :class:`Engine`. A step reads nothing back
+from the device: its scores stay device tensors and its timeline spans unresolved marks (CUDA
+events on a GPU) until :meth:`Engine.read_steps`, which the trainer calls once per chunk.
+
+The metrics of each step (per rank, seconds unless named otherwise; :meth:`Engine.step` or
+:meth:`Engine.read_steps`): ``loss``
 (mean cross-entropy of the replica's rows), ``top1`` / ``top5`` (hit counts), ``samples``
 (rows), ``compute_s`` (forward + backward without the exchanges), ``exchange_s`` (column
 all-gathers and their backward), ``pipeline_wait_s`` (blocked on receives from and sends to
 the neighbouring stages), ``grad_sync_s`` (waiting for the replica gradient sums after the
 last backward), ``optimizer_s`` (the SGD update alone) and ``step_s`` (the whole step). The
-first three are NaN except on the last stage.
+first three are NaN except on the last stage. Times are the timeline's: host time on CPU,
+device time (CUDA events) on a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +69,16 @@ from pipeline.dist import Comm, Groups
 from pipeline.exchange import ColumnExchange
 from pipeline.grid import Grid
 from pipeline.p2p import ACT, GRAD, StageLink, step_plan
+from pipeline.precision import (
+    activation_dtype,
+    autocast_dtype,
+    configure_backends,
+    loss_scaler,
+    resolve_precision,
+)
 from pipeline.schedules import Action, make_schedule
-from pipeline.timeline import Timeline
+from pipeline.timeline import Event, Timeline
+from pipeline.timeline import totals as totals_of
 
 
 class _GradSync:
@@ -133,10 +148,35 @@ class _ActivationMeter:
             del self.live[key]
 
 
+LRN_KERNEL_CHOICES = ("auto", "eager", "compiled")
+_INFER = -1  # the timeline's step number of inference spans
+
+
+@dataclass
+class StepReport:
+    """One step's results, read from the device after the step: its metrics (module doc) and its
+    timeline events."""
+
+    step: int
+    metrics: dict[str, float]
+    events: list[Event] = field(default_factory=list)
+
+
 class Engine:
     """One rank's share of the training: its stage's blocks for its column(s), its schedule, SGD.
 
     ``groups`` comes from :func:`pipeline.dist.init_distributed` for the same grid shape.
+
+    Numerics: ``precision`` (:mod:`pipeline.precision`; ``auto`` resolved for ``device``, an
+    unsupported one a ``ValueError``), ``deterministic`` and ``cudnn_benchmark`` (None: on for
+    CUDA unless deterministic) set the process-wide backend flags when the engine is built (one
+    engine per process). ``fused`` (None: when the rank holds both columns) runs the stage the
+    fused way (:class:`alexnet.model.Stage`); ``lrn_kernel`` ``auto`` is the compiled LRN on
+    CUDA, the eager one on CPU. On CUDA the conv activations are channels_last.
+
+    :meth:`submit_step` runs a step without reading anything back from the device (its metrics
+    and timings stay there); :meth:`read_steps` reads every submitted step at once. :meth:`step`
+    is the two for one step.
     """
 
     def __init__(
@@ -151,6 +191,11 @@ class Engine:
         weight_decay: float = 5e-4,
         rule: str = "paper",
         track_memory: bool = False,
+        precision: str = "fp32",
+        deterministic: bool = False,
+        cudnn_benchmark: bool | None = None,
+        fused: bool | None = None,
+        lrn_kernel: str = "auto",
     ) -> None:
         g = groups.grid
         if (g.replicas, g.stages, g.columns) != (grid.replicas, grid.stages, grid.columns):
@@ -158,14 +203,29 @@ class Engine:
                 f"groups were made for grid {g.shape} but the engine got {grid.shape}: "
                 "call init_distributed with the same grid shape"
             )
+        if lrn_kernel not in LRN_KERNEL_CHOICES:
+            raise ValueError(f"train.lrn_kernel={lrn_kernel!r}: use one of {LRN_KERNEL_CHOICES}")
         self.cfg, self.grid, self.rank, self.groups = model_cfg, grid, rank, groups
         self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.precision = resolve_precision(precision, self.device)
+        configure_backends(
+            self.device,
+            self.precision,
+            deterministic,
+            cuda and not deterministic if cudnn_benchmark is None else cudnn_benchmark,
+        )
+        self.autocast_dtype = autocast_dtype(self.precision)
+        self.act_dtype = activation_dtype(self.precision)  # what crosses boundaries and exchanges
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
         self.r, self.s, self.c = grid.coords(rank)
         self.first, self.last = self.s == 0, self.s == grid.stages - 1
         self.columns = grid.columns_of(self.c)
         self.blocks = grid.stage_blocks(self.s)
-        self.stage = Stage(model_cfg, self.blocks, self.columns).to(self.device)
-        self.timeline = Timeline(rank, (self.r, self.s, self.c))
+        self.fused = len(self.columns) == 2 if fused is None else fused
+        kernel = ("compiled" if cuda else "eager") if lrn_kernel == "auto" else lrn_kernel
+        self.stage = Stage(model_cfg, self.blocks, self.columns, self.fused, kernel).to(self.device)
+        self.timeline = Timeline(rank, (self.r, self.s, self.c), self.device)
         self.schedule = make_schedule(grid.schedule, grid.stages, grid.microbatches)
         self.actions: list[Action] = self.schedule.actions(self.s)
         self.column_exchange = (
@@ -174,6 +234,8 @@ class Engine:
             else None
         )
         params = list(self.stage.parameters())
+        self.scaler = loss_scaler(self.precision, self.device)
+        # the scaler's step reads its inf flag on the host before the paper's rule (fp16 only)
         self.optimizer = make_optimizer(self.stage.named_parameters(), rule, 0.0, momentum, weight_decay)
         self.param_names = dict(self.stage.named_parameters())
         self.grad_sync = (
@@ -190,14 +252,17 @@ class Engine:
             else []
         )
         self.out_shapes = [geometry(model_cfg, self.blocks[-1], c).out for c in self.columns]
-        self.link = StageLink(groups.comm, groups.pipeline, self.device, self.timeline)
+        self.link = StageLink(groups.comm, groups.pipeline, self.device, self.timeline, self.act_dtype)
         # each action's receive and send peer: the P2P layer posts receives ahead from it
         self.plan = step_plan(
             self.actions, self.prev, self.next, self.in_shapes, self.out_shapes, grid.microbatch_size
         )
+        # submitted steps: (step, scores on the device, peak saved-activation bytes or None)
+        self._unread: list[tuple[int, Tensor | None, int | None]] = []
 
     # -- overridable pieces (the tests plant faults by overriding them) ----------------------
     def _exchange(self, spec: BlockSpec, parts: list[Tensor]) -> Tensor:
+        parts = [p.to(self.act_dtype) for p in parts]  # gathered in the autocast dtype
         if self.column_exchange is None:
             return concat_exchange(spec, parts)
         return self.column_exchange(spec, parts)
@@ -211,8 +276,10 @@ class Engine:
         return 1.0 / (self.grid.global_batch * self.grid.columns)
 
     def _loss(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """(loss to back-propagate, summed cross-entropy of the micro-batch for the metrics)."""
-        ce = F.cross_entropy(logits, labels, reduction="sum")
+        """(loss to back-propagate, summed cross-entropy of the micro-batch for the metrics).
+
+        In float32 whatever the precision (``.float()`` is the tensor itself in fp32)."""
+        ce = F.cross_entropy(logits.float(), labels, reduction="sum")
         return ce * self._loss_scale(), ce.detach()
 
     # -- one step ----------------------------------------------------------------------------
@@ -230,18 +297,49 @@ class Engine:
         start = self.r * self.grid.replica_batch + mb * self.grid.microbatch_size
         return torch.arange(start, start + rows, device=self.device, dtype=torch.int64)
 
+    def _layout(self, x: Tensor) -> Tensor:
+        """Conv activations in the engine's memory format (channels_last on CUDA)."""
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
+    def _autocast(self):
+        return torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
+
     def step(self, step: int, lr: float, images: Tensor | None, labels: Tensor | None) -> dict[str, float]:
-        """Run one global step on this rank: schedule, gradient sync, SGD update. See the module doc."""
-        t0 = time.perf_counter()
+        """Run one global step on this rank (:meth:`submit_step`) and read its metrics (reading, and
+        so dropping, any step submitted earlier and not read yet)."""
+        self.submit_step(step, lr, images, labels)
+        return self.read_steps()[-1].metrics
+
+    def submit_step(self, step: int, lr: float, images: Tensor | None, labels: Tensor | None) -> None:
+        """Run one global step on this rank: schedule, gradient sync, SGD update. See the module doc.
+
+        Reads nothing from the device (on a GPU the host runs ahead of the kernels it launched);
+        the step's metrics come from :meth:`read_steps`.
+        """
         self._check_inputs(images, labels)
-        tl, mbs = self.timeline, self.grid.microbatch_size
+        tl = self.timeline
         tl.clear(step)
+        try:
+            with tl.span("step"):
+                scores = self._run_step(step, lr, images, labels)
+        except BaseException:
+            tl.discard(step)
+            raise
+        self._unread.append((step, scores, self.meter.peak if self.meter is not None else None))
+
+    def _run_step(self, step: int, lr: float, images: Tensor | None, labels: Tensor | None) -> Tensor | None:
+        """The step's work; returns the last stage's (3,) float64 [loss sum, top-1, top-5] on the device."""
+        tl, mbs = self.timeline, self.grid.microbatch_size
         self.link.start(self.plan)  # nothing left over from a step that raised
         if self.meter is not None:
             self.meter.reset()
         self.stage.train()
         self.optimizer.zero_grad(set_to_none=True)
-        imgs = images.split(mbs) if self.first else None
+        imgs = self._layout(images).split(mbs) if self.first else None
         labs = labels.split(mbs) if self.last else None
         live: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # mb -> (inputs, outputs or [loss])
         tally = Tally()  # the last stage's scores of the step's micro-batches
@@ -260,8 +358,15 @@ class Engine:
         with tl.span("optimizer"):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            self.optimizer.step()
-        return self._metrics(tally, time.perf_counter() - t0)
+            if self.scaler is None:
+                self.optimizer.step()
+            else:  # fp16: unscale, agree on inf/NaN across the world, skip or step, adapt the scale
+                self.scaler.unscale_(self.optimizer)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+        if not self.last:
+            return None
+        return torch.stack([tally.loss_sum, tally.top1.double(), tally.top5.double()])
 
     def _forward(
         self, step: int, mb: int, imgs: Sequence[Tensor] | None, labs: Sequence[Tensor] | None, tally: Tally
@@ -273,7 +378,7 @@ class Engine:
             inputs, xs = [], [imgs[mb]]
         else:
             inputs = self.link.recv(self.in_shapes, rows, self.prev, mb, ACT)
-            xs = [x.requires_grad_() for x in inputs]
+            xs = [self._layout(x.requires_grad_()) for x in inputs]
         ctx = StepContext(seed=self.cfg.seed, step=step, sample_index=self._sample_index(mb, rows))
         hooks = (
             torch.autograd.graph.saved_tensors_hooks(self.meter.pack, self.meter.unpack)
@@ -281,13 +386,16 @@ class Engine:
             else contextlib.nullcontext()
         )
         with self.timeline.span("forward", f"F{mb}"), hooks:
-            outs = self.stage.run(xs, self._exchange, ctx)
+            with self._autocast():
+                outs = self.stage.run(xs, self._exchange, ctx)
+                logits = self._full_logits(outs) if self.last else None
             if self.last:
-                logits = self._full_logits(outs)
                 loss, ce = self._loss(logits, labs[mb])
-                tally.add(logits.detach(), labs[mb], loss=False)
+                tally.add(logits.detach().float(), labs[mb], loss=False)
                 tally.add_loss(ce)
-                outs = [loss]
+                outs = [loss if self.scaler is None else self.scaler.scale(loss)]
+            else:
+                outs = [o.to(self.act_dtype) for o in outs]  # the boundary carries the autocast dtype
         if not self.last:
             self.link.send(outs, self.next, mb, ACT)
         return inputs, outs
@@ -302,25 +410,39 @@ class Engine:
         if not self.first:
             self.link.send([x.grad for x in inputs], self.prev, mb, GRAD)
 
-    def _metrics(self, tally: Tally, step_s: float) -> dict[str, float]:
-        """The step's metrics (see the module docstring); reads the scores from the device once."""
-        t = self.timeline.totals
+    def read_steps(self) -> list[StepReport]:
+        """The metrics and events of every step submitted since the last read, in order: one read of
+        the device for all of them (the scores in one copy, the timeline's events after one wait)."""
+        unread, self._unread = self._unread, []
+        events = self.timeline.read()
+        scored = [sc for _, sc, _ in unread if sc is not None]
+        values = torch.stack(scored).tolist() if scored else []
+        reports = []
+        for step, sc, peak in unread:
+            scores = values.pop(0) if sc is not None else [math.nan] * 3
+            evs = events.get(step, [])
+            reports.append(StepReport(step, self._metrics(scores, totals_of(evs), peak), evs))
+        return reports
+
+    def _metrics(self, scores: list[float], t: dict[str, float], peak: int | None) -> dict[str, float]:
+        """The step's metrics (see the module docstring) from its scores, its timeline totals and its
+        peak of saved activations (None: not tracked)."""
         exchange = t["exchange"]
-        scores = tally.totals() if self.last else {"loss_sum": math.nan, "top1": math.nan, "top5": math.nan}
+        loss_sum, top1, top5 = scores
         out = {
-            "loss": scores["loss_sum"] / self.grid.replica_batch,
-            "top1": scores["top1"],
-            "top5": scores["top5"],
+            "loss": loss_sum / self.grid.replica_batch,
+            "top1": top1,
+            "top5": top5,
             "samples": float(self.grid.replica_batch),
             "compute_s": t["forward"] + t["backward"] - exchange,
             "exchange_s": exchange,
             "pipeline_wait_s": t["recv"] + t["send_wait"],
             "grad_sync_s": t["grad_sync"],
             "optimizer_s": t["optimizer"],
-            "step_s": step_s,
+            "step_s": t["step"],
         }
-        if self.meter is not None:
-            out["activation_peak_bytes"] = float(self.meter.peak)
+        if peak is not None:
+            out["activation_peak_bytes"] = float(peak)
         return out
 
     # -- inference ---------------------------------------------------------------------------
@@ -328,7 +450,7 @@ class Engine:
         """Forward only, eval mode (no dropout), in micro-batches of at most B/(R M) rows.
 
         Stage-0 ranks pass images (any number of rows, the same on both column ranks);
-        returns the logits (rows, num_classes) on last-stage ranks, None elsewhere. Each
+        returns the float32 logits (rows, num_classes) on last-stage ranks, None elsewhere. Each
         micro-batch is preceded by a small header (rows, more-to-come) so later stages need
         not know the batch size.
         """
@@ -338,9 +460,11 @@ class Engine:
         self.stage.eval()
         self.link.start(None)
         logits: list[Tensor] = []
+        step_before = self.timeline.step
+        self.timeline.clear(_INFER)  # its spans are not a training step's: dropped at the end
         try:
             with torch.no_grad():
-                chunks = list(images.split(self.grid.microbatch_size)) if self.first else None
+                chunks = list(self._layout(images).split(self.grid.microbatch_size)) if self.first else None
                 mb, more = 0, True
                 while more:
                     if self.first:
@@ -348,15 +472,19 @@ class Engine:
                         xs, more = [chunks[mb]], mb + 1 < len(chunks)
                     else:
                         xs, more = self.link.recv_headed(self.in_shapes, self.prev, mb)
-                    outs = self.stage.run(xs, self._exchange)  # eval mode: no dropout, no context
-                    if self.last:
-                        logits.append(self._full_logits(outs))
-                    else:
-                        self.link.send_headed(outs, self.next, mb, more)
+                        xs = [self._layout(x) for x in xs]
+                    with self._autocast():
+                        outs = self.stage.run(xs, self._exchange)  # eval mode: no dropout, no context
+                        if self.last:
+                            logits.append(self._full_logits(outs).float())
+                    if not self.last:
+                        self.link.send_headed([o.to(self.act_dtype) for o in outs], self.next, mb, more)
                     mb += 1
             self.link.wait_sends()
         finally:
             self.stage.train(was_training)
+            self.timeline.discard(_INFER)
+            self.timeline.clear(step_before)
         return torch.cat(logits) if self.last else None
 
     # -- state -------------------------------------------------------------------------------

@@ -5,10 +5,15 @@ An event is a plain dict (JSON-ready, so a Ray actor can return it as is)::
     {"name": "F3", "cat": "forward", "ts": 1.7e15, "dur": 812.0,       # microseconds
      "rank": 5, "replica": 1, "stage": 0, "column": 1, "mb": 3, "step": 12}
 
-Categories: ``forward`` / ``backward`` (one per micro-batch action; the exchanges they run
-are nested inside them), ``exchange`` (an all-gather or its backward), ``recv`` (blocked on
-a point-to-point receive), ``send_wait`` (waiting for asynchronous sends to finish),
-``grad_sync`` (waiting for the data-parallel gradient sums), ``optimizer`` (the SGD update).
+Categories: ``step`` (the whole engine step; everything else nests inside it), ``forward`` /
+``backward`` (one per micro-batch action; the exchanges they run are nested inside them),
+``exchange`` (an all-gather or its backward), ``recv`` (blocked on a point-to-point receive),
+``send_wait`` (waiting for asynchronous sends to finish), ``grad_sync`` (waiting for the
+data-parallel gradient sums), ``optimizer`` (the SGD update).
+
+Times are the host's clock on CPU and CUDA events on a GPU (:class:`CudaClock`: the device's
+time, since kernels launch asynchronously), read once per :meth:`Timeline.read`. One API for
+both: the clock is a parameter.
 
 "Bubble" names two measures of a pipeline's idle time; they differ and are named apart:
 
@@ -32,50 +37,138 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+
 Event = dict[str, Any]
 COMPUTE_CATS = ("forward", "backward")
 
 
-class Timeline:
-    """Records one rank's events; ``totals`` sums seconds per category since :meth:`clear`."""
+class HostClock:
+    """Wall-clock marks (``perf_counter``): the time the host spent, which on a CPU is the time the
+    work took."""
 
-    def __init__(self, rank: int, coords: tuple[int, int, int] = (0, 0, 0)) -> None:
+    def __init__(self) -> None:
+        # wall-clock microseconds at perf_counter() == 0, so ranks on one host share a time axis
+        self._anchor_us = time.time() * 1e6 - time.perf_counter() * 1e6
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def resolve(self, spans: list[tuple[Any, Any]]) -> list[tuple[float, float]]:
+        """(start as wall-clock microseconds, duration in microseconds) of each (start, end) pair."""
+        return [(self._anchor_us + a * 1e6, (b - a) * 1e6) for a, b in spans]
+
+
+class CudaClock:
+    """CUDA events recorded on the current stream: when the device reached each mark, so a span is
+    the device time of the kernels launched inside it (launches are asynchronous: host time would
+    measure the launching). Reading waits for the last mark, once per :meth:`Timeline.read`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def mark(self) -> torch.cuda.Event:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def resolve(self, spans: list[tuple[Any, Any]]) -> list[tuple[float, float]]:
+        """(start, duration) in microseconds of each (start, end) event pair. Starts are anchored
+        by an event recorded once the device is idle (its device time is then the host's now),
+        fresh at every read, so the device and host clocks cannot drift apart."""
+        if not spans:
+            return []
+        for _, e in reversed(spans):  # the newest first: after it the others are done (one stream)
+            e.synchronize()
+        now = torch.cuda.Event(enable_timing=True)
+        now.record()
+        now.synchronize()
+        now_us = time.time() * 1e6
+        return [(now_us - a.elapsed_time(now) * 1e3, a.elapsed_time(b) * 1e3) for a, b in spans]
+
+
+def clock_for(device: torch.device | None) -> HostClock | CudaClock:
+    """CUDA events for a CUDA device, the host's clock otherwise."""
+    if device is not None and torch.device(device).type == "cuda":
+        return CudaClock(torch.device(device))
+    return HostClock()
+
+
+class Timeline:
+    """Records one rank's spans; :meth:`read` resolves them into events and per-step totals.
+
+    Spans are marks of ``clock`` (default: :func:`clock_for` ``device``), kept unresolved until
+    :meth:`read`, so on a GPU the timing costs no synchronisation inside a step: a chunk of
+    steps is read once. After a read, ``events`` and ``totals`` (seconds per category) are the
+    last step's.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        coords: tuple[int, int, int] = (0, 0, 0),
+        device: torch.device | None = None,
+        clock: HostClock | CudaClock | None = None,
+    ) -> None:
         self.rank, self.coords = rank, coords
+        self.clock = clock or clock_for(device)
         self.events: list[Event] = []
         self.totals: dict[str, float] = defaultdict(float)
         self.step = 0
         self.mb: int | None = None  # the micro-batch being worked on (tags nested events)
-        # wall-clock microseconds at perf_counter() == 0, so ranks on one host share a time axis
-        self._anchor_us = time.time() * 1e6 - time.perf_counter() * 1e6
+        self._pending: list[tuple[str, str, int | None, int, Any, Any]] = []  # cat, name, mb, step, marks
 
     def clear(self, step: int) -> None:
-        self.events, self.totals, self.step = [], defaultdict(float), step
+        """Start recording step ``step`` (the spans of earlier steps wait for :meth:`read`)."""
+        self.step = step
+
+    def discard(self, step: int) -> None:
+        """Forget the unread spans of ``step`` (a step that raised)."""
+        self._pending = [p for p in self._pending if p[3] != step]
 
     @contextmanager
     def span(self, cat: str, name: str | None = None) -> Iterator[None]:
         """Time the body as one event of category ``cat``, tagged with the current micro-batch."""
-        mb = self.mb
-        t0 = time.perf_counter()
+        mb, step = self.mb, self.step
+        m0 = self.clock.mark()
         try:
             yield
         finally:
-            t1 = time.perf_counter()
-            self.totals[cat] += t1 - t0
-            r, s, c = self.coords
-            self.events.append(
+            self._pending.append((cat, name or cat, mb, step, m0, self.clock.mark()))
+
+    def read(self) -> dict[int, list[Event]]:
+        """Resolve every unread span: ``{step: its events}`` in recording order (one wait on a GPU)."""
+        pending, self._pending = self._pending, []
+        times = self.clock.resolve([(p[4], p[5]) for p in pending])
+        r, s, c = self.coords
+        by_step: dict[int, list[Event]] = {}
+        for (cat, name, mb, step, _, _), (ts, dur) in zip(pending, times, strict=True):
+            by_step.setdefault(step, []).append(
                 {
-                    "name": name or cat,
+                    "name": name,
                     "cat": cat,
-                    "ts": self._anchor_us + t0 * 1e6,
-                    "dur": (t1 - t0) * 1e6,
+                    "ts": ts,
+                    "dur": dur,
                     "rank": self.rank,
                     "replica": r,
                     "stage": s,
                     "column": c,
                     "mb": mb,
-                    "step": self.step,
+                    "step": step,
                 }
             )
+        if by_step:
+            self.events = by_step[max(by_step)]
+            self.totals = totals(self.events)
+        return by_step
+
+
+def totals(events: list[Event]) -> dict[str, float]:
+    """Seconds per category of ``events`` (0.0 for a category that has none)."""
+    out: dict[str, float] = defaultdict(float)
+    for e in events:
+        out[e["cat"]] += e["dur"] / 1e6
+    return out
 
 
 def chrome_trace(events_by_rank: Mapping[int, list[Event]]) -> dict[str, Any]:

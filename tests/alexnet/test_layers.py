@@ -139,3 +139,52 @@ def test_lrn_computes_16_bit_inputs_in_float32():
     out = local_response_norm(xb, alpha=1e-3)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, local_response_norm(xb.float(), alpha=1e-3), rtol=0, atol=0)
+
+
+@pytest.mark.timeout(300)
+def test_compiled_lrn_agrees_with_the_eager_one_forward_and_backward():
+    # torch.compile with Inductor (C++ on CPU, Triton on CUDA); the first compile takes ~30 s here
+    from alexnet.layers import relu_local_response_norm_
+
+    z = torch.randn(3, 12, 6, 5) * 20
+    g = torch.randn_like(z)
+    for fmt, relu in ((torch.contiguous_format, True), (torch.channels_last, False)):
+        outs, grads = [], []
+        for kernel in ("eager", "compiled"):
+            zi = z.clone(memory_format=fmt).requires_grad_()
+            if relu:
+                out = relu_local_response_norm_(zi * 1.0, 5, 1e-2, 0.75, 2.0, 2, kernel)
+            else:
+                out = local_response_norm(zi, 5, 1e-2, 0.75, 2.0, 2, kernel)
+            out.backward(g)
+            outs.append(out)
+            grads.append(zi.grad)
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+        assert bool((grads[0] == 0).any()) == relu  # the ReLU's cut gradients, in both
+    # the paper's formula, not just agreement
+    ref = torch.cat([paper_lrn_reference(z[:, :6], alpha=1e-2), paper_lrn_reference(z[:, 6:], alpha=1e-2)], 1)
+    got = local_response_norm(z, 5, 1e-2, 0.75, 2.0, groups=2, kernel="compiled")
+    assert (got.double() - ref).abs().max() / ref.abs().max() < 1e-6
+
+
+def test_a_failed_compile_falls_back_to_the_eager_lrn(monkeypatch):
+    from alexnet import layers
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(layers, "_COMPILED", {"forward": broken, "backward": broken})
+    x = (torch.randn(2, 8, 4, 3) * 20).requires_grad_()
+    with pytest.warns(RuntimeWarning, match="torch.compile of the forward failed.*train.lrn_kernel=eager"):
+        out = local_response_norm(x, 5, 1e-2, 0.75, 2.0, 2, kernel="compiled")
+    with pytest.warns(RuntimeWarning, match="torch.compile of the backward failed"):
+        out.sum().backward()  # the forward ran eagerly inside the compiled node; its backward too
+    xe = x.detach().clone().requires_grad_()
+    ref = local_response_norm(xe, 5, 1e-2, 0.75, 2.0, 2)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, xe.grad)
+    assert not layers.compiled_lrn_available()  # from now on the eager function, no retry
+    with pytest.raises(ValueError, match="train.lrn_kernel"):
+        local_response_norm(x, kernel="triton")

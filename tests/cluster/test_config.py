@@ -187,3 +187,47 @@ def test_grid_refusals_name_the_config_keys():
         with pytest.raises(ValueError) as e:
             Grid(**args)
         assert grid_error_keys(str(e.value))[: len(keys)] == keys, (kwargs, str(e.value))
+
+
+@pytest.mark.parametrize(
+    "sets, words",
+    [
+        # one GPU per rank: NCCL refuses two ranks on one GPU, and a rank drives a single device
+        (["grid.gpus_per_rank=0.5", "train.device=cuda"], ["grid.gpus_per_rank=0.5", "NCCL", "use 1"]),
+        (["grid.gpus_per_rank=0.5", "train.device=auto"], ["grid.gpus_per_rank=0.5", "one whole GPU"]),
+        (["grid.gpus_per_rank=2", "train.device=cuda"], ["grid.gpus_per_rank=2", "use 1", "grid.shape"]),
+        (["grid.gpus_per_rank=2", "grid.backend=gloo"], ["grid.gpus_per_rank=2", "one GPU"]),
+        (["grid.backend=nccl"], ["grid.gpus_per_rank=0.0", "NCCL needs one whole GPU"]),
+        (["train.precision=half"], ["train.precision", "bf16", "fp16"]),
+        (["train.cudnn_benchmark=yes"], ["train.cudnn_benchmark", "auto"]),
+        (["train.lrn_kernel=triton"], ["train.lrn_kernel", "compiled"]),
+        # deterministic mode refuses what has no reproducible result
+        (
+            ["train.deterministic=true", "train.cudnn_benchmark=on"],
+            ["train.cudnn_benchmark='on'", "deterministic", "by timing", "auto or off"],
+        ),
+        (
+            ["train.deterministic=true", "train.precision=fp16"],
+            ["train.precision='fp16'", "loss scale", "bf16 or fp32"],
+        ),
+    ],
+)
+def test_gpu_and_numerics_refusals_name_the_key_and_the_fix(sets, words):
+    with pytest.raises(ValueError) as e:
+        load_config(preset="demo", overrides=parse_sets(sets))
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_numerics_defaults_and_what_they_allow():
+    paper = load_config(preset="paper")
+    assert paper.train.precision == "auto" and not paper.train.deterministic  # bf16 on capable GPUs
+    assert paper.uses_nccl() and paper.train.benchmark_cudnn(cuda=True)
+    demo = load_config(preset="demo")
+    assert demo.train.precision == "auto" and not demo.uses_nccl()  # fp32 on CPU
+    assert not demo.train.benchmark_cudnn(cuda=False)
+    det = load_config(preset="paper", overrides={"train.deterministic": "true"})
+    assert not det.train.benchmark_cudnn(cuda=True)  # auto: off when deterministic
+    # fractions of a GPU stay possible without NCCL (gloo ranks on CPU)
+    load_config(preset="demo", overrides={"grid.gpus_per_rank": "0.5", "train.device": "cpu"})
+    load_config(preset="demo", overrides={"train.precision": "bf16", "train.deterministic": "true"})

@@ -35,3 +35,22 @@ def test_consumers_are_the_first_and_last_stages():
     assert consumer_ids(grid) == {0: 0, 1: 1, 4: 2, 5: 3, 6: 4, 7: 5, 10: 6, 11: 7}
     one_stage = Grid.parse("1x1x2", microbatches=1, global_batch=2)
     assert consumer_ids(one_stage) == {0: 0, 1: 1}  # stage 0 is the last stage: read once
+
+
+def test_each_rank_sees_its_nodes_gpus_and_takes_the_one_ray_assigned():
+    import pytest
+
+    from cluster.group import shared_visible_devices
+    from cluster.rank import device_index
+
+    where = [
+        {"node": "a", "gpus": ["2"]},
+        {"node": "a", "gpus": ["0"]},
+        {"node": "b", "gpus": ["1"]},
+        {"node": "a", "gpus": ["10"]},
+    ]
+    visible = shared_visible_devices(where)
+    assert visible == ["0,2,10", "0,2,10", "1", "0,2,10"]  # numeric order, per node
+    assert [device_index(v, w["gpus"]) for v, w in zip(visible, where, strict=True)] == [1, 0, 0, 2]
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES='0,1' lacks this rank's GPU 3"):
+        device_index("0,1", ["3"])

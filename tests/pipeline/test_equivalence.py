@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,40 @@ FAULTS = {
 }
 
 
+class RecordingBf16(Engine):
+    """bf16 autocast; each step's metrics also say which share of the tensors it sent to the
+    neighbouring stages and gathered across the columns was bfloat16."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, precision="bf16", **kwargs)
+        self.dtypes: dict[str, list[torch.dtype]] = {"p2p": [], "exchange": []}
+        send = self.link.send
+
+        def recording_send(tensors, dst, mb, kind):
+            self.dtypes["p2p"] += [t.dtype for t in tensors]
+            send(tensors, dst, mb, kind)
+
+        self.link.send = recording_send
+
+    def _exchange(self, spec, parts):
+        full = super()._exchange(spec, parts)
+        self.dtypes["exchange"].append(full.dtype)
+        return full
+
+    def _full_logits(self, outs):
+        full = super()._full_logits(outs)
+        self.dtypes["exchange"].append(full.dtype)
+        return full
+
+    def read_steps(self):
+        reports = super().read_steps()
+        for r in reports:
+            for what, seen in self.dtypes.items():
+                r.metrics[f"{what}_bf16_share"] = sum(d == torch.bfloat16 for d in seen) / max(len(seen), 1)
+                r.metrics[f"{what}_tensors"] = float(len(seen))
+        return reports
+
+
 @functools.cache
 def _run(shape: str) -> dict:
     """Every configuration of one grid shape -> (errors, rank results); the faults ride along on 1x2x2."""
@@ -69,7 +104,7 @@ def _run(shape: str) -> dict:
             configs.append({"grid": Grid.parse(shape, m, BATCH, schedule=sched), "steps": STEPS, "lr": LR})
             names.append((m, sched))
     if shape == "1x2x2":
-        for fault, cls in FAULTS.items():
+        for fault, cls in {**FAULTS, "bf16": RecordingBf16}.items():
             grid = Grid.parse(shape, 2, BATCH, schedule="1f1b")
             configs.append({"grid": grid, "steps": STEPS, "lr": LR, "engine_cls": cls})
             names.append(fault)
@@ -126,3 +161,36 @@ def test_planted_faults_fail_the_check(fault):
     errors, _ = _run("1x2x2")[fault]
     assert errors["max_rel_grad_error"] > 100 * TOLERANCE, errors
     assert errors["max_rel_weight_error"] > TOLERANCE, errors
+
+
+@pytest.mark.timeout(280)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("m", MICROBATCHES)
+def test_fused_ranks_holding_both_columns_match_the_reference(m, schedule):
+    # C = 1: every rank holds both columns and runs them fused, across two pipeline stages
+    errors, _ = _run("1x2x1")[(m, schedule)]
+    assert errors["max_rel_grad_error"] < TOLERANCE, errors
+    assert errors["max_rel_weight_error"] < TOLERANCE, errors
+    assert errors["max_rel_update_error"] < 1e-4, errors
+
+
+@pytest.mark.timeout(280)
+def test_bf16_crosses_stages_and_columns_in_bf16_and_keeps_the_loss():
+    run = _run("1x2x2")
+    _, results = run["bf16"]
+    grid = Grid.parse("1x2x2", 2, BATCH)
+    for rank, res in enumerate(results):
+        m = res["metrics"][-1]
+        _, s, _ = grid.coords(rank)
+        assert m["p2p_tensors"] > 0 and m["p2p_bf16_share"] == 1.0  # activations and their gradients
+        if s == 1:  # the last stage gathers before conv3, fc6, fc7, fc8 and the logits
+            assert m["exchange_tensors"] > 0 and m["exchange_bf16_share"] == 1.0
+        for k, g in res["steps"][0]["grads"].items():
+            assert g.dtype == np.float32, k  # master weights and their gradients stay float32
+        if s == 1:
+            ref = run["reference"][0]
+            assert res["metrics"][0]["loss"] == pytest.approx(ref["loss"], rel=1e-2)
+            for k in ("fc8.0.weight", "fc8.1.weight"):
+                if k in res["steps"][0]["grads"]:
+                    g, want = res["steps"][0]["grads"][k], ref["grads"][k]
+                    assert 0 < np.linalg.norm(g - want) / np.linalg.norm(want) < 0.05, k

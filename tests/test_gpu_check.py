@@ -1,0 +1,47 @@
+"""``bench/gpu_check.py --device cpu``: the GPU check's every section runs on CPU and its JSON holds
+what the GPU run will be read for (the script must not die halfway on the first GPU it meets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("env", "lrn", "engine_vs_cpu", "throughput", "syncs", "lrn_share", "multi_gpu", "deterministic")
+
+
+@pytest.mark.timeout(400)
+def test_gpu_check_runs_every_section_on_cpu():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=380,
+        env=env,
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1])  # one JSON line, last
+    assert out["failed"] == [], (out["failed"], proc.stderr[-3000:])
+    assert proc.returncode == 0
+    assert set(SECTIONS) <= set(out) and out["device"] == "cpu"
+    lrn = out["lrn"]
+    assert lrn["gradcheck_eager"] is True and lrn["eager_vs_cpu_rel_error"] < 1e-6 and lrn["ok"]
+    e = out["engine_vs_cpu"]
+    assert e["ok"] and e["grad_rel_error"] == 0.0 and len(e["losses"]) == 2  # CPU against itself
+    for prec in ("fp32", "bf16"):
+        t = out["throughput"][prec]
+        assert t["images_per_s"] > 0 and t["torchvision_images_per_s"] > 0 and t["tflops"] > 0
+        assert t["engine_precision"] == prec
+        assert out["syncs"][prec]["counted"] == 0, out["syncs"][prec]["ops"]
+    assert out["throughput"]["gflop_per_image"] > 0
+    assert 0 < out["lrn_share"]["lrn_share"] < 1
+    assert out["multi_gpu"]["skipped"].startswith("no GPU")
+    assert out["deterministic"]["ok"] and out["deterministic"]["max_abs_diff"] == 0.0
+    assert all(out[s]["seconds"] >= 0 for s in SECTIONS)
