@@ -1,6 +1,6 @@
 """Data pipeline benchmark: decode + augment + collate images/s per core, vs the pipeline a user would write.
 
-Ours: ``alexnet.data.reader.WorkerStream`` (what each Ray data worker runs): torchvision ``decode_jpeg``,
+Ours: ``alexnet.data.reader.Stream`` (what each Ray data worker runs): torchvision ``decode_jpeg``,
 crop/flip as tensor views copied straight into a preallocated uint8 batch, lighting offsets.
 Baseline: the same shards through ``torch.utils.data.DataLoader`` over ``webdataset.WebDataset`` with
 PIL decode + ``RandomCrop`` + ``RandomHorizontalFlip`` + ``ToTensor``. Both in this process on one
@@ -8,9 +8,17 @@ thread (``num_workers=0``, ``torch.set_num_threads(1)``): images/s per core. Rou
 the median taken, since the machine is shared. Also times ``alexnet shards`` on a generated
 ImageFolder of ImageNet-sized JPEGs (500x375).
 
+The encoded path (``data.decode = "device"``), in the same run: bytes per image through the object
+store, encoded (JPEG bytes + augmentation parameters) vs decoded (the uint8 crop: goal <= 0.3x);
+the worker side's images/s per core when it only reads records and draws the parameters vs when it
+decodes (the rate above); and the trainer side's decode + crop rate on this CPU
+(:func:`alexnet.data.encoded.decode_rows`; nvJPEG on a GPU: ``bench/gpu_check.py``).
+
     .venv/bin/python bench/data.py [--images 400] [--batches 8] [--rounds 3]
 
-Last line: JSON with images_per_s_per_core, baseline_images_per_s_per_core, ratio, shards_images_per_s.
+Last line: JSON with images_per_s_per_core, baseline_images_per_s_per_core, ratio, shards_images_per_s,
+object_store_bytes_per_image, decoded_bytes_per_image, encoded_vs_decoded_bytes,
+draw_images_per_s_per_core, draw_vs_decode, trainer_decode_images_per_s.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from alexnet.data.index import DatasetIndex
-from alexnet.data.reader import ReaderSpec, WorkerStream
+from alexnet.data.reader import ReaderSpec, Stream
 from alexnet.data.writer import build_shards
 
 
@@ -48,13 +56,32 @@ def make_imagefolder(root: Path, n: int, classes: int = 4) -> None:
     Image.open(root / "train/c0/0.jpg").save(root / "val/c0/0.jpg")
 
 
-def ours(url: str, batch: int, batches: int, seed: int) -> float:
-    stream = WorkerStream(ReaderSpec(url, batch_size=batch, input_size=227, seed=seed, shuffle_buffer=100), 0)
-    stream.next_batch()  # warm-up (file open, first decode)
+def ours(url: str, batch: int, batches: int, seed: int, encoded: bool = False) -> tuple[float, dict]:
+    """Images/s of one stream (decoding, or with ``encoded`` only drawing), and its last batch."""
+    spec = ReaderSpec(url, batch_size=batch, input_size=227, seed=seed, shuffle_buffer=100, encoded=encoded)
+    stream = Stream(spec, 0)
+    b = stream.next_batch()  # warm-up (file open, first decode)
     t0 = time.perf_counter()
     for _ in range(batches):
-        stream.next_batch()
-    return batches * batch / (time.perf_counter() - t0)
+        b = stream.next_batch()
+    return batches * batch / (time.perf_counter() - t0), b
+
+
+def trainer_decode(batch: dict, reps: int) -> float:
+    """Images/s of the trainer side's decode + crop of a whole encoded batch on this CPU."""
+    from alexnet.data.encoded import decode_rows
+
+    n = len(batch["labels"])
+    decode_rows(batch, slice(0, n), 227, torch.device("cpu"))  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        decode_rows(batch, slice(0, n), 227, torch.device("cpu"))
+    return reps * n / (time.perf_counter() - t0)
+
+
+def batch_bytes(batch: dict) -> int:
+    """Bytes of a batch's arrays (what the object store holds; keys excluded)."""
+    return sum(v.nbytes for v in batch.values() if isinstance(v, np.ndarray))
 
 
 def baseline(urls: list[str], batch: int, batches: int) -> float:
@@ -99,12 +126,22 @@ def main() -> None:
         urls = [sh.url for sh in DatasetIndex.load(url).shards("train")]
         if (args.batches + 1) * args.batch > sum(s.counts.values()):
             raise ValueError("--images too small for --batches x --batch (one pass, no wrap-around)")
-        mine, base = [], []
+        mine, base, draw, dec = [], [], [], []
         for r in range(args.rounds):
-            mine.append(ours(url, args.batch, args.batches, seed=r))
+            ips, decoded = ours(url, args.batch, args.batches, seed=r)
+            mine.append(ips)
             base.append(baseline(urls, args.batch, args.batches))
-            print(f"round {r}: ours {mine[-1]:.0f} img/s, baseline {base[-1]:.0f} img/s", flush=True)
+            ips, encoded = ours(url, args.batch, args.batches, seed=r, encoded=True)
+            draw.append(ips)
+            dec.append(trainer_decode(encoded, max(1, args.batches // 2)))
+            print(
+                f"round {r}: ours {mine[-1]:.0f} img/s, baseline {base[-1]:.0f} img/s, worker read+draw "
+                f"{draw[-1]:.0f} img/s, trainer decode+crop {dec[-1]:.0f} img/s",
+                flush=True,
+            )
     m, b = statistics.median(mine), statistics.median(base)
+    n = args.batch
+    enc_b, dec_b = batch_bytes(encoded) / n, batch_bytes(decoded) / n
     print(
         f"alexnet shards: {shards_ips:.0f} images/s with {args.shard_workers} processes (500x375 JPEG -> 256)"
     )
@@ -113,6 +150,12 @@ def main() -> None:
         "baseline_images_per_s_per_core": round(b, 1),
         "ratio": round(m / b, 3),
         "shards_images_per_s": round(shards_ips, 1),
+        "object_store_bytes_per_image": round(enc_b),
+        "decoded_bytes_per_image": round(dec_b),
+        "encoded_vs_decoded_bytes": round(enc_b / dec_b, 4),
+        "draw_images_per_s_per_core": round(statistics.median(draw), 1),
+        "draw_vs_decode": round(statistics.median(draw) / m, 3),
+        "trainer_decode_images_per_s": round(statistics.median(dec), 1),
         "batch": args.batch,
         "input_size": 227,
         "stored_size": 256,

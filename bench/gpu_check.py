@@ -25,7 +25,13 @@ Sections (keys of the JSON):
 * ``multi_gpu``: with >= 2 GPUs, grids 1x1x2 and (with 4) 1x2x2 at M = 1 and 4 on NCCL, a few
   steps against the CPU reference (fp32); otherwise the parts skipped and why;
 * ``deterministic``: ``train.deterministic`` on the device: 3 steps straight equal 2 steps, a
-  state round trip into a fresh engine, and 1 more, bit for bit.
+  state round trip into a fresh engine, and 1 more, bit for bit;
+* ``decode``: the trainer side of ``data.decode = "device"``: a batch of JPEGs (256 px, as
+  ``alexnet shards`` stores them) decoded and cropped on the device in one batched call (nvJPEG
+  on CUDA, :func:`alexnet.data.encoded.decode_rows`): images/s, and its pixels against the CPU's
+  decode of the same batch (mean and max absolute difference in uint8 levels: nvJPEG's IDCT is
+  not libjpeg-turbo's, so a few levels apart is expected; the CPU path is bit-identical to the
+  data workers', which the test suite proves).
 """
 
 from __future__ import annotations
@@ -439,6 +445,59 @@ def section_deterministic(device: torch.device, batch: int | None) -> dict:
     return res
 
 
+def _jpeg_batch(n: int, side: int, crop: int) -> dict:
+    """An encoded batch of ``n`` generated ``side`` px JPEGs (smooth colour fields plus texture,
+    quality 90, as ImageNet-like as bench/data.py's), crop ``crop``."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from alexnet.data.encoded import collate_encoded, draw_encoded
+    from alexnet.data.reader import ReaderStats
+
+    rng = np.random.default_rng(0)
+    light = np.eye(3, dtype=np.float32)
+    stats, samples = ReaderStats(), []
+    for i in range(n):
+        low = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+        smooth = np.asarray(low.resize((side, side), Image.BICUBIC), np.float32)
+        img = np.clip(smooth + rng.normal(0, 10, (side, side, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        rec = {"__key__": f"img{i}", "jpg": buf.getvalue(), "cls": b"0", "__url__": "generated"}
+        samples.append(draw_encoded(rec, 0, 0, side, crop, light, stats))
+    return collate_encoded(samples, crop)
+
+
+def section_decode(device: torch.device) -> dict:
+    from alexnet.data.encoded import decode_rows
+
+    cuda = device.type == "cuda"
+    n, side, crop, reps = (256, 256, 227, 10) if cuda else (8, 72, 64, 2)
+    batch = _jpeg_batch(n, side, crop)
+    rows = slice(0, n)
+    ref, ref_bad = decode_rows(batch, rows, crop, torch.device("cpu"))
+    got, bad = decode_rows(batch, rows, crop, device)  # warm-up (nvJPEG's handles, the allocator)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        got, bad = decode_rows(batch, rows, crop, device)
+    _sync(device)
+    ips = reps * n / (time.perf_counter() - t0)
+    diff = (got.cpu().int() - ref.int()).abs()
+    jpeg_bytes = int(batch["jpeg"].nbytes)
+    return {
+        "images": n,
+        "images_per_s": round(ips, 1),
+        "mean_abs_diff_vs_cpu": round(float(diff.float().mean()), 4),
+        "max_abs_diff_vs_cpu": int(diff.max()),
+        "bad_rows": int(bad.sum()) + int(ref_bad.sum()),
+        "jpeg_bytes_per_image": round(jpeg_bytes / n),
+        "decoded_bytes_per_image": 3 * crop * crop,
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -467,6 +526,7 @@ def main() -> int:
         ("lrn_share", lambda: section_lrn_share(device, sizes), 45),
         ("multi_gpu", lambda: section_multi_gpu(device), 150),
         ("deterministic", lambda: section_deterministic(device, args.batch), 120),
+        ("decode", lambda: section_decode(device), 60),
     ]
     with _world_of_one(device):  # fp16's loss scale agrees over the (one-rank) world
         for name, fn, cap_s in sections:

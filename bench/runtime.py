@@ -11,7 +11,8 @@
     the chunking and the aggregation cost, with the data wait reported on its own in (b).
     Model small enough that a step takes ~10 ms (small network, batch 16, grid 1x1x2).
 (b) data_wait_fraction: the demo preset (grid 1x2x2, default data.workers) for N steps:
-    sum of per-step data wait (max over ranks) / sum of step time.
+    sum of per-step data wait (max over ranks) / sum of step time; and the same with
+    ``data.decode = "device"`` (the stage-0 ranks decode the JPEG bytes, here on their CPU).
 (c) checkpoint: for the paper network's full state (model + momentum, 488 MB), the training stall
     of a background checkpoint (``CheckpointManager.save`` returns after the host copy) vs the
     time to write the same checkpoint synchronously (``write_checkpoint``), to local disk.
@@ -151,10 +152,12 @@ def control_overhead(shards: str, steps: int, rounds: int) -> dict:
     }
 
 
-def data_wait(shards: str, steps: int) -> dict:
+def data_wait(shards: str, steps: int, decode: str = "auto") -> dict:
+    """The demo's data-wait fraction (``data.decode`` = ``decode``; "device" decodes in the stage-0
+    ranks, on their CPU here)."""
     from cluster.config import load_config
 
-    cfg = load_config(preset="demo", overrides={"train.steps": 10**6})
+    cfg = load_config(preset="demo", overrides={"train.steps": 10**6, "data.decode": decode})
     group = _group(cfg, shards)
     try:
         group.train(0, 10, cfg.optim.lr)
@@ -220,6 +223,9 @@ def main() -> None:
     try:
         out.update(control_overhead(shards, args.steps, args.rounds))
         out.update(data_wait(shards, args.steps))
+        device = data_wait(shards, args.steps, decode="device")
+        out["data_wait_fraction_device_decode"] = device["data_wait_fraction"]
+        out["demo_step_ms_device_decode"] = device["demo_step_ms"]
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -327,9 +327,17 @@ class DataSection:
 
     path: str = ""
     workers: int = 2
+    # the epoch is read as this many virtual streams (batch t from stream t % streams), hosted by the
+    # workers: the batches do not depend on data.workers, which may change on resume; at most this many
+    # workers. 0: min(batches per epoch, 16); a run keeps the number its checkpoints record
+    streams: int = 0
+    # where JPEGs are decoded: "worker" (data workers ship decoded uint8 crops), "device" (they ship the
+    # JPEG bytes and augmentation parameters, the stage-0 ranks decode in batches on their device:
+    # nvJPEG on a GPU), "auto" (device when the ranks have GPUs, else worker); same pixels either way
+    decode: str = "auto"
     prefetch: int = 4
     seed: int = 0
-    shuffle_buffer: int = 1000  # records per worker's shuffle buffer (0: shard order only)
+    shuffle_buffer: int = 1000  # records per stream's shuffle buffer (0: shard order only)
     mean: str = "image"  # subtract the training-set mean "image" (the paper) or mean "rgb" pixel
     input_scale: float = 1.0  # model input = (pixels - mean + lighting) * input_scale
     # the run fails once an epoch loses more than this fraction of its samples to unreadable or
@@ -338,6 +346,13 @@ class DataSection:
 
     def __post_init__(self) -> None:
         _need(self.workers >= 1, "data.workers", self.workers, "use >= 1")
+        _need(self.streams >= 0, "data.streams", self.streams, "use >= data.workers, or 0 (automatic)")
+        _need(
+            self.decode in ("auto", "worker", "device"),
+            "data.decode",
+            self.decode,
+            'use "auto", "worker" or "device"',
+        )
         _need(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "use >= 0")
         _need(self.mean in ("image", "rgb"), "data.mean", self.mean, 'use "image" or "rgb"')
         _need(self.input_scale > 0, "data.input_scale", self.input_scale, "use > 0 (1.0: raw pixel units)")
@@ -389,15 +404,24 @@ class MetricsSection:
 
 @dataclass(frozen=True)
 class EvalSection:
-    """Validation at epoch ends: center crop always, the paper's 10-crop when ``ten_crop``."""
+    """Validation at epoch ends (every ``every_epochs``): the center-crop pass always; the paper's
+    10-crop pass, 10x its cost, when ``ten_crop`` and due: at validations whose epoch count is a
+    multiple of ``ten_crop_every_epochs``, and at the run's last validation (0: only there)."""
 
     every_epochs: int = 1
     ten_crop: bool = True
+    ten_crop_every_epochs: int = 0
     batch_size: int = 0  # 0: optim.batch_size
-    max_samples: int = 0  # 0: the whole val split
+    max_samples: int = 0  # 0: the whole val split; else its first max_samples images
 
     def __post_init__(self) -> None:
         _need(self.every_epochs >= 0, "eval.every_epochs", self.every_epochs, "use >= 0 (0: off)")
+        _need(
+            self.ten_crop_every_epochs >= 0,
+            "eval.ten_crop_every_epochs",
+            self.ten_crop_every_epochs,
+            "use >= 0 (0: only at the run's last validation)",
+        )
         _need(self.batch_size >= 0, "eval.batch_size", self.batch_size, "use >= 0")
         _need(self.max_samples >= 0, "eval.max_samples", self.max_samples, "use >= 0 (0: all)")
 
@@ -492,6 +516,12 @@ class JobConfig:
         return g.backend == "nccl" or (
             g.backend == "auto" and g.gpus_per_rank > 0 and self.train.device != "cpu"
         )
+
+    def decode_on_device(self) -> bool:
+        """Whether the stage-0 ranks decode the JPEGs (``data.decode``; "auto": when they have GPUs)."""
+        if self.data.decode == "auto":
+            return self.grid.gpus_per_rank > 0 and self.train.device != "cpu"
+        return self.data.decode == "device"
 
     def _check_gpus_per_rank(self) -> None:
         """One GPU per rank: a rank drives exactly one device, and NCCL refuses two ranks on one GPU."""

@@ -12,7 +12,8 @@ States (``cluster.metrics.STATES``)::
 * ``running``: one call trains a *chunk* of steps (``train.steps_per_call``, never past an epoch
   end, a due checkpoint or the run's end: :class:`cluster.plan.Milestones`): the trainers pull
   their own batches, so the coordinator makes one Ray call per rank per chunk, not per step;
-* ``evaluating``: validation at an epoch end (every ``eval.every_epochs``), then the learning-rate
+* ``evaluating``: validation at an epoch end (every ``eval.every_epochs``; the 10-crop pass when
+  :class:`cluster.plan.Milestones` says it is due), then the learning-rate
   rule (:class:`cluster.lr_schedule.LRSchedule`; at an epoch end without validation ``running``
   feeds it the epoch alone), each cut logged with its evidence;
 * ``checkpointing``: gather the state into host memory (the only stall) and hand it to the
@@ -86,7 +87,8 @@ class TrainerGroup(Protocol):
         """Wait for a submitted chunk; one reduced result dict per step (TrainerDied on failure)."""
 
     def evaluate(self, ten_crop: bool, max_samples: int) -> dict[str, float]:
-        """Validation: top1_error, top5_error, loss, samples, (top1|top5)_error_10crop."""
+        """Validation: top1_error, top5_error, loss, samples; with ``ten_crop`` (the 10-crop pass
+        is due) also (top1|top5)_error_10crop."""
 
     def snapshot(self, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor], list[dict]]:
         """Full model and optimizer state (host memory) and the data positions resuming at ``step``."""
@@ -147,7 +149,7 @@ class Coordinator:
             self.lr_schedule = LRSchedule(rule, self.cfg.optim.lr)
         else:
             m = Manifest.from_json(ck.manifest)
-            self.step_no, self.positions = m.step, m.positions_for(self.cfg.data.workers)
+            self.step_no, self.positions = m.step, m.positions_for(self.plan.streams)
             self.lr_schedule = LRSchedule.from_state(rule, m.lr_schedule, m.epoch)
         self.to_load = ck
         # what was due at the restored step is done: it was validated before it was checkpointed
@@ -251,7 +253,8 @@ class Coordinator:
 
     def _evaluating(self) -> str:
         t0 = time.perf_counter()
-        res = self.group.evaluate(self.cfg.eval.ten_crop, self.cfg.eval.max_samples)
+        ten_crop = self.milestones.at(self.step_no).ten_crop  # eval.ten_crop and due at this epoch
+        res = self.group.evaluate(ten_crop, self.cfg.eval.max_samples)
         cut = self._lr_rule(res["top1_error"])
         self._evaluated_step = self.step_no
         seconds, lr = time.perf_counter() - t0, self.lr_schedule.lr

@@ -1,69 +1,109 @@
-"""Ray data workers: decode + augment + collate on ``num_cpus=1`` actors, batches through the object store.
+"""Ray data workers: read + augment (+ decode) + collate on ``num_cpus=1`` actors, one object per batch.
 
 Pieces
-    ``DataWorker`` (actor): runs one :class:`alexnet.data.reader.WorkerStream` in a producer thread,
-    keeps at most ``prefetch`` batches ahead of its slowest consumer (backpressure), and serves
-    ``get_batch(epoch, index, part, parts, consumer)``: rows ``[part*B/parts, (part+1)*B/parts)`` of
-    batch ``index`` of ``epoch`` as a dict of numpy arrays (zero-copy through the object store).
-    ``DataPositions`` (actor): the last safe restart position of each worker.
-    ``DataPool`` (coordinator side): starts W workers and the registry, maps a global step to its worker,
-    reports positions for checkpoints and stats for metrics. ``DataClient`` (picklable, trainer side):
-    ``get(step, part, parts, consumer)``.
+    ``DataWorker`` (actor): hosts the virtual streams ``v`` with ``v % W == worker`` (one
+    :class:`alexnet.data.reader.Stream` each; batch ``t`` of an epoch is stream ``t % V``'s, see
+    :mod:`alexnet.data.reader`) in a producer thread that makes their batches in step order, keeps at
+    most ``prefetch`` batches ahead of its slowest consumer (backpressure) and puts each batch into
+    the object store ONCE (``ray.put``; plus a small labels-only object for consumers that need no
+    pixels). ``get_batch(epoch, index, consumer, images)`` answers ``[ref]``: every consumer of a
+    batch reads the same object (zero-copy numpy where it is on the same node) and selects its rows
+    itself (:func:`rows`). ``DataPositions`` (actor): the last safe restart position of each stream.
+    ``DataPool`` (coordinator side): starts W workers and the registry, reports positions for
+    checkpoints and stats for metrics. ``DataClient`` (picklable, trainer side): ``request`` and
+    ``resolve`` (or ``get``) a global step's batch.
 
 Consumers and release
     Each batch is fetched by ``consumers`` distinct consumers (e.g. both column ranks of stage 0 and the
     last stage, per replica), each passing its id ``consumer`` in [0, consumers) and fetching this
     worker's batches in increasing order. A batch is released once every consumer has asked for a later
-    batch of this worker (not merely fetched it), so a consumer whose call was interrupted by a worker
-    failure can ask for the same batch again.
+    batch of this worker (not merely fetched it), so a consumer whose fetch was interrupted by a worker
+    failure can ask for the same batch again. Consumers ask for the next batch only once they hold the
+    current one's data (:class:`cluster.feed.Feed`), since the object is owned by the worker.
 
 Failure
     Workers are started with ``max_restarts=-1, max_task_retries=-1``: Ray restarts a killed worker and
-    re-sends the calls in flight. The restarted worker reads the position before its oldest unreleased
-    batch from ``DataPositions`` (updated whenever a batch is released) and resumes its stream there, so
-    it produces exactly the batches of the uninterrupted stream; callers see only a delay.
+    re-sends the calls in flight. The restarted worker reads, for each of its streams, the position
+    before its oldest unreleased batch from ``DataPositions`` (updated whenever a batch is released) and
+    resumes there, so it produces exactly the batches of the uninterrupted streams. A consumer that
+    had the ref of a batch whose worker died before the data arrived (the object died with its owner)
+    asks again (:meth:`DataClient.resolve`); callers see only a delay.
 
 Checkpoints
-    ``DataPool.state(next_step)``: per worker, the JSON position before its first batch at or after the
-    global step ``next_step`` (call it between steps). ``DataPool(..., positions=...)`` resumes from them.
+    ``DataPool.state(next_step)``: per stream, the JSON position before its first batch at or after the
+    global step ``next_step`` (call it between steps). ``DataPool(..., positions=...)`` resumes from
+    them, with any worker count (the streams, not the workers, define the batches).
 """
 
 from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import ray
 
 from alexnet.data.index import DatasetIndex
-from alexnet.data.reader import ReaderSpec, WorkerStream, steps_per_epoch, val_batches
+from alexnet.data.reader import ReaderSpec, Stream, steps_per_epoch, upgrade_position
 from alexnet.data.writer import BuildSummary, build_shards, build_synthetic
 from cluster.metrics import SKIP_REASONS
+from cluster.val import ValServer
 
 DEFAULT_TIMEOUT_S = 300.0
+# what a consumer that reads no pixels (the last stage: labels) takes of a batch
+LABEL_KEYS = ("labels", "keys", "epoch", "index", "stream")
+# per-row arrays of a worker-decoded batch (an encoded batch's rows are cut by its decoder)
+ROW_KEYS = ("images", "labels", "lighting")
+# how often a consumer asks again for a batch whose object died with its worker
+OWNER_DIED_RETRIES = 5
+# start positions a worker remembers of batches it made, released ones included: the trainers' feeds
+# run a few steps ahead of the coordinator, whose checkpoint asks for the positions at its own step
+POSITION_HISTORY = 64
 
 
 def _key(epoch: int, index: int) -> tuple[int, int]:
     return (int(epoch), int(index))
 
 
+def hosted_streams(worker: int, workers: int, streams: int) -> list[int]:
+    """The streams data worker ``worker`` of ``workers`` hosts: ``v % workers == worker``."""
+    return list(range(worker, streams, workers))
+
+
+def rows(batch: dict, part: int, parts: int) -> dict:
+    """Rows ``[part*B/parts, (part+1)*B/parts)`` of a batch (views; ``keys`` sliced as a list).
+
+    Arrays that are not per row (an encoded batch's byte buffer) are left whole: its decoder takes
+    the row range (``batch["rows"]``)."""
+    B = len(batch["labels"])
+    if not 0 <= part < parts or B % parts:
+        raise ValueError(f"part={part}, parts={parts}: need 0 <= part < parts and parts dividing {B}")
+    r = slice(part * B // parts, (part + 1) * B // parts)
+    out = dict(batch)
+    for k in ROW_KEYS:
+        if k in out:
+            out[k] = out[k][r]
+    out["keys"] = list(batch["keys"][r])
+    out["rows"] = (r.start, r.stop)
+    return out
+
+
 @ray.remote(num_cpus=0)
 class DataPositions:
-    """Registry of each data worker's last safe restart position (and how often workers restarted)."""
+    """Registry of each data worker's last safe restart positions (and how often workers restarted)."""
 
     def __init__(self) -> None:
-        self._pos: dict[int, tuple[int, dict]] = {}
+        self._pos: dict[int, tuple[int, dict[int, dict]]] = {}
         self._restarts: dict[int, int] = {}
 
-    def set(self, worker: int, seq: int, position: dict) -> None:
-        """Record ``position`` unless a newer one (higher ``seq``) is already there."""
+    def set(self, worker: int, seq: int, positions: dict[int, dict]) -> None:
+        """Record ``positions`` (per hosted stream) unless newer ones (higher ``seq``) are there."""
         if worker not in self._pos or self._pos[worker][0] < seq:
-            self._pos[worker] = (seq, position)
+            self._pos[worker] = (seq, positions)
 
-    def get(self, worker: int) -> dict | None:
-        """The last recorded position of ``worker``; counts the call as a restart when one exists."""
+    def get(self, worker: int) -> dict[int, dict] | None:
+        """The last recorded positions of ``worker``; counts the call as a restart when they exist."""
         if worker not in self._pos:
             return None
         self._restarts[worker] = self._restarts.get(worker, 0) + 1
@@ -75,8 +115,13 @@ class DataPositions:
 
 
 @ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=-1, max_concurrency=64)
-class DataWorker:
-    """Data worker ``worker`` of ``spec["workers"]`` (see module docstring)."""
+class DataWorker(ValServer):
+    """Data worker ``worker`` of ``spec["workers"]`` (see module docstring); it also decodes the
+    val passes (:class:`cluster.val.ValServer`).
+
+    positions: per hosted stream, where it resumes (``{stream: position}``; None: the start of
+    ``start_epoch``); end: (epoch, index) of the run's end.
+    """
 
     def __init__(
         self,
@@ -84,7 +129,7 @@ class DataWorker:
         worker: int,
         consumers: int = 1,
         prefetch: int = 2,
-        position: dict | None = None,
+        positions: dict[int, dict] | None = None,
         registry: Any = None,
         start_epoch: int = 0,
         threads: int = 1,
@@ -97,14 +142,21 @@ class DataWorker:
             raise ValueError(f"consumers={consumers}, prefetch={prefetch}: both must be >= 1")
         self.spec = ReaderSpec.from_dict(spec)
         self.worker, self.consumers, self.capacity = worker, consumers, prefetch + 1
+        self.W, self.V = self.spec.workers, self.spec.streams
         self.registry = registry
         if registry is not None:
             stored = ray.get(registry.get.remote(worker))
-            position = stored if stored is not None else position
-        self.stream = WorkerStream(self.spec, worker, position=position, start_epoch=start_epoch)
-        self.W = self.spec.workers
-        self._buf: dict[tuple[int, int], dict] = {}  # (epoch, index) -> batch, in production order
-        self._next_pos = self.stream.position()  # position before the next batch to produce
+            positions = stored if stored is not None else positions
+        positions = positions or {}
+        index = DatasetIndex.load(self.spec.url)
+        self.streams = {
+            v: Stream(self.spec, v, position=positions.get(v), index=index, start_epoch=start_epoch)
+            for v in hosted_streams(worker, self.W, self.V)
+        }
+        # (epoch, index) -> {"ref", "labels_ref", "position", "stream"}, in production order
+        self._buf: dict[tuple[int, int], dict] = {}
+        self._history: collections.OrderedDict = collections.OrderedDict()  # key -> start position
+        self._next_pos = {v: st.position() for v, st in self.streams.items()}  # before each next batch
         # (epoch, index) of the run's end: batches from there on are never produced, so nothing past
         # the last step is decoded and its bad samples are not counted (None: no end)
         self._end = None if end is None else _key(*end)
@@ -117,6 +169,10 @@ class DataWorker:
         self._thread.start()
 
     # producer -------------------------------------------------------------------------------------
+    def _next_stream(self) -> int:
+        """The hosted stream whose next batch comes first in step order."""
+        return min(self.streams, key=lambda v: _key(self._next_pos[v]["epoch"], self._next_pos[v]["index"]))
+
     def _produce(self) -> None:
         try:
             while True:
@@ -126,22 +182,44 @@ class DataWorker:
                     )
                     if self._stop:
                         return
-                batch = self.stream.next_batch()
+                    v = self._next_stream()
+                batch = self.streams[v].next_batch()
+                entry = {
+                    "position": batch.pop("position"),
+                    "stream": v,
+                    "labels_ref": ray.put({k: batch[k] for k in LABEL_KEYS}),
+                }
+                nxt = batch.pop("next_position")
+                entry["ref"] = ray.put(batch)  # the one copy every consumer reads
                 with self._cond:
-                    self._buf[_key(batch["epoch"], batch["index"])] = batch
-                    self._next_pos = batch["next_position"]
+                    k = _key(batch["epoch"], batch["index"])
+                    self._buf[k] = entry
+                    self._history[k] = entry["position"]
+                    while len(self._history) > POSITION_HISTORY + self.capacity:
+                        self._history.popitem(last=False)
+                    self._next_pos[v] = nxt
                     self._cond.notify_all()
         except BaseException as e:  # surfaced to the callers of get_batch, never a silent hang
             with self._cond:
                 self._error = e
                 self._cond.notify_all()
 
+    def _first_next(self) -> tuple[int, int]:
+        p = self._next_pos[self._next_stream()]
+        return _key(p["epoch"], p["index"])
+
     def _at_end(self) -> bool:
-        nxt = _key(self._next_pos["epoch"], self._next_pos["index"])
-        return self._end is not None and nxt >= self._end
+        return self._end is not None and self._first_next() >= self._end
+
+    def _restart_positions(self) -> dict[int, dict]:
+        """Per hosted stream, the position before its oldest unreleased batch (else its next one)."""
+        out = dict(self._next_pos)
+        for k in sorted(self._buf, reverse=True):  # the oldest buffered batch of a stream wins
+            out[self._buf[k]["stream"]] = self._buf[k]["position"]
+        return out
 
     def _release(self) -> None:
-        """Drop batches every consumer has moved past; record the new restart position."""
+        """Drop batches every consumer has moved past; record the new restart positions."""
         if any(p is None for p in self._progress):
             return
         low = min(self._progress)
@@ -149,12 +227,10 @@ class DataWorker:
         if not gone:
             return
         for k in gone:
-            del self._buf[k]
-        oldest = min(self._buf) if self._buf else None
-        pos = self._buf[oldest]["position"] if oldest is not None else self._next_pos
+            del self._buf[k]  # the worker's refs go; consumers still holding theirs keep the object
         self._seq += 1
         if self.registry is not None:
-            self.registry.set.remote(self.worker, self._seq, pos)
+            self.registry.set.remote(self.worker, self._seq, self._restart_positions())
         self._cond.notify_all()
 
     # API --------------------------------------------------------------------------------------------
@@ -162,18 +238,18 @@ class DataWorker:
         self,
         epoch: int,
         index: int,
-        part: int = 0,
-        parts: int = 1,
         consumer: int = 0,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         images: bool = True,
-    ) -> dict:
-        """Rows ``[part*B/parts, (part+1)*B/parts)`` of batch ``index`` of ``epoch`` (blocks until made)."""
-        B = self.spec.batch_size
-        if index % self.W != self.worker:
-            raise ValueError(f"batch {index} belongs to data worker {index % self.W}, not {self.worker}")
-        if not 0 <= part < parts or B % parts:
-            raise ValueError(f"part={part}, parts={parts}: need 0 <= part < parts and parts dividing {B}")
+    ) -> list:
+        """``[ref]`` of batch ``index`` of ``epoch`` (blocks until made): the whole batch dict, or
+        with ``images=False`` only its :data:`LABEL_KEYS` (label-only consumers need no pixels). The
+        ref is inside a list so that Ray hands it over rather than the object."""
+        v = index % self.V
+        if v % self.W != self.worker:
+            raise ValueError(
+                f"batch {index} (stream {v}) belongs to data worker {v % self.W}, not {self.worker}"
+            )
         if not 0 <= consumer < self.consumers:
             raise ValueError(f"consumer={consumer}: this worker was started for {self.consumers} consumers")
         k = _key(epoch, index)
@@ -197,36 +273,39 @@ class DataWorker:
                 raise ValueError(
                     f"data worker {self.worker}: batch {k} was already released (consumers past it)"
                 )
-            b = self._buf[k]
-        r = slice(part * B // parts, (part + 1) * B // parts)
-        out = {k: b[k][r] for k in ("labels", "keys")}
-        out.update(epoch=b["epoch"], index=b["index"], worker=self.worker, position=b["position"])
-        if images:  # label-only consumers (the last stage) need not carry the pixels
-            out["images"], out["lighting"] = b["images"][r], b["lighting"][r]
-        return out
+            e = self._buf[k]
+        return [e["ref"] if images else e["labels_ref"]]
 
     def _passed(self, k: tuple[int, int]) -> bool:
-        nxt = _key(self._next_pos["epoch"], self._next_pos["index"])
-        return k < nxt and (not self._buf or k < min(self._buf))
+        p = self._next_pos[k[1] % self.V]
+        return k < _key(p["epoch"], p["index"]) and k not in self._buf
 
     def position_for(self, epoch: int, index: int) -> dict:
-        """Position before batch ``(epoch, index)``: must be buffered or the next one to produce."""
+        """Position before batch ``(epoch, index)``: one of the last batches made (released or not)
+        or its stream's next one."""
         k = _key(epoch, index)
         with self._cond:
-            if k in self._buf:
-                return dict(self._buf[k]["position"])
-            if _key(self._next_pos["epoch"], self._next_pos["index"]) == k:
-                return dict(self._next_pos)
+            if k in self._history:
+                return dict(self._history[k])
+            p = self._next_pos[index % self.V]
+            if _key(p["epoch"], p["index"]) == k:
+                return dict(p)
             raise ValueError(
-                f"data worker {self.worker}: position of batch {k} unknown (buffer {sorted(self._buf)}, "
-                f"next {self._next_pos}); take checkpoints between steps"
+                f"data worker {self.worker}: position of batch {k} unknown (last made "
+                f"{list(self._history)[-3:]}, next {p}); take checkpoints between steps"
             )
 
     def stats(self) -> dict:
-        """Reader counters plus ``queue_depth`` (batches ready) and ``worker``."""
+        """Reader counters of the hosted streams (summed) plus ``queue_depth`` and ``worker``."""
         with self._cond:
-            d = self.stream.stats.as_dict()
-            d["queue_depth"] = len(self._buf)
+            per = [st.stats.as_dict() for st in self.streams.values()]
+            depth = len(self._buf)
+        d: dict[str, Any] = {
+            k: sum(p[k] for p in per) for k in per[0] if k not in ("epoch", "lost", "decode_images_per_s")
+        }
+        d["lost"] = dict(sum((collections.Counter(p["lost"]) for p in per), collections.Counter()))
+        d["decode_images_per_s"] = d["samples"] / d["decode_s"] if d["decode_s"] > 0 else 0.0
+        d["queue_depth"] = depth
         d["worker"] = self.worker
         return d
 
@@ -241,43 +320,64 @@ class DataWorker:
             self._cond.notify_all()
 
 
-def locate(step: int, steps_per_epoch: int, workers: int) -> tuple[int, int, int]:
-    """Global step -> (worker, epoch, index): batch ``index`` of ``epoch`` comes from worker index % W."""
+def locate(step: int, steps_per_epoch: int, workers: int, streams: int | None = None) -> tuple[int, int, int]:
+    """Global step -> (worker, epoch, index): batch ``index`` of ``epoch`` is stream ``index % V``'s,
+    hosted by worker ``(index % V) % W`` (``streams`` None: V = W)."""
     epoch, index = divmod(step, steps_per_epoch)
-    return index % workers, epoch, index
+    return (index % (streams or workers)) % workers, epoch, index
+
+
+def _owner_died(e: BaseException) -> bool:
+    """An object lost with the worker that put it (the consumer asks the restarted worker again)."""
+    return isinstance(e, ray.exceptions.ObjectLostError)  # OwnerDiedError is one
 
 
 class DataClient:
-    """Trainer-side handle (picklable): fetch a global step's batch rows from the right worker."""
+    """Trainer-side handle (picklable): request and fetch a global step's batch from its worker."""
 
-    def __init__(self, workers: list, steps_per_epoch: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, workers: list, steps_per_epoch: int, timeout_s: float = DEFAULT_TIMEOUT_S, streams: int = 0
+    ) -> None:
         self.workers, self.steps_per_epoch, self.timeout_s = list(workers), steps_per_epoch, timeout_s
+        self.streams = streams or len(self.workers)
 
-    def get_ref(
-        self, step: int, part: int = 0, parts: int = 1, consumer: int = 0, images: bool = True
-    ) -> ray.ObjectRef:
-        """ObjectRef of the batch dict of ``step``, rows ``part`` of ``parts`` (``DataWorker.get_batch``);
-        ``images=False`` leaves out ``images`` and ``lighting``."""
-        w, epoch, index = locate(step, self.steps_per_epoch, len(self.workers))
-        return self.workers[w].get_batch.remote(epoch, index, part, parts, consumer, self.timeout_s, images)
+    def request(self, step: int, consumer: int = 0, images: bool = True) -> ray.ObjectRef:
+        """Ask for ``step``'s batch: a ref to ``[ref]`` (:meth:`DataWorker.get_batch`); moves this
+        consumer's progress, so ask for step t+1 only once step t's data is held."""
+        w, epoch, index = locate(step, self.steps_per_epoch, len(self.workers), self.streams)
+        return self.workers[w].get_batch.remote(epoch, index, consumer, self.timeout_s, images)
 
-    def get(self, step: int, part: int = 0, parts: int = 1, consumer: int = 0) -> dict:
-        """The batch dict (numpy arrays, read-only views into the object store)."""
-        ref = self.get_ref(step, part, parts, consumer)
-        try:
-            return ray.get(ref, timeout=self.timeout_s + 30)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"data batch for step {step} not received in {self.timeout_s + 30}s") from None
+    def resolve(self, request: ray.ObjectRef, step: int, consumer: int = 0, images: bool = True) -> dict:
+        """The batch dict of a :meth:`request` (numpy, read-only views into the object store); asks
+        again when the object died with its worker before it arrived."""
+        wait = self.timeout_s + 30
+        for attempt in range(OWNER_DIED_RETRIES + 1):
+            try:
+                inner = ray.get(request, timeout=wait)[0]
+                return ray.get(inner, timeout=wait)
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(f"data batch for step {step} not received in {wait:.0f}s") from None
+            except ray.exceptions.RayError as e:
+                if not _owner_died(e) or attempt == OWNER_DIED_RETRIES:
+                    raise
+                request = self.request(step, consumer, images)
+        raise AssertionError("unreachable")
+
+    def get(self, step: int, part: int = 0, parts: int = 1, consumer: int = 0, images: bool = True) -> dict:
+        """Rows ``part`` of ``parts`` of ``step``'s batch (:func:`rows`)."""
+        batch = self.resolve(self.request(step, consumer, images), step, consumer, images)
+        return rows(batch, part, parts) if images else batch
 
 
 class DataPool:
     """The job's data workers (coordinator side); see module docstring.
 
-    spec: the reader spec (``spec.workers`` actors are started); consumers: fetches per batch;
-    prefetch: batches a worker keeps ready ahead of its slowest consumer; positions: from a checkpoint's
-    :meth:`state` (None: start of ``start_epoch``); options: extra ``DataWorker.options`` (e.g. a
-    placement-group scheduling strategy); end_step: the run's total steps (no batch at or after that
-    global step is produced; None: endless).
+    spec: the reader spec (``spec.workers`` actors host ``spec.streams`` streams); consumers: fetches
+    per batch; prefetch: batches a worker keeps ready ahead of its slowest consumer; positions: from
+    a checkpoint's :meth:`state`, one per stream (None: start of ``start_epoch``); options: extra
+    ``DataWorker.options`` (one dict for all, or one per worker, e.g. placement-group scheduling
+    strategies); end_step: the run's total steps (no batch at or after that global step is
+    produced; None: endless).
     """
 
     def __init__(
@@ -288,54 +388,62 @@ class DataPool:
         positions: list[dict] | None = None,
         start_epoch: int = 0,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        options: dict | None = None,
+        options: dict | list[dict] | None = None,
         end_step: int | None = None,
     ) -> None:
         index = DatasetIndex.load(spec.url)
         self.spec = spec
-        # the sizes (e.g. no more workers than batches) were checked by the run's plan before Ray
+        # the sizes (e.g. no more workers than streams) were checked by the run's plan before Ray
         # started (cluster.plan)
         self.steps_per_epoch = steps_per_epoch(index.count(spec.split), spec.batch_size)
-        if positions is not None and len(positions) != spec.workers:
-            raise ValueError(
-                f"{len(positions)} saved data positions for data.workers={spec.workers}: resume with the "
-                "worker count the checkpoint was written with"
-            )
+        by_stream: dict[int, dict] = {}
+        if positions is not None:
+            positions = [upgrade_position(p) for p in positions]
+            if len(positions) != spec.streams or any(p["streams"] != spec.streams for p in positions):
+                raise ValueError(
+                    f"{len(positions)} saved data positions for data.streams={spec.streams}: resume with "
+                    "the data.streams the checkpoint was written with"
+                )
+            by_stream = {int(p["stream"]): p for p in positions}
+        W = spec.workers
+        per = options if isinstance(options, list) else [options or {}] * W
+        if len(per) != W:
+            raise ValueError(f"{len(per)} option dicts for {W} data workers")
         self.registry = DataPositions.remote()
         self.workers = [
-            DataWorker.options(**(options or {})).remote(
+            DataWorker.options(**per[w]).remote(
                 spec.to_dict(),
                 w,
                 consumers,
                 prefetch,
-                positions[w] if positions else None,
+                {v: by_stream[v] for v in hosted_streams(w, W, spec.streams)} if by_stream else None,
                 self.registry,
                 start_epoch,
                 end=None if end_step is None else divmod(end_step, self.steps_per_epoch),
             )
-            for w in range(spec.workers)
+            for w in range(W)
         ]
         self.timeout_s = timeout_s
         ray.get([w.ping.remote() for w in self.workers], timeout=timeout_s)  # constructor errors surface here
 
     def client(self) -> DataClient:
         """A picklable client for trainer actors."""
-        return DataClient(self.workers, self.steps_per_epoch, self.timeout_s)
+        return DataClient(self.workers, self.steps_per_epoch, self.timeout_s, self.spec.streams)
 
     def get(self, step: int, part: int = 0, parts: int = 1, consumer: int = 0) -> dict:
         """Convenience: ``self.client().get(...)``."""
         return self.client().get(step, part, parts, consumer)
 
     def state(self, next_step: int) -> list[dict]:
-        """JSON positions (one per worker) from which the pool resumes at global step ``next_step``."""
-        T, W = self.steps_per_epoch, self.spec.workers
+        """JSON positions (one per stream) from which the pool resumes at global step ``next_step``."""
+        T, V, W = self.steps_per_epoch, self.spec.streams, self.spec.workers
         refs = []
-        for w, actor in enumerate(self.workers):
+        for v in range(V):
             epoch, index = divmod(next_step, T)
-            index += (w - index) % W  # this worker's first batch at or after next_step
+            index += (v - index) % V  # this stream's first batch at or after next_step
             if index >= T:
-                epoch, index = epoch + 1, w
-            refs.append(actor.position_for.remote(epoch, index))
+                epoch, index = epoch + 1, v
+            refs.append(self.workers[v % W].position_for.remote(epoch, index))
         return ray.get(refs, timeout=self.timeout_s)
 
     def stats(self) -> dict:
@@ -362,26 +470,6 @@ class DataPool:
         for w in self.workers:
             ray.kill(w, no_restart=True)
         ray.kill(self.registry, no_restart=True)
-
-
-@ray.remote(num_cpus=1)
-def _val_stream(
-    url: str, batch_size: int, input_size: int, crop: str, worker: int, workers: int
-) -> Iterator[dict]:
-    yield from val_batches(url, batch_size, input_size, crop, worker, workers)
-
-
-def val_batches_ray(
-    url: str, batch_size: int, input_size: int, crop: str = "center", workers: int = 1
-) -> Iterator[dict]:
-    """Validation batches decoded by ``workers`` Ray tasks (streaming): every val sample exactly once."""
-    gens = [
-        _val_stream.options(num_returns="streaming").remote(url, batch_size, input_size, crop, w, workers)
-        for w in range(workers)
-    ]
-    for g in gens:
-        for ref in g:
-            yield ray.get(ref)
 
 
 def ray_map(fn: Callable[[Any], Any], tasks: list) -> Iterable:

@@ -5,8 +5,9 @@ averaged over the four corners and the center, with their flips):
 
 * :func:`val_input`: a val batch's uint8 crops -> model input on the device;
 * :class:`ValScore`: the hit counts of one validation pass, per crop kind;
-* :func:`evaluate_checkpoint` (``alexnet eval``): a checkpoint scored in one process with the
-  fused model; the trainer ranks score the same way inside the pipeline (:mod:`cluster.rank`).
+* :func:`score_model` / :func:`evaluate_checkpoint` (``alexnet eval``): a model (a checkpoint)
+  scored in one process with the fused model; the trainer ranks score the same way inside the
+  pipeline (:mod:`cluster.rank`), on batches the data workers decode once (:mod:`cluster.val`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,35 @@ def crop_errors(totals: dict[str, dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def score_model(
+    model: torch.nn.Module,
+    index: Any,
+    batch_size: int,
+    input_size: int,
+    mean: Tensor,
+    scale: float,
+    crops: tuple[str, ...],
+    max_samples: int = 0,
+) -> dict[str, dict[str, float]]:
+    """:meth:`ValScore.totals` of a one-process ``model`` (on ``mean``'s device) over the val split
+    of ``index`` (an :class:`alexnet.data.index.DatasetIndex`), decoded here, in batches of
+    ``batch_size``; ``max_samples`` > 0: its first ``max_samples`` images (rounded up to a batch)."""
+    from alexnet.data.reader import val_batches
+
+    score = ValScore(crops)
+    for crop in crops:
+        n = 0
+        for batch in val_batches(index.url, batch_size, input_size, crop=crop, index=index):
+            labels = torch.from_numpy(batch["labels"]).to(mean.device)
+            with torch.no_grad():
+                logits = model(val_input(batch, crop, mean, scale, mean.device))
+            score.add(crop, logits, labels)
+            n += labels.shape[0]
+            if max_samples and n >= max_samples:
+                break
+    return score.totals()
+
+
 def evaluate_checkpoint(
     checkpoint: str, data_url: str, batch_size: int = 0, max_samples: int = 0, ten_crop: bool = True
 ) -> dict[str, float]:
@@ -76,7 +106,6 @@ def evaluate_checkpoint(
     complete model file (newer ones skipped are named on stderr).
     """
     from alexnet.data.index import DatasetIndex
-    from alexnet.data.reader import val_batches
     from alexnet.model import FusedAlexNet
     from cluster.config import from_dict
     from cluster.manifest import Manifest
@@ -100,19 +129,9 @@ def evaluate_checkpoint(
         )
     mean = index.mean_tensor(mcfg.input_size, cfg.data.mean).to(device)
     bs = batch_size or cfg.eval.batch_size or cfg.optim.batch_size
-    crops = crop_kinds(ten_crop)
-    score = ValScore(crops)
-    for crop in crops:
-        n = 0
-        for batch in val_batches(data_url, bs, mcfg.input_size, crop=crop, index=index):
-            labels = torch.from_numpy(batch["labels"]).to(device)
-            with torch.no_grad():
-                logits = model(val_input(batch, crop, mean, cfg.data.input_scale, device))
-            score.add(crop, logits, labels)
-            n += labels.shape[0]
-            if max_samples and n >= max_samples:
-                break
-    totals = score.totals()
+    totals = score_model(
+        model, index, bs, mcfg.input_size, mean, cfg.data.input_scale, crop_kinds(ten_crop), max_samples
+    )
     errs = crop_errors(totals)
     out: dict[str, float] = {k: errs[k] for k in ("top1_error", "top5_error")}
     out["samples"] = int(totals["center"]["n"])

@@ -1,13 +1,14 @@
 """The Ray side of a run: placement, the trainer and data actors, calls with timeouts and failure
 classification. :class:`RayTrainerGroup` is the :class:`cluster.coordinator.TrainerGroup` the job uses.
 
-It reserves two placement groups: the trainers' (a replica's ranks in one bundle, i.e. one node,
-where a node can hold it, replicas spread; else a stage's columns per bundle, packed:
-:mod:`cluster.placement`) and the data workers' (one bundle each), so both start at the same
-time. It starts one :class:`cluster.rank.TrainerActor` per grid rank and the
-:class:`cluster.data.DataPool`, chooses the rendezvous (rank 0's node and a free port there),
-fans calls out and reduces the per-rank results (:mod:`cluster.reduce`). A cluster too small
-for the grid is a ``ValueError`` after ``grid.placement_timeout_s``, never an endless wait.
+It reserves one placement group for the trainers and the data workers (:mod:`cluster.placement`):
+a replica's ranks in one bundle, i.e. one node, where a node can hold it, replicas spread; else a
+stage's columns per bundle, packed; each data worker's CPU added to a bundle of the stage-0 ranks it
+feeds, so workers sit only on nodes holding stage-0 ranks, spread round-robin over them. It starts
+one :class:`cluster.rank.TrainerActor` per grid rank and the :class:`cluster.data.DataPool`
+(each worker in its bundle), chooses the rendezvous (rank 0's node and a free port there), fans
+calls out and reduces the per-rank results (:mod:`cluster.reduce`). A cluster too small for the
+grid is a ``ValueError`` after ``grid.placement_timeout_s``, never an endless wait.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.checkpoint import merge_rank_states
 from cluster.config import JobConfig
+from cluster.evaluate import crop_kinds
 from cluster.faults import FaultPlan, TrainerDied
-from cluster.placement import PlacementPlan, plan_placement
+from cluster.placement import DATA_WORKER, PlacementPlan, plan_placement
 from cluster.plan import RunPlan
 from cluster.rank import TrainerActor
 from cluster.reduce import reduce_eval, reduce_step, state_ranks
 
+# where samples that did not decode on a trainer's device are counted (the shard is not known there)
+DEVICE_DECODE = "decoded on the trainers' devices"
 FAILURE_GRACE_S = 3.0  # after a rank fails, how long to collect the others' errors before giving up
 
 # A rank whose collective or point-to-point op failed because a peer died is a consequence, not a
@@ -154,9 +158,14 @@ class RayTrainerGroup:
         self.grid = cfg.to_grid()
         self.faults = FaultPlan(cfg.faults)
         self.actors: list = []
-        self.pg = self.data_pg = None
+        self.pg = None
         self.plan_pg: PlacementPlan | None = None
         self.pool = None
+        # samples that did not decode on the trainers' devices, per (epoch, where, reason), counted
+        # from zero with each start as the data workers' own counters are
+        self.device_lost: collections.Counter = collections.Counter()
+        self._val_passes = 0  # val passes started (a pass id is unique per data worker)
+        self._index = None
 
     # -- resources ------------------------------------------------------------------------
     def rank_bundle(self) -> dict[str, float]:
@@ -164,51 +173,71 @@ class RayTrainerGroup:
         g = self.cfg.grid
         return {"CPU": g.cpus_per_rank, **({"GPU": g.gpus_per_rank} if g.gpus_per_rank > 0 else {})}
 
-    def data_bundles(self) -> list[dict[str, float]]:
-        """One bundle per data worker (a group of their own, so trainers and data workers can start
-        at the same time without one taking the other's bundle)."""
-        return [{"CPU": 1.0} for _ in range(self.plan.data_workers)]
+    def worker_bundle(self) -> dict[str, float]:
+        """What each data worker needs (added to the bundle of the stage-0 ranks it feeds)."""
+        return dict(DATA_WORKER)
 
     def _reserve(self) -> None:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        self.plan_pg = plan_placement(self.grid, self.rank_bundle(), nodes)
+        self.plan_pg = plan_placement(
+            self.grid, self.rank_bundle(), nodes, self.plan.data_workers, self.worker_bundle()
+        )
         self.pg = placement_group(self.plan_pg.bundles, strategy=self.plan_pg.strategy)
-        self.data_pg = placement_group(self.data_bundles(), strategy="PACK")
         timeout = self.cfg.grid.placement_timeout_s
-        ready, _ = ray.wait([self.pg.ready(), self.data_pg.ready()], num_returns=2, timeout=timeout)
-        if len(ready) < 2:
+        ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
+        if not ready:
             self._release()
-            raise self._too_small(timeout)
+            raise self._too_small(timeout, nodes)
 
-    def _too_small(self, waited_s: float) -> ValueError:
-        per_rank = self.rank_bundle()
+    def _too_small(self, waited_s: float, nodes: list[dict[str, float]]) -> ValueError:
+        per_rank, bundles = self.rank_bundle(), self.plan_pg.bundles
         need = collections.Counter()
-        for b in [per_rank] * self.grid.world_size + self.data_bundles():
+        for b in bundles:
             need.update(b)
-        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+        def cpu_gpu(res: dict) -> dict[str, float]:
+            return {k: v for k, v in res.items() if k in ("CPU", "GPU")}
+
+        def size(res: dict) -> tuple[float, float]:
+            return res.get("GPU", 0.0), res.get("CPU", 0.0)
+
+        largest = max(bundles, key=size)
+        biggest_node = max((cpu_gpu(n) for n in nodes), key=size, default={})
         return ValueError(
             f"the cluster cannot hold grid.shape={self.cfg.grid.shape!r} "
             f"({self.grid.world_size} trainer ranks x {per_rank}) plus data.workers="
-            f"{self.plan.data_workers}: needs {dict(need)} in total, the cluster has {have} "
+            f"{self.plan.data_workers} (x {self.worker_bundle()}, each on a node of the stage-0 ranks it "
+            f"feeds): needs {dict(need)} in total, in {len(bundles)} bundle(s) of one node each "
+            f"({self.plan_pg.level} layout, the largest {largest}); the cluster has "
+            f"{cpu_gpu(ray.cluster_resources())}, its largest node {biggest_node} "
             f"(waited grid.placement_timeout_s={waited_s:g}s). Use a smaller grid.shape or "
             "grid.cpus_per_rank / grid.gpus_per_rank, fewer data.workers, or add nodes."
         )
+
+    def data_options(self) -> list[dict[str, Any]]:
+        """Each data worker's ``DataWorker.options``: its CPUs, in the bundle of the stage-0 ranks it
+        feeds (:attr:`cluster.placement.PlacementPlan.bundle_of_worker`; call after reserving)."""
+        cpus = self.worker_bundle()["CPU"]
+        return [
+            {"num_cpus": cpus, "scheduling_strategy": self._strategy(self.pg, b)}
+            for b in self.plan_pg.bundle_of_worker
+        ]
 
     def _strategy(self, pg, bundle: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
 
     def _release(self) -> None:
-        for pg in (self.pg, self.data_pg):
-            if pg is not None:
-                with contextlib.suppress(Exception):
-                    remove_placement_group(pg)
-        self.pg = self.data_pg = None
+        if self.pg is not None:
+            with contextlib.suppress(Exception):
+                remove_placement_group(self.pg)
+        self.pg = None
 
     # -- TrainerGroup -----------------------------------------------------------------------
     def start(self, step: int, data_positions: list[dict] | None) -> None:
         """Reserve, start the trainers and the data workers (at ``data_positions``, or the start of
         ``step``'s epoch), then join the process groups."""
         self._reserve()
+        self.device_lost = collections.Counter()
         g = self.cfg.grid
         actor_cls = ray.remote(self.actor_cls)
         self.actors = [
@@ -249,6 +278,8 @@ class RayTrainerGroup:
             workers=d.workers,
             seed=d.seed,
             shuffle_buffer=d.shuffle_buffer,
+            streams=self.plan.streams,
+            encoded=self.cfg.decode_on_device(),
         )
         return DataPool(
             spec,
@@ -258,7 +289,7 @@ class RayTrainerGroup:
             start_epoch=step // self.plan.steps_per_epoch,
             end_step=self.plan.total_steps,
             timeout_s=self.cfg.grid.collective_timeout_s,
-            options={"scheduling_strategy": self._strategy(self.data_pg, -1)},
+            options=self.data_options(),
         )
 
     def load(self, model, optimizer) -> None:
@@ -285,18 +316,45 @@ class RayTrainerGroup:
             self.faults.trainer_failed()
             raise
         B, keys = self.cfg.optim.batch_size, self.cfg.train.record_keys
-        return [
+        out = [
             reduce_step(self.grid, B, first_step + i, [r[i] for r in per_rank], keys) for i in range(steps)
         ]
+        for res in out:
+            if res["corrupt_decoded"]:
+                epoch = res["step"] // self.plan.steps_per_epoch
+                self.device_lost[(epoch, DEVICE_DECODE, "corrupt")] += res["corrupt_decoded"]
+        return out
 
     def train(self, first_step: int, steps: int, lr: float) -> list[dict[str, Any]]:
         """``collect(submit(...))``: one chunk, synchronously."""
         return self.collect(self.submit(first_step, steps, lr))
 
     def evaluate(self, ten_crop: bool, max_samples: int) -> dict[str, float]:
-        """Validation on every replica's share of the val split, reduced."""
-        res = call_ranks([a.evaluate.remote(ten_crop, max_samples) for a in self.actors], None, "evaluate")
-        return reduce_eval(self.grid, res, ten_crop)
+        """Validation, reduced: the center-crop pass, then (``ten_crop``) the 10-crop pass. The
+        data workers decode each val image once per pass (:mod:`cluster.val`); every rank of a
+        replica reads that replica's batches."""
+        per_rank: list[dict] = [{} for _ in self.actors]
+        for crop in crop_kinds(ten_crop):
+            val, pass_id = self._start_val(crop, max_samples)
+            refs = [a.evaluate.remote(val, pass_id, crop) for a in self.actors]
+            for mine, res in zip(per_rank, call_ranks(refs, None, f"evaluate ({crop} crop)"), strict=True):
+                mine.update(res)
+        return reduce_eval(self.grid, per_rank)
+
+    def _start_val(self, crop: str, max_samples: int):
+        """Start the next val pass on the data workers; (its client, its id)."""
+        from alexnet.data.index import DatasetIndex
+        from cluster.val import ValPlan, start_pass
+
+        if self._index is None:
+            self._index = DatasetIndex.load(self.data_url)
+        g, bs = self.grid, self.cfg.eval.batch_size or self.cfg.optim.batch_size
+        plan = ValPlan.of(self._index, bs, g.replicas, len(self.pool.workers), max_samples)
+        consumers = {r: g.stages * g.columns for r in range(g.replicas)}  # every rank of a replica
+        self._val_passes += 1
+        timeout = self.cfg.grid.collective_timeout_s
+        args = (self._val_passes, crop, plan, self.cfg.model.input_size, max_samples, consumers, timeout)
+        return start_pass(self.pool.workers, *args), self._val_passes
 
     def snapshot(self, step: int) -> tuple[dict, dict, list[dict]]:
         """Full model and optimizer state (host memory) and the data positions resuming at ``step``."""
@@ -308,9 +366,13 @@ class RayTrainerGroup:
     def data_stats(self) -> dict[str, Any]:
         """The data pool's counters (empty when unavailable: metrics are best effort)."""
         try:
-            return self.pool.stats() if self.pool is not None else {}
+            stats = self.pool.stats() if self.pool is not None else {}
         except (ray.exceptions.RayError, TimeoutError):
             return {}  # a dead worker is handled by its restart
+        if stats and self.device_lost:  # the device decoder's losses count as the workers' do
+            stats["skipped"]["corrupt"] += sum(self.device_lost.values())
+            stats["lost"] = {**stats["lost"], **self.device_lost}
+        return stats
 
     def trace(self, steps: int) -> dict[str, Any] | None:
         """Chrome trace of every rank's last ``steps`` steps."""

@@ -15,6 +15,7 @@ the run directory (:mod:`cluster.reporting`) and print where everything is.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import math
 import os
@@ -30,7 +31,7 @@ import fsspec
 from cluster.checkpoint import Checkpoint, join_url, latest_checkpoint, scan_checkpoints
 from cluster.config import JobConfig
 from cluster.coordinator import FAILED, FINISHED, Coordinator
-from cluster.manifest import load_resume
+from cluster.manifest import Manifest, load_resume
 from cluster.metrics import Metrics
 from cluster.plan import RunPlan, plan_run
 from cluster.reporting import Reporter, write_bytes, write_outputs
@@ -80,8 +81,17 @@ def run_training(
         raise ValueError(f"--from-checkpoint {from_checkpoint} continues a run: add --resume")
     cfg = cfg.for_data(data_url)  # model.input_size from the stored images when unset
     plan, _index = plan_run(cfg, data_url)
+    if cfg.data.decode == "device" and not (cfg.grid.gpus_per_rank > 0 and cfg.train.device != "cpu"):
+        print(
+            "[alexnet] data.decode=device on a CPU run: the stage-0 ranks decode the JPEGs on their "
+            "CPU (the same pixels as data.decode=worker, which leaves it to the data workers)",
+            flush=True,
+        )
     check_run_dir(run_dir)
     ck = _resume_point(run_dir, resume, cfg, plan, from_checkpoint)
+    if ck is not None:  # a resumed run reads the epoch as the streams its checkpoints record
+        streams = Manifest.from_json(ck.manifest).streams_for(cfg, plan)
+        plan = dataclasses.replace(plan, data_streams=streams)
     write_bytes(join_url(run_dir, "config.toml"), cfg.to_toml().encode())  # `--config` it to rerun
     name = run_dir.rstrip("/").rsplit("/", 1)[-1] or "run"
     metrics = Metrics(run=name)

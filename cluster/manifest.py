@@ -54,6 +54,14 @@ class Manifest:
     steps_per_epoch: int | None  # None: a checkpoint that did not record it
     config: dict[str, Any]
     grid: dict[str, Any] | None = None
+    # the epoch's virtual streams; None: written before streams existed, when worker w of W read
+    # what stream w of V = W reads now (:func:`alexnet.data.reader.upgrade_position`)
+    data_streams: int | None = None
+
+    @property
+    def streams(self) -> int | None:
+        """The streams its data positions belong to."""
+        return self.data_streams if self.data_streams is not None else self.data_workers
 
     def to_json(self) -> dict[str, Any]:
         """The manifest entries (JSON-able) this object stands for."""
@@ -63,6 +71,7 @@ class Manifest:
             "schedule": self.lr_schedule,
             "data": {
                 "workers": self.data_workers,
+                "streams": self.data_streams,
                 "positions": self.data_positions,
                 "steps_per_epoch": self.steps_per_epoch,
             },
@@ -85,6 +94,7 @@ class Manifest:
             steps_per_epoch=data.get("steps_per_epoch"),
             config=d.get("config", {}),
             grid=d.get("grid"),
+            data_streams=data.get("streams"),
         )
 
     def check_resume(self, cfg: JobConfig, plan: RunPlan, url: str) -> None:
@@ -110,17 +120,30 @@ class Manifest:
                 "resume with the shards the run was started on (or start a new --run-dir)"
             )
         at_epoch_end = self.step % plan.steps_per_epoch == 0
-        if self.data_workers != cfg.data.workers and not at_epoch_end:
+        saved, want = self.streams, self.streams_for(cfg, plan)
+        if saved is not None and saved != want and not at_epoch_end:
             raise ValueError(
                 f"{url}: step {self.step} is inside an epoch, whose sample order belongs to "
-                f"data.workers={self.data_workers}; resume with --set data.workers={self.data_workers} "
-                "(another worker count is possible from a checkpoint at an epoch end)"
+                f"data.streams={saved}; resume with --set data.streams={saved} (or 0: the checkpoint's) "
+                "(other streams are possible from a checkpoint at an epoch end)"
+            )
+        if cfg.data.workers > want:
+            raise ValueError(
+                f"{url}: data.workers={cfg.data.workers} exceeds the run's data.streams={want} (each "
+                f"worker hosts whole streams); resume with --set data.workers={want} or fewer"
             )
 
-    def positions_for(self, workers: int) -> list[dict] | None:
-        """The data positions to resume ``workers`` data workers at (None: the start of the step's
-        epoch, for another worker count, which :meth:`check_resume` allows at an epoch end only)."""
-        return self.data_positions if self.data_workers == workers else None
+    def streams_for(self, cfg: JobConfig, plan: RunPlan) -> int:
+        """The streams a resumed run reads: the checkpoint's unless ``data.streams`` sets others
+        (a run keeps its sample order; data.workers may change)."""
+        if cfg.data.streams == 0 and self.streams is not None:
+            return self.streams
+        return plan.streams
+
+    def positions_for(self, streams: int) -> list[dict] | None:
+        """The data positions to resume ``streams`` streams at (None: the start of the step's
+        epoch, for other streams, which :meth:`check_resume` allows at an epoch end only)."""
+        return self.data_positions if self.streams == streams else None
 
 
 def load_resume(
@@ -196,6 +219,7 @@ class RunCheckpoints:
             epoch=step // self.plan.steps_per_epoch,
             lr_schedule=lr_schedule,
             data_workers=self.plan.data_workers,
+            data_streams=self.plan.streams,
             data_positions=positions,
             steps_per_epoch=self.plan.steps_per_epoch,
             config=self.config,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import fsspec
 
 from alexnet.data.index import DatasetIndex
-from alexnet.data.reader import check_plan
+from alexnet.data.reader import check_plan, resolve_streams
 from cluster.config import JobConfig
 
 
@@ -25,6 +25,12 @@ class RunPlan:
     steps_per_epoch: int
     total_steps: int
     data_workers: int
+    data_streams: int = 0  # V: the epoch's virtual streams (0: as many as data_workers)
+
+    @property
+    def streams(self) -> int:
+        """The number of virtual streams the epoch is read as (see :mod:`alexnet.data.reader`)."""
+        return self.data_streams or self.data_workers
 
 
 def plan_run(cfg: JobConfig, data_url: str) -> tuple[RunPlan, DatasetIndex]:
@@ -35,11 +41,12 @@ def plan_run(cfg: JobConfig, data_url: str) -> tuple[RunPlan, DatasetIndex]:
             f"model.num_classes={cfg.model.num_classes} but the dataset at {data_url} has "
             f"{index.num_classes} classes: --set model.num_classes={index.num_classes}"
         )
-    spe = check_plan(index, cfg.optim.batch_size, cfg.model.input_size, cfg.data.workers)
+    d = cfg.data
+    spe = check_plan(index, cfg.optim.batch_size, cfg.model.input_size, d.workers, streams=d.streams)
     total = cfg.train.steps or cfg.train.epochs * spe
     validates = _check_val_split(index, cfg.eval.every_epochs, spe, total)
     check_shards(index, ("train", "val") if validates else ("train",))
-    return RunPlan(spe, total, cfg.data.workers), index
+    return RunPlan(spe, total, d.workers, resolve_streams(d.streams, spe)), index
 
 
 def _check_val_split(index: DatasetIndex, every_epochs: int, steps_per_epoch: int, total: int) -> bool:
@@ -93,6 +100,7 @@ class Due:
     evaluate: bool  # validation (and the LR rule) is due: an epoch end every eval.every_epochs
     checkpoint: bool  # a checkpoint is due: checkpoint.every_steps, or an epoch end (at_epoch_end)
     end: bool  # the run's last step
+    ten_crop: bool = False  # the validation due here includes the 10-crop pass (eval.ten_crop_every_epochs)
 
     @property
     def boundary(self) -> bool:
@@ -111,6 +119,8 @@ class Milestones:
     checkpoint_every: int = 0  # 0: only at epoch ends (if at_epoch_end) and the end
     checkpoint_at_epoch_end: bool = True
     eval_every_epochs: int = 1  # 0: never
+    ten_crop: bool = False  # eval.ten_crop
+    ten_crop_every_epochs: int = 0  # 0: only at the run's last validation
 
     @classmethod
     def of(cls, cfg: JobConfig, plan: RunPlan) -> Milestones:
@@ -122,6 +132,8 @@ class Milestones:
             cfg.checkpoint.every_steps,
             cfg.checkpoint.at_epoch_end,
             cfg.eval.every_epochs,
+            cfg.eval.ten_crop,
+            cfg.eval.ten_crop_every_epochs,
         )
 
     def at(self, step: int) -> Due:
@@ -130,13 +142,25 @@ class Milestones:
         epoch_end = done and step % self.steps_per_epoch == 0
         epochs = step // self.steps_per_epoch  # completed epochs
         periodic = done and self.checkpoint_every > 0 and step % self.checkpoint_every == 0
+        evaluate = epoch_end and self.eval_every_epochs > 0 and epochs % self.eval_every_epochs == 0
         return Due(
             step=step,
             epoch_end=epoch_end,
-            evaluate=epoch_end and self.eval_every_epochs > 0 and epochs % self.eval_every_epochs == 0,
+            evaluate=evaluate,
             checkpoint=periodic or (epoch_end and self.checkpoint_at_epoch_end),
             end=step >= self.total_steps,
+            ten_crop=evaluate and self._ten_crop_due(epochs),
         )
+
+    def _ten_crop_due(self, epochs: int) -> bool:
+        """Whether the validation after ``epochs`` epochs runs the 10-crop pass: every
+        ``ten_crop_every_epochs`` epochs, and at the run's last validation."""
+        if not self.ten_crop:
+            return False
+        k = self.ten_crop_every_epochs
+        done = self.total_steps // self.steps_per_epoch  # epochs the run completes
+        last = done - done % self.eval_every_epochs  # the epoch count of its last validation
+        return epochs == last or (k > 0 and epochs % k == 0)
 
     def chunk(self, step: int) -> int:
         """Steps in the call starting at ``step``: up to ``steps_per_call``, ending at the next

@@ -1,9 +1,9 @@
 """The trainer actor: one grid rank's process, holding one :class:`pipeline.engine.Engine`.
 
-It pulls its own batches from the data workers (stage-0 ranks the images and lighting of their
-replica's rows, last-stage ranks the labels), converts uint8 -> float on its device (mean
-subtraction and PCA lighting: :func:`alexnet.data.transforms.to_model_input`) and runs ``steps``
-engine steps per call, so the coordinator makes one Ray call per rank per chunk of steps.
+It pulls its own batches from the data workers through a :class:`cluster.feed.Feed` (stage-0 ranks
+the images and lighting of their replica's rows, decoded on their device when the workers ship
+JPEG bytes; last-stage ranks the labels), fetched, pinned and copied a step or two ahead, and runs
+``steps`` engine steps per call, so the coordinator makes one Ray call per rank per chunk of steps.
 :class:`cluster.group.RayTrainerGroup` starts these actors and reduces their results.
 """
 
@@ -13,17 +13,17 @@ import collections
 import os
 import socket
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ray
 import torch
 
-from alexnet.data.transforms import to_model_input
 from cluster.config import JobConfig, from_dict
-from cluster.evaluate import ValScore, crop_kinds, val_input
+from cluster.evaluate import ValScore, val_input
 from cluster.faults import RankFaults
 from cluster.plan import RunPlan
+from cluster.val import ValClient
 
 
 def _device(cfg: JobConfig, gpu_index: int | None) -> torch.device:
@@ -65,7 +65,7 @@ class TrainerActor:
         self.engine = None
         self.data = None  # cluster.data.DataClient
         self.consumer = -1
-        self._ahead: tuple[int, Any] | None = None  # (step, ObjectRef) of the batch requested early
+        self.feed = None  # cluster.feed.Feed of the ranks that read batches
         self._events: collections.deque = collections.deque(maxlen=max(1, self.cfg.metrics.trace_steps))
 
     def rendezvous(self) -> tuple[str, int]:
@@ -128,6 +128,19 @@ class TrainerActor:
         self.index = DatasetIndex.load(self.data_url)
         self.mean = self.index.mean_tensor(self.cfg.model.input_size, self.cfg.data.mean).to(self.device)
         self.data, self.consumer = data, consumer
+        if consumer >= 0:
+            from cluster.feed import Feed, FeedSpec
+
+            spec = FeedSpec(
+                consumer,
+                self.r,
+                self.grid.replicas,
+                images=self.first,
+                labels=self.last,
+                input_size=self.cfg.model.input_size,
+                scale=self.cfg.data.input_scale,
+            )
+            self.feed = Feed(data, spec, self.device, self.mean, self.plan.total_steps)
 
     def load(self, state: dict) -> None:
         """Take this rank's slice of the full canonical ``{"model": ..., "optimizer": ...}`` state."""
@@ -138,106 +151,57 @@ class TrainerActor:
         st = self.engine.state_dict()
         return {k: {n: t.cpu() for n, t in d.items()} for k, d in st.items()}
 
-    def _inputs(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        images = labels = None
-        if self.first:
-            u8 = torch.from_numpy(batch["images"]).to(self.device, non_blocking=True)
-            light = torch.from_numpy(batch["lighting"]).to(self.device, non_blocking=True)
-            images = to_model_input(u8, light, self.mean, self.cfg.data.input_scale)
-        if self.last:
-            labels = torch.from_numpy(batch["labels"]).to(self.device, non_blocking=True)
-        return images, labels
-
     def train(self, first_step: int, steps: int, lr: float) -> list[dict[str, float]]:
         """Steps ``first_step .. first_step + steps - 1``; one result dict per step (engine keys +
         ``data_wait_s``). The device is read once, after the last step of the chunk.
 
-        ``data_wait_s`` is a timeline span around fetching the batch: on CPU the host's wait; on
-        a GPU the device's (how long the device sat idle for it: with the host running ahead, a
-        fetch that overlaps the previous step's kernels costs nothing)."""
+        ``data_wait_s`` is a timeline span around taking the step's inputs from the feed: on CPU
+        the host's wait; on a GPU the device's (how long the device sat idle for it: the feed
+        works ahead, so a batch made while the previous step ran costs nothing).
+        ``corrupt_decoded``: rows of this rank's batch that did not decode on the device."""
         from pipeline.timeline import totals
 
-        tl, keys = self.engine.timeline, []
+        tl, keys, corrupt = self.engine.timeline, [], []
         for t in range(first_step, first_step + steps):
             self.faults.before_step(t)
             tl.clear(t)
             with tl.span("data_wait"):
-                batch = self._batch(t) if self.consumer >= 0 else None
-                images, labels = self._inputs(batch) if batch is not None else (None, None)
-            images = self.faults.images(t, images)
+                fed = self.feed.get(t) if self.feed is not None else None
+            images = self.faults.images(t, fed.images if fed is not None else None)
+            labels = fed.labels if fed is not None else None
             self.engine.submit_step(t, lr, images, labels)
-            record = self.cfg.train.record_keys and self.first and self.c == 0 and batch is not None
-            keys.append(list(batch["keys"]) if record else None)  # debug: the samples this replica consumed
+            record = self.cfg.train.record_keys and self.first and self.c == 0 and fed is not None
+            keys.append(fed.keys if record else None)  # debug: the samples this replica consumed
+            corrupt.append(fed.corrupt if fed is not None else 0)
         out = []
-        for report, k in zip(self.engine.read_steps(), keys, strict=True):
+        for report, k, bad in zip(self.engine.read_steps(), keys, corrupt, strict=True):
             res = dict(report.metrics)
             if k is not None:
                 res["keys"] = k
+            res["corrupt_decoded"] = bad
             res["data_wait_s"] = totals(report.events)["data_wait"]
             res["step_s"] = res.get("step_s", 0.0) + res["data_wait_s"]
             self._events.append(report.events)
             out.append(res)
         return out
 
-    def _batch(self, t: int) -> dict:
-        """Batch rows of step ``t``; the request for step t+1 goes out now, so its round trip to the
-        data worker overlaps this step's compute (the worker keeps a batch until every consumer
-        asked for a later one, so an early request never loses data). Only stage 0 asks for pixels.
-
-        On a cold start (no request for ``t`` in flight) the t+1 request waits until batch t has
-        arrived: the data worker is a threaded actor, so with one worker two requests sent back to
-        back could be served out of order and t+1 would release t before t was fetched."""
-        ahead = self._ahead[1] if self._ahead is not None and self._ahead[0] == t else None
-        ref = ahead if ahead is not None else self._request(t)
-        if ahead is not None:
-            self._request_ahead(t + 1)
-        try:
-            batch = ray.get(ref, timeout=self.data.timeout_s + 30)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(
-                f"rank {self.rank}: no data for step {t} in {self.data.timeout_s + 30:.0f}s"
-            ) from None
-        if ahead is None:
-            self._request_ahead(t + 1)
-        return batch
-
-    def _request(self, t: int):
-        return self.data.get_ref(t, self.r, self.grid.replicas, self.consumer, images=self.first)
-
-    def _request_ahead(self, t: int) -> None:
-        if t < self.plan.total_steps:  # the data workers produce nothing past the run's end
-            self._ahead = (t, self._request(t))
-
-    def evaluate(self, ten_crop: bool, max_samples: int) -> dict[str, dict[str, float]]:
-        """Validation of this replica's share: :meth:`ValScore.totals` (meaningful on the last stage)."""
-        # Every rank of the replica walks the same val stream, so all call infer() once per batch
-        # (later stages need no batch count); only stage 0 uses the images, the last the labels.
-        crops = crop_kinds(ten_crop)
-        score = ValScore(crops)
-        for crop in crops:
-            for batch in self._val(crop, max_samples):
-                images = None
-                if self.first:
-                    images = val_input(batch, crop, self.mean, self.cfg.data.input_scale, self.device)
-                logits = self.engine.infer(images)
-                if self.last:
-                    score.add(crop, logits, torch.from_numpy(batch["labels"]).to(self.device))
+    def evaluate(self, val: ValClient, pass_id: int, crop: str) -> dict[str, dict[str, float]]:
+        """Score this replica's share of val pass ``pass_id`` (decoded by the data workers, read
+        through ``val``): ``{crop: ValScore totals}``, meaningful on the last stage."""
+        # Every rank of the replica reads every one of its batches (stage 0 the pixels, the others
+        # the small labels object), so all skip an empty batch together and call infer() once per
+        # non-empty one: later stages need no batch count.
+        score = ValScore((crop,))
+        for batch in val.batches(pass_id, self.r, images=self.first):
+            if batch["n"] == 0:  # every sample of it was unusable (skipped and counted by the worker)
+                continue
+            images = None
+            if self.first:
+                images = val_input(batch, crop, self.mean, self.cfg.data.input_scale, self.device)
+            logits = self.engine.infer(images)
+            if self.last:
+                score.add(crop, logits, torch.from_numpy(batch["labels"]).to(self.device))
         return score.totals()
-
-    def _val(self, crop: str, max_samples: int) -> Iterator[dict]:
-        """This replica's share of the val split (replica r of R), up to ``max_samples`` in all."""
-        from alexnet.data.reader import val_batches
-
-        bs = self.cfg.eval.batch_size or self.cfg.optim.batch_size
-        limit = max_samples // self.grid.replicas if max_samples else 0
-        n = 0
-        for batch in val_batches(
-            self.data_url, bs, self.cfg.model.input_size, crop, self.r, self.grid.replicas, index=self.index
-        ):
-            yield batch
-            n += len(batch["labels"])
-            if limit and n >= limit:
-                return
 
     def trace_events(self, steps: int) -> list[dict]:
         """Timeline events of the last ``steps`` steps this rank ran."""
@@ -247,4 +211,6 @@ class TrainerActor:
         """Leave the process groups."""
         from pipeline.dist import destroy
 
+        if self.feed is not None:
+            self.feed.close()
         destroy()

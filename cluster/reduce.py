@@ -57,14 +57,20 @@ def reduce_step(
     out["parts"], out["bubble"] = parts, bubble
     if record_keys:
         out["keys"] = [k for r in range(grid.replicas) for k in ranks[grid.rank_of(r, 0, 0)].get("keys", [])]
+    # rows that did not decode on the device (data.decode="device"): each replica's rows once (its
+    # column ranks decode the same rows)
+    out["corrupt_decoded"] = sum(
+        ranks[grid.rank_of(r, 0, 0)].get("corrupt_decoded", 0) for r in range(grid.replicas)
+    )
     for k in _MAX_PARTS:
         out[k] = max(x.get(k, 0.0) for x in ranks)
     return out
 
 
-def reduce_eval(grid: Grid, ranks: list[dict[str, dict[str, float]]], ten_crop: bool) -> dict[str, float]:
+def reduce_eval(grid: Grid, ranks: list[dict[str, dict[str, float]]]) -> dict[str, float]:
     """A validation's result from every rank's :meth:`cluster.evaluate.ValScore.totals` (the
-    scoring ranks' count; each replica scored its share of the val split)."""
+    scoring ranks' count; each replica scored its share of the val split): the center pass's
+    errors, loss and ``samples``, and the 10-crop errors when a ``ten`` pass was scored."""
     totals: dict[str, Counter] = {}
     for i in scoring_ranks(grid):
         for crop, t in ranks[i].items():
@@ -77,6 +83,5 @@ def reduce_eval(grid: Grid, ranks: list[dict[str, dict[str, float]]], ten_crop: 
         "loss": totals["center"]["loss_sum"] / max(n, 1),
         "samples": float(n),
     }
-    if ten_crop:
-        out.update(top1_error_10crop=errs["top1_error_10crop"], top5_error_10crop=errs["top5_error_10crop"])
+    out.update({k: v for k, v in errs.items() if k.endswith("_10crop")})
     return out

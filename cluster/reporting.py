@@ -307,8 +307,10 @@ def plot_history(history: History) -> bytes:
     if evals:
         ax[1].plot(ex, [e["top1_error"] for e in evals], "o-", label="val top-1 (center)")
         ax[1].plot(ex, [e["top5_error"] for e in evals], "s-", label="val top-5 (center)")
-        if "top1_error_10crop" in evals[0]:
-            ax[1].plot(ex, [e["top1_error_10crop"] for e in evals], "^--", label="val top-1 (10-crop)")
+        ten = [e for e in evals if "top1_error_10crop" in e]  # validations that ran the 10-crop pass
+        if ten:
+            tx, ty = [e["step"] for e in ten], [e["top1_error_10crop"] for e in ten]
+            ax[1].plot(tx, ty, "^--", label="val top-1 (10-crop)")
     ax[1].set_ylabel("error")
     ax[1].set_ylim(0, 1)
     ax[1].legend()

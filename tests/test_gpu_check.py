@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("env", "lrn", "engine_vs_cpu", "throughput", "syncs", "lrn_share", "multi_gpu", "deterministic")
+SECTIONS = (
+    "env",
+    "lrn",
+    "engine_vs_cpu",
+    "throughput",
+    "syncs",
+    "lrn_share",
+    "multi_gpu",
+    "deterministic",
+    "decode",
+)
 
 
 @pytest.mark.timeout(400)
@@ -44,4 +54,7 @@ def test_gpu_check_runs_every_section_on_cpu():
     assert 0 < out["lrn_share"]["lrn_share"] < 1
     assert out["multi_gpu"]["skipped"].startswith("no GPU")
     assert out["deterministic"]["ok"] and out["deterministic"]["max_abs_diff"] == 0.0
+    d = out["decode"]  # on CPU: the same decoder against itself
+    assert d["images_per_s"] > 0 and d["max_abs_diff_vs_cpu"] == 0 and d["bad_rows"] == 0
+    assert d["jpeg_bytes_per_image"] < d["decoded_bytes_per_image"]
     assert all(out[s]["seconds"] >= 0 for s in SECTIONS)

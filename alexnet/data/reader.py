@@ -3,14 +3,22 @@
 Epoch plan (training)
     ``T = floor(N / B)`` batches per epoch (N training samples in ``dataset.json``, B the global batch);
     the last ``N - T*B`` samples of the epoch's order are dropped (they differ every epoch, since the
-    order does). Batch ``t`` comes from worker ``t % W``, so worker ``w`` owns ``n_w = len(range(w, T, W))``
-    batches. The shards are permuted with a seed derived from (seed, epoch) and laid end to end; worker
-    ``w`` reads the contiguous run of ``n_w * B`` samples after those of workers ``< w``. The split is at
-    sample granularity (a run may start or end inside a shard), so every worker has exactly the samples
-    its batches need whatever the shard sizes, no worker is ever empty, and every sample of the epoch is
-    read exactly once. ``W > T`` (more workers than batches) is refused (:func:`check_plan`).
+    order does). The epoch is cut into ``V`` virtual *streams* (``data.streams``: a property of the run,
+    like the seed, stored in its checkpoints; not of the worker count). Batch ``t`` comes from stream
+    ``t % V``, so stream ``v`` owns ``n_v = len(range(v, T, V))`` batches. The shards are permuted with
+    a seed derived from (seed, epoch) and laid end to end; stream ``v`` reads the contiguous run of
+    ``n_v * B`` samples after those of streams ``< v``. The split is at sample granularity (a run may
+    start or end inside a shard), so every stream has exactly the samples its batches need whatever the
+    shard sizes, no stream is ever empty, and every sample of the epoch is read exactly once. ``V > T``
+    is refused (:func:`check_plan`).
 
-Worker stream
+    Which samples form batch t, in which order, is thus a function of (seed, epoch, shard plan, V)
+    alone. The data workers only host streams (worker ``w`` of ``W`` hosts the streams ``v`` with
+    ``v % W == w``, ``W <= V``), so runs with any worker count read the same batches, and a mid-epoch
+    checkpoint resumes onto another worker count exactly. Each stream keeps its own shuffle buffer, so
+    a worker holds ``V / W`` of them (memory: ``data.shuffle_buffer`` records each).
+
+Stream
     A chain of small generator stages, as webdataset's own pipelines are (element types in brackets)::
 
         records    [(pass, Record)]   the worker's run, through a shuffle buffer seeded by (seed, epoch,
@@ -23,17 +31,17 @@ Worker stream
     Records that cannot be used (corrupt JPEG, missing ``cls``, the rest of a truncated tar) are skipped
     and counted once (a padding pass re-reads them without counting them again); a shard that cannot be
     opened at all is retried, then skipped with an error naming it and its samples counted. If that
-    leaves the worker short of samples, its stream goes on into a padding pass (the same run again,
-    reshuffled) to fill its last batches, counted as ``padded``, so every worker still yields exactly
-    ``n_w`` batches and no trainer ever waits for a batch that will not come. A padding pass read whole
+    leaves the stream short of samples, it goes on into a padding pass (the same run again,
+    reshuffled) to fill its last batches, counted as ``padded``, so every stream still yields exactly
+    ``n_v`` batches and no trainer ever waits for a batch that will not come. A padding pass read whole
     without a usable sample means none will ever come: that is an error, not an endless loop.
 
 Position (JSON)
-    ``{"epoch": e, "index": t, "consumed": c, "worker": w, "workers": W, "batch_size": B, "seed": s}``:
-    the worker's next batch is batch ``t`` of epoch ``e`` and its epoch-``e`` stream has consumed ``c``
+    ``{"epoch": e, "index": t, "consumed": c, "stream": v, "streams": V, "batch_size": B, "seed": s}``:
+    the stream's next batch is batch ``t`` of epoch ``e`` and its epoch-``e`` run has consumed ``c``
     raw records (records of its run after the shuffle buffer, usable or not). Restarting from it replays
     the stream's first ``c`` records without decoding them and continues with exactly the batches the
-    uninterrupted stream would have produced. Only :meth:`WorkerStream._batches` (batch boundaries) and
+    uninterrupted stream would have produced. Only :meth:`Stream._batches` (batch boundaries) and
     the ``counted`` stage (records) move the cursor.
 
 Validation: the same ``records -> decoded`` stages without shuffle or padding, then a center or
@@ -48,7 +56,7 @@ import itertools
 import logging
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -105,8 +113,11 @@ class Segment:
 class ReaderSpec:
     """What a training data worker needs (JSON-serialisable via ``to_dict``/``from_dict``).
 
-    url: shard directory; batch_size: global batch B; input_size: crop side S; workers: W;
-    seed: augmentation and shuffle seed; shuffle_buffer: records (0 = no buffer, shard order only).
+    url: shard directory; batch_size: global batch B; input_size: crop side S; workers: W (the
+    actors hosting the streams); seed: augmentation and shuffle seed; shuffle_buffer: records per
+    stream (0 = no buffer, shard order only); streams: V (0: as many as ``workers``, the layout of
+    checkpoints written before streams existed); encoded: ship JPEG bytes and augmentation
+    parameters instead of decoded crops (:mod:`alexnet.data.encoded`; the trainer decodes).
     """
 
     url: str
@@ -116,12 +127,18 @@ class ReaderSpec:
     seed: int = 0
     shuffle_buffer: int = 1000
     split: str = "train"
+    streams: int = 0
+    encoded: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be positive")
         if self.workers < 1:
             raise ValueError(f"data workers={self.workers}: need at least 1")
+        if self.streams == 0:
+            object.__setattr__(self, "streams", self.workers)
+        if self.workers > self.streams:
+            raise ValueError(streams_message(self.workers, self.streams))
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer={self.shuffle_buffer}: must be >= 0")
 
@@ -151,7 +168,7 @@ class ReaderStats:
     batches: int = 0
     decode_s: float = 0.0  # time spent reading + decoding + augmenting + collating
     # the skipped samples by (epoch, shard url, reason), for the run's data.max_skipped_fraction;
-    # ``epoch`` is the one being read (set by WorkerStream)
+    # ``epoch`` is the one being read (set by Stream)
     lost: dict[tuple[int, str, str], int] = dataclasses.field(default_factory=dict)
     epoch: int = 0
 
@@ -183,31 +200,62 @@ def steps_per_epoch(total: int, batch_size: int) -> int:
     return total // batch_size
 
 
-def _check_workers(workers: int, batches: int, batch_size: int, samples: int) -> None:
-    """The one check of "more data workers than batches" (a worker with no batch would leave its
+AUTO_STREAMS = 16  # data.streams = 0: min(T, this); the most data workers such a run can use
+
+
+def resolve_streams(streams: int, batches: int) -> int:
+    """``data.streams`` as a run uses it: ``streams``, or ``min(batches, AUTO_STREAMS)`` for 0."""
+    return streams if streams > 0 else min(batches, AUTO_STREAMS)
+
+
+def streams_message(workers: int, streams: int) -> str:
+    """The one message for "more data workers than streams" (a worker would host none)."""
+    return (
+        f"data.workers={workers} exceeds data.streams={streams} (the epoch is read as {streams} "
+        f"streams, each hosted by one worker): use at most {streams} workers, or start a new run with "
+        f"--set data.streams={workers} or more"
+    )
+
+
+def _check_streams(streams: int, batches: int, batch_size: int, samples: int) -> None:
+    """The one check of "more streams than batches" (a stream with no batch would leave its
     consumers waiting forever)."""
-    if workers > batches:
+    if streams > batches:
         raise ValueError(
-            f"data.workers={workers} exceeds the {batches} batches of {batch_size} per epoch ({samples} "
-            f"samples): use at most {batches} workers, a smaller batch, or more data"
+            f"data.streams={streams} exceeds the {batches} batches of {batch_size} per epoch ({samples} "
+            f"samples): use at most {batches} streams (and workers), a smaller batch, or more data"
         )
 
 
 def check_plan(
-    index: DatasetIndex, batch_size: int, input_size: int, workers: int, split: str = "train"
+    index: DatasetIndex,
+    batch_size: int,
+    input_size: int,
+    workers: int,
+    split: str = "train",
+    streams: int | None = None,
 ) -> int:
     """The one check of a reader's sizes against the dataset; returns the batches per epoch.
 
-    Refuses crops larger than the stored images, a batch larger than the split and more data
-    workers than batches. The messages name the job-config keys, since that is where a user sets
-    these.
+    Refuses crops larger than the stored images, a batch larger than the split, more streams than
+    batches and more data workers than streams (``streams``: V; None: as many as ``workers``; 0:
+    :func:`resolve_streams`). The messages name the job-config keys, since that is where a user
+    sets these.
     """
     check_input_size(input_size, index.size)
     n = index.count(split)
     t = steps_per_epoch(n, batch_size)
     if t < 1:
         raise ValueError(f"optim.batch_size={batch_size} exceeds the {n} {split} images: use a smaller batch")
-    _check_workers(workers, t, batch_size, n)
+    v = workers if streams is None else resolve_streams(streams, t)
+    if workers > t:
+        raise ValueError(
+            f"data.workers={workers} exceeds the {t} batches of {batch_size} per epoch ({n} "
+            f"samples): use at most {t} workers, a smaller batch, or more data"
+        )
+    _check_streams(v, t, batch_size, n)
+    if workers > v:
+        raise ValueError(streams_message(workers, v))
     return t
 
 
@@ -216,29 +264,29 @@ def _rng(*words: int) -> np.random.Generator:
 
 
 def epoch_segments(
-    shards: list[ShardInfo], epoch: int, seed: int, workers: int, batch_size: int
+    shards: list[ShardInfo], epoch: int, seed: int, streams: int, batch_size: int
 ) -> list[list[Segment]]:
-    """Per worker, the shard segments it reads in ``epoch`` (see module docstring)."""
+    """Per stream, the shard segments it reads in ``epoch`` (see module docstring)."""
     total = sum(s.count for s in shards)
     t = steps_per_epoch(total, batch_size)
-    _check_workers(workers, t, batch_size, total)
+    _check_streams(streams, t, batch_size, total)
     order = _rng(seed, epoch, 0x5A4D).permutation(len(shards))
     bounds = [0]
-    for w in range(workers):
-        bounds.append(bounds[-1] + len(range(w, t, workers)) * batch_size)
-    plan: list[list[Segment]] = [[] for _ in range(workers)]
-    pos, w = 0, 0
+    for v in range(streams):
+        bounds.append(bounds[-1] + len(range(v, t, streams)) * batch_size)
+    plan: list[list[Segment]] = [[] for _ in range(streams)]
+    pos, v = 0, 0
     for k in order:
         s = shards[k]
         a = 0
-        while a < s.count and w < workers:
-            take = min(s.count - a, bounds[w + 1] - pos)
+        while a < s.count and v < streams:
+            take = min(s.count - a, bounds[v + 1] - pos)
             if take > 0:
-                plan[w].append(Segment(s.url, a, a + take))
+                plan[v].append(Segment(s.url, a, a + take))
                 a, pos = a + take, pos + take
-            if pos == bounds[w + 1]:
-                w += 1
-        if w == workers:
+            if pos == bounds[v + 1]:
+                v += 1
+        if v == streams:
             break
     return plan
 
@@ -374,44 +422,44 @@ def decode_record(rec: Record, input_size: int, stats: ReaderStats) -> Decoded |
 
 @dataclass
 class _Cursor:
-    """Where a worker's stream stands: its next batch is ``index`` of ``epoch``, and the stream of that
-    epoch has consumed ``consumed`` raw records (after the shuffle buffer, usable or not)."""
+    """Where a stream stands: its next batch is ``index`` of ``epoch``, and its run of that epoch has
+    consumed ``consumed`` raw records (after the shuffle buffer, usable or not)."""
 
     epoch: int
     index: int
     consumed: int = 0
 
 
-class WorkerStream:
-    """Training batches of data worker ``worker`` of ``spec.workers``, epoch after epoch, resumable.
+class Stream:
+    """Training batches of stream ``stream`` of ``spec.streams``, epoch after epoch, resumable.
 
     ``position``: a dict from :meth:`position` (or None: epoch ``start_epoch``, first batch).
     Iterate with :meth:`next_batch`. Batch dict (numpy): ``images`` uint8 (B, 3, S, S), ``labels``
     int64 (B,), ``lighting`` float32 (B, 3) pixel units, ``keys`` list[str], ``epoch``, ``index``
-    (batch index within the epoch), ``worker``, ``position`` (where this batch started) and
+    (batch index within the epoch), ``stream``, ``position`` (where this batch started) and
     ``next_position`` (where the next one starts).
     """
 
     def __init__(
         self,
         spec: ReaderSpec,
-        worker: int,
+        stream: int,
         position: dict | None = None,
         index: DatasetIndex | None = None,
         start_epoch: int = 0,
     ) -> None:
-        if not 0 <= worker < spec.workers:
-            raise ValueError(f"worker={worker}: must be in [0, {spec.workers})")
-        self.spec, self.worker = spec, worker
+        if not 0 <= stream < spec.streams:
+            raise ValueError(f"stream={stream}: must be in [0, {spec.streams})")
+        self.spec, self.stream = spec, stream
         self.index = index or DatasetIndex.load(spec.url)
         self.steps_per_epoch = check_plan(
-            self.index, spec.batch_size, spec.input_size, spec.workers, spec.split
+            self.index, spec.batch_size, spec.input_size, spec.workers, spec.split, spec.streams
         )
         self.shards = self.index.shards(spec.split)
         self._light = lighting_matrix(self.index.eigenvalues, self.index.eigenvectors)
         self.stats = ReaderStats()
         self._padding_damage = ReaderStats()  # what padding passes meet again: see _damage
-        self._cursor = _Cursor(start_epoch, worker)
+        self._cursor = _Cursor(start_epoch, stream)
         if position is not None:
             self._restore(position)
         self._it: Iterator[dict] | None = None
@@ -421,8 +469,13 @@ class WorkerStream:
         """Where the next batch starts (JSON)."""
         c = self._cursor
         if c.index >= self.steps_per_epoch:  # this epoch's batches are done: the next epoch's first
-            return self._position(c.epoch + 1, self.worker, 0)
+            return self._position(c.epoch + 1, self.stream, 0)
         return self._position(c.epoch, c.index, c.consumed)
+
+    def next_key(self) -> tuple[int, int]:
+        """(epoch, index) of the next batch this stream yields."""
+        p = self.position()
+        return p["epoch"], p["index"]
 
     def _position(self, epoch: int, index: int, consumed: int) -> dict[str, int]:
         s = self.spec
@@ -430,23 +483,24 @@ class WorkerStream:
             "epoch": epoch,
             "index": index,
             "consumed": consumed,
-            "worker": self.worker,
-            "workers": s.workers,
+            "stream": self.stream,
+            "streams": s.streams,
             "batch_size": s.batch_size,
             "seed": s.seed,
         }
 
     def _restore(self, p: dict) -> None:
         s = self.spec
-        want = {"worker": self.worker, "workers": s.workers, "batch_size": s.batch_size, "seed": s.seed}
+        p = upgrade_position(p)
+        want = {"stream": self.stream, "streams": s.streams, "batch_size": s.batch_size, "seed": s.seed}
         got = {k: p.get(k) for k in want}
         if got != want:
             raise ValueError(
                 f"data position {got} does not match this reader {want}: a position resumes only with the "
-                "same worker count, batch size and seed"
+                "same data.streams, batch size and seed"
             )
-        if (p["index"] - self.worker) % s.workers:
-            raise ValueError(f"data position index={p['index']} is not a batch of worker {self.worker}")
+        if (p["index"] - self.stream) % s.streams:
+            raise ValueError(f"data position index={p['index']} is not a batch of stream {self.stream}")
         self._cursor = _Cursor(int(p["epoch"]), int(p["index"]), int(p["consumed"]))
 
     def _replay(self, records: Iterator[tuple[int, Record]]) -> None:
@@ -468,23 +522,27 @@ class WorkerStream:
         return self.stats if p == 0 else self._padding_damage
 
     def _records(self, epoch: int) -> Iterator[tuple[int, Record]]:
-        """(pass, Record): this worker's run of ``epoch``, then padding passes for as long as pulled."""
+        """(pass, Record): this stream's run of ``epoch``, then padding passes for as long as pulled."""
         s = self.spec
-        segments = epoch_segments(self.shards, epoch, s.seed, s.workers, s.batch_size)[self.worker]
+        segments = epoch_segments(self.shards, epoch, s.seed, s.streams, s.batch_size)[self.stream]
         self.stats.epoch = epoch  # the epochs of a stream are read one after the other
         for p in itertools.count():
             n = 0
-            rng = _rng(s.seed, epoch, self.worker, p)
+            rng = _rng(s.seed, epoch, self.stream, p)
             for rec in shuffled(read_records(segments, self._damage(p)), s.shuffle_buffer, rng):
                 n += 1
                 yield p, rec
             if n == 0:
                 raise RuntimeError(
-                    f"data worker {self.worker}: no readable record in its share of epoch {epoch}"
+                    f"data stream {self.stream}: no readable record in its share of epoch {epoch}"
                 )
 
-    def _decoded(self, records: Iterator[tuple[int, Record]], epoch: int) -> Iterator[tuple[int, Decoded]]:
+    def _decoded(
+        self, records: Iterator[tuple[int, Record]], epoch: int, use: Callable[..., Any] | None = None
+    ) -> Iterator[tuple[int, Any]]:
         """(pass, Record) -> (pass, Decoded); unusable records skipped, counted by :meth:`_damage`.
+        ``use(record, stats)``: the sample of a record or None (default :func:`decode_record`; the
+        encoded path draws the augmentation from the JPEG header instead of decoding).
 
         Every pass reads the same records, so a padding pass read whole without one usable sample
         means none will ever come: an error. The first pass this stage sees is never judged, since
@@ -495,10 +553,13 @@ class WorkerStream:
         for p, rec in records:
             if p != current:
                 if current is not None and current != first and usable == 0:
-                    raise RuntimeError(f"data worker {self.worker}: no usable sample in epoch {epoch}")
+                    raise RuntimeError(f"data stream {self.stream}: no usable sample in epoch {epoch}")
                 first = p if first is None else first
                 current, usable = p, 0
-            sample = decode_record(rec, self.spec.input_size, self._damage(p))
+            if use is None:
+                sample = decode_record(rec, self.spec.input_size, self._damage(p))
+            else:
+                sample = use(rec, self._damage(p))
             if sample is not None:
                 usable += 1
                 yield p, sample
@@ -525,42 +586,75 @@ class WorkerStream:
             keys.append(a.key)
         return {"images": images, "labels": labels, "lighting": lighting, "keys": keys}
 
-    def _epoch_samples(self, epoch: int) -> Iterator[Augmented]:
+    def _drawn(self, samples: Iterator[tuple[int, Any]]) -> Iterator[Any]:
+        """(pass, Encoded) -> Encoded, counted as :meth:`_augmented` counts (the encoded path)."""
+        for p, e in samples:
+            self.stats.samples += 1
+            self.stats.padded += p > 0
+            yield e
+
+    def _collate_encoded(self, samples: Iterator[Any]) -> dict[str, Any]:
+        """The next B encoded samples -> :func:`alexnet.data.encoded.collate_encoded`'s batch."""
+        from alexnet.data.encoded import collate_encoded
+
+        return collate_encoded(list(itertools.islice(samples, self.spec.batch_size)), self.spec.input_size)
+
+    def _epoch_samples(self, epoch: int) -> Iterator[Any]:
         """The stages of ``epoch`` from the cursor on (its consumed records replayed first)."""
         records = self._records(epoch)
         self._replay(records)
-        return self._augmented(self._decoded(self._counted(records), epoch), epoch)
+        if not self.spec.encoded:
+            return self._augmented(self._decoded(self._counted(records), epoch), epoch)
+        from alexnet.data.encoded import draw_encoded
+
+        s, side = self.spec, self.index.size
+
+        def use(rec: Record, stats: ReaderStats) -> Any:
+            return draw_encoded(rec, s.seed, epoch, side, s.input_size, self._light, stats)
+
+        return self._drawn(self._decoded(self._counted(records), epoch, use))
 
     def _batches(self) -> Iterator[dict]:
         """Batch dicts from the cursor on, epoch after epoch; moves the cursor at batch boundaries."""
         c = self._cursor
         while True:
             if c.index >= self.steps_per_epoch:  # the epoch's batches are done: the next one's first
-                c.epoch, c.index, c.consumed = c.epoch + 1, self.worker, 0
+                c.epoch, c.index, c.consumed = c.epoch + 1, self.stream, 0
             samples = self._epoch_samples(c.epoch)
             while c.index < self.steps_per_epoch:
                 start = self.position()
                 t0 = time.perf_counter()
-                batch = self._collate(samples)
+                batch = self._collate(samples) if not self.spec.encoded else self._collate_encoded(samples)
                 self.stats.decode_s += time.perf_counter() - t0
                 self.stats.batches += 1
-                c.index += self.spec.workers
-                where = {"epoch": c.epoch, "index": start["index"], "worker": self.worker}
+                c.index += self.spec.streams
+                where = {"epoch": c.epoch, "index": start["index"], "stream": self.stream}
                 yield {**batch, **where, "position": start, "next_position": self.position()}
 
     def next_batch(self) -> dict:
-        """The next batch of this worker's stream (crossing into the next epoch when one ends)."""
+        """The next batch of this stream (crossing into the next epoch when one ends)."""
         if self._it is None:
             self._it = self._batches()
         return next(self._it)
 
 
 def epoch_batches(spec: ReaderSpec, epoch: int, index: DatasetIndex | None = None) -> Iterator[dict]:
-    """Every batch of one epoch in order, batch t from worker t % W (the single-process reference)."""
+    """Every batch of one epoch in order, batch t from stream t % V (the single-process reference:
+    it does not depend on ``spec.workers``)."""
     index = index or DatasetIndex.load(spec.url)
-    streams = [WorkerStream(spec, w, index=index, start_epoch=epoch) for w in range(spec.workers)]
+    streams = [Stream(spec, v, index=index, start_epoch=epoch) for v in range(spec.streams)]
     for t in range(streams[0].steps_per_epoch):
-        yield streams[t % spec.workers].next_batch()
+        yield streams[t % spec.streams].next_batch()
+
+
+def upgrade_position(p: dict) -> dict:
+    """A data position in today's keys: checkpoints written before streams existed say ``worker``
+    and ``workers``; their worker ``w`` of ``W`` read exactly what stream ``w`` of ``V = W`` reads
+    now (the same segments and shuffle seeds), so the position carries over unchanged."""
+    if "stream" in p or "worker" not in p:
+        return p
+    q = {k: v for k, v in p.items() if k not in ("worker", "workers")}
+    return {**q, "stream": p["worker"], "streams": p["workers"]}
 
 
 # -- validation --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import webdataset as wds
 from alexnet.data.index import DatasetIndex
 from alexnet.data.reader import (
     ReaderSpec,
-    WorkerStream,
+    Stream,
     epoch_batches,
     epoch_segments,
     steps_per_epoch,
@@ -50,7 +50,7 @@ def test_epoch_covers_every_sample_once(syn, workers):
     assert len(run1) == 360 // B and all(len(b["keys"]) == B for b in run1)
     assert len(set(keys)) == len(keys) == 360  # no remainder at B=20: every sample exactly once
     assert [b["index"] for b in run1] == list(range(18))
-    assert [b["worker"] for b in run1] == [t % workers for t in range(18)]
+    assert [b["stream"] for b in run1] == [t % workers for t in range(18)]
     run2 = list(epoch_batches(_spec(syn, workers), epoch=0))
     assert _keys(run2) == keys and all(
         np.array_equal(a["images"], b["images"]) for a, b in zip(run1, run2, strict=True)
@@ -60,13 +60,13 @@ def test_epoch_covers_every_sample_once(syn, workers):
 
 def test_remainder_dropped_and_segments_balanced(syn):
     ix = DatasetIndex.load(syn)
-    plan = epoch_segments(ix.shards("train"), epoch=0, seed=3, workers=3, batch_size=32)
-    # T = 360 // 32 = 11 batches: workers own 4, 4, 3 -> 128, 128, 96 samples, split mid-shard as needed
+    plan = epoch_segments(ix.shards("train"), epoch=0, seed=3, streams=3, batch_size=32)
+    # T = 360 // 32 = 11 batches: streams own 4, 4, 3 -> 128, 128, 96 samples, split mid-shard as needed
     assert [sum(g.stop - g.start for g in segs) for segs in plan] == [128, 128, 96]
     keys = _keys(epoch_batches(ReaderSpec(syn, 32, 32, workers=3, seed=3), epoch=0))
     assert len(keys) == len(set(keys)) == 352
     with pytest.raises(ValueError, match="at most 3 workers"):
-        WorkerStream(ReaderSpec(syn, 100, 32, workers=4), 0)
+        Stream(ReaderSpec(syn, 100, 32, workers=4), 0)
 
 
 @pytest.mark.parametrize("k", [1, 4, 8])
@@ -74,14 +74,14 @@ def test_resume_from_position_is_exact(syn, k):
     """k batches, save the position, a new stream from it: the rest equals the uninterrupted stream."""
     spec = _spec(syn, 2)
     n = 14  # worker 1 owns 9 batches per epoch: this crosses into epoch 1
-    straight = WorkerStream(spec, 1)
+    straight = Stream(spec, 1)
     ref = [straight.next_batch() for _ in range(n)]
-    first = WorkerStream(spec, 1)
+    first = Stream(spec, 1)
     head = [first.next_batch() for _ in range(k)]
     pos = head[-1]["next_position"]
     assert pos == ref[k]["position"]
-    assert set(pos) == {"epoch", "index", "consumed", "worker", "workers", "batch_size", "seed"}
-    rest = WorkerStream(spec, 1, position=pos)
+    assert set(pos) == {"epoch", "index", "consumed", "stream", "streams", "batch_size", "seed"}
+    rest = Stream(spec, 1, position=pos)
     tail = [rest.next_batch() for _ in range(n - k)]
     for a, b in zip(head + tail, ref, strict=True):
         assert a["keys"] == b["keys"] and (a["epoch"], a["index"]) == (b["epoch"], b["index"])
@@ -89,8 +89,8 @@ def test_resume_from_position_is_exact(syn, k):
         np.testing.assert_array_equal(a["lighting"], b["lighting"])
         np.testing.assert_array_equal(a["labels"], b["labels"])
     assert ref[9]["epoch"] == 1 and ref[9]["index"] == 1
-    with pytest.raises(ValueError, match="same worker count"):
-        WorkerStream(_spec(syn, 3), 1, position=pos)
+    with pytest.raises(ValueError, match="same data.streams"):
+        Stream(_spec(syn, 3), 1, position=pos)
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
@@ -127,7 +127,7 @@ def test_corrupt_and_truncated_shards_counted_never_hang(syn, tmp_path, workers)
     bad = str(tmp_path / "bad")
     _damage(syn, bad)
     spec = _spec(bad, workers)
-    streams = [WorkerStream(spec, w) for w in range(workers)]
+    streams = [Stream(spec, w) for w in range(workers)]
     batches = [streams[t % workers].next_batch() for t in range(18)]  # the full epoch, as planned
     assert all(len(b["keys"]) == B and b["images"].shape == (B, 3, 32, 32) for b in batches)
     stats = [s.stats for s in streams]
@@ -165,10 +165,53 @@ def test_check_plan_names_the_config_key(syn):
         check_plan(ix, B, 32, workers=19)
 
 
-def test_epoch_segments_refuse_idle_workers_with_the_plan_message(syn):
+def test_epoch_segments_refuse_idle_streams_with_the_plan_message(syn):
     ix = DatasetIndex.load(syn)
-    with pytest.raises(ValueError, match="data.workers=4 exceeds the 3 batches of 100 per epoch"):
-        epoch_segments(ix.shards("train"), epoch=0, seed=3, workers=4, batch_size=100)
+    with pytest.raises(ValueError, match="data.streams=4 exceeds the 3 batches of 100 per epoch"):
+        epoch_segments(ix.shards("train"), epoch=0, seed=3, streams=4, batch_size=100)
+
+
+def test_check_plan_streams_and_workers(syn):
+    """V streams bound the workers; 0 streams is min(T, AUTO_STREAMS)."""
+    from alexnet.data.reader import AUTO_STREAMS, check_plan, resolve_streams
+
+    ix = DatasetIndex.load(syn)
+    assert check_plan(ix, B, 32, workers=3, streams=0) == 18
+    assert resolve_streams(0, 18) == min(18, AUTO_STREAMS) and resolve_streams(5, 18) == 5
+    assert resolve_streams(0, 3) == 3
+    with pytest.raises(ValueError, match="data.workers=4 exceeds data.streams=3"):
+        check_plan(ix, B, 32, workers=4, streams=3)
+    with pytest.raises(ValueError, match="data.streams=19 exceeds the 18 batches"):
+        check_plan(ix, B, 32, workers=1, streams=19)
+    with pytest.raises(ValueError, match="data.workers=4 exceeds data.streams=3"):
+        ReaderSpec(syn, B, 32, workers=4, streams=3)
+
+
+def test_batches_do_not_depend_on_the_worker_count(syn):
+    """The epoch's batches are a function of (seed, epoch, shards, V): workers only host streams."""
+    ref = list(epoch_batches(ReaderSpec(syn, B, 32, workers=1, seed=3, shuffle_buffer=40, streams=4), 0))
+    for w in (2, 3, 4):
+        got = list(epoch_batches(ReaderSpec(syn, B, 32, workers=w, seed=3, shuffle_buffer=40, streams=4), 0))
+        assert _keys(got) == _keys(ref)
+        for a, b in zip(got, ref, strict=True):
+            np.testing.assert_array_equal(a["images"], b["images"])
+            np.testing.assert_array_equal(a["lighting"], b["lighting"])
+    # and they do depend on V (another sample order)
+    other = list(epoch_batches(ReaderSpec(syn, B, 32, workers=1, seed=3, shuffle_buffer=40, streams=3), 0))
+    assert _keys(other) != _keys(ref) and sorted(_keys(other)) != []
+
+
+def test_a_position_written_before_streams_resumes(syn):
+    """Checkpoints of the worker layout (keys worker/workers) resume as streams V = W, exactly."""
+    from alexnet.data.reader import upgrade_position
+
+    spec = _spec(syn, 2)
+    ref = [Stream(spec, 1).next_batch() for _ in range(4)]
+    old = dict(ref[2]["position"])
+    old["worker"], old["workers"] = old.pop("stream"), old.pop("streams")
+    assert upgrade_position(old) == ref[2]["position"]
+    rest = Stream(spec, 1, position=old)
+    assert rest.next_batch()["keys"] == ref[2]["keys"]
 
 
 def test_val_refuses_crops_larger_than_the_stored_images(syn):
@@ -182,7 +225,7 @@ def test_resume_inside_a_padding_pass_is_exact(syn, tmp_path):
     _damage(syn, bad)
     spec = _spec(bad, 2)
     for w in range(2):
-        straight = WorkerStream(spec, w)
+        straight = Stream(spec, w)
         ref, padded_before = [], []
         for _ in range(12):  # 9 batches per epoch: into epoch 1
             padded_before.append(straight.stats.padded)
@@ -191,7 +234,7 @@ def test_resume_inside_a_padding_pass_is_exact(syn, tmp_path):
         if not padding:
             continue  # this worker lost nothing
         k = padding[0]
-        rest = WorkerStream(spec, w, position=ref[k]["position"])
+        rest = Stream(spec, w, position=ref[k]["position"])
         for a in ref[k:]:
             b = rest.next_batch()
             assert a["keys"] == b["keys"] and (a["epoch"], a["index"]) == (b["epoch"], b["index"])
@@ -211,10 +254,32 @@ def test_a_padding_pass_without_a_usable_sample_is_an_error(tmp_path):
         with wds.TarWriter(shard.url, encoder=False) as tw:
             for s in samples:
                 tw.write({"__key__": s["__key__"], "jpg": b"\xff\xd8 not a jpeg", "cls": s["cls"]})
-    stream = WorkerStream(ReaderSpec(url, batch_size=10, input_size=32, seed=0, shuffle_buffer=7), 0)
-    with pytest.raises(RuntimeError, match="data worker 0: no usable sample in epoch 0"):
+    stream = Stream(ReaderSpec(url, batch_size=10, input_size=32, seed=0, shuffle_buffer=7), 0)
+    with pytest.raises(RuntimeError, match="data stream 0: no usable sample in epoch 0"):
         stream.next_batch()
     run = 10 * steps_per_epoch(DatasetIndex.load(url).count("train"), 10)  # the one worker's share
     # pass 0 and padding pass 1 read whole, then the first record of pass 2 shows pass 1 ended empty
     assert stream.stats.records == 2 * run + 1
     assert stream.stats.skipped_corrupt == run  # counted once, in pass 0
+
+
+def test_encoded_stream_decodes_to_the_worker_streams_batches(syn):
+    """data.decode=device: the stream ships JPEG bytes and drawn crops; decoding them on the trainer
+    (here the CPU) gives the worker path's batches bit for bit, across an epoch boundary."""
+    import torch
+
+    from alexnet.data.encoded import decode_rows
+
+    spec = _spec(syn, 2)
+    enc = ReaderSpec(**{**spec.to_dict(), "encoded": True})
+    plain, coded = Stream(spec, 1), Stream(enc, 1)
+    for _ in range(11):  # stream 1 owns 9 batches of epoch 0
+        a, b = plain.next_batch(), coded.next_batch()
+        assert "images" not in b and b["jpeg"].dtype == np.uint8
+        assert a["keys"] == b["keys"] and a["position"] == b["position"]
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        np.testing.assert_array_equal(a["lighting"], b["lighting"])
+        images, bad = decode_rows(b, slice(0, B), 32, torch.device("cpu"))
+        assert not bool(bad.any())
+        np.testing.assert_array_equal(images.numpy(), a["images"])
+    assert b["jpeg"].nbytes < a["images"].nbytes  # 40 px noise images: bench/data.py measures 256 px

@@ -79,6 +79,7 @@ def test_paper_preset_is_the_paper():
     assert cfg.schedule.kind == "plateau" and cfg.schedule.factor == 0.1 and cfg.schedule.max_reductions == 3
     assert cfg.train.epochs == 90
     assert cfg.grid.dims == (1, 1, 2) and cfg.grid.gpus_per_rank == 1
+    assert cfg.eval.ten_crop and cfg.eval.ten_crop_every_epochs == 0  # the 10-crop pass at the end only
 
 
 def test_demo_preset_exercises_columns_and_stages_on_cpu():
@@ -130,6 +131,7 @@ def test_toml_file(tmp_path):
         (["optim.batch_size=33"], ["grid.microbatches", "33"]),
         (["grid.shape=3x1x2"], ["optim.batch_size", "replicas"]),
         (["eval.ten_crop=maybe"], ["eval.ten_crop", "true or false"]),
+        (["eval.ten_crop_every_epochs=-1"], ["eval.ten_crop_every_epochs", "0: only at the run's last"]),
         (["faults.kill_rank=9"], ["faults.kill_rank", "0..3"]),
         (["train.device=tpu"], ["train.device"]),
         (["optim.lr"], ["--set", "section.key=value"]),

@@ -22,7 +22,7 @@ from cluster.coordinator import (
 from cluster.faults import CheckpointWriteFailed, DataLoss, TrainerDied
 from cluster.metrics import Metrics
 from cluster.plan import RunPlan
-from cluster.reporting import Reporter
+from cluster.reporting import Reporter, plot_history
 
 
 class FakeGroup:
@@ -67,15 +67,12 @@ class FakeGroup:
         return self.train(*handle)
 
     def evaluate(self, ten_crop, max_samples):
+        self.calls.append(("evaluate", ten_crop, max_samples))
         e = self.val_errors.pop(0)
-        return {
-            "top1_error": e,
-            "top5_error": e / 2,
-            "top1_error_10crop": e,
-            "top5_error_10crop": e / 2,
-            "samples": 100,
-            "loss": 1.0,
-        }
+        res = {"top1_error": e, "top5_error": e / 2, "samples": 100, "loss": 1.0}
+        if ten_crop:  # the group runs the 10-crop pass only when asked
+            res.update(top1_error_10crop=e, top5_error_10crop=e / 2)
+        return res
 
     def snapshot(self, step):
         return (
@@ -119,6 +116,25 @@ def test_steps_through_states_and_chunks(tmp_path):
     assert trains == [(0, 3), (3, 1), (4, 1), (5, 3), (8, 2), (10, 2)]
     assert [s for s, _ in list_checkpoints(str(tmp_path))] == [8, 10, 12]  # keep = 3
     assert CHECKPOINTING in states
+
+
+def test_ten_crop_pass_is_asked_for_when_due(tmp_path):
+    # 22 steps of 5 per epoch: validations after epochs 1..4; the 10-crop pass every 3rd and at the last
+    g = FakeGroup()
+    log: list[str] = []
+    sets = {"eval.ten_crop_every_epochs": 3, "eval.max_samples": 7}
+    c = _coordinator(tmp_path, g, total=22, log=log.append, **sets)
+    assert c.run() == FINISHED
+    assert [x[1:] for x in g.calls if x[0] == "evaluate"] == [(False, 7), (False, 7), (True, 7), (True, 7)]
+    evals = c.report.history.evals
+    assert ["top1_error_10crop" in e for e in evals] == [False, False, True, True]
+    ten = [line for line in log if "validation" in line and "10-crop" in line]
+    assert [line.split()[1] for line in ten] == ["2", "3"]  # epochs counted from 0 in the log
+    plot_history(c.report.history)  # the plot copes with validations without the 10-crop pass
+    g2 = FakeGroup()
+    off = {"eval.ten_crop": False, "eval.ten_crop_every_epochs": 1}
+    assert _coordinator(tmp_path / "off", g2, total=22, **off).run() == FINISHED
+    assert [x[1] for x in g2.calls if x[0] == "evaluate"] == [False] * 4
 
 
 def test_stop_request_checkpoints_and_finishes(tmp_path):

@@ -1,4 +1,5 @@
-"""Ray data workers: batches by step, parts per consumer, kill + restart, resume, backpressure."""
+"""Ray data workers: batches by step, one object per batch, parts per consumer, kill + restart,
+resume (onto other worker counts), backpressure."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from alexnet.data.reader import ReaderSpec, epoch_batches
 from alexnet.data.writer import build_synthetic
+from cluster.data import rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 B = 20
@@ -21,12 +23,14 @@ def syn(tmp_path_factory) -> str:
     return url  # 360 train samples: 18 batches of 20 per epoch; 40 val
 
 
-def _spec(url: str, workers: int = 2) -> ReaderSpec:
-    return ReaderSpec(url, batch_size=B, input_size=32, workers=workers, seed=11, shuffle_buffer=40)
+def _spec(url: str, workers: int = 2, streams: int = 0) -> ReaderSpec:
+    return ReaderSpec(
+        url, batch_size=B, input_size=32, workers=workers, seed=11, shuffle_buffer=40, streams=streams
+    )
 
 
-def _reference(url: str, workers: int, steps: int) -> list[dict]:
-    spec = _spec(url, workers)
+def _reference(url: str, workers: int, steps: int, streams: int = 0) -> list[dict]:
+    spec = _spec(url, workers, streams)
     out = [b for e in range(2) for b in epoch_batches(spec, e)]
     return out[:steps]
 
@@ -49,14 +53,17 @@ def test_pool_stream_with_kill_equals_reference(ray_local, syn):
     try:
         client = pool.client()
         for s in range(steps):
-            refs = [client.get_ref(s, part=c, parts=2, consumer=c) for c in range(2)]
+            refs = [client.request(s, consumer=c) for c in range(2)]
             if s == 7:
                 ray.kill(pool.workers[s % 2], no_restart=False)  # a call is in flight: Ray re-sends it
-            parts = ray.get(refs, timeout=120)
+            if s == 12:  # the refs are out, the objects not yet fetched: they die with their owner
+                ray.wait(refs, num_returns=2, timeout=120)
+                ray.kill(pool.workers[s % 2], no_restart=False)
+            parts = [rows(client.resolve(r, s, consumer=c), c, 2) for c, r in enumerate(refs)]
             assert parts[0]["images"].shape == (B // 2, 3, 32, 32) and parts[0]["images"].dtype == np.uint8
             _assert_same(parts, ref[s])
         stats = pool.stats()
-        assert stats["restarts"] == 1
+        assert stats["restarts"] == 2
         assert stats["skipped"] == {"corrupt": 0, "missing": 0, "truncated": 0, "unreadable": 0}
         assert len(stats["queue_depth"]) == 2 and stats["decode_images_per_second"] > 0
     finally:
@@ -84,8 +91,48 @@ def test_checkpoint_positions_resume_exactly(ray_local, syn):
             ray.get(pool.workers[0].get_batch.remote(0, 1))
     finally:
         pool.shutdown()
-    with pytest.raises(ValueError, match="worker count"):
+    with pytest.raises(ValueError, match="data.streams the checkpoint was written with"):
         DataPool(_spec(syn, 3), positions=positions)
+
+
+def test_mid_epoch_positions_resume_onto_another_worker_count(ray_local, syn):
+    """Positions of 3 streams taken with 2 workers resume with 1 or 3 workers: the same batches."""
+    from cluster.data import DataPool
+
+    ref = _reference(syn, 1, 22, streams=3)
+    pool = DataPool(_spec(syn, 2, streams=3), consumers=1, prefetch=1)
+    try:
+        for s in range(10):
+            _assert_same([pool.get(s)], ref[s])
+        positions = pool.state(10)
+    finally:
+        pool.shutdown()
+    assert [p["stream"] for p in positions] == [0, 1, 2]
+    for workers in (3, 1):
+        pool = DataPool(_spec(syn, workers, streams=3), consumers=1, prefetch=1, positions=positions)
+        try:
+            for s in range(10, 22):  # crosses into epoch 1 at 18
+                _assert_same([pool.get(s)], ref[s])
+        finally:
+            pool.shutdown()
+
+
+def test_one_object_per_batch_for_every_consumer(ray_local, syn):
+    """Both consumers of a batch get the same object (put once); label-only consumers a small one."""
+    from cluster.data import DataPool
+
+    ray = ray_local
+    pool = DataPool(_spec(syn, 1), consumers=3, prefetch=1)
+    try:
+        w = pool.workers[0]
+        a, b = (ray.get(w.get_batch.remote(0, 0, consumer=c))[0] for c in range(2))
+        labels = ray.get(w.get_batch.remote(0, 0, consumer=2, images=False))[0]
+        assert a.hex() == b.hex() and labels.hex() != a.hex()
+        small = ray.get(labels)
+        assert "images" not in small and small["labels"].shape == (B,)
+        np.testing.assert_array_equal(small["labels"], ray.get(a)["labels"])
+    finally:
+        pool.shutdown()
 
 
 def test_backpressure_bounds_the_queue(ray_local, syn):
@@ -101,14 +148,6 @@ def test_backpressure_bounds_the_queue(ray_local, syn):
         assert pool.stats()["queue_depth"] == [3] and pool.stats()["batches"] == 4  # batch 0 released
     finally:
         pool.shutdown()
-
-
-def test_val_on_ray_every_sample_once(ray_local, syn):
-    from cluster.data import val_batches_ray
-
-    batches = list(val_batches_ray(syn, 16, 32, crop="ten", workers=2))
-    assert sorted(k for b in batches for k in b["keys"]) == [f"val_{i:08d}" for i in range(40)]
-    assert batches[0]["images"].shape[1:] == (10, 3, 32, 32)
 
 
 def test_shards_built_by_ray_tasks(ray_local, tmp_path):

@@ -252,7 +252,7 @@ def test_retry_recovers_a_transient_failure(syn, tmp_path, monkeypatch):
 def test_lost_samples_are_counted_per_epoch_and_shard(syn, tmp_path):
     """What data.max_skipped_fraction judges: each epoch's losses by shard and reason, counted once
     (the padding pass that refills the worker's batches re-reads the run without counting again)."""
-    from alexnet.data.reader import ReaderSpec, WorkerStream, epoch_segments
+    from alexnet.data.reader import ReaderSpec, Stream, epoch_segments
 
     bad = tmp_path / "bad"
     shutil.copytree(syn, bad)
@@ -261,7 +261,7 @@ def test_lost_samples_are_counted_per_epoch_and_shard(syn, tmp_path):
     gone = shards[1].url
     Path(gone).unlink()
     spec = ReaderSpec(str(bad), batch_size=16, input_size=32, workers=1, shuffle_buffer=0)
-    stream = WorkerStream(spec, 0, index=index)
+    stream = Stream(spec, 0, index=index)
     for _ in range(2 * stream.steps_per_epoch):  # two epochs
         stream.next_batch()
     want = {

@@ -39,6 +39,7 @@ def test_json_round_trip():
     d = m.to_json()
     assert d["schedule"] == m.lr_schedule and d["data"] == {
         "workers": 2,
+        "streams": None,
         "positions": [{"w": 0}, {"w": 1}],
         "steps_per_epoch": 5,
     }
@@ -63,7 +64,7 @@ def test_run_checkpoints_write_the_manifest(tmp_path):
     raw = json.loads((tmp_path / "checkpoints" / "step-00000010" / MANIFEST).read_text())
     assert "rng" not in raw and "epoch_complete" not in raw  # nothing read them
     m = Manifest.from_json(raw)
-    assert (m.step, m.epoch, m.data_workers, m.steps_per_epoch) == (10, 2, 2, 5)
+    assert (m.step, m.epoch, m.data_workers, m.data_streams, m.steps_per_epoch) == (10, 2, 2, 2, 5)
     assert m.data_positions == [{"p": 0}, {"p": 1}] and m.lr_schedule["best"] == 0.5
     assert m.config == cfg.to_dict() and m.grid == cfg.to_grid().to_dict()
     ck, skipped = cks.load_newest()
@@ -77,7 +78,9 @@ def test_run_checkpoints_write_the_manifest(tmp_path):
         ({}, {"model.dropout": 0.3}, ["saved with model", "same [model] section"]),
         ({}, {"optim.batch_size": 64}, ["optim.batch_size=32", "--set optim.batch_size=32"]),
         ({"spe": 4}, {}, ["saved with 4 steps per epoch", "gives 5", "the shards the run was started on"]),
-        ({"workers": 3}, {}, ["step 7 is inside an epoch", "--set data.workers=3"]),
+        ({"workers": 3}, {"data.streams": 2}, ["step 7 is inside an epoch", "--set data.streams=3"]),
+        ({"data_streams": 4}, {"data.streams": 2}, ["sample order belongs to data.streams=4"]),
+        ({"workers": 1}, {}, ["data.workers=2 exceeds the run's data.streams=1", "--set data.workers=1"]),
     ],
 )
 def test_resume_refusals(saved, sets, words):
@@ -93,6 +96,18 @@ def test_another_worker_count_resumes_from_an_epoch_end():
     m.check_resume(_cfg(), PLAN, "ck")  # an epoch end: allowed
     assert m.positions_for(2) is None  # the new workers start at the epoch's beginning
     assert m.positions_for(3) == m.data_positions
+
+
+def test_another_worker_count_resumes_mid_epoch():
+    """The streams, not the workers, define the batches: data.workers may change mid-epoch; a run
+    with data.streams = 0 reads the checkpoint's streams."""
+    m = _manifest(step=7, workers=2, data_streams=4)
+    cfg = _cfg(**{"data.workers": 3})
+    m.check_resume(cfg, PLAN, "ck")
+    assert m.streams_for(cfg, PLAN) == 4 and m.positions_for(4) == m.data_positions
+    old = _manifest(step=7, workers=2)  # written before streams: its 2 workers are 2 streams
+    assert old.streams == 2 and old.streams_for(_cfg(**{"data.workers": 1}), PLAN) == 2
+    old.check_resume(_cfg(**{"data.workers": 1}), PLAN, "ck")
 
 
 def test_a_manifest_without_steps_per_epoch_is_not_refused_for_it():

@@ -1,10 +1,11 @@
-"""Placement of trainer ranks: the layout as a pure function, then on a real 2-node Ray cluster."""
+"""Placement of trainer ranks and data workers: the layout as a pure function, then on a real 2-node
+Ray cluster."""
 
 import os
 
 import pytest
 
-from cluster.placement import plan_placement
+from cluster.placement import feeding_bundles, plan_placement
 from pipeline.grid import Grid
 
 GPU_RANK = {"CPU": 1.0, "GPU": 1.0}
@@ -33,6 +34,125 @@ def test_rank_bundles_when_a_stage_does_not_fit_and_unknown_nodes():
     assert plan_placement(grid, GPU_RANK, [{"CPU": 8, "GPU": 1}] * 2).level == "rank"
     # no node known yet (autoscaler): the smallest bundles that keep a stage together
     assert plan_placement(grid, GPU_RANK, []).level == "stage"
+
+
+CPU_RANK = {"CPU": 1.0}
+
+
+def test_data_workers_join_the_replica_bundles_round_robin():
+    grid = Grid.parse("2x2x1", microbatches=2, global_batch=4)
+    plan = plan_placement(grid, CPU_RANK, [{"CPU": 4}] * 2, data_workers=3)
+    assert plan.level == "replica" and len(plan.bundles) == 2  # still one bundle per replica
+    assert plan.bundle_of_worker == [0, 1, 0]
+    assert plan.bundles == [{"CPU": 2 + 2}, {"CPU": 2 + 1}]  # each replica's 2 ranks plus its workers
+    assert plan_placement(grid, CPU_RANK, [{"CPU": 4}] * 2).bundles == [{"CPU": 2}] * 2  # no workers
+
+
+def test_data_workers_count_in_whether_a_level_fits():
+    grid = Grid.parse("1x2x2", microbatches=2, global_batch=4)
+    # the 4 ranks alone fit a 4-CPU node as one replica; with 2 workers (6 CPUs) they do not
+    assert plan_placement(grid, CPU_RANK, [{"CPU": 4}] * 2).level == "replica"
+    plan = plan_placement(grid, CPU_RANK, [{"CPU": 4}] * 2, data_workers=2)
+    assert plan.level == "stage" and plan.strategy == "PACK"
+    # the workers sit in stage 0's bundle (columns 0 and 1), stage 1's bundle holds its ranks only
+    assert plan.bundle_of_worker == [0, 0]
+    assert plan.bundles == [{"CPU": 2 + 2}, {"CPU": 2}]
+    # 3 workers do not fit beside stage 0 either: one bundle per rank, workers over the stage-0 ranks
+    plan = plan_placement(grid, CPU_RANK, [{"CPU": 4}] * 2, data_workers=3)
+    assert plan.level == "rank" and plan.bundle_of_worker == [0, 1, 0]
+    assert plan.bundles == [{"CPU": 1 + 2}, {"CPU": 1 + 1}, {"CPU": 1}, {"CPU": 1}]
+
+
+def test_data_workers_take_cpus_only_and_spread_over_replicas_first():
+    grid = Grid.parse("2x2x2", microbatches=2, global_batch=8)  # rank (r * 2 + s) * 2 + c
+    plan = plan_placement(grid, GPU_RANK, [{"CPU": 3, "GPU": 1}] * 8, data_workers=5)
+    assert plan.level == "rank"
+    # stage-0 ranks: r0c0=0, r1c0=4, r0c1=1, r1c1=5; dealt replicas first, then columns
+    assert feeding_bundles(grid, plan.bundle_of_rank) == [0, 4, 1, 5]
+    assert plan.bundle_of_worker == [0, 4, 1, 5, 0]
+    assert plan.bundles[0] == {"CPU": 1 + 2, "GPU": 1} and plan.bundles[4] == {"CPU": 2, "GPU": 1}
+    assert plan.bundles[2] == {"CPU": 1, "GPU": 1}  # a stage-1 rank: no worker
+    # the unknown-nodes level (autoscaler) carries the workers too
+    plan = plan_placement(grid, GPU_RANK, [], data_workers=2)
+    assert plan.level == "stage" and plan.bundle_of_worker == [0, 2]  # (r0, s0) and (r1, s0)
+    with pytest.raises(ValueError, match="data_workers=-1"):
+        plan_placement(grid, GPU_RANK, [], data_workers=-1)
+
+
+@pytest.mark.timeout(300)
+def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, tmp_path):
+    """Two 4-CPU nodes, grid 1x2x2 and 2 data workers: stage 0 with both workers fills one node, stage 1
+    goes to the other. The workers (real DataPool actors, started as a run starts them) must be on
+    stage 0's node; before they joined the trainers' group they landed on the free node."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from alexnet.data.writer import build_synthetic
+    from cluster.config import load_config
+    from cluster.group import RayTrainerGroup
+    from cluster.plan import RunPlan
+
+    url = str(tmp_path / "shards")
+    build_synthetic(400, url, size=40, classes=4, shard_size=50, workers=1, progress=False)
+    cluster = Cluster()
+    group = None
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=4)
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        sets = {"data.workers": "2", "grid.placement_timeout_s": "60"}
+        cfg = load_config(preset="demo", overrides=sets)
+        group = RayTrainerGroup(cfg, RunPlan(steps_per_epoch=11, total_steps=11, data_workers=2), url)
+        grid = group.grid
+        group._reserve()
+        assert group.plan_pg.level == "stage" and group.plan_pg.bundle_of_worker == [0, 0]
+
+        @ray.remote(num_cpus=1)
+        class Rank:
+            def node(self) -> str:
+                return ray.get_runtime_context().get_node_id()
+
+        ranks = [
+            Rank.options(
+                scheduling_strategy=group._strategy(group.pg, group.plan_pg.bundle_of_rank[r])
+            ).remote()
+            for r in range(grid.world_size)
+        ]
+        group.actors = ranks  # killed by group.shutdown()
+        rank_node = ray.get([a.node.remote() for a in ranks], timeout=120)
+        group.pool = group._start_data(0, None)
+        worker_node = ray.get(
+            [
+                w.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
+                for w in group.pool.workers
+            ],
+            timeout=120,
+        )
+        stage0 = {rank_node[grid.rank_of(0, 0, c)] for c in range(grid.columns)}
+        stage1 = {rank_node[grid.rank_of(0, 1, c)] for c in range(grid.columns)}
+        assert len(stage0) == len(stage1) == 1 and stage0 != stage1  # one node each
+        assert set(worker_node) == stage0, (worker_node, stage0, stage1)
+        assert ray.get(group.pool.workers[1].ping.remote(), timeout=60) == 1  # a working DataWorker
+        group.shutdown()
+
+        # 5 workers beside 4 ranks need 9 CPUs of the 8: the error names the workers and the layout
+        sets = {"data.workers": "5", "grid.placement_timeout_s": "2"}
+        group = RayTrainerGroup(
+            load_config(preset="demo", overrides=sets), RunPlan(11, 11, data_workers=5), url
+        )
+        with pytest.raises(ValueError) as err:
+            group._reserve()
+        text = str(err.value)
+        assert "cannot hold grid.shape='1x2x2'" in text and "data.workers=5" in text, text
+        assert "needs {'CPU': 9.0} in total" in text and "the largest {'CPU': 4.0}" in text, text
+        assert "its largest node {'CPU': 4.0}" in text and "add nodes" in text, text
+        assert group.pg is None  # released
+    finally:
+        if group is not None:
+            group.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.mark.timeout(240)

@@ -19,7 +19,8 @@ def syn(tmp_path_factory) -> str:
 
 def test_plan_sizes_the_run(syn):
     plan, index = plan_run(load_config(preset="demo"), syn)
-    assert plan == RunPlan(steps_per_epoch=3, total_steps=6 * 3, data_workers=2)  # demo: 6 epochs
+    # demo: 6 epochs; 3 streams (min(3 batches, 16))
+    assert plan == RunPlan(steps_per_epoch=3, total_steps=6 * 3, data_workers=2, data_streams=3)
     assert index.num_classes == 10
     plan, _ = plan_run(load_config(preset="demo", overrides={"train.steps": 7}), syn)
     assert plan.total_steps == 7
@@ -67,6 +68,21 @@ def test_what_is_due_at_each_step():
     assert [s for s in range(21) if m.at(s).checkpoint] == []
     assert [s for s in range(21) if m.at(s).boundary] == [5, 10, 15, 20]
     assert not any(_milestones(eval_every_epochs=0).at(s).evaluate for s in range(13))
+
+
+def test_ten_crop_pass_every_k_epochs_and_at_the_last_validation():
+    # 5 steps per epoch, 47 steps: 9 whole epochs, so the last validation is after epoch 9 (step 45)
+    def ten(**kw) -> list[int]:
+        m = _milestones(**({"total_steps": 47, "checkpoint_every": 0, "ten_crop": True} | kw))
+        assert all(m.at(s).evaluate for s in range(48) if m.at(s).ten_crop)  # only with a validation
+        return [s // 5 for s in range(48) if m.at(s).ten_crop]
+
+    assert ten() == [9]  # 0: only the run's last validation
+    assert ten(ten_crop_every_epochs=1) == list(range(1, 10))
+    assert ten(ten_crop_every_epochs=4) == [4, 8, 9]
+    assert ten(ten_crop_every_epochs=3, eval_every_epochs=2) == [6, 8]  # validations at 2, 4, 6, 8
+    assert ten(ten_crop_every_epochs=1, ten_crop=False) == []  # eval.ten_crop=false: never
+    assert ten(ten_crop_every_epochs=1, eval_every_epochs=0) == []  # no validation: never
 
 
 def test_chunks_stop_exactly_at_boundaries():

@@ -58,7 +58,7 @@ def test_reduce_eval_counts_the_scoring_ranks_only():
     ranks = [junk] * GRID.world_size
     ranks[2] = {"center": dict(top1=3, top5=8, loss_sum=12.0, n=10), "ten": dict(top1=4, top5=9, n=10)}
     ranks[6] = {"center": dict(top1=5, top5=9, loss_sum=8.0, n=10), "ten": dict(top1=6, top5=10, n=10)}
-    out = reduce_eval(GRID, ranks, ten_crop=True)
+    out = reduce_eval(GRID, ranks)
     assert out == pytest.approx(
         {
             "top1_error": 1 - 8 / 20,
@@ -71,6 +71,6 @@ def test_reduce_eval_counts_the_scoring_ranks_only():
     )
     center, ten = ["top1_error", "top5_error", "loss", "samples"], ["top1_error_10crop", "top5_error_10crop"]
     assert list(out) == center + ten  # the key order of metrics.jsonl's eval lines
-    for i in (2, 6):
+    for i in (2, 6):  # an evaluation without the 10-crop pass reports the center crop alone
         ranks[i] = {"center": ranks[i]["center"]}
-    assert set(reduce_eval(GRID, ranks, ten_crop=False)) == {"top1_error", "top5_error", "loss", "samples"}
+    assert set(reduce_eval(GRID, ranks)) == {"top1_error", "top5_error", "loss", "samples"}

@@ -213,6 +213,30 @@ def test_ray_cluster_config_is_valid_for_ray_up():
     assert types[cfg["head_node_type"]]["resources"]["GPU"] == 0
 
 
+def test_head_offers_no_cpus_or_gpus_for_work():
+    """Nothing heavy on the head: every config starts its Ray with 0 CPUs and 0 GPUs there (the job
+    driver needs neither), the workers with what their machines have."""
+    from ray.scripts.scripts import cli
+
+    start = cli.commands["start"]
+    cfg = load(DEPLOY / "ray-cluster.yaml")
+    assert cfg["available_node_types"][cfg["head_node_type"]]["resources"] == {"CPU": 0, "GPU": 0}
+    for key, head in (("head_start_ray_commands", True), ("worker_start_ray_commands", False)):
+        (argv,) = [a for line in cfg[key] for a in ray_commands(line) if a[1] == "start"]
+        params = start.make_context("start", argv[2:]).params
+        want = 0 if head else None  # a worker offers its own cores and GPUs
+        assert (params["num_cpus"], params["num_gpus"]) == (want, want), (key, argv)
+    # KubeRay: rayStartParams become `ray start --KEY=VALUE` flags
+    for f in ("raycluster.yaml", "rayjob.yaml"):
+        doc = load(KUBERAY / f)["spec"]
+        spec = doc.get("rayClusterSpec", doc)
+        for group, head in [(spec["headGroupSpec"], True)] + [(g, False) for g in spec["workerGroupSpecs"]]:
+            flags = [f"--{k}={v}" for k, v in group["rayStartParams"].items()]
+            params = start.make_context("start", flags).params
+            want = 0 if head else None
+            assert (params["num_cpus"], params["num_gpus"]) == (want, want), (f, group["rayStartParams"])
+
+
 def test_runtime_env_is_a_valid_ray_runtime_env():
     from ray.runtime_env import RuntimeEnv
 

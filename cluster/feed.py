@@ -1,0 +1,229 @@
+"""A trainer rank's input feed: the next steps' batches fetched, pinned, copied (and decoded) ahead.
+
+:class:`Feed` runs one thread per rank that walks the run's steps in order. For each step it asks
+the step's data worker for the batch (:class:`cluster.data.DataClient`), waits for the object,
+takes this rank's rows and turns them into device tensors: stage-0 ranks the model input (float32
+``(x - mean + lighting) * scale``, :func:`alexnet.data.transforms.to_model_input`; JPEG bytes
+decoded first when the workers ship them, :func:`alexnet.data.encoded.decode_rows`), last-stage
+ranks the labels. At most ``depth`` steps wait ready, so the fetch, the host-to-device copy and the
+decode of step t+1 overlap step t's compute.
+
+On CUDA the host arrays are copied into pinned buffers (a small ring, reused once their copy has
+finished) and from there to the device with ``non_blocking`` copies on a side stream, and the
+conversion runs on that stream too; :meth:`Feed.get` makes the compute stream wait for the step's
+event, so nothing here blocks the host thread that launches the step. On CPU the same code runs
+without pinning or streams (the fetch is still ahead).
+
+The thread asks for step t+1 only once it holds step t's data: a data worker releases a batch when
+every consumer asked for a later one, and the object dies with its worker (see
+:mod:`cluster.data`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from alexnet.data.transforms import to_model_input
+
+log = logging.getLogger("alexnet.feed")
+
+
+@dataclass
+class Fed:
+    """One step's inputs for this rank: ``images`` (stage 0) and ``labels`` (last stage) on the
+    device, ``keys`` of its rows, ``corrupt``: rows whose JPEG did not decode on the device (fed as
+    the mean image, i.e. zeros, and counted like a corrupt sample of the worker path)."""
+
+    step: int
+    images: torch.Tensor | None
+    labels: torch.Tensor | None
+    keys: list[str]
+    corrupt: int = 0
+    event: Any = None  # CUDA: recorded on the side stream after the step's copies
+
+
+@dataclass(frozen=True)
+class FeedSpec:
+    """What a rank's feed reads: ``consumer`` id at the data workers, rows ``part`` of ``parts``
+    (its replica), whether it needs the images (stage 0) and the labels (last stage), the model
+    input's ``input_size``, ``mean`` (3, S, S) and ``scale``."""
+
+    consumer: int
+    part: int
+    parts: int
+    images: bool
+    labels: bool
+    input_size: int
+    scale: float = 1.0
+
+
+class _Pinned:
+    """A ring of pinned host buffers per (shape, dtype); a slot is reused once the copy out of it
+    has finished (its event)."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._ring: dict[tuple, list[list]] = {}
+        self._next: dict[tuple, int] = {}
+
+    def stage(self, array: np.ndarray, device: torch.device, stream: Any) -> torch.Tensor:
+        """``array`` on ``device`` via a pinned buffer, copied ``non_blocking`` on ``stream``."""
+        key = (array.shape, array.dtype.str)
+        ring = self._ring.setdefault(key, [])
+        i = self._next.get(key, 0)
+        self._next[key] = (i + 1) % self.slots
+        if len(ring) <= i:
+            buf = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
+            ring.append([buf, None])
+        buf, done = ring[i]
+        if done is not None:
+            done.synchronize()  # this thread waits, never the step's
+        buf.copy_(_tensor(array))
+        out = buf.to(device, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        ring[i][1] = ev
+        return out
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor view of a (read-only, object-store) numpy array; it is only read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+class Feed:
+    """See the module docstring. ``client``: the :class:`cluster.data.DataClient`; ``spec``: the
+    rank's :class:`FeedSpec`; ``mean``: (3, S, S) on ``device``; ``end``: the run's total steps (no
+    batch at or past it exists); ``depth``: steps made ready ahead."""
+
+    def __init__(
+        self,
+        client: Any,
+        spec: FeedSpec,
+        device: torch.device,
+        mean: torch.Tensor,
+        end: int,
+        depth: int = 2,
+    ) -> None:
+        self.client, self.spec, self.device, self.mean, self.end = client, spec, device, mean, end
+        self.depth = max(1, depth)
+        self.cuda = device.type == "cuda"
+        self._side = torch.cuda.Stream(device) if self.cuda else None
+        self._pinned = _Pinned(self.depth + 2) if self.cuda else None
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._next = -1  # the step the running thread will deliver next
+
+    # -- consumer side --------------------------------------------------------------------
+    def get(self, step: int) -> Fed:
+        """Step ``step``'s inputs (waits for them). Steps are asked for in order; another step
+        than the next one (a recovery, a resume) restarts the thread there."""
+        if self._thread is None or step != self._next:
+            self._start(step)
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._thread = None
+            raise item
+        self._next = step + 1
+        if item.event is not None:  # the compute stream waits on the device, not the host
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(item.event)
+            for t in (item.images, item.labels):
+                if t is not None:
+                    t.record_stream(cur)  # the allocator must not reuse it before the step is done
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (it exits at its next step boundary)."""
+        self._stop.set()
+        if self._queue is not None:  # unblock a put() waiting for room
+            while not self._queue.empty():
+                self._queue.get_nowait()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._thread = None
+
+    def _start(self, step: int) -> None:
+        self.close()
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self.depth)
+        self._next = step
+        self._thread = threading.Thread(
+            target=self._run, args=(step, self._queue, self._stop), daemon=True, name="feed"
+        )
+        self._thread.start()
+
+    # -- the thread ----------------------------------------------------------------------
+    def _run(self, first: int, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            for t in range(first, self.end):
+                if stop.is_set():
+                    return
+                item = self._make(t)
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the step that needed it
+            out.put(e)
+
+    def _make(self, t: int) -> Fed:
+        from cluster.data import rows
+
+        sp = self.spec
+        batch = self.client.resolve(self.client.request(t, sp.consumer, sp.images), t, sp.consumer, sp.images)
+        mine = rows(batch, sp.part, sp.parts) if sp.images else batch
+        if sp.images:
+            keys = mine["keys"]
+        else:
+            B = len(batch["labels"])
+            r = slice(sp.part * B // sp.parts, (sp.part + 1) * B // sp.parts)
+            keys, mine = list(batch["keys"][r]), {"labels": batch["labels"][r]}
+        if self.cuda:
+            with torch.cuda.stream(self._side):
+                fed = self._tensors(t, mine, keys)
+                fed.event = torch.cuda.Event()
+                fed.event.record(self._side)
+            return fed
+        return self._tensors(t, mine, keys)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        if self._pinned is not None:
+            return self._pinned.stage(np.ascontiguousarray(array), self.device, self._side)
+        return _tensor(array)
+
+    def _tensors(self, t: int, mine: dict, keys: list[str]) -> Fed:
+        sp = self.spec
+        images = labels = None
+        corrupt = 0
+        if sp.images:
+            light = self._to_device(mine["lighting"])
+            if "jpeg" in mine:  # encoded batch: decode this rank's rows here
+                from alexnet.data.encoded import decode_rows
+
+                u8, bad = decode_rows(mine, slice(*mine["rows"]), sp.input_size, self.device)
+                images = to_model_input(u8, light, self.mean, sp.scale)
+                # a host read, but in this thread: the step's thread never waits for it
+                if bool(bad.any()):
+                    corrupt = int(bad.sum())
+                    images[bad] = 0  # the mean image: no signal; counted as corrupt by the coordinator
+                    msg = "step %d: %d image(s) did not decode on %s; fed as the mean image"
+                    log.warning(msg, t, corrupt, self.device)
+            else:
+                images = to_model_input(self._to_device(mine["images"]), light, self.mean, sp.scale)
+        if sp.labels:
+            labels = self._to_device(mine["labels"])
+        return Fed(t, images, labels, keys, corrupt)

@@ -1,0 +1,380 @@
+"""Validation decoded once per pass by the data workers, read by the trainer ranks.
+
+A *pass* is one walk over the val split with one crop kind (``center``, or the paper's ``ten``
+crops); an evaluation is the center pass, then the 10-crop pass when it is due.
+
+Plan (:class:`ValPlan`, a pure function of the dataset index and the sizes)
+    The global val order is the val shards in name order, laid end to end (as
+    :func:`alexnet.data.reader.val_segments`), cut to ``eval.max_samples`` when that is set.
+    Batch ``j`` is samples ``[j*bs, (j+1)*bs)`` of it; it belongs to replica ``j % R`` and is
+    produced by the worker whose contiguous run of batches holds it (worker ``w`` of ``W``:
+    batches ``[w*nb//W, (w+1)*nb//W)``), so each worker reads its shards once, sequentially.
+    Every rank knows its replica's batches from the index alone, with no call.
+
+Serving (:class:`ValServer`, a mixin of :class:`cluster.data.DataWorker`)
+    ``val_start`` starts a producer thread over this worker's batches of the pass, at most
+    ``buffer`` batches ahead of their consumers. Each batch is decoded once and ``ray.put`` once
+    (pixels + labels), with a small labels-only object beside it; ``val_get`` hands every
+    consumer a reference to the same object (zero-copy numpy on the node) and drops the batch
+    once all its consumers (every rank of its replica) have fetched it. Unusable samples are
+    skipped and counted (:func:`alexnet.data.reader.decode_record`), so a batch may be short, or
+    empty: its ``n`` says so, and every rank of the replica reads it (stage 0 the pixels, the
+    others the labels object) so that all of them skip an empty batch together.
+
+Reading (:class:`ValClient`, picklable, given to the trainer ranks)
+    ``batches(pass_id, replica, images)`` yields the replica's batches in order, the request for
+    the next one in flight while the caller scores the current one.
+
+Failure: a data worker that dies mid-pass is restarted by Ray without its pass; the call that
+asked it for a batch raises a ``RuntimeError`` naming the pass, the trainer group's call fails
+and the coordinator restarts the group from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from alexnet.data.index import DatasetIndex, ShardInfo, check_input_size
+from alexnet.data.reader import Decoded, ReaderStats, Record, Segment, decode_record, read_segment
+from alexnet.data.transforms import center_crop, ten_crop
+
+CROPS = ("center", "ten")
+BUFFER = 3  # decoded batches a worker keeps ahead of its consumers (a 10-crop batch is 10x a center one)
+KEEP_STATS = 16  # passes whose counters val_stats() still reports
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class ValPlan:
+    """Which samples form val batch ``j``, which replica scores it and which worker decodes it."""
+
+    total: int  # samples in the pass: the val split, or its first eval.max_samples
+    batch_size: int
+    replicas: int
+    workers: int
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.replicas < 1 or self.workers < 1 or self.total < 0:
+            raise ValueError(f"{self}: need batch_size, replicas, workers >= 1 and total >= 0")
+
+    @classmethod
+    def of(
+        cls, index: DatasetIndex, batch_size: int, replicas: int, workers: int, max_samples: int = 0
+    ) -> ValPlan:
+        """The plan over ``index``'s val split (its first ``max_samples`` samples when > 0)."""
+        n = index.count("val")
+        return cls(min(n, max_samples) if max_samples > 0 else n, batch_size, replicas, workers)
+
+    @property
+    def batches(self) -> int:
+        """Batches in the pass (the last one may be short)."""
+        return -(-self.total // self.batch_size)
+
+    def samples(self, j: int) -> tuple[int, int]:
+        """Global sample range ``[start, stop)`` of batch ``j``."""
+        return j * self.batch_size, min((j + 1) * self.batch_size, self.total)
+
+    def replica_batches(self, replica: int) -> range:
+        """The batches replica ``replica`` scores, in the order its ranks read them."""
+        return range(replica, self.batches, self.replicas)
+
+    def worker_batches(self, worker: int) -> range:
+        """The contiguous run of batches worker ``worker`` decodes (empty when W > batches)."""
+        nb, W = self.batches, self.workers
+        return range(worker * nb // W, (worker + 1) * nb // W)
+
+    def worker_of(self, j: int) -> int:
+        """The worker that decodes batch ``j``."""
+        if not 0 <= j < self.batches:
+            raise ValueError(f"val batch {j}: the pass has {self.batches} batches")
+        starts = [w * self.batches // self.workers for w in range(self.workers)]
+        return bisect.bisect_right(starts, j) - 1  # the last worker starting at or before j: non-empty
+
+
+def _records(
+    shards: list[ShardInfo], start: int, stop: int, stats: ReaderStats
+) -> Iterator[tuple[int, Record]]:
+    """(global position, Record) for samples ``[start, stop)`` of the val order. Positions come
+    from the shard offsets, so records a truncated shard lost shift nothing after them."""
+    pos = 0
+    for s in shards:
+        a, b = max(start, pos), min(stop, pos + s.count)
+        if a < b:
+            for i, rec in enumerate(read_segment(Segment(s.url, a - pos, b - pos), stats)):
+                yield a + i, rec
+        pos += s.count
+        if pos >= stop:
+            return
+
+
+def _collate(samples: list[Decoded], crop: str, size: int, j: int) -> dict[str, Any]:
+    """Decoded samples -> ``images`` uint8 (b, 3, S, S) or (b, 10, 3, S, S), ``labels`` (b,),
+    ``keys``, ``n`` (b) and ``index`` (j)."""
+    crop_fn = center_crop if crop == "center" else ten_crop
+    shape = (3, size, size) if crop == "center" else (10, 3, size, size)
+    images = np.empty((len(samples), *shape), np.uint8)
+    out = torch.from_numpy(images)  # the crops are copied straight into the batch's memory
+    for i, s in enumerate(samples):
+        out[i].copy_(crop_fn(s.image, size))
+    labels = np.asarray([s.label for s in samples], np.int64)
+    return {
+        "images": images,
+        "labels": labels,
+        "keys": [s.key for s in samples],
+        "n": len(samples),
+        "index": j,
+    }
+
+
+def worker_batches(
+    index: DatasetIndex, plan: ValPlan, worker: int, crop: str, input_size: int, stats: ReaderStats
+) -> Iterator[dict[str, Any]]:
+    """Batch dicts (``images``, ``labels``, ``keys``, ``n``, ``index``) of worker ``worker``'s run, in order;
+    unusable samples skipped and counted in ``stats`` (``samples``: images decoded and used)."""
+    if crop not in CROPS:
+        raise ValueError(f"crop={crop!r}: use 'center' or 'ten'")
+    run = plan.worker_batches(worker)
+    if not run:
+        return
+    records = _records(index.shards("val"), plan.samples(run.start)[0], plan.samples(run[-1])[1], stats)
+    nxt = next(records, None)
+    for j in run:
+        t0, stop, chunk = time.perf_counter(), plan.samples(j)[1], []
+        while nxt is not None and nxt[0] < stop:
+            stats.records += 1
+            sample = decode_record(nxt[1], input_size, stats)
+            if sample is not None:
+                stats.samples += 1
+                chunk.append(sample)
+            nxt = next(records, None)
+        batch = _collate(chunk, crop, input_size, j)
+        stats.decode_s += time.perf_counter() - t0
+        stats.batches += 1
+        yield batch
+
+
+class _Pass:
+    """One val pass on one worker: the producer thread and its bounded buffer of batch objects."""
+
+    def __init__(
+        self, pass_id: int, crop: str, plan: ValPlan, worker: int, consumers: dict[int, int], buffer: int
+    ) -> None:
+        self.pass_id, self.crop, self.plan, self.worker = pass_id, crop, plan, worker
+        self.consumers = consumers
+        self.capacity = buffer
+        self.stats = ReaderStats()
+        self._buf: dict[int, list] = {}  # j -> [pixels ref, labels ref, fetches still to come]
+        self._made = -1  # the last batch produced
+        self._error: BaseException | None = None
+        self._stop = False
+        self._cond = threading.Condition()
+
+    def start(self, batches: Iterator[dict]) -> None:
+        """Produce ``batches`` (this worker's, in order) in a thread."""
+        name = f"val-pass-{self.pass_id}"
+        threading.Thread(target=self._produce, args=(batches,), daemon=True, name=name).start()
+
+    def _produce(self, batches: Iterator[dict]) -> None:
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stop or len(self._buf) < self.capacity)
+                    if self._stop:
+                        return
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                j = batch["index"]
+                labels = {"labels": batch["labels"], "n": batch["n"], "index": j}
+                entry = [ray.put(batch), ray.put(labels), self.consumers[j % self.plan.replicas]]
+                with self._cond:
+                    if self._stop:  # replaced while decoding: keep nothing of it
+                        return
+                    self._buf[j], self._made = entry, j
+                    self._cond.notify_all()
+        except BaseException as e:  # surfaced to the callers of get, never a silent hang
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+
+    def get(self, j: int, images: bool, timeout_s: float) -> ray.ObjectRef:
+        """The ref of batch ``j`` (pixels, or labels only); counts the fetch, drops the batch after
+        its last consumer's."""
+        if self.plan.worker_of(j) != self.worker:
+            raise ValueError(
+                f"val batch {j} is decoded by data worker {self.plan.worker_of(j)}, not {self.worker}"
+            )
+        worker = self.worker
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: j in self._buf or j <= self._made or self._error is not None or self._stop,
+                timeout=timeout_s,
+            )
+            if self._error is not None:
+                raise RuntimeError(f"data worker {worker}: val pass {self.pass_id} failed: {self._error!r}")
+            if not ok:
+                raise TimeoutError(
+                    f"data worker {worker}: val batch {j} of pass {self.pass_id} not ready after "
+                    f"{timeout_s}s (buffer {sorted(self._buf)})"
+                )
+            if self._stop:
+                raise RuntimeError(
+                    f"data worker {worker}: val pass {self.pass_id} was replaced by a newer one"
+                )
+            if j not in self._buf:
+                raise ValueError(
+                    f"data worker {worker}: val batch {j} of pass {self.pass_id} was already fetched by "
+                    "all its consumers (each rank of a replica reads each batch once)"
+                )
+            entry = self._buf[j]
+            entry[2] -= 1
+            if entry[2] == 0:
+                del self._buf[j]
+                self._cond.notify_all()
+            return entry[0] if images else entry[1]
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._buf.clear()
+            self._cond.notify_all()
+
+
+class ValServer:
+    """Mixin of the data worker actor: serves val passes (see module docstring).
+
+    The host class provides ``self.spec.url`` (the shard directory); everything else comes with
+    :meth:`val_start`. The mixin has no ``__init__``: its state starts with the first pass.
+    """
+
+    spec: Any  # alexnet.data.reader.ReaderSpec, set by the host class
+    _val_lock = threading.Lock()  # one actor per process: a class attribute is this actor's
+
+    def val_start(
+        self,
+        pass_id: int,
+        crop: str,
+        batch_size: int,
+        input_size: int,
+        max_samples: int,
+        worker: int,
+        workers: int,
+        consumers: dict[int, int],
+        buffer: int = BUFFER,
+    ) -> int:
+        """Start pass ``pass_id`` (dropping the one running, if any); returns how many batches this
+        worker decodes in it. ``consumers``: replica -> fetches of each of its batches (0..R-1)."""
+        if crop not in CROPS:
+            raise ValueError(f"crop={crop!r}: use 'center' or 'ten'")
+        if sorted(consumers) != list(range(len(consumers))) or min(consumers.values(), default=0) < 1:
+            raise ValueError(f"consumers={consumers}: need replicas 0..R-1, each with >= 1 consumer")
+        if buffer < 1:
+            raise ValueError(f"buffer={buffer}: must be >= 1")
+        with self._val_lock:
+            if getattr(self, "_val_index", None) is None:
+                self._val_index = DatasetIndex.load(self.spec.url)
+            index = self._val_index
+            check_input_size(input_size, index.size)
+            plan = ValPlan.of(index, batch_size, len(consumers), workers, max_samples)
+            old = getattr(self, "_val_pass", None)
+            if old is not None:
+                if pass_id <= old.pass_id:
+                    raise ValueError(f"val pass {pass_id}: pass {old.pass_id} was already started here")
+                old.stop()
+            p = _Pass(pass_id, crop, plan, worker, dict(consumers), buffer)
+            p.start(worker_batches(index, plan, worker, crop, input_size, p.stats))
+            self._val_pass = p
+            stats = getattr(self, "_val_stats", {})
+            stats[pass_id] = (crop, worker, p.stats)  # only the counters outlive the pass
+            self._val_stats = dict(list(stats.items())[-KEEP_STATS:])
+        return len(plan.worker_batches(worker))
+
+    def val_get(
+        self, pass_id: int, j: int, images: bool, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> list[ray.ObjectRef]:
+        """``[ref]`` of batch ``j`` of pass ``pass_id`` (blocks until decoded): its pixels and
+        labels, or (``images=False``) its labels only. Wrapped in a list so the caller gets the
+        reference, not a copy of the batch."""
+        p = getattr(self, "_val_pass", None)
+        if p is None or p.pass_id != pass_id:
+            running = None if p is None else p.pass_id
+            raise RuntimeError(
+                f"data worker: val pass {pass_id} is not running here (running: {running}); a data "
+                "worker restarted mid-validation has lost its pass"
+            )
+        return [p.get(j, images, timeout_s)]
+
+    def val_stats(self) -> dict[int, dict[str, Any]]:
+        """Per val pass run here (the last ``KEEP_STATS``): its reader counters (``samples``: images
+        decoded and used; ``skipped_*``, ``records``, ``batches``, ``decode_s``), ``crop`` and
+        ``worker``."""
+        with self._val_lock:
+            passes = dict(getattr(self, "_val_stats", {}))
+        out = {}
+        for pass_id, (crop, worker, st) in passes.items():
+            # scalar counters only: the producer may be adding to ``lost`` meanwhile
+            d = {
+                f.name: getattr(st, f.name) for f in dataclasses.fields(st) if f.name not in ("lost", "epoch")
+            }
+            out[pass_id] = {**d, "skipped": st.skipped, "crop": crop, "worker": worker}
+        return out
+
+
+class ValClient:
+    """Trainer-side reader of val passes (picklable): ``workers`` are the data workers' handles."""
+
+    def __init__(self, workers: list, plan: ValPlan, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if len(workers) != plan.workers:
+            raise ValueError(f"{len(workers)} data workers for a val plan of {plan.workers}")
+        self.workers, self.plan, self.timeout_s = list(workers), plan, timeout_s
+
+    def _request(self, pass_id: int, j: int, images: bool) -> ray.ObjectRef:
+        return self.workers[self.plan.worker_of(j)].val_get.remote(pass_id, j, images, self.timeout_s)
+
+    def batches(self, pass_id: int, replica: int, images: bool) -> Iterator[dict[str, Any]]:
+        """Replica ``replica``'s batches of the pass, in order: ``labels``, ``n``, ``index`` and
+        (``images``) ``images``; the next batch's request is in flight while one is used."""
+        js = self.plan.replica_batches(replica)
+        ahead = self._request(pass_id, js[0], images) if js else None
+        for i in range(len(js)):
+            ref = self._get(ahead, js[i])[0]
+            ahead = self._request(pass_id, js[i + 1], images) if i + 1 < len(js) else None
+            yield self._get(ref, js[i])
+
+    def _get(self, ref: ray.ObjectRef, j: int) -> Any:
+        try:
+            return ray.get(ref, timeout=self.timeout_s + 30)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"val batch {j}: not received in {self.timeout_s + 30:.0f}s") from None
+
+
+def start_pass(
+    workers: list,
+    pass_id: int,
+    crop: str,
+    plan: ValPlan,
+    input_size: int,
+    max_samples: int,
+    consumers: dict[int, int],
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> ValClient:
+    """Start pass ``pass_id`` on every data worker (coordinator side); the client to read it."""
+    refs = [
+        w.val_start.remote(
+            pass_id, crop, plan.batch_size, input_size, max_samples, i, len(workers), consumers
+        )
+        for i, w in enumerate(workers)
+    ]
+    made = ray.get(refs, timeout=timeout_s)
+    assert sum(made) == plan.batches, (made, plan)  # the workers planned the pass as this driver did
+    return ValClient(workers, plan, timeout_s)
