@@ -524,7 +524,8 @@ class Stream:
     def _records(self, epoch: int) -> Iterator[tuple[int, Record]]:
         """(pass, Record): this stream's run of ``epoch``, then padding passes for as long as pulled."""
         s = self.spec
-        segments = epoch_segments(self.shards, epoch, s.seed, s.streams, s.batch_size)[self.stream]
+        plan = epoch_segments(self.shards, epoch, s.seed, s.streams, s.batch_size)
+        segments = plan[self.stream]
         self.stats.epoch = epoch  # the epochs of a stream are read one after the other
         for p in itertools.count():
             n = 0
@@ -532,10 +533,19 @@ class Stream:
             for rec in shuffled(read_records(segments, self._damage(p)), s.shuffle_buffer, rng):
                 n += 1
                 yield p, rec
-            if n == 0:
-                raise RuntimeError(
-                    f"data stream {self.stream}: no readable record in its share of epoch {epoch}"
+            if n == 0 and p == 0 and s.streams > 1:
+                # The whole share lies in damaged shards (likely when a small dataset is cut into
+                # many streams). The damage is counted, and data.max_skipped_fraction judges it;
+                # the stream pads from the other streams' shares, in stream order after its own,
+                # so the batches stay a function of (seed, epoch, stream) and resume exactly.
+                log.warning(
+                    "data stream %d: no readable record in its share of epoch %d; padding it from "
+                    "the other streams' shares", self.stream, epoch,
                 )
+                others = [plan[(self.stream + k) % s.streams] for k in range(1, s.streams)]
+                segments = [seg for share in others for seg in share]
+            elif n == 0:
+                raise RuntimeError(f"data stream {self.stream}: no readable record in epoch {epoch}")
 
     def _decoded(
         self, records: Iterator[tuple[int, Record]], epoch: int, use: Callable[..., Any] | None = None

@@ -283,3 +283,25 @@ def test_encoded_stream_decodes_to_the_worker_streams_batches(syn):
         assert not bool(bad.any())
         np.testing.assert_array_equal(images.numpy(), a["images"])
     assert b["jpeg"].nbytes < a["images"].nbytes  # 40 px noise images: bench/data.py measures 256 px
+
+
+def test_a_stream_whose_whole_share_is_unreadable_pads_from_the_other_shares(syn, tmp_path):
+    """Many streams on a small set: one stream's whole share lies in a shard that is not a tar. It
+    still yields full batches, padded from the other streams' shares, counted, and resumes exactly."""
+    bad = str(tmp_path / "bad")
+    shutil.copytree(syn, bad)
+    spec = _spec(bad, 1, streams=18)  # 18 steps per epoch: one batch of 20 per stream
+    plan = epoch_segments(DatasetIndex.load(bad).shards("train"), 0, spec.seed, 18, B)
+    v = next(v for v in range(18) if len({seg.url for seg in plan[v]}) == 1)  # a share in one shard
+    url = plan[v][0].url
+    Path(url).write_bytes(b"this is not a tar archive\n" * 40)
+    stream = Stream(spec, v)
+    a, b = stream.next_batch(), stream.next_batch()  # epoch 0, then epoch 1 (the damage met again)
+    assert (a["epoch"], a["index"], b["epoch"]) == (0, v, 1)
+    assert len(a["keys"]) == B and stream.stats.padded >= B  # every sample of epoch 0 is padding
+    assert stream.stats.skipped_unreadable > 0
+    assert len(set(a["keys"])) == B  # padded from other shares' records, not one record repeated
+    again = Stream(spec, v)
+    np.testing.assert_array_equal(again.next_batch()["images"], a["images"])  # a function of the seed
+    rest = Stream(spec, v, position=a["next_position"])
+    assert rest.next_batch()["keys"] == b["keys"]
