@@ -250,11 +250,13 @@ def test_demo_trains_in_bf16(ray_local, shards, tmp_path):
     """``--set train.precision=bf16`` on CPU: every rank autocasts to bfloat16 (what crosses stages
     and columns is bf16), the loss falls, and the checkpoint keeps float32 master weights."""
     holder = {}
-    cfg = _cfg(**{"train.steps": 20, "train.precision": "bf16"})
+    # 30 steps, as the fp32 demo: both curves fall ~2.37 -> ~2.30 by step 20, just short of the 5 %
+    # fall this asks for (measured: bf16 and fp32 track each other to ~0.01 at every step)
+    cfg = _cfg(**{"train.steps": 30, "train.precision": "bf16"})
     res = run_training(cfg, shards, str(tmp_path / "run"), on_coordinator=lambda c: holder.update(c=c))
-    assert res.state == FINISHED and res.step == 20, res.error
+    assert res.state == FINISHED and res.step == 30, res.error
     losses = [r["loss"] for r in holder["c"].report.history.steps]
-    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5  # from the chance loss, as the fp32 demo
     assert last < 0.95 * first and last < math.log(10), losses
     _, model, opt = _weights(str(tmp_path / "run"))
