@@ -6,7 +6,8 @@ Epoch plan (training)
     order does). The epoch is cut into ``V`` virtual *streams* (``data.streams``: a property of the run,
     like the seed, stored in its checkpoints; not of the worker count). Batch ``t`` comes from stream
     ``t % V``, so stream ``v`` owns ``n_v = len(range(v, T, V))`` batches. The shards are permuted with
-    a seed derived from (seed, epoch) and laid end to end; stream ``v`` reads the contiguous run of
+    a seed derived from (seed, epoch), laid end to end and rotated by a per-epoch offset (so a plan of
+    few shards is not cut at the same samples every epoch); stream ``v`` reads the contiguous run of
     ``n_v * B`` samples after those of streams ``< v``. The split is at sample granularity (a run may
     start or end inside a shard), so every stream has exactly the samples its batches need whatever the
     shard sizes, no stream is ever empty, and every sample of the epoch is read exactly once. ``V > T``
@@ -271,18 +272,29 @@ def epoch_segments(
     t = steps_per_epoch(total, batch_size)
     _check_streams(streams, t, batch_size, total)
     order = _rng(seed, epoch, 0x5A4D).permutation(len(shards))
+    # The permuted shards laid end to end, then rotated by a per-epoch offset: without it, a shard
+    # plan with few shards (a small set: 1,500 images in 2 shards) would cut the same runs every
+    # epoch, so each batch would hold nearly the same samples epoch after epoch (a stream's shuffle
+    # buffer only mixes within its run). With it the cut points move by a random amount each epoch,
+    # at the cost of one shard read in two pieces.
+    pieces = [(shards[k].url, 0, shards[k].count) for k in order if shards[k].count > 0]
+    o = int(_rng(seed, epoch, 0x0F5E).integers(total)) if total else 0
+    for i, (url, _, n) in enumerate(pieces):
+        if o < n:
+            head = [(url, o, n)] + pieces[i + 1 :] + pieces[:i]
+            pieces = head + ([(url, 0, o)] if o else [])
+            break
+        o -= n
     bounds = [0]
     for v in range(streams):
         bounds.append(bounds[-1] + len(range(v, t, streams)) * batch_size)
     plan: list[list[Segment]] = [[] for _ in range(streams)]
     pos, v = 0, 0
-    for k in order:
-        s = shards[k]
-        a = 0
-        while a < s.count and v < streams:
-            take = min(s.count - a, bounds[v + 1] - pos)
+    for url, a, b in pieces:
+        while a < b and v < streams:
+            take = min(b - a, bounds[v + 1] - pos)
             if take > 0:
-                plan[v].append(Segment(s.url, a, a + take))
+                plan[v].append(Segment(url, a, a + take))
                 a, pos = a + take, pos + take
             if pos == bounds[v + 1]:
                 v += 1

@@ -69,6 +69,21 @@ def test_remainder_dropped_and_segments_balanced(syn):
         Stream(ReaderSpec(syn, 100, 32, workers=4), 0)
 
 
+def test_few_shards_are_cut_at_new_samples_each_epoch():
+    """1,500 samples in 2 shards, 16 streams of 64-128: without the per-epoch rotation every epoch
+    would cut the same runs (2 shard orders), so a batch would hold the same samples epoch after
+    epoch. Each epoch still reads every sample at most once and exactly T * B of them."""
+    from alexnet.data.index import ShardInfo
+
+    shards = [ShardInfo("a.tar", 1000), ShardInfo("b.tar", 500)]
+    for epoch in range(4):
+        plan = epoch_segments(shards, epoch, seed=0, streams=16, batch_size=64)
+        owner = {(g.url, i): v for v, segs in enumerate(plan) for g in segs for i in range(g.start, g.stop)}
+        assert sum(g.stop - g.start for segs in plan for g in segs) == len(owner) == 23 * 64
+    starts = {tuple((g.url, g.start) for g in epoch_segments(shards, e, 0, 16, 64)[0]) for e in range(8)}
+    assert len(starts) == 8  # stream 0 starts at a new sample in every one of 8 epochs
+
+
 @pytest.mark.parametrize("k", [1, 4, 8])
 def test_resume_from_position_is_exact(syn, k):
     """k batches, save the position, a new stream from it: the rest equals the uninterrupted stream."""
