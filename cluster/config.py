@@ -669,8 +669,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is tuple:
         item = typing.get_args(hint)[0]
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # "30,60", or TOML's "[30, 60]" written on the command line
+            text = value.strip()
+            text = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+            value = [v.strip().strip("'\"") for v in text.split(",") if v.strip()]
         example = '["conv3"] or conv3,fc6' if item is str else "[30, 60] or 30,60"
         _need(isinstance(value, list | tuple), key, value, f"give a list, e.g. {example}")
         return tuple(_coerce(key, item, v) for v in value)

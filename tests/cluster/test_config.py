@@ -233,3 +233,15 @@ def test_numerics_defaults_and_what_they_allow():
     # fractions of a GPU stay possible without NCCL (gloo ranks on CPU)
     load_config(preset="demo", overrides={"grid.gpus_per_rank": "0.5", "train.device": "cpu"})
     load_config(preset="demo", overrides={"train.precision": "bf16", "train.deterministic": "true"})
+
+
+def test_a_list_on_the_command_line_reads_in_either_form():
+    """``--set schedule.milestones=30,60`` and the TOML form ``[30, 60]`` (what config.toml shows) give
+    the same list; so do ``conv3,fc6`` and ``["conv3", "fc6"]``."""
+    for text in ("10,13", "[10, 13]", " [10,13] "):
+        cfg = load_config(preset="small", overrides={"schedule.kind": "step", "schedule.milestones": text})
+        assert cfg.schedule.milestones == (10, 13), text
+    grid = {"grid.shape": "1x3x2", "grid.schedule": "gpipe"}
+    for text in ("conv3,fc6", '["conv3", "fc6"]', "['conv3','fc6']"):
+        cfg = load_config(preset="demo", overrides={**grid, "grid.cuts": text})
+        assert cfg.grid.cuts == ("conv3", "fc6"), text

@@ -49,8 +49,10 @@ def test_small_preset_learns_handwritten_digits(ray_local, tmp_path):
     shards, run = str(tmp_path / "shards"), str(tmp_path / "run")
     _run([str(BIN / "alexnet"), "shards", str(tmp_path / "src"), shards, "--size", "36", "--quiet"], env, 300)
 
-    recipe = ["--set", "optim.lr=0.02", "--set", "optim.batch_size=64", "--set", "schedule.kind=constant"]
-    recipe += ["--set", "model.dropout=0"]  # README "Small datasets": 1,500 images, 15 epochs
+    # README "Small datasets": 1,500 images, 15 epochs, the rate /10 after epochs 10 and 13 (at a
+    # constant rate the last epoch's error wandered 0.01-0.03 between seeds; with the cuts 0.003-0.013)
+    recipe = ["--set", "optim.lr=0.02", "--set", "optim.batch_size=64", "--set", "schedule.kind=step"]
+    recipe += ["--set", "schedule.milestones=[10, 13]", "--set", "model.dropout=0"]
     quick = ["--set", "eval.ten_crop=false", "--set", "checkpoint.at_epoch_end=false"]
     argv = [str(BIN / "alexnet"), "train", "--preset", "small", "--data", shards, "--run-dir", run]
     _run(argv + ["--epochs", "15", *recipe, *quick], env, 840)
