@@ -39,15 +39,21 @@ log = logging.getLogger("alexnet.feed")
 @dataclass
 class Fed:
     """One step's inputs for this rank: ``images`` (stage 0) and ``labels`` (last stage) on the
-    device, ``keys`` of its rows, ``corrupt``: rows whose JPEG did not decode on the device (fed as
-    the mean image, i.e. zeros, and counted like a corrupt sample of the worker path)."""
+    device, ``keys`` of its rows, ``corrupt_keys``: the keys of the rows whose JPEG did not decode
+    on the device (fed as the mean image, i.e. zeros, and counted like a corrupt sample of the
+    worker path: once per epoch and key, though a padding pass may feed the sample again)."""
 
     step: int
     images: torch.Tensor | None
     labels: torch.Tensor | None
     keys: list[str]
-    corrupt: int = 0
+    corrupt_keys: tuple[str, ...] = ()
     event: Any = None  # CUDA: recorded on the side stream after the step's copies
+
+    @property
+    def corrupt(self) -> int:
+        """Rows that did not decode on the device."""
+        return len(self.corrupt_keys)
 
 
 @dataclass(frozen=True)
@@ -208,7 +214,7 @@ class Feed:
     def _tensors(self, t: int, mine: dict, keys: list[str]) -> Fed:
         sp = self.spec
         images = labels = None
-        corrupt = 0
+        corrupt: tuple[str, ...] = ()
         if sp.images:
             light = self._to_device(mine["lighting"])
             if "jpeg" in mine:  # encoded batch: decode this rank's rows here
@@ -218,10 +224,10 @@ class Feed:
                 images = to_model_input(u8, light, self.mean, sp.scale)
                 # a host read, but in this thread: the step's thread never waits for it
                 if bool(bad.any()):
-                    corrupt = int(bad.sum())
+                    corrupt = tuple(keys[i] for i in bad.nonzero().flatten().tolist())
                     images[bad] = 0  # the mean image: no signal; counted as corrupt by the coordinator
-                    msg = "step %d: %d image(s) did not decode on %s; fed as the mean image"
-                    log.warning(msg, t, corrupt, self.device)
+                    msg = "step %d: %d image(s) did not decode on %s (%s); fed as the mean image"
+                    log.warning(msg, t, len(corrupt), self.device, ", ".join(corrupt))
             else:
                 images = to_model_input(self._to_device(mine["images"]), light, self.mean, sp.scale)
         if sp.labels:

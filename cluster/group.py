@@ -162,8 +162,10 @@ class RayTrainerGroup:
         self.plan_pg: PlacementPlan | None = None
         self.pool = None
         # samples that did not decode on the trainers' devices, per (epoch, where, reason), counted
-        # from zero with each start as the data workers' own counters are
+        # from zero with each start as the data workers' own counters are; once per (epoch, key),
+        # as the workers count theirs (a padding pass may feed a sample again)
         self.device_lost: collections.Counter = collections.Counter()
+        self._device_bad: set[tuple[int, str]] = set()
         self._val_passes = 0  # val passes started (a pass id is unique per data worker)
         self._index = None
 
@@ -237,7 +239,7 @@ class RayTrainerGroup:
         """Reserve, start the trainers and the data workers (at ``data_positions``, or the start of
         ``step``'s epoch), then join the process groups."""
         self._reserve()
-        self.device_lost = collections.Counter()
+        self.device_lost, self._device_bad = collections.Counter(), set()
         g = self.cfg.grid
         actor_cls = ray.remote(self.actor_cls)
         self.actors = [
@@ -320,9 +322,11 @@ class RayTrainerGroup:
             reduce_step(self.grid, B, first_step + i, [r[i] for r in per_rank], keys) for i in range(steps)
         ]
         for res in out:
-            if res["corrupt_decoded"]:
-                epoch = res["step"] // self.plan.steps_per_epoch
-                self.device_lost[(epoch, DEVICE_DECODE, "corrupt")] += res["corrupt_decoded"]
+            epoch = res["step"] // self.plan.steps_per_epoch
+            new = {(epoch, k) for k in res["corrupt_decoded"]} - self._device_bad
+            if new:
+                self._device_bad |= new
+                self.device_lost[(epoch, DEVICE_DECODE, "corrupt")] += len(new)
         return out
 
     def train(self, first_step: int, steps: int, lr: float) -> list[dict[str, Any]]:

@@ -158,7 +158,8 @@ class TrainerActor:
         ``data_wait_s`` is a timeline span around taking the step's inputs from the feed: on CPU
         the host's wait; on a GPU the device's (how long the device sat idle for it: the feed
         works ahead, so a batch made while the previous step ran costs nothing).
-        ``corrupt_decoded``: rows of this rank's batch that did not decode on the device."""
+        ``corrupt_decoded``: the keys of the rows of this rank's batch that did not decode on the
+        device."""
         from pipeline.timeline import totals
 
         tl, keys, corrupt = self.engine.timeline, [], []
@@ -172,7 +173,7 @@ class TrainerActor:
             self.engine.submit_step(t, lr, images, labels)
             record = self.cfg.train.record_keys and self.first and self.c == 0 and fed is not None
             keys.append(fed.keys if record else None)  # debug: the samples this replica consumed
-            corrupt.append(fed.corrupt if fed is not None else 0)
+            corrupt.append(list(fed.corrupt_keys) if fed is not None else [])
         out = []
         for report, k, bad in zip(self.engine.read_steps(), keys, corrupt, strict=True):
             res = dict(report.metrics)

@@ -57,11 +57,11 @@ def reduce_step(
     out["parts"], out["bubble"] = parts, bubble
     if record_keys:
         out["keys"] = [k for r in range(grid.replicas) for k in ranks[grid.rank_of(r, 0, 0)].get("keys", [])]
-    # rows that did not decode on the device (data.decode="device"): each replica's rows once (its
-    # column ranks decode the same rows)
-    out["corrupt_decoded"] = sum(
-        ranks[grid.rank_of(r, 0, 0)].get("corrupt_decoded", 0) for r in range(grid.replicas)
-    )
+    # keys of the rows that did not decode on the device (data.decode="device"): each replica's rows
+    # once (its column ranks decode the same rows)
+    out["corrupt_decoded"] = [
+        k for r in range(grid.replicas) for k in ranks[grid.rank_of(r, 0, 0)].get("corrupt_decoded", [])
+    ]
     for k in _MAX_PARTS:
         out[k] = max(x.get(k, 0.0) for x in ranks)
     return out

@@ -143,7 +143,7 @@ def test_a_jpeg_that_does_not_decode_is_fed_as_the_mean_and_counted():
         fed = feed.get(0)
     finally:
         feed.close()
-    assert fed.corrupt == 1
+    assert fed.corrupt == 1 and fed.corrupt_keys == ("k2",)
     assert torch.equal(fed.images[2], torch.zeros(3, S, S))  # the mean image: zero input
     assert all(fed.images[i].abs().sum() > 0 for i in (0, 1, 3))
 
