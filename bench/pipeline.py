@@ -25,7 +25,8 @@
     .venv/bin/python bench/pipeline.py --variant small --batch 64 --steps 3   # quick
 
 The last line printed is one JSON object with ``split_vs_fused_ratio``,
-``bubble_measured``, ``bubble_no_ahead``, ``bubble_theory`` (lists for M = 1, 2, 4, 8) and
+``bubble_measured``, ``bubble_no_ahead``, ``bubble_theory``, ``bubble_model`` (the bubble the chosen
+block-granular cut allows with free communication, :func:`modelled_bubble`; lists for M = 1, 2, 4, 8) and
 ``mem_1f1b_over_gpipe``.
 """
 
@@ -123,21 +124,37 @@ def block_costs(cfg: ModelConfig, rows: int, reps: int = 3) -> tuple[dict[str, f
     return fwd, bwd
 
 
+def _stage_costs(fwd: dict[str, float], bwd: dict[str, float], cut: str) -> tuple[float, ...]:
+    """(F0, F1, B0, B1): one micro-batch's forward and backward cost of each stage at ``cut``."""
+    i = BLOCK_NAMES.index(cut)
+    f0, f1 = sum(fwd[n] for n in BLOCK_NAMES[:i]), sum(fwd[n] for n in BLOCK_NAMES[i:])
+    b0, b1 = sum(bwd[n] for n in BLOCK_NAMES[:i]), sum(bwd[n] for n in BLOCK_NAMES[i:])
+    return f0, f1, b0, b1
+
+
+def gpipe_span(fwd: dict[str, float], bwd: dict[str, float], m: int, cut: str) -> float:
+    """The modelled GPipe step over two stages at ``m`` micro-batches (free communication):
+    F0 + F1 + (m-1) max(F0, F1) + B0 + B1 + (m-1) max(B0, B1)."""
+    f0, f1, b0, b1 = _stage_costs(fwd, bwd, cut)
+    return f0 + f1 + (m - 1) * max(f0, f1) + b0 + b1 + (m - 1) * max(b0, b1)
+
+
 def gpipe_cut(fwd: dict[str, float], bwd: dict[str, float], m: int) -> str:
     """The S=2 cut with the shortest modelled GPipe step at ``m`` micro-batches.
 
-    ``fwd``/``bwd`` are per-block costs of ONE micro-batch. A GPipe step over two stages takes
-    F0 + F1 + (m-1) max(F0, F1) + B0 + B1 + (m-1) max(B0, B1): balancing forward and backward
-    separately matters, because stage 0's backward skips conv1's input gradient.
+    ``fwd``/``bwd`` are per-block costs of ONE micro-batch. Balancing forward and backward
+    separately matters (:func:`gpipe_span`), because stage 0's backward skips conv1's input gradient.
     """
+    return min(BLOCK_NAMES[1:], key=lambda cut: gpipe_span(fwd, bwd, m, cut))
 
-    def span(cut: str) -> float:
-        i = BLOCK_NAMES.index(cut)
-        f0, f1 = sum(fwd[n] for n in BLOCK_NAMES[:i]), sum(fwd[n] for n in BLOCK_NAMES[i:])
-        b0, b1 = sum(bwd[n] for n in BLOCK_NAMES[:i]), sum(bwd[n] for n in BLOCK_NAMES[i:])
-        return f0 + f1 + (m - 1) * max(f0, f1) + b0 + b1 + (m - 1) * max(b0, b1)
 
-    return min(BLOCK_NAMES[1:], key=span)
+def modelled_bubble(fwd: dict[str, float], bwd: dict[str, float], m: int, cut: str) -> float:
+    """The bubble the block-granular ``cut`` allows with free communication: mean over the two
+    stages of 1 - m (F_s + B_s) / span. Above (S-1)/(M+S-1) by the stages' imbalance alone; the
+    measured bubble's excess over this is the pipeline's own overhead (transfers, waits)."""
+    f0, f1, b0, b1 = _stage_costs(fwd, bwd, cut)
+    span = gpipe_span(fwd, bwd, m, cut)
+    return 1 - m * (f0 + b0 + f1 + b1) / (2 * span)
 
 
 def _pipe_worker(
@@ -207,13 +224,18 @@ def main() -> None:
     )
 
     # (b) for each M, the balanced cut from per-block costs measured at its micro-batch size
-    cuts, shares = {}, {}
+    cuts, shares, model = {}, {}, {}
     for m in MICROBATCHES:
         fwd, bwd = block_costs(cfg, rows // m)
         cuts[m] = cut = gpipe_cut(fwd, bwd, m)
+        model[m] = round(modelled_bubble(fwd, bwd, m, cut), 4)
         cost = {n: fwd[n] + bwd[n] for n in BLOCK_NAMES}
         shares[m] = round(sum(cost[n] for n in BLOCK_NAMES[: BLOCK_NAMES.index(cut)]) / sum(cost.values()), 3)
-        print(f"(b) M={m}: per-block fwd s {_r(fwd)}, bwd s {_r(bwd)}; cut at {cut}", flush=True)
+        print(
+            f"(b) M={m}: per-block fwd s {_r(fwd)}, bwd s {_r(bwd)}; cut at {cut} (modelled bubble "
+            f"{model[m]})",
+            flush=True,
+        )
     runs = spawn_ranks(_pipe_worker, 2, (cfg, rows, cuts, steps, warmup), timeout_s=3600)
     measured, no_ahead, theory = [], [], []
     for m in MICROBATCHES:
@@ -241,6 +263,7 @@ def main() -> None:
                 "bubble_measured": measured,
                 "bubble_no_ahead": no_ahead,
                 "bubble_theory": theory,
+                "bubble_model": [model[m] for m in MICROBATCHES],
                 "bubble_max_abs_diff": round(
                     max(abs(a - b) for a, b in zip(measured, theory, strict=True)), 4
                 ),
