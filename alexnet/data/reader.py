@@ -552,7 +552,9 @@ class Stream:
                 # so the batches stay a function of (seed, epoch, stream) and resume exactly.
                 log.warning(
                     "data stream %d: no readable record in its share of epoch %d; padding it from "
-                    "the other streams' shares", self.stream, epoch,
+                    "the other streams' shares",
+                    self.stream,
+                    epoch,
                 )
                 others = [plan[(self.stream + k) % s.streams] for k in range(1, s.streams)]
                 segments = [seg for share in others for seg in share]
