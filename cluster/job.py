@@ -90,8 +90,10 @@ def run_training(
     check_run_dir(run_dir)
     ck = _resume_point(run_dir, resume, cfg, plan, from_checkpoint)
     if ck is not None:  # a resumed run reads the epoch as the streams its checkpoints record
-        streams = Manifest.from_json(ck.manifest).streams_for(cfg, plan)
-        plan = dataclasses.replace(plan, data_streams=streams)
+        saved = Manifest.from_json(ck.manifest)
+        plan = dataclasses.replace(
+            plan, data_streams=saved.streams_for(cfg, plan), data_rotate=saved.data_rotate
+        )
     write_bytes(join_url(run_dir, "config.toml"), cfg.to_toml().encode())  # `--config` it to rerun
     name = run_dir.rstrip("/").rsplit("/", 1)[-1] or "run"
     metrics = Metrics(run=name)

@@ -57,6 +57,8 @@ class Manifest:
     # the epoch's virtual streams; None: written before streams existed, when worker w of W read
     # what stream w of V = W reads now (:func:`alexnet.data.reader.upgrade_position`)
     data_streams: int | None = None
+    # whether the epoch plan rotates the shard sequence (False: written before it did)
+    data_rotate: bool = False
 
     @property
     def streams(self) -> int | None:
@@ -72,6 +74,7 @@ class Manifest:
             "data": {
                 "workers": self.data_workers,
                 "streams": self.data_streams,
+                "rotate": self.data_rotate,
                 "positions": self.data_positions,
                 "steps_per_epoch": self.steps_per_epoch,
             },
@@ -95,6 +98,7 @@ class Manifest:
             config=d.get("config", {}),
             grid=d.get("grid"),
             data_streams=data.get("streams"),
+            data_rotate=bool(data.get("rotate", False)),
         )
 
     def check_resume(self, cfg: JobConfig, plan: RunPlan, url: str) -> None:
@@ -220,6 +224,7 @@ class RunCheckpoints:
             lr_schedule=lr_schedule,
             data_workers=self.plan.data_workers,
             data_streams=self.plan.streams,
+            data_rotate=self.plan.data_rotate,
             data_positions=positions,
             steps_per_epoch=self.plan.steps_per_epoch,
             config=self.config,

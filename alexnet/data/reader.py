@@ -7,7 +7,8 @@ Epoch plan (training)
     like the seed, stored in its checkpoints; not of the worker count). Batch ``t`` comes from stream
     ``t % V``, so stream ``v`` owns ``n_v = len(range(v, T, V))`` batches. The shards are permuted with
     a seed derived from (seed, epoch), laid end to end and rotated by a per-epoch offset (so a plan of
-    few shards is not cut at the same samples every epoch); stream ``v`` reads the contiguous run of
+    few shards is not cut at the same samples every epoch; ``ReaderSpec.rotate``, off for runs whose
+    checkpoints were written before it); stream ``v`` reads the contiguous run of
     ``n_v * B`` samples after those of streams ``< v``. The split is at sample granularity (a run may
     start or end inside a shard), so every stream has exactly the samples its batches need whatever the
     shard sizes, no stream is ever empty, and every sample of the epoch is read exactly once. ``V > T``
@@ -118,7 +119,8 @@ class ReaderSpec:
     actors hosting the streams); seed: augmentation and shuffle seed; shuffle_buffer: records per
     stream (0 = no buffer, shard order only); streams: V (0: as many as ``workers``, the layout of
     checkpoints written before streams existed); encoded: ship JPEG bytes and augmentation
-    parameters instead of decoded crops (:mod:`alexnet.data.encoded`; the trainer decodes).
+    parameters instead of decoded crops (:mod:`alexnet.data.encoded`; the trainer decodes);
+    rotate: cut each epoch's shard sequence at a per-epoch offset (:func:`epoch_segments`).
     """
 
     url: str
@@ -130,6 +132,7 @@ class ReaderSpec:
     split: str = "train"
     streams: int = 0
     encoded: bool = False
+    rotate: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -265,9 +268,10 @@ def _rng(*words: int) -> np.random.Generator:
 
 
 def epoch_segments(
-    shards: list[ShardInfo], epoch: int, seed: int, streams: int, batch_size: int
+    shards: list[ShardInfo], epoch: int, seed: int, streams: int, batch_size: int, rotate: bool = True
 ) -> list[list[Segment]]:
-    """Per stream, the shard segments it reads in ``epoch`` (see module docstring)."""
+    """Per stream, the shard segments it reads in ``epoch`` (see module docstring; ``rotate``
+    False: the plan of runs started before the rotation, which their checkpoints resume into)."""
     total = sum(s.count for s in shards)
     t = steps_per_epoch(total, batch_size)
     _check_streams(streams, t, batch_size, total)
@@ -278,7 +282,7 @@ def epoch_segments(
     # buffer only mixes within its run). With it the cut points move by a random amount each epoch,
     # at the cost of one shard read in two pieces.
     pieces = [(shards[k].url, 0, shards[k].count) for k in order if shards[k].count > 0]
-    o = int(_rng(seed, epoch, 0x0F5E).integers(total)) if total else 0
+    o = int(_rng(seed, epoch, 0x0F5E).integers(total)) if total and rotate else 0
     for i, (url, _, n) in enumerate(pieces):
         if o < n:
             head = [(url, o, n)] + pieces[i + 1 :] + pieces[:i]
@@ -536,7 +540,7 @@ class Stream:
     def _records(self, epoch: int) -> Iterator[tuple[int, Record]]:
         """(pass, Record): this stream's run of ``epoch``, then padding passes for as long as pulled."""
         s = self.spec
-        plan = epoch_segments(self.shards, epoch, s.seed, s.streams, s.batch_size)
+        plan = epoch_segments(self.shards, epoch, s.seed, s.streams, s.batch_size, s.rotate)
         segments = plan[self.stream]
         self.stats.epoch = epoch  # the epochs of a stream are read one after the other
         for p in itertools.count():

@@ -82,6 +82,10 @@ def test_few_shards_are_cut_at_new_samples_each_epoch():
         assert sum(g.stop - g.start for segs in plan for g in segs) == len(owner) == 23 * 64
     starts = {tuple((g.url, g.start) for g in epoch_segments(shards, e, 0, 16, 64)[0]) for e in range(8)}
     assert len(starts) == 8  # stream 0 starts at a new sample in every one of 8 epochs
+    # without the rotation (runs started before it): every epoch starts at a shard's first sample,
+    # and 2 shards give only 2 plans
+    plans = {tuple(map(tuple, epoch_segments(shards, e, 0, 16, 64, rotate=False))) for e in range(8)}
+    assert len(plans) == 2 and all(p[0][0].start == 0 for p in plans)
 
 
 @pytest.mark.parametrize("k", [1, 4, 8])
@@ -220,7 +224,7 @@ def test_a_position_written_before_streams_resumes(syn):
     """Checkpoints of the worker layout (keys worker/workers) resume as streams V = W, exactly."""
     from alexnet.data.reader import upgrade_position
 
-    spec = _spec(syn, 2)
+    spec = _spec(syn, 2, rotate=False)  # such a run keeps the plan of its time (RunPlan.data_rotate)
     ref = [Stream(spec, 1).next_batch() for _ in range(4)]
     old = dict(ref[2]["position"])
     old["worker"], old["workers"] = old.pop("stream"), old.pop("streams")

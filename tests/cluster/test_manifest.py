@@ -40,9 +40,20 @@ def test_json_round_trip():
     assert d["schedule"] == m.lr_schedule and d["data"] == {
         "workers": 2,
         "streams": None,
+        "rotate": False,
         "positions": [{"w": 0}, {"w": 1}],
         "steps_per_epoch": 5,
     }
+
+
+def test_the_epoch_plan_rotation_is_kept_from_the_manifest():
+    """A manifest written before the per-epoch rotation (no "rotate") resumes into the unrotated
+    plan, whose sample order its positions belong to; one written with it says so."""
+    d = _manifest().to_json()
+    del d["data"]["rotate"]
+    assert Manifest.from_json(d).data_rotate is False
+    d["data"]["rotate"] = True
+    assert Manifest.from_json(d).data_rotate is True
 
 
 def test_an_older_manifest_loads():
