@@ -50,11 +50,6 @@ class Fed:
     corrupt_keys: tuple[str, ...] = ()
     event: Any = None  # CUDA: recorded on the side stream after the step's copies
 
-    @property
-    def corrupt(self) -> int:
-        """Rows that did not decode on the device."""
-        return len(self.corrupt_keys)
-
 
 @dataclass(frozen=True)
 class FeedSpec:

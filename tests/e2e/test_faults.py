@@ -188,13 +188,14 @@ def test_driver_killed_inside_a_checkpoint_write_resumes_from_the_previous(
     _assert_same_weights(ck, ref8)
 
 
-def _planted_in_epoch_0(dst: str, planted: dict[str, tuple[str, range]]) -> dict[str, int]:
-    """Per reason, the planted samples that epoch 0 reads (its plan drops the last 4 of 324, and
-    the per-epoch rotation decides which)."""
+def _planted_in_epoch_0(cfg, dst: str, planted: dict[str, tuple[str, range]]) -> dict[str, int]:
+    """Per reason, the planted samples that epoch 0 of ``cfg``'s run reads (its plan drops the last
+    4 of 324, and the per-epoch rotation decides which)."""
     from alexnet.data.reader import epoch_segments, resolve_streams
 
     shards = DatasetIndex.load(dst).shards("train")
-    plan = epoch_segments(shards, 0, 0, resolve_streams(0, STEPS), 32)
+    streams = resolve_streams(cfg.data.streams, STEPS)
+    plan = epoch_segments(shards, 0, cfg.data.seed, streams, cfg.optim.batch_size)
     read = {(g.url, i) for segs in plan for g in segs for i in range(g.start, g.stop)}
     out = {reason: sum((url, i) in read for i in idx) for reason, (url, idx) in planted.items()}
     return {"missing": 0, **out}
@@ -249,15 +250,17 @@ def _plant_damage(src: str, dst: str) -> dict[str, tuple[str, range]]:
 
 
 @pytest.mark.timeout(150)
-def test_corrupt_truncated_and_unreadable_shards_are_skipped_and_counted(ray_local, shards, tmp_path):
-    """On the device-decode path (the stage-0 ranks decode; here on their CPU): a JPEG that only the
-    trainer's decode finds broken is counted as a corrupt sample like the workers' finds, and no
-    rank fails. (The worker path meets the same damage in the next test.)"""
+@pytest.mark.parametrize("decode", ["worker", "device"])
+def test_corrupt_truncated_and_unreadable_shards_are_skipped_and_counted(ray_local, shards, tmp_path, decode):
+    """Within data.max_skipped_fraction the run finishes and counts exactly the damage it read, on
+    both decode paths: with data.decode=device (the stage-0 ranks decode; here on their CPU) one of
+    the JPEGs is found broken only by the trainer's decode, and is counted like the workers' finds."""
     bad = str(tmp_path / "bad")
-    planted = _planted_in_epoch_0(bad, _plant_damage(shards, bad))
+    sets = {"checkpoint.every_steps": 0, "data.max_skipped_fraction": 0.5, "data.decode": decode}
+    cfg = _cfg(**sets)
+    planted = _planted_in_epoch_0(cfg, bad, _plant_damage(shards, bad))
     assert planted["corrupt"] + planted["truncated"] + planted["unreadable"] > 70  # of 320
-    sets = {"checkpoint.every_steps": 0, "data.max_skipped_fraction": 0.5, "data.decode": "device"}
-    res, coord = _run(_cfg(**sets), bad, str(tmp_path / "run"))
+    res, coord = _run(cfg, bad, str(tmp_path / "run"))
     assert res.state == FINISHED and res.step == STEPS, res.error
     assert coord.policy.failures == []
     got = {
@@ -265,8 +268,8 @@ def test_corrupt_truncated_and_unreadable_shards_are_skipped_and_counted(ray_loc
         for reason in ("corrupt", "missing", "truncated", "unreadable")
     }
     assert got == planted, got
-    # every batch full all the same (the workers pad from their own stream; the row the device
-    # could not decode is fed as the mean image)
+    # every batch full all the same (the workers pad from their own stream; on the device path the
+    # row that did not decode is fed as the mean image)
     assert all(len(k) == 32 for k in coord.report.history.keys.values())
 
 
