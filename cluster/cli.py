@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from cluster.config import PRESETS, load_config, parse_sets
 
@@ -125,9 +126,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on the val split; print one JSON line."""
-    from cluster.evaluate import evaluate_checkpoint
+    from cluster.evaluate import ShortReadError, evaluate_checkpoint
 
-    res = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.max_samples)
+    try:
+        res = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.max_samples)
+    except ShortReadError as e:  # the data, not the command line: exit 1, and no JSON line to trust
+        print(f"alexnet eval: {e}", file=sys.stderr, flush=True)
+        return 1
     print(json.dumps(res), flush=True)
     return 0
 
@@ -137,7 +142,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint dir, or a run dir (newest)")
     p.add_argument("--data", required=True, metavar="SHARDS", help="shard directory or URL (val split)")
     p.add_argument("--batch-size", type=int, default=0, help="default: the checkpoint's batch size")
-    p.add_argument("--max-samples", type=int, default=0, help="stop after about this many images (0: all)")
+    p.add_argument(
+        "--max-samples", type=int, default=0, help="score exactly the first this many val images (0: all)"
+    )
     p.set_defaults(func=cmd_eval)
 
 

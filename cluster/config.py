@@ -343,9 +343,18 @@ class DataSection:
     # the run fails once an epoch loses more than this fraction of its samples to unreadable or
     # truncated shards and corrupt samples (0: any loss fails the run; 1: never)
     max_skipped_fraction: float = 0.01
+    # a shard member (an image) larger than this is a corrupt sample, counted and skipped, never read
+    # whole: a 256 px JPEG is 20-100 KB, so the default leaves room for any --size a user builds
+    max_sample_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         _need(self.workers >= 1, "data.workers", self.workers, "use >= 1")
+        _need(
+            self.max_sample_bytes >= 1024,
+            "data.max_sample_bytes",
+            self.max_sample_bytes,
+            "use >= 1024 (bytes; default 4194304)",
+        )
         _need(self.streams >= 0, "data.streams", self.streams, "use >= data.workers, or 0 (automatic)")
         _need(
             self.decode in ("auto", "worker", "device"),

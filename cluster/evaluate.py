@@ -66,6 +66,10 @@ def crop_errors(totals: dict[str, dict[str, float]]) -> dict[str, float]:
     return out
 
 
+class ShortReadError(ValueError):
+    """A val pass read fewer samples than ``dataset.json`` promises (shards cut short or unreadable)."""
+
+
 def score_model(
     model: torch.nn.Module,
     index: Any,
@@ -77,21 +81,28 @@ def score_model(
     max_samples: int = 0,
 ) -> dict[str, dict[str, float]]:
     """:meth:`ValScore.totals` of a one-process ``model`` (on ``mean``'s device) over the val split
-    of ``index`` (an :class:`alexnet.data.index.DatasetIndex`), decoded here, in batches of
-    ``batch_size``; ``max_samples`` > 0: its first ``max_samples`` images (rounded up to a batch)."""
-    from alexnet.data.reader import val_batches
+    of ``index`` (an :class:`alexnet.data.index.DatasetIndex`), decoded here through the same plan
+    and stages as a run's validation (:mod:`alexnet.data.val`, one replica, one worker);
+    ``max_samples`` > 0: exactly its first ``max_samples`` images. Raises :class:`ShortReadError`
+    when shards gave fewer samples than ``dataset.json`` promises (corrupt samples are counted and
+    skipped, as in a run)."""
+    from alexnet.data.records import ReaderStats
+    from alexnet.data.val import ValPlan, short_read, worker_batches
 
+    plan = ValPlan.of(index, batch_size, replicas=1, workers=1, max_samples=max_samples)
     score = ValScore(crops)
     for crop in crops:
-        n = 0
-        for batch in val_batches(index.url, batch_size, input_size, crop=crop, index=index):
+        stats = ReaderStats()
+        for batch in worker_batches(index, plan, 0, crop, input_size, stats):
+            if batch["n"] == 0:
+                continue
             labels = torch.from_numpy(batch["labels"]).to(mean.device)
             with torch.no_grad():
                 logits = model(val_input(batch, crop, mean, scale, mean.device))
             score.add(crop, logits, labels)
-            n += labels.shape[0]
-            if max_samples and n >= max_samples:
-                break
+        lost = short_read(stats)
+        if lost:
+            raise ShortReadError(f"{lost}: rebuild them with `alexnet shards`, or restore them from a copy")
     return score.totals()
 
 

@@ -283,6 +283,7 @@ class RayTrainerGroup:
             streams=self.plan.streams,
             encoded=self.cfg.decode_on_device(),
             rotate=self.plan.data_rotate,
+            max_sample_bytes=d.max_sample_bytes,
         )
         return DataPool(
             spec,
@@ -349,7 +350,8 @@ class RayTrainerGroup:
     def _start_val(self, crop: str, max_samples: int):
         """Start the next val pass on the data workers; (its client, its id)."""
         from alexnet.data.index import DatasetIndex
-        from cluster.val import ValPlan, start_pass
+        from alexnet.data.val import ValPlan
+        from cluster.val import start_pass
 
         if self._index is None:
             self._index = DatasetIndex.load(self.data_url)

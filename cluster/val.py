@@ -3,13 +3,9 @@
 A *pass* is one walk over the val split with one crop kind (``center``, or the paper's ``ten``
 crops); an evaluation is the center pass, then the 10-crop pass when it is due.
 
-Plan (:class:`ValPlan`, a pure function of the dataset index and the sizes)
-    The global val order is the val shards in name order, laid end to end (as
-    :func:`alexnet.data.reader.val_segments`), cut to ``eval.max_samples`` when that is set.
-    Batch ``j`` is samples ``[j*bs, (j+1)*bs)`` of it; it belongs to replica ``j % R`` and is
-    produced by the worker whose contiguous run of batches holds it (worker ``w`` of ``W``:
-    batches ``[w*nb//W, (w+1)*nb//W)``), so each worker reads its shards once, sequentially.
-    Every rank knows its replica's batches from the index alone, with no call.
+Plan and batches (:class:`alexnet.data.val.ValPlan`, :func:`alexnet.data.val.worker_batches`:
+    pure, shared with ``alexnet eval``): which samples form val batch ``j``, which replica scores it
+    and which worker decodes it.
 
 Serving (:class:`ValServer`, a mixin of :class:`cluster.data.DataWorker`)
     ``val_start`` starts a producer thread over this worker's batches of the pass, at most
@@ -17,7 +13,7 @@ Serving (:class:`ValServer`, a mixin of :class:`cluster.data.DataWorker`)
     (pixels + labels), with a small labels-only object beside it; ``val_get`` hands every
     consumer a reference to the same object (zero-copy numpy on the node) and drops the batch
     once all its consumers (every rank of its replica) have fetched it. Unusable samples are
-    skipped and counted (:func:`alexnet.data.reader.decode_record`), so a batch may be short, or
+    skipped and counted (:func:`alexnet.data.codec.val_sample`), so a batch may be short, or
     empty: its ``n`` says so, and every rank of the replica reads it (stage 0 the pixels, the
     others the labels object) so that all of them skip an empty batch together.
 
@@ -32,135 +28,20 @@ and the coordinator restarts the group from its last checkpoint.
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray
-import torch
 
-from alexnet.data.index import DatasetIndex, ShardInfo, check_input_size
-from alexnet.data.reader import Decoded, ReaderStats, Record, Segment, decode_record, read_segment
-from alexnet.data.transforms import center_crop, ten_crop
+from alexnet.data.codec import VAL_CROPS as CROPS
+from alexnet.data.index import DatasetIndex, check_input_size
+from alexnet.data.records import ReaderStats
+from alexnet.data.val import ValPlan, worker_batches
 
-CROPS = ("center", "ten")
 BUFFER = 3  # decoded batches a worker keeps ahead of its consumers (a 10-crop batch is 10x a center one)
 KEEP_STATS = 16  # passes whose counters val_stats() still reports
 DEFAULT_TIMEOUT_S = 300.0
-
-
-@dataclass(frozen=True)
-class ValPlan:
-    """Which samples form val batch ``j``, which replica scores it and which worker decodes it."""
-
-    total: int  # samples in the pass: the val split, or its first eval.max_samples
-    batch_size: int
-    replicas: int
-    workers: int
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.replicas < 1 or self.workers < 1 or self.total < 0:
-            raise ValueError(f"{self}: need batch_size, replicas, workers >= 1 and total >= 0")
-
-    @classmethod
-    def of(
-        cls, index: DatasetIndex, batch_size: int, replicas: int, workers: int, max_samples: int = 0
-    ) -> ValPlan:
-        """The plan over ``index``'s val split (its first ``max_samples`` samples when > 0)."""
-        n = index.count("val")
-        return cls(min(n, max_samples) if max_samples > 0 else n, batch_size, replicas, workers)
-
-    @property
-    def batches(self) -> int:
-        """Batches in the pass (the last one may be short)."""
-        return -(-self.total // self.batch_size)
-
-    def samples(self, j: int) -> tuple[int, int]:
-        """Global sample range ``[start, stop)`` of batch ``j``."""
-        return j * self.batch_size, min((j + 1) * self.batch_size, self.total)
-
-    def replica_batches(self, replica: int) -> range:
-        """The batches replica ``replica`` scores, in the order its ranks read them."""
-        return range(replica, self.batches, self.replicas)
-
-    def worker_batches(self, worker: int) -> range:
-        """The contiguous run of batches worker ``worker`` decodes (empty when W > batches)."""
-        nb, W = self.batches, self.workers
-        return range(worker * nb // W, (worker + 1) * nb // W)
-
-    def worker_of(self, j: int) -> int:
-        """The worker that decodes batch ``j``."""
-        if not 0 <= j < self.batches:
-            raise ValueError(f"val batch {j}: the pass has {self.batches} batches")
-        starts = [w * self.batches // self.workers for w in range(self.workers)]
-        return bisect.bisect_right(starts, j) - 1  # the last worker starting at or before j: non-empty
-
-
-def _records(
-    shards: list[ShardInfo], start: int, stop: int, stats: ReaderStats
-) -> Iterator[tuple[int, Record]]:
-    """(global position, Record) for samples ``[start, stop)`` of the val order. Positions come
-    from the shard offsets, so records a truncated shard lost shift nothing after them."""
-    pos = 0
-    for s in shards:
-        a, b = max(start, pos), min(stop, pos + s.count)
-        if a < b:
-            for i, rec in enumerate(read_segment(Segment(s.url, a - pos, b - pos), stats)):
-                yield a + i, rec
-        pos += s.count
-        if pos >= stop:
-            return
-
-
-def _collate(samples: list[Decoded], crop: str, size: int, j: int) -> dict[str, Any]:
-    """Decoded samples -> ``images`` uint8 (b, 3, S, S) or (b, 10, 3, S, S), ``labels`` (b,),
-    ``keys``, ``n`` (b) and ``index`` (j)."""
-    crop_fn = center_crop if crop == "center" else ten_crop
-    shape = (3, size, size) if crop == "center" else (10, 3, size, size)
-    images = np.empty((len(samples), *shape), np.uint8)
-    out = torch.from_numpy(images)  # the crops are copied straight into the batch's memory
-    for i, s in enumerate(samples):
-        out[i].copy_(crop_fn(s.image, size))
-    labels = np.asarray([s.label for s in samples], np.int64)
-    return {
-        "images": images,
-        "labels": labels,
-        "keys": [s.key for s in samples],
-        "n": len(samples),
-        "index": j,
-    }
-
-
-def worker_batches(
-    index: DatasetIndex, plan: ValPlan, worker: int, crop: str, input_size: int, stats: ReaderStats
-) -> Iterator[dict[str, Any]]:
-    """Batch dicts (``images``, ``labels``, ``keys``, ``n``, ``index``) of worker ``worker``'s run, in order;
-    unusable samples skipped and counted in ``stats`` (``samples``: images decoded and used)."""
-    if crop not in CROPS:
-        raise ValueError(f"crop={crop!r}: use 'center' or 'ten'")
-    run = plan.worker_batches(worker)
-    if not run:
-        return
-    records = _records(index.shards("val"), plan.samples(run.start)[0], plan.samples(run[-1])[1], stats)
-    nxt = next(records, None)
-    for j in run:
-        t0, stop, chunk = time.perf_counter(), plan.samples(j)[1], []
-        while nxt is not None and nxt[0] < stop:
-            stats.records += 1
-            sample = decode_record(nxt[1], input_size, stats)
-            if sample is not None:
-                stats.samples += 1
-                chunk.append(sample)
-            nxt = next(records, None)
-        batch = _collate(chunk, crop, input_size, j)
-        stats.decode_s += time.perf_counter() - t0
-        stats.batches += 1
-        yield batch
 
 
 class _Pass:
@@ -292,7 +173,10 @@ class ValServer:
                     raise ValueError(f"val pass {pass_id}: pass {old.pass_id} was already started here")
                 old.stop()
             p = _Pass(pass_id, crop, plan, worker, dict(consumers), buffer)
-            p.start(worker_batches(index, plan, worker, crop, input_size, p.stats))
+            batches = worker_batches(
+                index, plan, worker, crop, input_size, p.stats, self.spec.max_sample_bytes
+            )
+            p.start(batches)
             self._val_pass = p
             stats = getattr(self, "_val_stats", {})
             stats[pass_id] = (crop, worker, p.stats)  # only the counters outlive the pass
@@ -323,10 +207,7 @@ class ValServer:
         out = {}
         for pass_id, (crop, worker, st) in passes.items():
             # scalar counters only: the producer may be adding to ``lost`` meanwhile
-            d = {
-                f.name: getattr(st, f.name) for f in dataclasses.fields(st) if f.name not in ("lost", "epoch")
-            }
-            out[pass_id] = {**d, "skipped": st.skipped, "crop": crop, "worker": worker}
+            out[pass_id] = {**st.counters(), "crop": crop, "worker": worker}
         return out
 
 

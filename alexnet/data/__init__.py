@@ -1,33 +1,15 @@
-"""The data pipeline without Ray: shard writer, ``dataset.json`` index, transforms, deterministic readers.
+"""The data plane without Ray, as small stages with one owner each (webdataset's style).
 
-* :mod:`alexnet.data.writer`: ``build_shards`` (ImageFolder -> WebDataset shards), ``build_synthetic``;
-* :mod:`alexnet.data.sources`, :mod:`alexnet.data.imagenet`: what SRC may hold (ImageNet as downloaded);
+* :mod:`alexnet.data.records`: a shard's records as untrusted input (plain tar only, member size cap,
+  header checks, lost records counted);
+* :mod:`alexnet.data.codec`: a record -> a sample -> a batch: worker pixels (decode, crop, flip,
+  lighting) or JPEG bytes with the same draws for the device (:mod:`alexnet.data.encoded`);
+* :mod:`alexnet.data.reader`: the epoch's plan as virtual streams, ``Stream`` (resumable);
+* :mod:`alexnet.data.val`: a validation pass's plan and batches (runs and ``alexnet eval`` alike);
 * :mod:`alexnet.data.index`: ``DatasetIndex.load(url)`` (classes, shard counts, mean, RGB PCA);
 * :mod:`alexnet.data.transforms`: the paper's crop/flip/lighting draws, 10-crop, ``to_model_input``;
-* :mod:`alexnet.data.reader`: ``ReaderSpec``, ``Stream`` (the epoch as virtual streams), ``val_batches``.
-* :mod:`alexnet.data.encoded`: JPEG bytes + drawn crops per batch, batched decode on the trainer's device.
+* :mod:`alexnet.data.writer`, :mod:`alexnet.data.sources`, :mod:`alexnet.data.imagenet`: ``alexnet
+  shards`` (ImageFolder or ImageNet as downloaded -> WebDataset shards).
 
-``cluster/data.py`` runs the readers in Ray actors.
+``cluster/data.py`` and ``cluster/val.py`` serve these from Ray actors.
 """
-
-from alexnet.data.index import DatasetIndex
-from alexnet.data.reader import (
-    ReaderSpec,
-    ReaderStats,
-    Stream,
-    epoch_batches,
-    steps_per_epoch,
-    val_batches,
-)
-from alexnet.data.transforms import to_model_input
-
-__all__ = [
-    "DatasetIndex",
-    "ReaderSpec",
-    "ReaderStats",
-    "Stream",
-    "epoch_batches",
-    "steps_per_epoch",
-    "to_model_input",
-    "val_batches",
-]

@@ -8,9 +8,9 @@ Why
     ``torchvision.io.decode_jpeg`` decodes a whole list in one call (nvJPEG on CUDA).
 
 Worker side (:func:`draw_encoded`, no pixel decode)
-    The record's label and ``jpg`` are checked as :func:`alexnet.data.reader.decode_record` checks
-    them, the image header is read (PIL, no ``load()``) and what the worker path would refuse after
-    decoding is refused now: not an image, not square, a side below the crop. The augmentation is
+    The record's label and ``jpg`` are checked and the image header is read (PIL, no ``load()``) by
+    :func:`alexnet.data.records.check_record`, as the worker path checks them: not an image, or
+    another size than the dataset's, is refused before any decode. The augmentation is
     drawn from ``(seed, epoch, key)`` and the image's real side, exactly as ``decode_record`` +
     ``train_crop`` draw it. A record that is not a JPEG (a PNG under ``.jpg``: ImageNet has one) cannot
     go to the device decoder, so the worker decodes and crops it itself and ships the crop ("raw").
@@ -42,23 +42,19 @@ Same pixels
 
 from __future__ import annotations
 
-import io
 import logging
 import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from alexnet.data.reader import ReaderStats, Record, _label
+from alexnet.data.records import ReaderStats, Record, check_record, corrupt
 from alexnet.data.transforms import decode_image, draw_augmentation, lighting_offset, train_crop
 
 log = logging.getLogger("alexnet.data")
-
-JPEG_MAGIC = b"\xff\xd8"  # what decode_image sends to decode_jpeg; anything else goes through PIL
 
 
 class Encoded(NamedTuple):
@@ -80,11 +76,6 @@ class Encoded(NamedTuple):
     side: int
 
 
-def _corrupt(rec: Record, stats: ReaderStats, msg: str, *args: Any) -> None:
-    stats.lose("corrupt", rec.get("__url__", "?"))
-    log.warning(msg, *args)
-
-
 def draw_encoded(
     rec: Record,
     seed: int,
@@ -96,43 +87,29 @@ def draw_encoded(
 ) -> Encoded | None:
     """One record -> its :class:`Encoded` sample, or None (warned, counted in ``stats``) if unusable.
 
-    No pixel decode for a JPEG: only its header is read. ``stored``: the dataset's image side
-    (``DatasetIndex.size``); a square record of another side >= ``input_size`` is used at its real
-    side, as the worker path uses it. ``light``: :func:`~alexnet.data.transforms.lighting_matrix`.
-    Refusals are counted as ``decode_record`` counts them ("missing", "corrupt"); ``samples`` is the
-    caller's to count.
+    No pixel decode for a JPEG: only its header is read (:func:`~alexnet.data.records.check_record`,
+    the same check as the worker path's, so both refuse the same records). ``stored``: the
+    dataset's image side (``DatasetIndex.size``). ``light``:
+    :func:`~alexnet.data.transforms.lighting_matrix`. ``samples`` is the caller's to count.
     """
-    label, data, key = _label(rec), rec.get("jpg"), rec.get("__key__")
-    if label is None or data is None:
-        stats.lose("missing", rec.get("__url__", "?"))
-        log.warning("sample %s in %s: missing jpg or cls; skipped", key, rec.get("__url__"))
+    c = check_record(rec, stored, stats)
+    if c is None:
         return None
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only
-            w, h = im.size
-    except Exception as e:  # any parser error: a corrupt sample, never a crash
-        _corrupt(rec, stats, "sample %s in %s: cannot decode (%s); skipped", key, rec.get("__url__"), e)
-        return None
-    if h != w or h < input_size:
-        msg = "sample %s: image %dx%d, expected square >= %d px; skipped"
-        _corrupt(rec, stats, msg, key, h, w, input_size)
-        return None
-    d = draw_augmentation(seed, epoch, key, h, input_size)
+    d = draw_augmentation(seed, epoch, c.key, stored, input_size)
     lighting = lighting_offset(d.alpha, light)
-    if data[:2] == JPEG_MAGIC:
-        return Encoded(key, bytes(data), label, d.y, d.x, d.flip, lighting, None, h)
+    if c.jpeg:
+        return Encoded(c.key, c.data, c.label, d.y, d.x, d.flip, lighting, None, stored)
     # not a JPEG: the device decoder cannot take it, so decode and crop it here (rare)
     try:
-        img = decode_image(data)
+        img = decode_image(c.data)
     except Exception as e:
-        _corrupt(rec, stats, "sample %s in %s: cannot decode (%s); skipped", key, rec.get("__url__"), e)
+        corrupt(rec, stats, f"cannot decode ({type(e).__name__}: {e})")
         return None
-    if tuple(img.shape) != (3, h, h):
-        msg = "sample %s: image decodes to %s, its header says %dx%d; skipped"
-        _corrupt(rec, stats, msg, key, tuple(img.shape), h, w)
+    if tuple(img.shape) != (3, stored, stored):
+        corrupt(rec, stats, f"decodes to {tuple(img.shape)}, its header says {stored}x{stored}")
         return None
     crop = train_crop(img, d, input_size).contiguous().numpy()
-    return Encoded(key, b"", label, d.y, d.x, d.flip, lighting, crop, h)
+    return Encoded(c.key, b"", c.label, d.y, d.x, d.flip, lighting, crop, stored)
 
 
 def collate_encoded(samples: list[Encoded], input_size: int) -> dict[str, Any]:

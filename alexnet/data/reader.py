@@ -26,9 +26,10 @@ Stream
         records    [(pass, Record)]   the worker's run, through a shuffle buffer seeded by (seed, epoch,
                                       worker, pass); pass 0 first, then padding passes as long as pulled
         counted    [(pass, Record)]   each record read moves the resume cursor (``consumed``)
-        decoded    [(pass, Decoded)]  unusable records skipped with a warning, counted once (in pass 0)
-        augmented  [Augmented]        the paper's crop, flip and PCA lighting, drawn from (seed, epoch, key)
-        collate    batch dict         B samples into preallocated uint8 / int64 / float32 arrays
+        samples    [sample]           the codec's (alexnet.data.codec): a checked record decoded and
+                                      cropped at once, or its JPEG bytes with the same draws; unusable
+                                      records skipped with a warning, counted once (in pass 0)
+        collate    batch dict         B samples -> one batch (the codec's)
 
     Records that cannot be used (corrupt JPEG, missing ``cls``, the rest of a truncated tar) are skipped
     and counted once (a padding pass re-reads them without counting them again); a shard that cannot be
@@ -46,9 +47,8 @@ Position (JSON)
     uninterrupted stream would have produced. Only :meth:`Stream._batches` (batch boundaries) and
     the ``counted`` stage (records) move the cursor.
 
-Validation: the same ``records -> decoded`` stages without shuffle or padding, then a center or
-10-crop (:func:`val_batches`). Augmentation draws depend only on (seed, epoch, key): see
-:mod:`alexnet.data.transforms`.
+Validation reads the same record stages without shuffle or padding (:mod:`alexnet.data.val`).
+Augmentation draws depend only on (seed, epoch, key): see :mod:`alexnet.data.transforms`.
 """
 
 from __future__ import annotations
@@ -56,59 +56,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-import fsspec
 import numpy as np
-import torch
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from alexnet.data.codec import Codec, training_codec
 from alexnet.data.index import DatasetIndex, ShardInfo, check_input_size
-from alexnet.data.transforms import (
-    center_crop,
-    decode_image,
-    draw_augmentation,
-    lighting_matrix,
-    lighting_offset,
-    ten_crop,
-    train_crop,
-)
+from alexnet.data.records import MAX_MEMBER_BYTES, ReaderStats, Record, Segment, read_records, shuffled
+from alexnet.data.transforms import lighting_matrix
 
 log = logging.getLogger("alexnet.data")
-
-Record = dict  # {"__key__": str, "jpg": bytes, "cls": bytes, "__url__": str, ...} as grouped by webdataset
-
-
-class Decoded(NamedTuple):
-    """A usable record: its image as stored, uint8 (3, H, W), and its label."""
-
-    key: str
-    image: torch.Tensor
-    label: int
-
-
-class Augmented(NamedTuple):
-    """A training sample ready to collate: crop uint8 (3, S, S) (a view unless flipped), label,
-    lighting offset (3,) float32 pixel units; ``padded``: it comes from a padding pass."""
-
-    key: str
-    crop: torch.Tensor
-    label: int
-    lighting: np.ndarray
-    padded: bool
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Records ``[start, stop)`` of one shard."""
-
-    url: str
-    start: int
-    stop: int
 
 
 @dataclass(frozen=True)
@@ -120,7 +80,8 @@ class ReaderSpec:
     stream (0 = no buffer, shard order only); streams: V (0: as many as ``workers``, the layout of
     checkpoints written before streams existed); encoded: ship JPEG bytes and augmentation
     parameters instead of decoded crops (:mod:`alexnet.data.encoded`; the trainer decodes);
-    rotate: cut each epoch's shard sequence at a per-epoch offset (:func:`epoch_segments`).
+    rotate: cut each epoch's shard sequence at a per-epoch offset (:func:`epoch_segments`);
+    max_sample_bytes: a shard member larger than this is a corrupt sample, never read.
     """
 
     url: str
@@ -133,6 +94,7 @@ class ReaderSpec:
     streams: int = 0
     encoded: bool = False
     rotate: bool = True
+    max_sample_bytes: int = MAX_MEMBER_BYTES
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -154,46 +116,6 @@ class ReaderSpec:
     def from_dict(cls, d: dict[str, Any]) -> ReaderSpec:
         """Inverse of :meth:`to_dict`."""
         return cls(**d)
-
-
-@dataclass
-class ReaderStats:
-    """Counters a reader exposes for metrics (``as_dict`` for Prometheus)."""
-
-    records: int = 0  # raw records read (including replayed ones when resuming)
-    samples: int = 0  # decoded and used
-    skipped_corrupt: int = 0  # image bytes that do not decode (or have the wrong size)
-    skipped_missing: int = 0  # records without jpg or cls
-    skipped_truncated: int = 0  # records lost because their shard ended early (truncated tar)
-    skipped_unreadable: int = 0  # records of shards that could not be opened at all (after retries)
-    truncated_shards: int = 0  # shards that ended in a read error (truncated or corrupt tar)
-    unreadable_shards: int = 0  # shards that could not be opened or read at all, after retries
-    padded: int = 0  # samples reused to fill a worker's last batches after skips
-    batches: int = 0
-    decode_s: float = 0.0  # time spent reading + decoding + augmenting + collating
-    # the skipped samples by (epoch, shard url, reason), for the run's data.max_skipped_fraction;
-    # ``epoch`` is the one being read (set by Stream)
-    lost: dict[tuple[int, str, str], int] = dataclasses.field(default_factory=dict)
-    epoch: int = 0
-
-    def lose(self, reason: str, shard: str, n: int = 1) -> None:
-        """Count ``n`` samples of ``shard`` skipped for ``reason`` (corrupt, missing, truncated,
-        unreadable) in the epoch being read."""
-        setattr(self, f"skipped_{reason}", getattr(self, f"skipped_{reason}") + n)
-        key = (self.epoch, shard, reason)
-        self.lost[key] = self.lost.get(key, 0) + n
-
-    @property
-    def skipped(self) -> int:
-        """All skipped records."""
-        return self.skipped_corrupt + self.skipped_missing + self.skipped_truncated + self.skipped_unreadable
-
-    def as_dict(self) -> dict[str, float]:
-        """Counters plus ``skipped`` and ``decode_images_per_s``."""
-        d = dataclasses.asdict(self)
-        d["skipped"] = self.skipped
-        d["decode_images_per_s"] = self.samples / self.decode_s if self.decode_s > 0 else 0.0
-        return d
 
 
 # -- the epoch plan ----------------------------------------------------------------------------
@@ -322,117 +244,6 @@ def val_segments(shards: list[ShardInfo], workers: int) -> list[list[Segment]]:
     return plan
 
 
-# -- stages shared by training and validation --------------------------------------------------
-
-OPEN_RETRIES = 2  # further tries of a shard that fails before its first record (e.g. a network blip)
-RETRY_WAIT_S = 0.5  # first wait between tries; doubles each time
-
-
-def read_segment(
-    seg: Segment, stats: ReaderStats, retries: int = OPEN_RETRIES, wait_s: float = RETRY_WAIT_S
-) -> Iterator[Record]:
-    """Records ``[start, stop)`` of a shard; never raises on bad data.
-
-    A shard that fails before its first record (cannot be opened, or not a tar) is tried
-    ``retries`` more times, then skipped with an error naming it, its records counted in
-    ``skipped_unreadable``. A shard that ends early (truncated, or a read error mid-way) keeps the
-    records read so far; the rest of the segment is counted in ``skipped_truncated``. Retrying is
-    safe only before the first record: after it, a second try would repeat records.
-    """
-    for attempt in range(retries + 1):
-        i = 0
-        try:
-            with fsspec.open(seg.url, "rb") as f:
-                files = ({**r, "__url__": seg.url} for r in tar_file_iterator(f))
-                for rec in group_by_keys(files):
-                    if i >= seg.stop:
-                        return
-                    if i >= seg.start:
-                        yield rec
-                    i += 1
-            error = "the tar ends early"
-        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            error = f"{type(e).__name__}: {e}"
-        if i >= seg.stop:
-            return
-        if i == 0 and attempt < retries:
-            log.warning(
-                "shard %s: cannot read it (%s); try %d of %d", seg.url, error, attempt + 2, retries + 1
-            )
-            time.sleep(wait_s * 2**attempt)
-            continue
-        _count_lost(seg, i, retries + 1, error, stats)
-        return
-
-
-def _count_lost(seg: Segment, read: int, tries: int, error: str, stats: ReaderStats) -> None:
-    """Count (and log) the records of ``seg`` that a read error after ``read`` records lost."""
-    lost = seg.stop - max(read, seg.start)
-    if read == 0:
-        stats.unreadable_shards += 1
-        stats.lose("unreadable", seg.url, lost)
-        msg = "shard %s: cannot be opened or read after %d tries (%s); skipping its %d samples"
-        log.error(msg, seg.url, tries, error, lost)
-    else:
-        stats.truncated_shards += 1
-        stats.lose("truncated", seg.url, lost)
-        msg = "shard %s: read error after %d records (%s); skipping its other %d samples"
-        log.warning(msg, seg.url, read, error, lost)
-
-
-def read_records(segments: Iterable[Segment], stats: ReaderStats) -> Iterator[Record]:
-    """Segments -> their records, in order (lost records counted in ``stats``)."""
-    for seg in segments:
-        yield from read_segment(seg, stats)
-
-
-def shuffled(records: Iterator[Record], size: int, rng: np.random.Generator) -> Iterator[Record]:
-    """Record -> Record through a seeded shuffle buffer of ``size`` (same input and seed, same order)."""
-    if size <= 1:
-        yield from records
-        return
-    buf: list[Record] = []
-    for rec in records:
-        if len(buf) < size:
-            buf.append(rec)
-            continue
-        j = int(rng.integers(size))
-        yield buf[j]
-        buf[j] = rec
-    for j in rng.permutation(len(buf)):
-        yield buf[j]
-
-
-def _label(rec: Record) -> int | None:
-    try:
-        return int(rec["cls"])
-    except (KeyError, ValueError, TypeError):
-        return None
-
-
-def decode_record(rec: Record, input_size: int, stats: ReaderStats) -> Decoded | None:
-    """Decode one record, or None with a warning and a count in ``stats`` if it is unusable."""
-    label = _label(rec)
-    data = rec.get("jpg")
-    if label is None or data is None:
-        stats.lose("missing", rec.get("__url__", "?"))
-        log.warning("sample %s in %s: missing jpg or cls; skipped", rec.get("__key__"), rec.get("__url__"))
-        return None
-    try:
-        img = decode_image(data)
-    except Exception as e:  # any decoder error: a corrupt sample, never a crash
-        stats.lose("corrupt", rec.get("__url__", "?"))
-        log.warning("sample %s in %s: cannot decode (%s); skipped", rec["__key__"], rec.get("__url__"), e)
-        return None
-    h, w = img.shape[-2:]
-    if h != w or h < input_size:
-        stats.lose("corrupt", rec.get("__url__", "?"))
-        msg = "sample %s: image %dx%d, expected square >= %d px; skipped"
-        log.warning(msg, rec["__key__"], h, w, input_size)
-        return None
-    return Decoded(rec["__key__"], img, label)
-
-
 # -- training ----------------------------------------------------------------------------------
 
 
@@ -472,7 +283,8 @@ class Stream:
             self.index, spec.batch_size, spec.input_size, spec.workers, spec.split, spec.streams
         )
         self.shards = self.index.shards(spec.split)
-        self._light = lighting_matrix(self.index.eigenvalues, self.index.eigenvectors)
+        light = lighting_matrix(self.index.eigenvalues, self.index.eigenvectors)
+        self.codec: Codec = training_codec(spec.encoded, spec.seed, self.index.size, spec.input_size, light)
         self.stats = ReaderStats()
         self._padding_damage = ReaderStats()  # what padding passes meet again: see _damage
         self._cursor = _Cursor(start_epoch, stream)
@@ -488,11 +300,6 @@ class Stream:
             return self._position(c.epoch + 1, self.stream, 0)
         return self._position(c.epoch, c.index, c.consumed)
 
-    def next_key(self) -> tuple[int, int]:
-        """(epoch, index) of the next batch this stream yields."""
-        p = self.position()
-        return p["epoch"], p["index"]
-
     def _position(self, epoch: int, index: int, consumed: int) -> dict[str, int]:
         s = self.spec
         return {
@@ -507,7 +314,6 @@ class Stream:
 
     def _restore(self, p: dict) -> None:
         s = self.spec
-        p = upgrade_position(p)
         want = {"stream": self.stream, "streams": s.streams, "batch_size": s.batch_size, "seed": s.seed}
         got = {k: p.get(k) for k in want}
         if got != want:
@@ -546,7 +352,8 @@ class Stream:
         for p in itertools.count():
             n = 0
             rng = _rng(s.seed, epoch, self.stream, p)
-            for rec in shuffled(read_records(segments, self._damage(p)), s.shuffle_buffer, rng):
+            records = read_records(segments, self._damage(p), s.max_sample_bytes)
+            for rec in shuffled(records, s.shuffle_buffer, rng):
                 n += 1
                 yield p, rec
             if n == 0 and p == 0 and s.streams > 1:
@@ -565,12 +372,9 @@ class Stream:
             elif n == 0:
                 raise RuntimeError(f"data stream {self.stream}: no readable record in epoch {epoch}")
 
-    def _decoded(
-        self, records: Iterator[tuple[int, Record]], epoch: int, use: Callable[..., Any] | None = None
-    ) -> Iterator[tuple[int, Any]]:
-        """(pass, Record) -> (pass, Decoded); unusable records skipped, counted by :meth:`_damage`.
-        ``use(record, stats)``: the sample of a record or None (default :func:`decode_record`; the
-        encoded path draws the augmentation from the JPEG header instead of decoding).
+    def _samples(self, records: Iterator[tuple[int, Record]], epoch: int) -> Iterator[Any]:
+        """(pass, Record) -> sample (the codec's: an augmented crop, or JPEG bytes and their draws);
+        unusable records skipped, counted by :meth:`_damage`; ``samples`` and ``padded`` counted.
 
         Every pass reads the same records, so a padding pass read whole without one usable sample
         means none will ever come: an error. The first pass this stage sees is never judged, since
@@ -584,63 +388,18 @@ class Stream:
                     raise RuntimeError(f"data stream {self.stream}: no usable sample in epoch {epoch}")
                 first = p if first is None else first
                 current, usable = p, 0
-            if use is None:
-                sample = decode_record(rec, self.spec.input_size, self._damage(p))
-            else:
-                sample = use(rec, self._damage(p))
+            sample = self.codec.sample(rec, epoch, self._damage(p))
             if sample is not None:
                 usable += 1
-                yield p, sample
-
-    def _augmented(self, samples: Iterator[tuple[int, Decoded]], epoch: int) -> Iterator[Augmented]:
-        """(pass, Decoded) -> Augmented: the paper's crop, flip and lighting, from (seed, epoch, key)."""
-        S = self.spec.input_size
-        for p, (key, img, label) in samples:
-            d = draw_augmentation(self.spec.seed, epoch, key, img.shape[-1], S)
-            self.stats.samples += 1
-            self.stats.padded += p > 0
-            yield Augmented(key, train_crop(img, d, S), label, lighting_offset(d.alpha, self._light), p > 0)
-
-    def _collate(self, samples: Iterator[Augmented]) -> dict[str, Any]:
-        """The next B samples -> ``images`` uint8 (B, 3, S, S), ``labels`` (B,), ``lighting`` (B, 3),
-        ``keys``."""
-        B, S = self.spec.batch_size, self.spec.input_size
-        images = np.empty((B, 3, S, S), np.uint8)
-        out = torch.from_numpy(images)  # the crops are copied straight into the batch's memory
-        labels, lighting, keys = np.empty(B, np.int64), np.empty((B, 3), np.float32), []
-        for i, a in enumerate(itertools.islice(samples, B)):
-            out[i].copy_(a.crop)
-            labels[i], lighting[i] = a.label, a.lighting
-            keys.append(a.key)
-        return {"images": images, "labels": labels, "lighting": lighting, "keys": keys}
-
-    def _drawn(self, samples: Iterator[tuple[int, Any]]) -> Iterator[Any]:
-        """(pass, Encoded) -> Encoded, counted as :meth:`_augmented` counts (the encoded path)."""
-        for p, e in samples:
-            self.stats.samples += 1
-            self.stats.padded += p > 0
-            yield e
-
-    def _collate_encoded(self, samples: Iterator[Any]) -> dict[str, Any]:
-        """The next B encoded samples -> :func:`alexnet.data.encoded.collate_encoded`'s batch."""
-        from alexnet.data.encoded import collate_encoded
-
-        return collate_encoded(list(itertools.islice(samples, self.spec.batch_size)), self.spec.input_size)
+                self.stats.samples += 1
+                self.stats.padded += p > 0
+                yield sample
 
     def _epoch_samples(self, epoch: int) -> Iterator[Any]:
         """The stages of ``epoch`` from the cursor on (its consumed records replayed first)."""
         records = self._records(epoch)
         self._replay(records)
-        if not self.spec.encoded:
-            return self._augmented(self._decoded(self._counted(records), epoch), epoch)
-        from alexnet.data.encoded import draw_encoded
-
-        s, side = self.spec, self.index.size
-
-        def use(rec: Record, stats: ReaderStats) -> Any:
-            return draw_encoded(rec, s.seed, epoch, side, s.input_size, self._light, stats)
-
-        return self._drawn(self._decoded(self._counted(records), epoch, use))
+        return self._samples(self._counted(records), epoch)
 
     def _batches(self) -> Iterator[dict]:
         """Batch dicts from the cursor on, epoch after epoch; moves the cursor at batch boundaries."""
@@ -652,7 +411,7 @@ class Stream:
             while c.index < self.steps_per_epoch:
                 start = self.position()
                 t0 = time.perf_counter()
-                batch = self._collate(samples) if not self.spec.encoded else self._collate_encoded(samples)
+                batch = self.codec.collate(list(itertools.islice(samples, self.spec.batch_size)))
                 self.stats.decode_s += time.perf_counter() - t0
                 self.stats.batches += 1
                 c.index += self.spec.streams
@@ -673,72 +432,3 @@ def epoch_batches(spec: ReaderSpec, epoch: int, index: DatasetIndex | None = Non
     streams = [Stream(spec, v, index=index, start_epoch=epoch) for v in range(spec.streams)]
     for t in range(streams[0].steps_per_epoch):
         yield streams[t % spec.streams].next_batch()
-
-
-def upgrade_position(p: dict) -> dict:
-    """A data position in today's keys: checkpoints written before streams existed say ``worker``
-    and ``workers``; their worker ``w`` of ``W`` read exactly what stream ``w`` of ``V = W`` reads
-    now (the same segments and shuffle seeds), so the position carries over unchanged."""
-    if "stream" in p or "worker" not in p:
-        return p
-    q = {k: v for k, v in p.items() if k not in ("worker", "workers")}
-    return {**q, "stream": p["worker"], "streams": p["workers"]}
-
-
-# -- validation --------------------------------------------------------------------------------
-
-
-def decoded(records: Iterable[Record], input_size: int, stats: ReaderStats) -> Iterator[Decoded]:
-    """Record -> Decoded; counts ``records`` and ``samples``, skips unusable records (counted)."""
-    for rec in records:
-        stats.records += 1
-        sample = decode_record(rec, input_size, stats)
-        if sample is not None:
-            stats.samples += 1
-            yield sample
-
-
-def val_batches(
-    url: str,
-    batch_size: int,
-    input_size: int,
-    crop: str = "center",
-    worker: int = 0,
-    workers: int = 1,
-    stats: ReaderStats | None = None,
-    index: DatasetIndex | None = None,
-) -> Iterator[dict]:
-    """Validation batches of worker ``worker`` of ``workers``: together every val sample exactly once.
-
-    ``crop="center"``: ``images`` uint8 (b, 3, S, S); ``crop="ten"``: (b, 10, 3, S, S), the paper's
-    10 patches (average the softmax over them). The last batch may be smaller; ``lighting`` is zeros.
-    Unusable samples are skipped and counted in ``stats``.
-    """
-    if crop not in ("center", "ten"):
-        raise ValueError(f"crop={crop!r}: use 'center' or 'ten'")
-    index = index or DatasetIndex.load(url)
-    stats = stats if stats is not None else ReaderStats()
-    if not 0 <= worker < workers:
-        raise ValueError(f"worker={worker}: must be in [0, {workers})")
-    check_input_size(input_size, index.size)
-    crop_fn = center_crop if crop == "center" else ten_crop
-    samples = decoded(
-        read_records(val_segments(index.shards("val"), workers)[worker], stats), input_size, stats
-    )
-    for n in itertools.count():
-        t0 = time.perf_counter()
-        chunk = list(itertools.islice(samples, batch_size))
-        if not chunk:
-            return
-        images = torch.stack([crop_fn(s.image, input_size) for s in chunk]).numpy()
-        stats.decode_s += time.perf_counter() - t0
-        stats.batches += 1
-        yield {
-            "images": images,
-            "labels": np.asarray([s.label for s in chunk], np.int64),
-            "lighting": np.zeros((len(chunk), 3), np.float32),
-            "keys": [s.key for s in chunk],
-            "epoch": 0,
-            "index": n,
-            "worker": worker,
-        }

@@ -17,8 +17,9 @@ from alexnet.data.reader import (
     epoch_batches,
     epoch_segments,
     steps_per_epoch,
-    val_batches,
 )
+from alexnet.data.records import ReaderStats
+from alexnet.data.val import ValPlan, worker_batches
 from alexnet.data.writer import build_synthetic
 
 pytestmark = pytest.mark.timeout(120)
@@ -115,9 +116,9 @@ def test_resume_from_position_is_exact(syn, k):
 @pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize("crop", ["center", "ten"])
 def test_val_every_sample_once(syn, workers, crop):
-    batches = [
-        b for w in range(workers) for b in val_batches(syn, 16, 32, crop=crop, worker=w, workers=workers)
-    ]
+    ix = DatasetIndex.load(syn)
+    plan = ValPlan.of(ix, 16, replicas=1, workers=workers)
+    batches = [b for w in range(workers) for b in worker_batches(ix, plan, w, crop, 32, ReaderStats())]
     keys = _keys(batches)
     assert sorted(keys) == [f"val_{i:08d}" for i in range(40)]
     shape = (3, 32, 32) if crop == "center" else (10, 3, 32, 32)
@@ -220,22 +221,10 @@ def test_batches_do_not_depend_on_the_worker_count(syn):
     assert _keys(other) != _keys(ref) and sorted(_keys(other)) != []
 
 
-def test_a_position_written_before_streams_resumes(syn):
-    """Checkpoints of the worker layout (keys worker/workers) resume as streams V = W, exactly."""
-    from alexnet.data.reader import upgrade_position
-
-    spec = _spec(syn, 2, rotate=False)  # such a run keeps the plan of its time (RunPlan.data_rotate)
-    ref = [Stream(spec, 1).next_batch() for _ in range(4)]
-    old = dict(ref[2]["position"])
-    old["worker"], old["workers"] = old.pop("stream"), old.pop("streams")
-    assert upgrade_position(old) == ref[2]["position"]
-    rest = Stream(spec, 1, position=old)
-    assert rest.next_batch()["keys"] == ref[2]["keys"]
-
-
 def test_val_refuses_crops_larger_than_the_stored_images(syn):
     with pytest.raises(ValueError, match=r"model.input_size=41 is larger than the stored images \(40 px\)"):
-        next(val_batches(syn, 16, 41))
+        ix = DatasetIndex.load(syn)
+        next(worker_batches(ix, ValPlan.of(ix, 16, 1, 1), 0, "center", 41, ReaderStats()))
 
 
 def test_resume_inside_a_padding_pass_is_exact(syn, tmp_path):

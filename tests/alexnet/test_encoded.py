@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from alexnet.data.codec import decode_record
 from alexnet.data.encoded import collate_encoded, decode_rows, draw_encoded, encoded_nbytes
 from alexnet.data.index import DatasetIndex
-from alexnet.data.reader import ReaderStats, Segment, decode_record, read_records
+from alexnet.data.records import ReaderStats, Segment, read_records
 from alexnet.data.transforms import draw_augmentation, lighting_matrix, lighting_offset, train_crop
 from alexnet.data.writer import build_synthetic
 
@@ -37,7 +38,7 @@ def data(tmp_path_factory) -> tuple[list[dict], np.ndarray]:
 
 def _worker_path(rec: dict, epoch: int, light: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
     """What a data worker ships for ``rec`` today: decode_record, then train_crop and the lighting."""
-    dec = decode_record(rec, S, ReaderStats())
+    dec = decode_record(rec, SIZE, ReaderStats())
     assert dec is not None
     d = draw_augmentation(SEED, epoch, dec.key, dec.image.shape[-1], S)
     return train_crop(dec.image, d, S), lighting_offset(d.alpha, light)
@@ -108,13 +109,15 @@ def test_a_batch_of_16_split_between_two_consumers(data):
     assert encoded_nbytes(batch) == batch["jpeg"].nbytes + fixed
 
 
-def test_a_square_image_of_another_side_uses_its_own_side(data):
+def test_an_image_of_another_side_than_the_datasets_is_corrupt_on_both_paths(data):
+    """dataset.json's ``size`` is the only side a shard may hold: any other (a larger square too) is
+    refused from its header, never decoded."""
     records, light = data
-    rec = {**records[0], "jpg": _jpeg(48, 48)}
-    enc = _draw(rec, light)
-    assert enc is not None and enc.side == 48
-    img, bad = decode_rows(collate_encoded([enc], S), slice(None), S, CPU)
-    assert not bad.any() and torch.equal(img[0], _worker_path(rec, 0, light)[0])
+    for side in (48, 2000):
+        rec = {**records[0], "jpg": _jpeg(side, side)}
+        stats = ReaderStats()
+        assert _draw(rec, light, 0, stats) is None and stats.skipped_corrupt == 1
+        assert decode_record(rec, SIZE, stats) is None and stats.skipped_corrupt == 2
 
 
 def _drop(rec: dict, field: str) -> dict:
@@ -131,6 +134,7 @@ def _drop(rec: dict, field: str) -> dict:
         (lambda r: {**r, "jpg": r["jpg"][:20]}, "corrupt"),  # cut inside the header, before its size
         (lambda r: {**r, "jpg": _jpeg(40, 32)}, "corrupt"),  # not square
         (lambda r: {**r, "jpg": _jpeg(24, 24)}, "corrupt"),  # smaller than the crop
+        (lambda r: {**r, "jpg": _jpeg(48, 48)}, "corrupt"),  # square, larger than the dataset's side
         (lambda r: {**r, "jpg": _png_of(_jpeg(40, 36))}, "corrupt"),  # a non-square PNG
     ],
 )
@@ -143,7 +147,7 @@ def test_unusable_records_are_refused_at_draw_time_and_counted(data, damage, rea
     assert stats.skipped == 1 and getattr(stats, f"skipped_{reason}") == 1
     assert stats.lost == {(2, rec["__url__"], reason): 1}
     assert rec["__key__"] in caplog.text and "skipped" in caplog.text
-    assert decode_record(rec, S, ReaderStats()) is None  # the worker path refuses it too
+    assert decode_record(rec, SIZE, ReaderStats()) is None  # the worker path refuses it too
 
 
 def _damage_scan(jpg: bytes) -> bytes:
@@ -170,8 +174,8 @@ def test_damaged_jpeg_bodies_are_flagged_bad_and_the_rest_decodes(data):
         for j, i in enumerate(idx):
             zero = torch.zeros(3, S, S, dtype=torch.uint8)
             assert torch.equal(img[j], zero if i in (1, 3) else _worker_path(recs[i], 0, light)[0]), i
-    assert decode_record(recs[1], S, ReaderStats()) is None  # the worker path would have skipped them too
-    assert decode_record(recs[3], S, ReaderStats()) is None
+    assert decode_record(recs[1], SIZE, ReaderStats()) is None  # the worker path would have skipped them too
+    assert decode_record(recs[3], SIZE, ReaderStats()) is None
 
 
 def test_a_decode_of_another_size_than_the_header_is_flagged_bad(data):
@@ -187,10 +191,10 @@ def test_non_jpeg_records_ship_their_crops_with_the_same_pixels(data):
     records, light = data
     recs = [dict(r) for r in records[:4]]
     recs[1]["jpg"] = _png_of(recs[1]["jpg"])
-    recs[2]["jpg"] = _png_of(_jpeg(48, 48, seed=3))  # of another side, too
+    recs[2]["jpg"] = _png_of(_jpeg(SIZE, SIZE, seed=3))
     encs = [_draw(r, light) for r in recs]
     assert [e.raw is not None for e in encs] == [False, True, True, False]
-    assert encs[1].data == b"" and encs[2].side == 48
+    assert encs[1].data == b"" and encs[2].side == SIZE
     batch = _read_only(collate_encoded(encs, S))
     assert batch["raw_rows"].tolist() == [1, 2] and batch["raw"].shape == (2, 3, S, S)
     assert batch["offsets"][2] == batch["offsets"][1] == batch["offsets"][3]  # no bytes for raw rows

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from alexnet.data.index import DatasetIndex
-from alexnet.data.reader import ReaderStats, Segment, read_segment
+from alexnet.data.records import ReaderStats, Segment, read_segment
 from cluster.checkpoint import list_checkpoints
 from cluster.config import load_config
 from cluster.coordinator import FAILED, FINISHED, RECOVERING, RUNNING, STARTING
@@ -231,7 +231,7 @@ def test_unopenable_shard_is_retried_then_skipped_with_an_error_naming_it(syn, t
 
 def test_retry_recovers_a_transient_failure(syn, tmp_path, monkeypatch):
     """A shard that fails to open once and then opens is read whole (nothing skipped or doubled)."""
-    import alexnet.data.reader as reader
+    import alexnet.data.records as reader
 
     shard = DatasetIndex.load(syn).shards("train")[0]
     real_open, calls = reader.fsspec.open, []

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from alexnet.data.encoded import collate_encoded, draw_encoded
-from alexnet.data.reader import ReaderStats
+from alexnet.data.records import ReaderStats
 from cluster.feed import Feed, FeedSpec
 
 pytestmark = pytest.mark.timeout(60)

@@ -14,9 +14,11 @@ import pytest
 import webdataset as wds
 
 from alexnet.data.index import DatasetIndex
-from alexnet.data.reader import ReaderStats, val_batches
+from alexnet.data.records import ReaderStats
+from alexnet.data.transforms import center_crop, decode_image, ten_crop
+from alexnet.data.val import ValPlan, worker_batches
 from alexnet.data.writer import build_synthetic
-from cluster.val import BUFFER, ValPlan, ValServer, start_pass, worker_batches
+from cluster.val import BUFFER, ValServer, start_pass
 
 pytestmark = pytest.mark.timeout(240)
 N_VAL = 30  # in val shards of 12, 12, 6
@@ -31,11 +33,16 @@ def syn(tmp_path_factory) -> str:
 
 
 def _reference(url: str, crop: str) -> dict:
-    """The whole val split in its global order, decoded in one process (today's reader)."""
-    batches = list(val_batches(url, 7, 32, crop))
-    return {k: np.concatenate([b[k] for b in batches]) for k in ("images", "labels")} | {
-        "keys": [k for b in batches for k in b["keys"]]
-    }
+    """The whole val split in its global order, read with plain webdataset (not the product's record
+    layer) and decoded and cropped here."""
+    keys, images, labels = [], [], []
+    for shard in DatasetIndex.load(url).shards("val"):
+        for rec in wds.WebDataset(shard.url, shardshuffle=False, empty_check=False):
+            img = decode_image(rec["jpg"])
+            images.append((center_crop if crop == "center" else ten_crop)(img, 32).numpy())
+            keys.append(rec["__key__"])
+            labels.append(int(rec["cls"]))
+    return {"images": np.stack(images), "labels": np.asarray(labels), "keys": keys}
 
 
 @pytest.mark.parametrize(
@@ -116,7 +123,7 @@ def _workers(ray, url: str, n: int) -> list:
     @ray.remote(num_cpus=0, max_concurrency=16)
     class _W(ValServer):
         def __init__(self, url: str) -> None:
-            self.spec = SimpleNamespace(url=url)  # all ValServer needs of its host
+            self.spec = SimpleNamespace(url=url, max_sample_bytes=4 << 20)  # all ValServer needs of its host
 
     return [_W.remote(url) for _ in range(n)]
 
