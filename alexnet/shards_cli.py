@@ -59,7 +59,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
     if s.skipped:
         print(f"skipped {len(s.skipped)} unreadable images:")
         for path, reason in s.skipped:
-            print(f"  {path}: {reason}")
+            print(f"  {path!r}: {reason!r}")  # repr: a file name cannot forge a line of the summary
     for w in s.warnings:
         print(f"alexnet shards: warning: {w}", file=sys.stderr)
     return 0

@@ -70,21 +70,19 @@ def _check_val_split(index: DatasetIndex, every_epochs: int, steps_per_epoch: in
 
 
 def check_shards(index: DatasetIndex, splits: tuple[str, ...]) -> None:
-    """Every shard of ``splits`` is on disk with the size ``dataset.json`` records (an index
-    written before sizes were recorded: present and not empty). One listing of the directory."""
+    """Every shard of ``splits`` is on disk with the size ``dataset.json`` records. One listing of
+    the directory."""
     fs, root = fsspec.core.url_to_fs(index.url)
     sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in fs.ls(root, detail=True)}
     bad = []
     for split in splits:
         for shard in index.meta["splits"][split]["shards"]:
-            name, want = shard["name"], shard.get("bytes")
+            name, want = shard["name"], shard["bytes"]
             size = sizes.get(name)
             if size is None:
                 bad.append(f"{name} is missing")
-            elif want is not None and size != want:
+            elif size != want:
                 bad.append(f"{name} has {size} bytes, dataset.json says {want}")
-            elif size == 0:
-                bad.append(f"{name} is empty")
     if bad:
         listed = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise ValueError(

@@ -8,7 +8,11 @@ Layout of a shard directory (local path or any fsspec URL)::
     OUT/mean_image.npy         training-set mean image, float32 (3, size, size), pixel units 0-255
     OUT/_parts/...             per-shard statistics used to resume an interrupted build
 
-``dataset.json`` fields (format version 1):
+Each sample of a shard: ``__key__`` (``train_00000042``: the writer's numbering, what every
+augmentation draw is keyed on), ``jpg``, ``cls`` (the label as text) and ``json`` (``{"src": NAME}``:
+the source image's path inside SRC, or the archive member's name; readable with plain webdataset).
+
+``dataset.json`` fields (format version 2; an index of another version is refused with one line):
 
 * ``format_version``, ``size`` (stored images are size x size), ``quality`` (JPEG), ``fingerprint``
   (identifies the source: a different one makes ``alexnet shards`` refuse the directory),
@@ -20,7 +24,8 @@ Layout of a shard directory (local path or any fsspec URL)::
 * ``layout`` (optional, folder builds): what SRC held: ``train``, ``val`` (e.g. ``flat SRC/val/<image>``),
   ``val_labels`` and ``class_names`` (the label file used, or null);
 * ``splits``: ``{"train": {"count": N, "shards": [{"name": "train-000000.tar", "count": n, "bytes": b},
-  ...]}, ...}`` (``bytes``, each shard's file size, since the pre-run shard check; older indexes lack it);
+  ...]}, ...}``: ``name`` a plain file name in the dataset folder, ``count`` and ``bytes`` (the shard's
+  file size) non-negative integers, the split's ``count`` their sum;
 * ``mean_rgb`` (3,), ``mean_image_file`` ("mean_image.npy"), ``rgb_cov`` (3, 3), ``eigenvalues`` (3,,
   descending) and ``eigenvectors`` (3, 3, one eigenvector per COLUMN): all in pixel units (0-255) over
   every pixel of the stored (resized, cropped, JPEG-decoded) training images;
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +47,7 @@ import fsspec
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each sample's ``json`` member names its source (``src``); names and counts checked
 INDEX_NAME = "dataset.json"
 # keys a reader needs; the others (quality, fingerprint, skipped, class_names, ...) are informative
 REQUIRED_KEYS = ("size", "classes", "splits", "mean_rgb", "mean_image_file", "eigenvalues", "eigenvectors")
@@ -138,23 +144,47 @@ class PixelStats:
         }
 
 
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _check_meta(meta: dict[str, Any], path: str, fix: str) -> None:
-    """The keys and the ``splits`` structure readers rely on are there."""
+    """The keys and the ``splits`` structure readers rely on are there, and every name a reader will
+    open is a plain file name inside the dataset folder (a shard named ``../other/train-000000.tar``
+    would read another dataset's files); counts are non-negative and add up. Each refusal names the
+    field."""
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise ValueError(f"{path}: no {', '.join(missing)} (an incomplete or edited index); {fix}")
-    splits = meta["splits"]
-    ok = isinstance(splits, dict) and all(
-        isinstance(s, dict)
-        and isinstance(s.get("shards"), list)
-        and all(isinstance(sh, dict) and {"name", "count"} <= set(sh) for sh in s["shards"])
-        for s in splits.values()
-    )
-    if not ok or not isinstance(meta["classes"], list):
-        raise ValueError(
-            f'{path}: `splits` must map each split to {{"count", "shards": [{{"name", "count"}}, ...]}} '
-            f"and `classes` be a list; {fix}"
-        )
+
+    def bad(field: str, value: Any, want: str) -> ValueError:
+        return ValueError(f"{path}: {field} = {value!r}: {want} (an edited or damaged index); {fix}")
+
+    if not isinstance(meta["classes"], list) or not all(isinstance(c, str) for c in meta["classes"]):
+        raise bad("classes", meta["classes"], "must be a list of class names")
+    if not isinstance(meta["mean_image_file"], str) or not _PLAIN_NAME.match(meta["mean_image_file"]):
+        raise bad("mean_image_file", meta["mean_image_file"], "must be a plain file name in the folder")
+    if not isinstance(meta["splits"], dict):
+        raise bad("splits", meta["splits"], 'must map each split to {"count", "shards": [...]}')
+    for split, s in meta["splits"].items():
+        where = f"splits.{split}"
+        if not isinstance(s, dict) or not isinstance(s.get("shards"), list):
+            raise bad(where, s, 'must be {"count": N, "shards": [{"name", "count", "bytes"}, ...]}')
+        for i, sh in enumerate(s["shards"]):
+            at = f"{where}.shards[{i}]"
+            if not isinstance(sh, dict) or not {"name", "count", "bytes"} <= set(sh):
+                raise bad(at, sh, 'must be {"name": ..., "count": N, "bytes": B}')
+            if not isinstance(sh["name"], str) or not _PLAIN_NAME.match(sh["name"]):
+                raise bad(f"{at}.name", sh["name"], "must be a plain file name inside the dataset folder")
+            for k in ("count", "bytes"):
+                if not _count(sh[k]):
+                    raise bad(f"{at}.{k}", sh[k], "must be an integer >= 0")
+        total = sum(sh["count"] for sh in s["shards"])
+        if s.get("count") != total:
+            raise bad(f"{where}.count", s.get("count"), f"must be the sum of its shards' counts, {total}")
 
 
 @dataclass(frozen=True)

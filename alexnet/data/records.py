@@ -169,6 +169,18 @@ def _grouped(members: Iterable[tuple[str, bytes | None, int]], url: str, cap: in
         yield rec
 
 
+def count_records(f: Any, url: str) -> int:
+    """Records in a plain tar (``f`` a seekable binary file): member headers only, data seeked over."""
+    _check_plain(f, url)
+    keys, last = 0, None
+    with tarfile.open(fileobj=f, mode="r:") as tf:
+        for m in tf:
+            match = _NAME.match(m.name) if m.isreg() else None
+            if match is not None and match.group(1) != last:
+                keys, last = keys + 1, match.group(1)
+    return keys
+
+
 OPEN_RETRIES = 2  # further tries of a shard that fails before its first record (e.g. a network blip)
 RETRY_WAIT_S = 0.5  # first wait between tries; doubles each time
 

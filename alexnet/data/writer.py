@@ -29,6 +29,7 @@ import os
 import posixpath
 import re
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -49,6 +50,7 @@ from alexnet.data.index import (
     join,
     shard_name,
 )
+from alexnet.data.records import count_records
 from alexnet.data.sources import SourceFile, scan_source
 from alexnet.data.synthetic import synthetic_image, synthetic_label
 
@@ -192,14 +194,25 @@ def write_shard(task: ShardTask) -> ShardResult:
                 # statistics over exactly what the readers will decode
                 stats.add(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).transpose(2, 0, 1))
             key = f"{task.split}_{task.first + j:08d}"
-            tw.write({"__key__": key, "jpg": data, "cls": str(item[1]).encode()})
+            meta = json.dumps({"src": _source_name(task, item)}).encode()
+            tw.write({"__key__": key, "jpg": data, "cls": str(item[1]).encode(), "json": meta})
             count += 1
     part = {"name": task.name, "split": task.split, "count": count, "skipped": skipped}
     if stats is not None:
         _atomic_write(fs, f"{root}/{PARTS}/{task.name}.npz", stats.to_bytes())
+    part["bytes"] = fs.size(tmp)  # what a later build checks before it reuses the shard
     _atomic_write(fs, f"{root}/{PARTS}/{task.name}.json", json.dumps(part).encode())
     fs.mv(tmp, final)
     return ShardResult(task.name, task.split, count, skipped)
+
+
+def _source_name(task: ShardTask, item: tuple) -> str:
+    """Where a sample came from, kept in its ``json`` member as ``src``: the path inside SRC (or the
+    archive member's), or ``synthetic:<split>/<i>``. The key (``train_00000042``) stays the writer's,
+    so every augmentation draw keyed on it is unchanged."""
+    if task.source["kind"] == "synthetic":
+        return f"synthetic:{task.split}/{item[0]}"
+    return item.path
 
 
 def _atomic_write(fs: Any, path: str, data: bytes) -> None:
@@ -209,10 +222,29 @@ def _atomic_write(fs: Any, path: str, data: bytes) -> None:
 
 
 def _read_part(fs: Any, root: str, name: str) -> dict | None:
+    """The part file of a shard an earlier build completed (None: no shard or no part file)."""
     if not (fs.exists(f"{root}/{name}") and fs.exists(f"{root}/{PARTS}/{name}.json")):
         return None
-    with fs.open(f"{root}/{PARTS}/{name}.json", "rb") as f:
-        return json.loads(f.read())
+    try:
+        with fs.open(f"{root}/{PARTS}/{name}.json", "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _mismatch(fs: Any, root: str, name: str, part: dict) -> str | None:
+    """Why the shard ``name`` is not what its part file records (its size, its sample count), or
+    None. Reused as it is, a shard cut short would be indexed with its short size, which every
+    later size check then accepts."""
+    try:
+        size = fs.size(f"{root}/{name}")
+        if size != part["bytes"]:
+            return f"{size} bytes, its build wrote {part['bytes']}"
+        with fs.open(f"{root}/{name}", "rb") as f:
+            n = count_records(f, name)
+        return None if n == part["count"] else f"{n} samples, its build wrote {part['count']}"
+    except (OSError, ValueError, KeyError, TypeError, tarfile.TarError) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
 
 
 def _fingerprint(obj: Any) -> str:
@@ -359,7 +391,10 @@ def _run(
     results, todo = {}, []
     for t in tasks:
         part = _read_part(fs, root, t.name)
-        if part is None:
+        why = None if part is None else _mismatch(fs, root, t.name, part)
+        if why is not None:
+            warnings.append(f"shard {t.name!r} of an earlier build is {why}: written again")
+        if part is None or why is not None:
             todo.append(t)
         else:
             results[t.name] = ShardResult(

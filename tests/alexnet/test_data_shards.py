@@ -72,7 +72,7 @@ def test_counts_classes_and_skipped(built):
     expected = [4, 4, 4, 1]
     expected[order.index("train/bee/corrupt.jpg") // 4] -= 1
     assert [sh.count for sh in ix.shards("train")] == expected
-    assert ix.count("val") == 4 and ix.meta["format_version"] == 1 and ix.size == SIZE
+    assert ix.count("val") == 4 and ix.meta["format_version"] == 2 and ix.size == SIZE
 
 
 def test_readable_by_tarfile_and_webdataset(built):
@@ -82,9 +82,16 @@ def test_readable_by_tarfile_and_webdataset(built):
     by_tar = {}
     for u in urls:
         by_tar.update(_tar_samples(u))
-    assert all(set(v) == {"jpg", "cls"} for v in by_tar.values())
-    seen = [(x["__key__"], int(x["cls"])) for x in wds.WebDataset(urls, shardshuffle=False)]
+    assert all(set(v) == {"jpg", "cls", "json"} for v in by_tar.values())
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    seen = [(x["__key__"], int(x["cls"])) for x in samples]
     assert sorted(seen) == sorted((k, int(v["cls"])) for k, v in by_tar.items())
+    # each sample names its source image (path inside SRC) in its json member, readable with plain
+    # webdataset; the keys stay the writer's numbering
+    order = [f for f in shard_order(scan_source(str(root / "src")).splits["train"], "train")]
+    want = {f.path: f.label for f in order if f.path != "train/bee/corrupt.jpg"}
+    got = {json.loads(x["json"])["src"]: int(x["cls"]) for x in samples}
+    assert got == want and all(x["__key__"].startswith("train_") for x in samples)
     labels = [lab for _, lab in sorted(seen)]
     assert labels.count(0) == 6 and labels.count(1) == 6  # ant: 5 + grey; bee: 5 + CMYK
     for v in by_tar.values():
@@ -128,6 +135,27 @@ def test_resume_keeps_complete_shards_and_refuses_other_data(built, tmp_path):
     (tmp_path / "junk.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         build_synthetic(50, str(tmp_path), progress=False)
+
+
+def test_a_shard_cut_or_replaced_since_its_build_is_written_again(tmp_path):
+    """A shard an earlier build completed is reused only when its size and sample count are what its
+    part file recorded: one truncated (the size check before a run would then pass with the short
+    size) is written again, and the index records its real size."""
+    out = tmp_path / "out"
+    build_synthetic(60, str(out), size=SIZE, classes=3, shard_size=10, workers=1, progress=False)
+    before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    cut = out / "train-000001.tar"
+    cut.write_bytes(before[cut.name][: len(before[cut.name]) // 4])
+    (out / "dataset.json").unlink()
+    s = build_synthetic(60, str(out), size=SIZE, classes=3, shard_size=10, workers=1, progress=False)
+    assert (s.shards_written, s.shards_reused) == (1, len(before) - 1)
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before
+    assert any("'train-000001.tar'" in w and "written again" in w for w in s.warnings), s.warnings
+    sizes = {
+        sh["name"]: sh["bytes"]
+        for sh in json.loads((out / "dataset.json").read_text())["splits"]["train"]["shards"]
+    }
+    assert sizes["train-000001.tar"] == len(before["train-000001.tar"])
 
 
 def test_synthetic_on_fsspec_url_and_cli(tmp_path):

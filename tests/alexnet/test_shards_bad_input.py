@@ -112,8 +112,51 @@ def test_valid_json_without_required_keys(built, tmp_path):
     meta = json.loads((built / "dataset.json").read_text())
     meta["splits"]["train"]["shards"] = [{"name": "train-000000.tar"}]
     (out / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="`splits` must map each split"):
+    with pytest.raises(ValueError, match=r"splits.train.shards\[0\] = .*must be \{\"name\""):
         DatasetIndex.load(str(out))
+
+
+@pytest.mark.parametrize(
+    "field,edit,says",
+    [
+        ("name", lambda sh, sp: sh.update(name="../other/train-000000.tar"), "plain file name"),
+        ("name", lambda sh, sp: sh.update(name="/etc/passwd"), "plain file name"),
+        ("name", lambda sh, sp: sh.update(name="sub/train-000000.tar"), "plain file name"),
+        ("count", lambda sh, sp: sh.update(count=-5), "integer >= 0"),
+        ("count", lambda sh, sp: sh.update(count="12"), "integer >= 0"),
+        ("bytes", lambda sh, sp: sh.update(bytes=-1), "integer >= 0"),
+        ("split count", lambda sh, sp: sp.update(count=sp["count"] + 1), "sum of its shards' counts"),
+    ],
+)
+def test_an_edited_index_is_refused_naming_the_field(built, tmp_path, field, edit, says):
+    """dataset.json names the files a reader opens: only plain names inside the dataset folder, and
+    counts that are counts, pass; the message names the field."""
+    meta = json.loads((built / "dataset.json").read_text())
+    split = meta["splits"]["val"]
+    edit(split["shards"][0], split)
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=says) as e:
+        DatasetIndex.load(str(tmp_path))
+    where = "splits.val.count" if field == "split count" else f"splits.val.shards[0].{field}"
+    assert f"dataset.json: {where} = " in str(e.value) and "alexnet shards" in str(e.value)
+
+
+def test_an_index_whose_mean_image_file_leaves_the_folder_is_refused(built, tmp_path):
+    meta = json.loads((built / "dataset.json").read_text())
+    meta["mean_image_file"] = "../mean_image.npy"
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"mean_image_file = '\.\./mean_image.npy': must be a plain file"):
+        DatasetIndex.load(str(tmp_path))
+
+
+def test_an_index_of_the_earlier_format_is_refused_in_one_line(built, tmp_path):
+    meta = json.loads((built / "dataset.json").read_text())
+    meta["format_version"] = 1
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError) as e:
+        DatasetIndex.load(str(tmp_path))
+    assert "format_version 1, this code reads 2; rebuild the shards" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def test_old_index_without_class_names_loads(built, tmp_path):
@@ -219,7 +262,18 @@ def test_skip_reasons_read_as_text(tmp_path, capsys):
     assert reasons["train/ant/headonly.jpg"] == "damaged image data (Truncated File Read)"
     assert reasons["train/bee/cut.jpg"].startswith("damaged JPEG data (image file is truncated")
     for path, reason in reasons.items():
-        assert f"  {path}: {reason}" in out
+        assert f"  {path!r}: {reason!r}" in out
+
+
+def test_a_file_name_cannot_forge_a_line_of_the_summary(tmp_path, capsys):
+    """A source file named with a newline is printed escaped (repr), on its own line."""
+    src = _tree(tmp_path / "src")
+    forged = "x.jpg\nalexnet shards: all 1000000 images written"
+    (tmp_path / "src/train/ant" / forged).write_bytes(b"not an image")
+    assert cli_main(["shards", src, str(tmp_path / "out"), "--quiet", "--size", "16", "--workers", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("alexnet shards: all") for line in lines)
+    assert any(line.startswith("  'train/ant/x.jpg\\nalexnet shards: all") for line in lines)
 
 
 # ---- progress in a log (ray job logs) and on a terminal ------------------------------------------

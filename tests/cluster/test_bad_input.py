@@ -293,3 +293,21 @@ def test_outputs_that_cannot_be_written_fail_the_run_without_a_traceback(
     out = capsys.readouterr().out
     assert f"metrics.jsonl, the plot and the trace could not be written to --run-dir {run}" in out, out
     assert _steps(run) == [2, 3]  # the checkpoints are there
+
+
+def test_eval_reads_exactly_max_samples_and_fails_on_a_short_val_shard(fake_ray, data, tmp_path, capsys):
+    """``alexnet eval`` reads through the run's validation plan: ``--max-samples`` cuts exactly; a val
+    shard shorter than dataset.json says ends it with exit 1 naming the shard, and no JSON line."""
+    run = tmp_path / "run"
+    assert main(train(data, run, "--steps", "2", *SETS)) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--data", data, "--max-samples", "5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 5
+    cut = tmp_path / "cut"
+    shutil.copytree(data, cut)
+    shard = cut / DatasetIndex.load(str(cut)).meta["splits"]["val"]["shards"][0]["name"]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 4])
+    assert main(["eval", "--checkpoint", str(run), "--data", str(cut)]) == 1
+    out, err = capsys.readouterr()
+    assert out.strip() == "" and "val samples that dataset.json promises could not be read" in err
+    assert repr(str(shard)) in err and "alexnet shards" in err
