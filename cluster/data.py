@@ -11,7 +11,7 @@ Pieces
     itself (:func:`rows`). ``DataPositions`` (actor): the last safe restart position of each stream.
     ``DataPool`` (coordinator side): starts W workers and the registry, reports positions for
     checkpoints and stats for metrics. ``DataClient`` (picklable, trainer side): ``request`` and
-    ``resolve`` (or ``get``) a global step's batch.
+    ``resolve`` a global step's batch.
 
 Consumers and release
     Each batch is fetched by ``consumers`` distinct consumers (e.g. both column ranks of stage 0 and the
@@ -39,14 +39,12 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import ray
 
 from alexnet.data.index import DatasetIndex
 from alexnet.data.reader import ReaderSpec, Stream, steps_per_epoch
-from alexnet.data.writer import BuildSummary, build_shards, build_synthetic
 from cluster.metrics import SKIP_REASONS
 from cluster.val import ValServer
 
@@ -363,11 +361,6 @@ class DataClient:
                 request = self.request(step, consumer, images)
         raise AssertionError("unreachable")
 
-    def get(self, step: int, part: int = 0, parts: int = 1, consumer: int = 0, images: bool = True) -> dict:
-        """Rows ``part`` of ``parts`` of ``step``'s batch (:func:`rows`)."""
-        batch = self.resolve(self.request(step, consumer, images), step, consumer, images)
-        return rows(batch, part, parts) if images else batch
-
 
 class DataPool:
     """The job's data workers (coordinator side); see module docstring.
@@ -429,10 +422,6 @@ class DataPool:
         """A picklable client for trainer actors."""
         return DataClient(self.workers, self.steps_per_epoch, self.timeout_s, self.spec.streams)
 
-    def get(self, step: int, part: int = 0, parts: int = 1, consumer: int = 0) -> dict:
-        """Convenience: ``self.client().get(...)``."""
-        return self.client().get(step, part, parts, consumer)
-
     def state(self, next_step: int) -> list[dict]:
         """JSON positions (one per stream) from which the pool resumes at global step ``next_step``."""
         T, V, W = self.steps_per_epoch, self.spec.streams, self.spec.workers
@@ -471,20 +460,49 @@ class DataPool:
         ray.kill(self.registry, no_restart=True)
 
 
-def ray_map(fn: Callable[[Any], Any], tasks: list) -> Iterable:
-    """``map_fn`` for :func:`alexnet.data.writer.build_shards`: a Ray task per shard, results as they end."""
-    remote = ray.remote(num_cpus=1)(fn)
-    pending = [remote.remote(t) for t in tasks]
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+def consumer_ids(grid: Any) -> dict[int, int]:
+    """Rank -> data consumer id, for the ranks that read batches (stage 0: images, last: labels)."""
+    readers = [
+        grid.rank_of(r, s, c)
+        for r in range(grid.replicas)
+        for s in sorted({0, grid.stages - 1})
+        for c in range(grid.columns)
+    ]
+    return {rank: i for i, rank in enumerate(readers)}
 
 
-def build_shards_on_ray(src: str, out: str, **kwargs: Any) -> BuildSummary:
-    """``build_shards`` (or ``build_synthetic`` when ``src`` is an int) with shard tasks on the Ray cluster.
-
-    ``out`` (and ``src``) must be reachable from every node (shared filesystem or object storage).
-    """
-    if isinstance(src, int):
-        return build_synthetic(src, out, map_fn=ray_map, **kwargs)
-    return build_shards(src, out, map_fn=ray_map, **kwargs)
+def start_pool(
+    cfg: Any,
+    plan: Any,
+    data_url: str,
+    step: int,
+    positions: list[dict] | None,
+    grid: Any,
+    options: list[dict] | None = None,
+) -> DataPool:
+    """The run's data workers (``cfg``: the job config, ``plan``: its :class:`cluster.plan.RunPlan`),
+    at ``positions`` (a checkpoint's) or the start of ``step``'s epoch; ``options``: each worker's
+    ``DataWorker.options`` (its placement)."""
+    d = cfg.data
+    spec = ReaderSpec(
+        data_url,
+        cfg.optim.batch_size,
+        cfg.model.input_size,
+        workers=d.workers,
+        seed=d.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        streams=plan.streams,
+        encoded=cfg.decode_on_device(),
+        rotate=plan.data_rotate,
+        max_sample_bytes=d.max_sample_bytes,
+    )
+    return DataPool(
+        spec,
+        consumers=len(consumer_ids(grid)),
+        prefetch=d.prefetch,
+        positions=positions,
+        start_epoch=step // plan.steps_per_epoch,
+        end_step=plan.total_steps,
+        timeout_s=cfg.grid.collective_timeout_s,
+        options=options,
+    )

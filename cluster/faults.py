@@ -8,7 +8,9 @@
   :class:`CheckpointWriteFailed` (``checkpoint.max_failed_writes``, judged by
   :class:`cluster.manifest.RunCheckpoints`);
 * :class:`FaultPlan` (the trainer group's): the injected faults of a rehearsal or a test, all off
-  by default, each firing once per run; :class:`RankFaults` is its part inside one trainer rank.
+  by default, each firing once per run; :class:`RankFaults` is its part inside one trainer rank;
+* :func:`classify` and :func:`failure`: what a failed call to the trainer ranks means (a user error,
+  a cause, or a consequence of a peer's failure).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import ray
+import torch.distributed
 from torch import Tensor
 
 from cluster.config import FaultsSection
@@ -168,3 +172,53 @@ class FaultPlan:
             self._data_armed = False
             return f.kill_data_worker
         return None
+
+
+# -- failures of calls to the trainer ranks -------------------------------------------------------
+
+# A rank whose collective or point-to-point op failed because a peer died is a consequence, not a
+# cause. NCCL (and torch's own store and network errors) raise torch.distributed.DistError; gloo
+# raises a plain RuntimeError (torch 2.14: "[gloo/transport/tcp/pair.cc] Read error ...: Connection
+# reset by peer", "[.../unbound_buffer.cc] Timed out waiting ... for recv"), so for gloo only the
+# message tells. (A rank whose own fault surfaces as a DistError, e.g. an NCCL error on its GPU, is
+# listed among the consequences, in rank order; a dead actor always comes first.)
+_GLOO_PEER_LOST = ("Timed out", "timed out", "Connection closed", "Connection reset", "Read error")
+
+
+def classify(error: ray.exceptions.RayError) -> str:
+    """``"user"`` (a ValueError: a setting or the data), ``"cause"`` (an actor died, or a rank
+    raised on its own) or ``"consequence"`` (a rank's collective failed because a peer did)."""
+    if isinstance(error, ray.exceptions.RayActorError):
+        return "cause"  # the actor's process or node is gone
+    cause = getattr(error, "cause", None)  # RayTaskError: what the actor method raised
+    if isinstance(cause, ValueError):
+        return "user"
+    if isinstance(cause, torch.distributed.DistError):
+        return "consequence"
+    if isinstance(cause, RuntimeError) and any(w in str(cause) for w in _GLOO_PEER_LOST):
+        return "consequence"
+    return "cause"
+
+
+def failure(refs: list, done_refs: list, what: str) -> Exception:
+    """The error of a failed call to the ranks (``refs``; ``done_refs`` those that answered): a
+    ValueError of a rank, else :class:`TrainerDied` listing every rank's error, causes first."""
+    errors = []  # (is a consequence, rank, text)
+    for i, ref in enumerate(refs):
+        if ref not in done_refs:
+            errors.append((True, i, f"rank {i}: no answer (blocked on a failed peer)"))
+            continue
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as e:
+            kind = classify(e)
+            if kind == "user":
+                return ValueError(str(e.cause))
+            errors.append((kind == "consequence", i, f"rank {i}: {type(e).__name__}: {_short(e)}"))
+    errors.sort()
+    return TrainerDied(f"{what}: " + "; ".join(e[2] for e in errors))
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1][:300] if text else type(e).__name__

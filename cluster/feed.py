@@ -21,6 +21,7 @@ every consumer asked for a later one, and the object dies with its worker (see
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -228,3 +229,35 @@ class Feed:
         if sp.labels:
             labels = self._to_device(mine["labels"])
         return Fed(t, images, labels, keys, corrupt)
+
+
+# where samples that did not decode on a trainer's device are counted (the shard is not known there)
+DEVICE_DECODE = "decoded on the trainers' devices"
+
+
+class DeviceDecodeLosses:
+    """The driver's count of samples that did not decode on the trainers' devices (:attr:`Fed.corrupt_keys`,
+    reported per step): per ``(epoch, DEVICE_DECODE, "corrupt")``, once per (epoch, key) as the data
+    workers count theirs (a padding pass may feed a sample again), from zero with each start of the
+    trainer group as the workers' own counters are."""
+
+    def __init__(self, steps_per_epoch: int) -> None:
+        self.steps_per_epoch = steps_per_epoch
+        self.lost: collections.Counter = collections.Counter()
+        self._seen: set[tuple[int, str]] = set()
+
+    def add(self, steps: list[dict[str, Any]]) -> None:
+        """Take in reduced step results (``step``, ``corrupt_decoded``: keys)."""
+        for res in steps:
+            epoch = res["step"] // self.steps_per_epoch
+            new = {(epoch, k) for k in res["corrupt_decoded"]} - self._seen
+            if new:
+                self._seen |= new
+                self.lost[(epoch, DEVICE_DECODE, "corrupt")] += len(new)
+
+    def merged(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """The data pool's ``stats`` with these losses counted as the workers' are."""
+        if stats and self.lost:
+            stats["skipped"]["corrupt"] += sum(self.lost.values())
+            stats["lost"] = {**stats["lost"], **self.lost}
+        return stats

@@ -13,51 +13,25 @@ grid is a ``ValueError`` after ``grid.placement_timeout_s``, never an endless wa
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import time
 from typing import Any
 
 import ray
-import torch.distributed
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.checkpoint import merge_rank_states
 from cluster.config import JobConfig
+from cluster.data import consumer_ids, start_pool
 from cluster.evaluate import crop_kinds
-from cluster.faults import FaultPlan, TrainerDied
-from cluster.placement import DATA_WORKER, PlacementPlan, plan_placement
+from cluster.faults import FaultPlan, TrainerDied, failure
+from cluster.feed import DeviceDecodeLosses
+from cluster.placement import Reservation, shared_visible_devices
 from cluster.plan import RunPlan
 from cluster.rank import TrainerActor
 from cluster.reduce import reduce_eval, reduce_step, state_ranks
+from cluster.val import ValPasses
 
-# where samples that did not decode on a trainer's device are counted (the shard is not known there)
-DEVICE_DECODE = "decoded on the trainers' devices"
 FAILURE_GRACE_S = 3.0  # after a rank fails, how long to collect the others' errors before giving up
-
-# A rank whose collective or point-to-point op failed because a peer died is a consequence, not a
-# cause. NCCL (and torch's own store and network errors) raise torch.distributed.DistError; gloo
-# raises a plain RuntimeError (torch 2.14: "[gloo/transport/tcp/pair.cc] Read error ...: Connection
-# reset by peer", "[.../unbound_buffer.cc] Timed out waiting ... for recv"), so for gloo only the
-# message tells. (A rank whose own fault surfaces as a DistError, e.g. an NCCL error on its GPU, is
-# listed among the consequences, in rank order; a dead actor always comes first.)
-_GLOO_PEER_LOST = ("Timed out", "timed out", "Connection closed", "Connection reset", "Read error")
-
-
-def classify(error: ray.exceptions.RayError) -> str:
-    """``"user"`` (a ValueError: a setting or the data), ``"cause"`` (an actor died, or a rank
-    raised on its own) or ``"consequence"`` (a rank's collective failed because a peer did)."""
-    if isinstance(error, ray.exceptions.RayActorError):
-        return "cause"  # the actor's process or node is gone
-    cause = getattr(error, "cause", None)  # RayTaskError: what the actor method raised
-    if isinstance(cause, ValueError):
-        return "user"
-    if isinstance(cause, torch.distributed.DistError):
-        return "consequence"
-    if isinstance(cause, RuntimeError) and any(w in str(cause) for w in _GLOO_PEER_LOST):
-        return "consequence"
-    return "cause"
 
 
 def call_ranks(refs: list, timeout_s: float | None, what: str) -> list:
@@ -86,25 +60,7 @@ def call_ranks(refs: list, timeout_s: float | None, what: str) -> list:
             return ray.get(refs)
         except ray.exceptions.RayError:
             pass
-    raise _failure(refs, done_refs, what)
-
-
-def _failure(refs: list, done_refs: list, what: str) -> Exception:
-    """The error of a failed call: a ValueError of a rank, else TrainerDied listing every rank's."""
-    errors = []  # (is a consequence, rank, text)
-    for i, ref in enumerate(refs):
-        if ref not in done_refs:
-            errors.append((True, i, f"rank {i}: no answer (blocked on a failed peer)"))
-            continue
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayError as e:
-            kind = classify(e)
-            if kind == "user":
-                return ValueError(str(e.cause))
-            errors.append((kind == "consequence", i, f"rank {i}: {type(e).__name__}: {_short(e)}"))
-    errors.sort()
-    return TrainerDied(f"{what}: " + "; ".join(e[2] for e in errors))
+    raise failure(refs, done_refs, what)
 
 
 def _failed(ref) -> bool:
@@ -115,36 +71,6 @@ def _failed(ref) -> bool:
         return False
     except ray.exceptions.RayError:
         return True
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[-1][:300] if text else type(e).__name__
-
-
-def shared_visible_devices(assignments: list[dict[str, Any]]) -> list[str]:
-    """Each rank's ``CUDA_VISIBLE_DEVICES``: every GPU Ray assigned to a rank on its node, in
-    numeric order (Ray Train's sharing). ``assignments``: per rank ``{"node", "gpus"}``
-    (:meth:`cluster.rank.TrainerActor.gpu_assignment`)."""
-    per_node: dict[str, set[str]] = collections.defaultdict(set)
-    for a in assignments:
-        per_node[a["node"]].update(a["gpus"])
-
-    def order(gpu: str) -> tuple[int, str]:
-        return (int(gpu), "") if gpu.isdigit() else (1 << 30, gpu)  # "10" after "9"
-
-    return [",".join(sorted(per_node[a["node"]], key=order)) for a in assignments]
-
-
-def consumer_ids(grid) -> dict[int, int]:
-    """Rank -> data consumer id, for the ranks that read batches (stage 0: images, last: labels)."""
-    readers = [
-        grid.rank_of(r, s, c)
-        for r in range(grid.replicas)
-        for s in sorted({0, grid.stages - 1})
-        for c in range(grid.columns)
-    ]
-    return {rank: i for i, rank in enumerate(readers)}
 
 
 class RayTrainerGroup:
@@ -158,101 +84,31 @@ class RayTrainerGroup:
         self.grid = cfg.to_grid()
         self.faults = FaultPlan(cfg.faults)
         self.actors: list = []
-        self.pg = None
-        self.plan_pg: PlacementPlan | None = None
+        self.reservation = Reservation(self.grid, cfg.grid, plan.data_workers)
         self.pool = None
-        # samples that did not decode on the trainers' devices, per (epoch, where, reason), counted
-        # from zero with each start as the data workers' own counters are; once per (epoch, key),
-        # as the workers count theirs (a padding pass may feed a sample again)
-        self.device_lost: collections.Counter = collections.Counter()
-        self._device_bad: set[tuple[int, str]] = set()
-        self._val_passes = 0  # val passes started (a pass id is unique per data worker)
-        self._index = None
-
-    # -- resources ------------------------------------------------------------------------
-    def rank_bundle(self) -> dict[str, float]:
-        """What each trainer rank needs."""
-        g = self.cfg.grid
-        return {"CPU": g.cpus_per_rank, **({"GPU": g.gpus_per_rank} if g.gpus_per_rank > 0 else {})}
-
-    def worker_bundle(self) -> dict[str, float]:
-        """What each data worker needs (added to the bundle of the stage-0 ranks it feeds)."""
-        return dict(DATA_WORKER)
-
-    def _reserve(self) -> None:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        self.plan_pg = plan_placement(
-            self.grid, self.rank_bundle(), nodes, self.plan.data_workers, self.worker_bundle()
-        )
-        self.pg = placement_group(self.plan_pg.bundles, strategy=self.plan_pg.strategy)
-        timeout = self.cfg.grid.placement_timeout_s
-        ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
-        if not ready:
-            self._release()
-            raise self._too_small(timeout, nodes)
-
-    def _too_small(self, waited_s: float, nodes: list[dict[str, float]]) -> ValueError:
-        per_rank, bundles = self.rank_bundle(), self.plan_pg.bundles
-        need = collections.Counter()
-        for b in bundles:
-            need.update(b)
-
-        def cpu_gpu(res: dict) -> dict[str, float]:
-            return {k: v for k, v in res.items() if k in ("CPU", "GPU")}
-
-        def size(res: dict) -> tuple[float, float]:
-            return res.get("GPU", 0.0), res.get("CPU", 0.0)
-
-        largest = max(bundles, key=size)
-        biggest_node = max((cpu_gpu(n) for n in nodes), key=size, default={})
-        return ValueError(
-            f"the cluster cannot hold grid.shape={self.cfg.grid.shape!r} "
-            f"({self.grid.world_size} trainer ranks x {per_rank}) plus data.workers="
-            f"{self.plan.data_workers} (x {self.worker_bundle()}, each on a node of the stage-0 ranks it "
-            f"feeds): needs {dict(need)} in total, in {len(bundles)} bundle(s) of one node each "
-            f"({self.plan_pg.level} layout, the largest {largest}); the cluster has "
-            f"{cpu_gpu(ray.cluster_resources())}, its largest node {biggest_node} "
-            f"(waited grid.placement_timeout_s={waited_s:g}s). Use a smaller grid.shape or "
-            "grid.cpus_per_rank / grid.gpus_per_rank, fewer data.workers, or add nodes."
-        )
-
-    def data_options(self) -> list[dict[str, Any]]:
-        """Each data worker's ``DataWorker.options``: its CPUs, in the bundle of the stage-0 ranks it
-        feeds (:attr:`cluster.placement.PlacementPlan.bundle_of_worker`; call after reserving)."""
-        cpus = self.worker_bundle()["CPU"]
-        return [
-            {"num_cpus": cpus, "scheduling_strategy": self._strategy(self.pg, b)}
-            for b in self.plan_pg.bundle_of_worker
-        ]
-
-    def _strategy(self, pg, bundle: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
-
-    def _release(self) -> None:
-        if self.pg is not None:
-            with contextlib.suppress(Exception):
-                remove_placement_group(self.pg)
-        self.pg = None
+        self.device_lost = DeviceDecodeLosses(plan.steps_per_epoch)
+        self.val = ValPasses(cfg, data_url, self.grid)
 
     # -- TrainerGroup -----------------------------------------------------------------------
     def start(self, step: int, data_positions: list[dict] | None) -> None:
         """Reserve, start the trainers and the data workers (at ``data_positions``, or the start of
         ``step``'s epoch), then join the process groups."""
-        self._reserve()
-        self.device_lost, self._device_bad = collections.Counter(), set()
+        self.reservation.reserve()
+        self.device_lost = DeviceDecodeLosses(self.plan.steps_per_epoch)  # from zero, as the workers'
         g = self.cfg.grid
         actor_cls = ray.remote(self.actor_cls)
         self.actors = [
             actor_cls.options(
                 num_cpus=g.cpus_per_rank,
                 num_gpus=g.gpus_per_rank,
-                scheduling_strategy=self._strategy(self.pg, self.plan_pg.bundle_of_rank[rank]),
+                scheduling_strategy=self.reservation.rank_strategy(rank),
                 max_concurrency=1,
             ).remote(rank, self.cfg.to_dict(), self.plan.__dict__, self.data_url, self.faults.for_rank(rank))
             for rank in range(self.grid.world_size)
         ]
         # the trainers' processes start while the data workers do (DataPool waits for its own)
-        self.pool = self._start_data(step, data_positions)
+        options = self.reservation.worker_options()
+        self.pool = start_pool(self.cfg, self.plan, self.data_url, step, data_positions, self.grid, options)
         if g.gpus_per_rank > 0:
             self._share_gpus()
         consumers = consumer_ids(self.grid)
@@ -267,34 +123,6 @@ class RayTrainerGroup:
         visible = shared_visible_devices(where)
         refs = [a.share_visible_devices.remote(v) for a, v in zip(self.actors, visible, strict=True)]
         call_ranks(refs, 120, "gpu visibility")
-
-    def _start_data(self, step: int, positions: list[dict] | None):
-        from alexnet.data.reader import ReaderSpec
-        from cluster.data import DataPool
-
-        d = self.cfg.data
-        spec = ReaderSpec(
-            self.data_url,
-            self.cfg.optim.batch_size,
-            self.cfg.model.input_size,
-            workers=d.workers,
-            seed=d.seed,
-            shuffle_buffer=d.shuffle_buffer,
-            streams=self.plan.streams,
-            encoded=self.cfg.decode_on_device(),
-            rotate=self.plan.data_rotate,
-            max_sample_bytes=d.max_sample_bytes,
-        )
-        return DataPool(
-            spec,
-            consumers=len(consumer_ids(self.grid)),
-            prefetch=d.prefetch,
-            positions=positions,
-            start_epoch=step // self.plan.steps_per_epoch,
-            end_step=self.plan.total_steps,
-            timeout_s=self.cfg.grid.collective_timeout_s,
-            options=self.data_options(),
-        )
 
     def load(self, model, optimizer) -> None:
         """Every rank takes its slice of the full canonical state."""
@@ -323,12 +151,7 @@ class RayTrainerGroup:
         out = [
             reduce_step(self.grid, B, first_step + i, [r[i] for r in per_rank], keys) for i in range(steps)
         ]
-        for res in out:
-            epoch = res["step"] // self.plan.steps_per_epoch
-            new = {(epoch, k) for k in res["corrupt_decoded"]} - self._device_bad
-            if new:
-                self._device_bad |= new
-                self.device_lost[(epoch, DEVICE_DECODE, "corrupt")] += len(new)
+        self.device_lost.add(out)
         return out
 
     def train(self, first_step: int, steps: int, lr: float) -> list[dict[str, Any]]:
@@ -341,27 +164,11 @@ class RayTrainerGroup:
         replica reads that replica's batches."""
         per_rank: list[dict] = [{} for _ in self.actors]
         for crop in crop_kinds(ten_crop):
-            val, pass_id = self._start_val(crop, max_samples)
+            val, pass_id = self.val.start(self.pool.workers, crop, max_samples)
             refs = [a.evaluate.remote(val, pass_id, crop) for a in self.actors]
             for mine, res in zip(per_rank, call_ranks(refs, None, f"evaluate ({crop} crop)"), strict=True):
                 mine.update(res)
         return reduce_eval(self.grid, per_rank)
-
-    def _start_val(self, crop: str, max_samples: int):
-        """Start the next val pass on the data workers; (its client, its id)."""
-        from alexnet.data.index import DatasetIndex
-        from alexnet.data.val import ValPlan
-        from cluster.val import start_pass
-
-        if self._index is None:
-            self._index = DatasetIndex.load(self.data_url)
-        g, bs = self.grid, self.cfg.eval.batch_size or self.cfg.optim.batch_size
-        plan = ValPlan.of(self._index, bs, g.replicas, len(self.pool.workers), max_samples)
-        consumers = {r: g.stages * g.columns for r in range(g.replicas)}  # every rank of a replica
-        self._val_passes += 1
-        timeout = self.cfg.grid.collective_timeout_s
-        args = (self._val_passes, crop, plan, self.cfg.model.input_size, max_samples, consumers, timeout)
-        return start_pass(self.pool.workers, *args), self._val_passes
 
     def snapshot(self, step: int) -> tuple[dict, dict, list[dict]]:
         """Full model and optimizer state (host memory) and the data positions resuming at ``step``."""
@@ -376,10 +183,7 @@ class RayTrainerGroup:
             stats = self.pool.stats() if self.pool is not None else {}
         except (ray.exceptions.RayError, TimeoutError):
             return {}  # a dead worker is handled by its restart
-        if stats and self.device_lost:  # the device decoder's losses count as the workers' do
-            stats["skipped"]["corrupt"] += sum(self.device_lost.values())
-            stats["lost"] = {**stats["lost"], **self.device_lost}
-        return stats
+        return self.device_lost.merged(stats)
 
     def trace(self, steps: int) -> dict[str, Any] | None:
         """Chrome trace of every rank's last ``steps`` steps."""
@@ -399,4 +203,4 @@ class RayTrainerGroup:
             with contextlib.suppress(Exception):
                 self.pool.shutdown()
         self.actors, self.pool = [], None
-        self._release()
+        self.reservation.release()

@@ -1,4 +1,5 @@
-"""Where the trainer ranks and data workers go: the placement-group layout for a grid, as a pure function.
+"""Where the trainer ranks and data workers go: the placement-group layout for a grid (a pure
+function, :func:`plan_placement`) and its :class:`Reservation` on the Ray cluster.
 
 Wanted: the columns of one stage on one node (they all-gather at every exchange point), a whole
 replica on one node where it fits (its stages pass activations point to point), and replicas
@@ -23,8 +24,10 @@ workers share one bundle.
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.grid import Grid
 
@@ -108,3 +111,101 @@ def plan_placement(
     if not nodes or all(_fits(b, nodes) for b in stage.bundles):
         return stage
     return plan("rank")
+
+
+# -- the reservation on a Ray cluster -------------------------------------------------------------
+
+
+def shared_visible_devices(assignments: list[dict[str, Any]]) -> list[str]:
+    """Each rank's ``CUDA_VISIBLE_DEVICES``: every GPU Ray assigned to a rank on its node, in
+    numeric order (Ray Train's sharing). ``assignments``: per rank ``{"node", "gpus"}``
+    (:meth:`cluster.rank.TrainerActor.gpu_assignment`)."""
+    per_node: dict[str, set[str]] = collections.defaultdict(set)
+    for a in assignments:
+        per_node[a["node"]].update(a["gpus"])
+
+    def order(gpu: str) -> tuple[int, str]:
+        return (int(gpu), "") if gpu.isdigit() else (1 << 30, gpu)  # "10" after "9"
+
+    return [",".join(sorted(per_node[a["node"]], key=order)) for a in assignments]
+
+
+class Reservation:
+    """The run's one placement group on the Ray cluster (:func:`plan_placement`'s layout): reserved,
+    or a ``ValueError`` naming what the grid needs and what the cluster has after
+    ``grid.placement_timeout_s``, never an endless wait."""
+
+    def __init__(self, grid: Grid, section: Any, data_workers: int) -> None:
+        self.grid, self.section, self.data_workers = grid, section, data_workers
+        self.pg: Any = None
+        self.plan: PlacementPlan | None = None
+
+    def rank_bundle(self) -> dict[str, float]:
+        """What each trainer rank needs (``section``: the config's ``[grid]``)."""
+        g = self.section
+        return {"CPU": g.cpus_per_rank, **({"GPU": g.gpus_per_rank} if g.gpus_per_rank > 0 else {})}
+
+    def reserve(self) -> None:
+        """Reserve the placement group for the alive nodes (blocks until it is ready)."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        self.plan = plan_placement(self.grid, self.rank_bundle(), nodes, self.data_workers, dict(DATA_WORKER))
+        self.pg = placement_group(self.plan.bundles, strategy=self.plan.strategy)
+        timeout = self.section.placement_timeout_s
+        ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
+        if not ready:
+            self.release()
+            raise self._too_small(timeout, nodes, ray.cluster_resources())
+
+    def rank_strategy(self, rank: int) -> Any:
+        """The scheduling strategy that puts trainer rank ``rank`` into its bundle."""
+        return self._strategy(self.plan.bundle_of_rank[rank])
+
+    def worker_options(self) -> list[dict[str, Any]]:
+        """Each data worker's ``DataWorker.options``: its CPUs, in the bundle of the stage-0 ranks it
+        feeds (:attr:`PlacementPlan.bundle_of_worker`)."""
+        return [
+            {"num_cpus": DATA_WORKER["CPU"], "scheduling_strategy": self._strategy(b)}
+            for b in self.plan.bundle_of_worker
+        ]
+
+    def _strategy(self, bundle: int) -> Any:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
+
+    def release(self) -> None:
+        """Remove the placement group (idempotent)."""
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            with contextlib.suppress(Exception):
+                remove_placement_group(self.pg)
+        self.pg = None
+
+    def _too_small(self, waited_s: float, nodes: list[dict[str, float]], total: dict) -> ValueError:
+        per_rank, bundles = self.rank_bundle(), self.plan.bundles
+        need: collections.Counter = collections.Counter()
+        for b in bundles:
+            need.update(b)
+
+        def cpu_gpu(res: dict) -> dict[str, float]:
+            return {k: v for k, v in res.items() if k in ("CPU", "GPU")}
+
+        def size(res: dict) -> tuple[float, float]:
+            return res.get("GPU", 0.0), res.get("CPU", 0.0)
+
+        largest = max(bundles, key=size)
+        biggest_node = max((cpu_gpu(n) for n in nodes), key=size, default={})
+        return ValueError(
+            f"the cluster cannot hold grid.shape={self.section.shape!r} "
+            f"({self.grid.world_size} trainer ranks x {per_rank}) plus data.workers="
+            f"{self.data_workers} (x {dict(DATA_WORKER)}, each on a node of the stage-0 ranks it "
+            f"feeds): needs {dict(need)} in total, in {len(bundles)} bundle(s) of one node each "
+            f"({self.plan.level} layout, the largest {largest}); the cluster has "
+            f"{cpu_gpu(total)}, its largest node {biggest_node} "
+            f"(waited grid.placement_timeout_s={waited_s:g}s). Use a smaller grid.shape or "
+            "grid.cpus_per_rank / grid.gpus_per_rank, fewer data.workers, or add nodes."
+        )

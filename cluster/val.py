@@ -259,3 +259,27 @@ def start_pass(
     made = ray.get(refs, timeout=timeout_s)
     assert sum(made) == plan.batches, (made, plan)  # the workers planned the pass as this driver did
     return ValClient(workers, plan, timeout_s)
+
+
+class ValPasses:
+    """The driver's side of validation: numbers the passes (an id is unique per data worker) and
+    starts each one on the data workers (``cfg``: the job config)."""
+
+    def __init__(self, cfg: Any, data_url: str, grid: Any) -> None:
+        self.cfg, self.data_url, self.grid = cfg, data_url, grid
+        self.started = 0
+        self._index: DatasetIndex | None = None
+
+    def start(self, workers: list, crop: str, max_samples: int) -> tuple[ValClient, int]:
+        """Start the next pass; (its client, its id). Every rank of a replica reads its batches."""
+        if self._index is None:
+            self._index = DatasetIndex.load(self.data_url)
+        g, cfg = self.grid, self.cfg
+        plan = ValPlan.of(
+            self._index, cfg.eval.batch_size or cfg.optim.batch_size, g.replicas, len(workers), max_samples
+        )
+        consumers = {r: g.stages * g.columns for r in range(g.replicas)}
+        self.started += 1
+        timeout = cfg.grid.collective_timeout_s
+        args = (self.started, crop, plan, cfg.model.input_size, max_samples, consumers, timeout)
+        return start_pass(workers, *args), self.started

@@ -70,6 +70,12 @@ def test_pool_stream_with_kill_equals_reference(ray_local, syn):
         pool.shutdown()
 
 
+def _get(pool, step: int) -> dict:
+    """Step ``step``'s whole batch, as a trainer's feed fetches it."""
+    client = pool.client()
+    return client.resolve(client.request(step), step)
+
+
 def test_checkpoint_positions_resume_exactly(ray_local, syn):
     from cluster.data import DataPool
 
@@ -78,7 +84,7 @@ def test_checkpoint_positions_resume_exactly(ray_local, syn):
     pool = DataPool(_spec(syn), consumers=1, prefetch=1)
     try:
         for s in range(11):
-            pool.get(s)
+            _get(pool, s)
         positions = pool.state(11)
     finally:
         pool.shutdown()
@@ -86,7 +92,7 @@ def test_checkpoint_positions_resume_exactly(ray_local, syn):
     pool = DataPool(_spec(syn), consumers=1, prefetch=1, positions=positions)
     try:
         for s in range(11, 24):
-            _assert_same([pool.get(s)], ref[s])
+            _assert_same([_get(pool, s)], ref[s])
         with pytest.raises(ray.exceptions.RayTaskError, match="belongs to data worker"):
             ray.get(pool.workers[0].get_batch.remote(0, 1))
     finally:
@@ -103,7 +109,7 @@ def test_mid_epoch_positions_resume_onto_another_worker_count(ray_local, syn):
     pool = DataPool(_spec(syn, 2, streams=3), consumers=1, prefetch=1)
     try:
         for s in range(10):
-            _assert_same([pool.get(s)], ref[s])
+            _assert_same([_get(pool, s)], ref[s])
         positions = pool.state(10)
     finally:
         pool.shutdown()
@@ -112,7 +118,7 @@ def test_mid_epoch_positions_resume_onto_another_worker_count(ray_local, syn):
         pool = DataPool(_spec(syn, workers, streams=3), consumers=1, prefetch=1, positions=positions)
         try:
             for s in range(10, 22):  # crosses into epoch 1 at 18
-                _assert_same([pool.get(s)], ref[s])
+                _assert_same([_get(pool, s)], ref[s])
         finally:
             pool.shutdown()
 
@@ -135,25 +141,46 @@ def test_one_object_per_batch_for_every_consumer(ray_local, syn):
         pool.shutdown()
 
 
+def _until(pool, what: str, want, timeout_s: float = 120.0) -> None:
+    """Wait (however busy the machine) until ``pool.stats()[what] == want``."""
+    deadline = time.monotonic() + timeout_s
+    while pool.stats()[what] != want:
+        assert time.monotonic() < deadline, (what, pool.stats()[what], want)
+        time.sleep(0.1)
+
+
 def test_backpressure_bounds_the_queue(ray_local, syn):
     from cluster.data import DataPool
 
     pool = DataPool(_spec(syn, 1), consumers=1, prefetch=2)
     try:
-        time.sleep(2.0)  # plenty of time to run ahead if nothing stopped it
-        assert pool.stats()["queue_depth"] == [3]  # prefetch + the batch held until consumers move past
-        pool.get(0)
-        pool.get(1)
+        _until(pool, "queue_depth", [3])  # prefetch + the batch held until consumers move past
+        time.sleep(1.0)  # time to run ahead, if nothing stopped it
+        assert pool.stats()["queue_depth"] == [3] and pool.stats()["batches"] == 3
+        _get(pool, 0)
+        _get(pool, 1)
+        _until(pool, "batches", 4)  # batch 0 released: one more made
         time.sleep(1.0)
-        assert pool.stats()["queue_depth"] == [3] and pool.stats()["batches"] == 4  # batch 0 released
+        assert pool.stats()["queue_depth"] == [3] and pool.stats()["batches"] == 4
     finally:
         pool.shutdown()
 
 
 def test_shards_built_by_ray_tasks(ray_local, tmp_path):
+    """The writer's ``map_fn`` hook runs its shards as Ray tasks (a cluster-wide build)."""
     from alexnet.data.index import DatasetIndex
-    from cluster.data import build_shards_on_ray
+    from alexnet.data.writer import build_synthetic
 
-    s = build_shards_on_ray(120, str(tmp_path / "out"), size=36, classes=3, shard_size=40, progress=False)
+    ray = ray_local
+
+    def ray_map(fn, tasks):
+        remote = ray.remote(num_cpus=1)(fn)
+        pending = [remote.remote(t) for t in tasks]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+
+    out = str(tmp_path / "out")
+    s = build_synthetic(120, out, size=36, classes=3, shard_size=40, progress=False, map_fn=ray_map)
     assert s.counts == {"train": 108, "val": 12} and s.shards_written == 4
     assert [sh.count for sh in DatasetIndex.load(str(tmp_path / "out")).shards("train")] == [40, 40, 28]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ray.exceptions
 import torch.distributed
 
-from cluster.group import classify, consumer_ids
+from cluster.data import consumer_ids
+from cluster.faults import classify
 from pipeline.grid import Grid
 
 

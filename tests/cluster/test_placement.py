@@ -89,6 +89,7 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
 
     from alexnet.data.writer import build_synthetic
     from cluster.config import load_config
+    from cluster.data import start_pool
     from cluster.group import RayTrainerGroup
     from cluster.plan import RunPlan
 
@@ -105,8 +106,9 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
         cfg = load_config(preset="demo", overrides=sets)
         group = RayTrainerGroup(cfg, RunPlan(steps_per_epoch=11, total_steps=11, data_workers=2), url)
         grid = group.grid
-        group._reserve()
-        assert group.plan_pg.level == "stage" and group.plan_pg.bundle_of_worker == [0, 0]
+        res = group.reservation
+        res.reserve()
+        assert res.plan.level == "stage" and res.plan.bundle_of_worker == [0, 0]
 
         @ray.remote(num_cpus=1)
         class Rank:
@@ -114,14 +116,11 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
                 return ray.get_runtime_context().get_node_id()
 
         ranks = [
-            Rank.options(
-                scheduling_strategy=group._strategy(group.pg, group.plan_pg.bundle_of_rank[r])
-            ).remote()
-            for r in range(grid.world_size)
+            Rank.options(scheduling_strategy=res.rank_strategy(r)).remote() for r in range(grid.world_size)
         ]
         group.actors = ranks  # killed by group.shutdown()
         rank_node = ray.get([a.node.remote() for a in ranks], timeout=120)
-        group.pool = group._start_data(0, None)
+        group.pool = start_pool(cfg, group.plan, url, 0, None, grid, res.worker_options())
         worker_node = ray.get(
             [
                 w.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
@@ -142,12 +141,12 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
             load_config(preset="demo", overrides=sets), RunPlan(11, 11, data_workers=5), url
         )
         with pytest.raises(ValueError) as err:
-            group._reserve()
+            group.reservation.reserve()
         text = str(err.value)
         assert "cannot hold grid.shape='1x2x2'" in text and "data.workers=5" in text, text
         assert "needs {'CPU': 9.0} in total" in text and "the largest {'CPU': 4.0}" in text, text
         assert "its largest node {'CPU': 4.0}" in text and "add nodes" in text, text
-        assert group.pg is None  # released
+        assert group.reservation.pg is None  # released
     finally:
         if group is not None:
             group.shutdown()
