@@ -38,14 +38,15 @@ Checkpoints
 from __future__ import annotations
 
 import collections
-import threading
 from typing import Any
 
 import ray
 
 from alexnet.data.index import DatasetIndex
 from alexnet.data.reader import ReaderSpec, Stream, steps_per_epoch
+from alexnet.data.records import summed
 from cluster.metrics import SKIP_REASONS
+from cluster.producer import Producer
 from cluster.val import ValServer
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -113,9 +114,9 @@ class DataPositions:
 
 
 @ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=-1, max_concurrency=64)
-class DataWorker(ValServer):
+class DataWorker:
     """Data worker ``worker`` of ``spec["workers"]`` (see module docstring); it also decodes the
-    val passes (:class:`cluster.val.ValServer`).
+    val passes (a :class:`cluster.val.ValServer`).
 
     positions: per hosted stream, where it resumes (``{stream: position}``; None: the start of
     ``start_epoch``); end: (epoch, index) of the run's end.
@@ -160,47 +161,38 @@ class DataWorker(ValServer):
         self._end = None if end is None else _key(*end)
         self._progress: list[tuple[int, int] | None] = [None] * consumers
         self._seq = 0
-        self._error: BaseException | None = None
-        self._stop = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._produce, daemon=True, name=f"data-worker-{worker}")
-        self._thread.start()
+        self.val = ValServer(self.spec.url, self.spec.max_sample_bytes)
+        room = lambda: len(self._buf) < self.capacity and not self._at_end()  # noqa: E731
+        self.producer = Producer(f"data worker {worker}", self._make, room)
+        self._cond = self.producer.cond
+        self.producer.start()
 
     # producer -------------------------------------------------------------------------------------
     def _next_stream(self) -> int:
         """The hosted stream whose next batch comes first in step order."""
         return min(self.streams, key=lambda v: _key(self._next_pos[v]["epoch"], self._next_pos[v]["index"]))
 
-    def _produce(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    self._cond.wait_for(
-                        lambda: self._stop or (len(self._buf) < self.capacity and not self._at_end())
-                    )
-                    if self._stop:
-                        return
-                    v = self._next_stream()
-                batch = self.streams[v].next_batch()
-                entry = {
-                    "position": batch.pop("position"),
-                    "stream": v,
-                    "labels_ref": ray.put({k: batch[k] for k in LABEL_KEYS}),
-                }
-                nxt = batch.pop("next_position")
-                entry["ref"] = ray.put(batch)  # the one copy every consumer reads
-                with self._cond:
-                    k = _key(batch["epoch"], batch["index"])
-                    self._buf[k] = entry
-                    self._history[k] = entry["position"]
-                    while len(self._history) > POSITION_HISTORY + self.capacity:
-                        self._history.popitem(last=False)
-                    self._next_pos[v] = nxt
-                    self._cond.notify_all()
-        except BaseException as e:  # surfaced to the callers of get_batch, never a silent hang
-            with self._cond:
-                self._error = e
-                self._cond.notify_all()
+    def _make(self) -> bool:
+        """Make the next batch in step order and put it into the object store once."""
+        with self._cond:
+            v = self._next_stream()
+        batch = self.streams[v].next_batch()
+        entry = {
+            "position": batch.pop("position"),
+            "stream": v,
+            "labels_ref": ray.put({k: batch[k] for k in LABEL_KEYS}),
+        }
+        nxt = batch.pop("next_position")
+        entry["ref"] = ray.put(batch)  # the one copy every consumer reads
+        with self._cond:
+            k = _key(batch["epoch"], batch["index"])
+            self._buf[k] = entry
+            self._history[k] = entry["position"]
+            while len(self._history) > POSITION_HISTORY + self.capacity:
+                self._history.popitem(last=False)
+            self._next_pos[v] = nxt
+            self.producer.changed()
+        return True
 
     def _first_next(self) -> tuple[int, int]:
         p = self._next_pos[self._next_stream()]
@@ -257,11 +249,7 @@ class DataWorker(ValServer):
             p = self._progress[consumer]
             self._progress[consumer] = k if p is None else max(p, k)
             self._release()
-            ok = self._cond.wait_for(
-                lambda: k in self._buf or self._error is not None or self._passed(k), timeout=timeout_s
-            )
-            if self._error is not None:
-                raise RuntimeError(f"data worker {self.worker} failed: {self._error!r}") from self._error
+            ok = self.producer.wait(lambda: k in self._buf or self._passed(k), timeout_s)
             if not ok:
                 raise TimeoutError(
                     f"data worker {self.worker}: batch {k} not ready after {timeout_s}s "
@@ -298,10 +286,7 @@ class DataWorker(ValServer):
         with self._cond:
             per = [st.stats.as_dict() for st in self.streams.values()]
             depth = len(self._buf)
-        d: dict[str, Any] = {
-            k: sum(p[k] for p in per) for k in per[0] if k not in ("epoch", "lost", "decode_images_per_s")
-        }
-        d["lost"] = dict(sum((collections.Counter(p["lost"]) for p in per), collections.Counter()))
+        d = summed(per)
         d["decode_images_per_s"] = d["samples"] / d["decode_s"] if d["decode_s"] > 0 else 0.0
         d["queue_depth"] = depth
         d["worker"] = self.worker
@@ -313,9 +298,20 @@ class DataWorker(ValServer):
 
     def stop(self) -> None:
         """Stop producing (the actor can then be killed)."""
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
+        self.producer.stop()
+
+    # validation (cluster.val) ---------------------------------------------------------------------
+    def val_start(self, *args: Any, **kwargs: Any) -> int:
+        """:meth:`cluster.val.ValServer.start`."""
+        return self.val.start(*args, **kwargs)
+
+    def val_get(self, *args: Any, **kwargs: Any) -> list:
+        """:meth:`cluster.val.ValServer.get`."""
+        return self.val.get(*args, **kwargs)
+
+    def val_stats(self) -> dict[int, dict[str, Any]]:
+        """:meth:`cluster.val.ValServer.stats`."""
+        return self.val.stats()
 
 
 def locate(step: int, steps_per_epoch: int, workers: int, streams: int | None = None) -> tuple[int, int, int]:
@@ -442,12 +438,9 @@ class DataPool:
         (samples per reason in :data:`SKIP_REASONS`), ``restarts``, ``per_worker`` (list of dicts).
         """
         per = ray.get([w.stats.remote() for w in self.workers], timeout=self.timeout_s)
-        total: dict[str, Any] = {
-            k: sum(p[k] for p in per) for k in per[0] if k not in ("worker", "queue_depth", "epoch", "lost")
-        }
-        total["lost"] = dict(sum((collections.Counter(p["lost"]) for p in per), collections.Counter()))
+        total = summed(per)
         total["queue_depth"] = [p["queue_depth"] for p in per]
-        total["decode_images_per_second"] = total.pop("decode_images_per_s")
+        total["decode_images_per_second"] = sum(p["decode_images_per_s"] for p in per)
         total["skipped"] = {reason: total[f"skipped_{reason}"] for reason in SKIP_REASONS}
         total["restarts"] = ray.get(self.registry.restarts.remote(), timeout=self.timeout_s)
         total["per_worker"] = per

@@ -7,8 +7,9 @@ Plan and batches (:class:`alexnet.data.val.ValPlan`, :func:`alexnet.data.val.wor
     pure, shared with ``alexnet eval``): which samples form val batch ``j``, which replica scores it
     and which worker decodes it.
 
-Serving (:class:`ValServer`, a mixin of :class:`cluster.data.DataWorker`)
-    ``val_start`` starts a producer thread over this worker's batches of the pass, at most
+Serving (:class:`ValServer`, held by each :class:`cluster.data.DataWorker`)
+    ``val_start`` starts a producer thread (:class:`cluster.producer.Producer`) over this
+    worker's batches of the pass, at most
     ``buffer`` batches ahead of their consumers. Each batch is decoded once and ``ray.put`` once
     (pixels + labels), with a small labels-only object beside it; ``val_get`` hands every
     consumer a reference to the same object (zero-copy numpy on the node) and drops the batch
@@ -38,6 +39,7 @@ from alexnet.data.codec import VAL_CROPS as CROPS
 from alexnet.data.index import DatasetIndex, check_input_size
 from alexnet.data.records import ReaderStats
 from alexnet.data.val import ValPlan, worker_batches
+from cluster.producer import Producer, ProducerFailed
 
 BUFFER = 3  # decoded batches a worker keeps ahead of its consumers (a 10-crop batch is 10x a center one)
 KEEP_STATS = 16  # passes whose counters val_stats() still reports
@@ -45,48 +47,41 @@ DEFAULT_TIMEOUT_S = 300.0
 
 
 class _Pass:
-    """One val pass on one worker: the producer thread and its bounded buffer of batch objects."""
+    """One val pass on one worker: a :class:`cluster.producer.Producer` over this worker's batches
+    and its bounded buffer of batch objects."""
 
     def __init__(
-        self, pass_id: int, crop: str, plan: ValPlan, worker: int, consumers: dict[int, int], buffer: int
+        self,
+        pass_id: int,
+        crop: str,
+        plan: ValPlan,
+        worker: int,
+        consumers: dict[int, int],
+        buffer: int,
+        batches: Iterator[dict],
     ) -> None:
         self.pass_id, self.crop, self.plan, self.worker = pass_id, crop, plan, worker
         self.consumers = consumers
         self.capacity = buffer
-        self.stats = ReaderStats()
+        self._batches = batches
         self._buf: dict[int, list] = {}  # j -> [pixels ref, labels ref, fetches still to come]
         self._made = -1  # the last batch produced
-        self._error: BaseException | None = None
-        self._stop = False
-        self._cond = threading.Condition()
+        room = lambda: len(self._buf) < self.capacity  # noqa: E731
+        self.producer = Producer(f"val-pass-{pass_id}", self._make, room)
 
-    def start(self, batches: Iterator[dict]) -> None:
-        """Produce ``batches`` (this worker's, in order) in a thread."""
-        name = f"val-pass-{self.pass_id}"
-        threading.Thread(target=self._produce, args=(batches,), daemon=True, name=name).start()
-
-    def _produce(self, batches: Iterator[dict]) -> None:
-        try:
-            while True:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._stop or len(self._buf) < self.capacity)
-                    if self._stop:
-                        return
-                batch = next(batches, None)
-                if batch is None:
-                    return
-                j = batch["index"]
-                labels = {"labels": batch["labels"], "n": batch["n"], "index": j}
-                entry = [ray.put(batch), ray.put(labels), self.consumers[j % self.plan.replicas]]
-                with self._cond:
-                    if self._stop:  # replaced while decoding: keep nothing of it
-                        return
-                    self._buf[j], self._made = entry, j
-                    self._cond.notify_all()
-        except BaseException as e:  # surfaced to the callers of get, never a silent hang
-            with self._cond:
-                self._error = e
-                self._cond.notify_all()
+    def _make(self) -> bool:
+        batch = next(self._batches, None)
+        if batch is None:
+            return False
+        j = batch["index"]
+        labels = {"labels": batch["labels"], "n": batch["n"], "index": j}
+        entry = [ray.put(batch), ray.put(labels), self.consumers[j % self.plan.replicas]]
+        with self.producer.cond:
+            if self.producer.stopped:  # replaced while decoding: keep nothing of it
+                return False
+            self._buf[j], self._made = entry, j
+            self.producer.changed()
+        return True
 
     def get(self, j: int, images: bool, timeout_s: float) -> ray.ObjectRef:
         """The ref of batch ``j`` (pixels, or labels only); counts the fetch, drops the batch after
@@ -96,19 +91,18 @@ class _Pass:
                 f"val batch {j} is decoded by data worker {self.plan.worker_of(j)}, not {self.worker}"
             )
         worker = self.worker
-        with self._cond:
-            ok = self._cond.wait_for(
-                lambda: j in self._buf or j <= self._made or self._error is not None or self._stop,
-                timeout=timeout_s,
-            )
-            if self._error is not None:
-                raise RuntimeError(f"data worker {worker}: val pass {self.pass_id} failed: {self._error!r}")
+        with self.producer.cond:
+            try:
+                ok = self.producer.wait(lambda: j in self._buf or j <= self._made, timeout_s)
+            except ProducerFailed as e:
+                msg = f"data worker {worker}: val pass {self.pass_id} failed: {e.__cause__!r}"
+                raise RuntimeError(msg) from e.__cause__
             if not ok:
                 raise TimeoutError(
                     f"data worker {worker}: val batch {j} of pass {self.pass_id} not ready after "
                     f"{timeout_s}s (buffer {sorted(self._buf)})"
                 )
-            if self._stop:
+            if self.producer.stopped:
                 raise RuntimeError(
                     f"data worker {worker}: val pass {self.pass_id} was replaced by a newer one"
                 )
@@ -121,27 +115,28 @@ class _Pass:
             entry[2] -= 1
             if entry[2] == 0:
                 del self._buf[j]
-                self._cond.notify_all()
+                self.producer.changed()
             return entry[0] if images else entry[1]
 
     def stop(self) -> None:
-        with self._cond:
-            self._stop = True
+        self.producer.stop()
+        with self.producer.cond:
             self._buf.clear()
-            self._cond.notify_all()
 
 
 class ValServer:
-    """Mixin of the data worker actor: serves val passes (see module docstring).
+    """A data worker's val passes (see module docstring): at most one running, the counters of the
+    last ``KEEP_STATS`` kept. ``url``: the shard directory; ``max_sample_bytes``: the record layer's
+    member cap (``data.max_sample_bytes``)."""
 
-    The host class provides ``self.spec.url`` (the shard directory); everything else comes with
-    :meth:`val_start`. The mixin has no ``__init__``: its state starts with the first pass.
-    """
+    def __init__(self, url: str, max_sample_bytes: int) -> None:
+        self.url, self.max_sample_bytes = url, max_sample_bytes
+        self._lock = threading.Lock()
+        self._index: DatasetIndex | None = None
+        self._pass: _Pass | None = None
+        self._stats: dict[int, tuple[str, int, ReaderStats]] = {}
 
-    spec: Any  # alexnet.data.reader.ReaderSpec, set by the host class
-    _val_lock = threading.Lock()  # one actor per process: a class attribute is this actor's
-
-    def val_start(
+    def start(
         self,
         pass_id: int,
         crop: str,
@@ -161,35 +156,34 @@ class ValServer:
             raise ValueError(f"consumers={consumers}: need replicas 0..R-1, each with >= 1 consumer")
         if buffer < 1:
             raise ValueError(f"buffer={buffer}: must be >= 1")
-        with self._val_lock:
-            if getattr(self, "_val_index", None) is None:
-                self._val_index = DatasetIndex.load(self.spec.url)
-            index = self._val_index
+        with self._lock:
+            if self._index is None:
+                self._index = DatasetIndex.load(self.url)
+            index = self._index
             check_input_size(input_size, index.size)
             plan = ValPlan.of(index, batch_size, len(consumers), workers, max_samples)
-            old = getattr(self, "_val_pass", None)
-            if old is not None:
-                if pass_id <= old.pass_id:
-                    raise ValueError(f"val pass {pass_id}: pass {old.pass_id} was already started here")
-                old.stop()
-            p = _Pass(pass_id, crop, plan, worker, dict(consumers), buffer)
-            batches = worker_batches(
-                index, plan, worker, crop, input_size, p.stats, self.spec.max_sample_bytes
-            )
-            p.start(batches)
-            self._val_pass = p
-            stats = getattr(self, "_val_stats", {})
-            stats[pass_id] = (crop, worker, p.stats)  # only the counters outlive the pass
-            self._val_stats = dict(list(stats.items())[-KEEP_STATS:])
+            if self._pass is not None:
+                if pass_id <= self._pass.pass_id:
+                    raise ValueError(
+                        f"val pass {pass_id}: pass {self._pass.pass_id} was already started here"
+                    )
+                self._pass.stop()
+            stats = ReaderStats()
+            batches = worker_batches(index, plan, worker, crop, input_size, stats, self.max_sample_bytes)
+            p = _Pass(pass_id, crop, plan, worker, dict(consumers), buffer, batches)
+            self._pass = p
+            self._stats[pass_id] = (crop, worker, stats)  # only the counters outlive the pass
+            self._stats = dict(list(self._stats.items())[-KEEP_STATS:])
+            p.producer.start()
         return len(plan.worker_batches(worker))
 
-    def val_get(
+    def get(
         self, pass_id: int, j: int, images: bool, timeout_s: float = DEFAULT_TIMEOUT_S
     ) -> list[ray.ObjectRef]:
         """``[ref]`` of batch ``j`` of pass ``pass_id`` (blocks until decoded): its pixels and
         labels, or (``images=False``) its labels only. Wrapped in a list so the caller gets the
         reference, not a copy of the batch."""
-        p = getattr(self, "_val_pass", None)
+        p = self._pass
         if p is None or p.pass_id != pass_id:
             running = None if p is None else p.pass_id
             raise RuntimeError(
@@ -198,17 +192,14 @@ class ValServer:
             )
         return [p.get(j, images, timeout_s)]
 
-    def val_stats(self) -> dict[int, dict[str, Any]]:
+    def stats(self) -> dict[int, dict[str, Any]]:
         """Per val pass run here (the last ``KEEP_STATS``): its reader counters (``samples``: images
         decoded and used; ``skipped_*``, ``records``, ``batches``, ``decode_s``), ``crop`` and
         ``worker``."""
-        with self._val_lock:
-            passes = dict(getattr(self, "_val_stats", {}))
-        out = {}
-        for pass_id, (crop, worker, st) in passes.items():
-            # scalar counters only: the producer may be adding to ``lost`` meanwhile
-            out[pass_id] = {**st.counters(), "crop": crop, "worker": worker}
-        return out
+        with self._lock:
+            passes = dict(self._stats)
+        # scalar counters only: the producer may be adding to ``lost`` meanwhile
+        return {i: {**st.counters(), "crop": crop, "worker": w} for i, (crop, w, st) in passes.items()}
 
 
 class ValClient:

@@ -113,6 +113,21 @@ class ReaderStats:
         return d
 
 
+def summed(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counter dicts (:meth:`ReaderStats.as_dict`, or sums of them) added up: every number summed,
+    ``lost`` summed per key; rates (``decode_images_per_s``), ``epoch`` and ids left out."""
+    skip = ("epoch", "lost", "decode_images_per_s", "worker", "queue_depth")
+    total: dict[str, Any] = {
+        k: sum(p[k] for p in parts) for k in (parts[0] if parts else {}) if k not in skip
+    }
+    lost: dict = {}
+    for p in parts:
+        for k, n in p.get("lost", {}).items():
+            lost[k] = lost.get(k, 0) + n
+    total["lost"] = lost
+    return total
+
+
 class ShardFormatError(ValueError):
     """A shard that is not a plain tar (never retried: reading it again gives the same bytes)."""
 

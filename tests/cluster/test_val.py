@@ -7,7 +7,6 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -116,14 +115,23 @@ def test_unusable_samples_shorten_their_batch_and_shift_nothing(syn, tmp_path):
     assert stats.samples == len(got) == N_VAL - stats.skipped
 
 
-# -- on Ray: the ValServer mixin in a stand-in for the data worker -------------------------------
+# -- on Ray: a ValServer in a stand-in for the data worker ----------------------------------------
 
 
 def _workers(ray, url: str, n: int) -> list:
     @ray.remote(num_cpus=0, max_concurrency=16)
-    class _W(ValServer):
+    class _W:
         def __init__(self, url: str) -> None:
-            self.spec = SimpleNamespace(url=url, max_sample_bytes=4 << 20)  # all ValServer needs of its host
+            self.val = ValServer(url, 4 << 20)
+
+        def val_start(self, *args, **kwargs):
+            return self.val.start(*args, **kwargs)
+
+        def val_get(self, *args, **kwargs):
+            return self.val.get(*args, **kwargs)
+
+        def val_stats(self):
+            return self.val.stats()
 
     return [_W.remote(url) for _ in range(n)]
 
