@@ -270,9 +270,6 @@ class TrainSection:
     steps_per_call: int = 10
     log_every_steps: int = 10
     threads_per_rank: int = 0  # torch intra-op threads per trainer; 0: Ray's cpus_per_rank
-    # debug (off by default): stage-0 trainers return the sample keys they consumed with each
-    # step's results (History.keys), so tests can check an epoch saw every sample once
-    record_keys: bool = False
     # numerics (pipeline.precision): "auto" is bf16 on a GPU that has it, fp32 on CPU
     precision: str = "auto"
     # deterministic kernels and pinned NCCL algorithms: a resume on the same GPUs is bit-exact

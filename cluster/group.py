@@ -147,10 +147,8 @@ class RayTrainerGroup:
         except TrainerDied:
             self.faults.trainer_failed()
             raise
-        B, keys = self.cfg.optim.batch_size, self.cfg.train.record_keys
-        out = [
-            reduce_step(self.grid, B, first_step + i, [r[i] for r in per_rank], keys) for i in range(steps)
-        ]
+        B = self.cfg.optim.batch_size
+        out = [reduce_step(self.grid, B, first_step + i, [r[i] for r in per_rank]) for i in range(steps)]
         self.device_lost.add(out)
         return out
 

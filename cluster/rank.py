@@ -162,7 +162,7 @@ class TrainerActor:
         device."""
         from pipeline.timeline import totals
 
-        tl, keys, corrupt = self.engine.timeline, [], []
+        tl, corrupt = self.engine.timeline, []
         for t in range(first_step, first_step + steps):
             self.faults.before_step(t)
             tl.clear(t)
@@ -171,14 +171,10 @@ class TrainerActor:
             images = self.faults.images(t, fed.images if fed is not None else None)
             labels = fed.labels if fed is not None else None
             self.engine.submit_step(t, lr, images, labels)
-            record = self.cfg.train.record_keys and self.first and self.c == 0 and fed is not None
-            keys.append(fed.keys if record else None)  # debug: the samples this replica consumed
             corrupt.append(list(fed.corrupt_keys) if fed is not None else [])
         out = []
-        for report, k, bad in zip(self.engine.read_steps(), keys, corrupt, strict=True):
+        for report, bad in zip(self.engine.read_steps(), corrupt, strict=True):
             res = dict(report.metrics)
-            if k is not None:
-                res["keys"] = k
             res["corrupt_decoded"] = bad
             res["data_wait_s"] = totals(report.events)["data_wait"]
             res["step_s"] = res.get("step_s", 0.0) + res["data_wait_s"]

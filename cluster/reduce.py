@@ -32,12 +32,10 @@ def state_ranks(grid: Grid) -> list[int]:
     return [grid.rank_of(0, s, c) for s in range(grid.stages) for c in range(grid.columns)]
 
 
-def reduce_step(
-    grid: Grid, batch_size: int, step: int, ranks: list[dict[str, Any]], record_keys: bool = False
-) -> dict[str, Any]:
+def reduce_step(grid: Grid, batch_size: int, step: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """One step's result from every rank's (in rank order): loss and error of the global batch,
-    the timings, ``parts`` per (stage, column), ``bubble`` per stage, and (``record_keys``) the
-    sample keys each replica's stage-0 column-0 rank consumed."""
+    the timings, ``parts`` per (stage, column), ``bubble`` per stage, and the keys of rows that
+    did not decode on a device (``corrupt_decoded``)."""
     last = [ranks[i] for i in scoring_ranks(grid)]
     out: dict[str, Any] = {
         "step": step,
@@ -55,8 +53,6 @@ def reduce_step(
         # the fraction of its step a stage waited on pipeline receives, mean over its columns
         bubble[s] = sum(x["pipeline_wait_s"] / max(x["step_s"], 1e-9) for x in stage) / len(stage)
     out["parts"], out["bubble"] = parts, bubble
-    if record_keys:
-        out["keys"] = [k for r in range(grid.replicas) for k in ranks[grid.rank_of(r, 0, 0)].get("keys", [])]
     # keys of the rows that did not decode on the device (data.decode="device"): each replica's rows
     # once (its column ranks decode the same rows)
     out["corrupt_decoded"] = [

@@ -32,13 +32,11 @@ class History:
 
     steps: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
-    keys: dict[int, list[str]] = field(default_factory=dict)  # step -> sample keys (train.record_keys)
 
     def rewind(self, step: int) -> None:
         """Forget what steps >= ``step`` recorded (they are re-run after a restore)."""
         self.steps = [r for r in self.steps if r["step"] < step]
         self.evals = [r for r in self.evals if r["step"] <= step]
-        self.keys = {s: k for s, k in self.keys.items() if s < step}
 
     def jsonl(self) -> str:
         """The history as JSON lines (``{"kind": "step"|"eval", ...}``)."""
@@ -146,8 +144,6 @@ class Reporter:
     def steps(self, results: list[dict[str, Any]], step: int, lr: float) -> None:
         """Steps up to ``step`` done (one reduced result each): the history and the step metrics."""
         for r in results:
-            if "keys" in r:
-                self.history.keys[r["step"]] = list(r["keys"])
             row = {k: v for k, v in r.items() if not isinstance(v, dict | list)}
             row["lr"] = lr
             self.history.steps.append(row)

@@ -26,7 +26,6 @@ def _rank(i: int) -> dict:
         "optimizer_s": 0.001,
         "data_wait_s": 0.05 if s == 0 else 0.0,
         "step_s": 1.0 + 0.1 * c,
-        **({"keys": [f"r{r}c{c}-{k}" for k in range(2)]} if s == 0 else {}),
     }
 
 
@@ -37,7 +36,7 @@ def test_rank_roles():
 
 def test_reduce_step():
     ranks = [_rank(i) for i in range(GRID.world_size)]
-    out = reduce_step(GRID, 8, 17, ranks, record_keys=True)
+    out = reduce_step(GRID, 8, 17, ranks)
     assert out["step"] == 17
     assert out["loss"] == pytest.approx((1.0 + 2.0) / 2)  # mean of the replicas' means
     assert out["top1_error"] == pytest.approx(1 - (2 + 3) / 8)
@@ -49,8 +48,6 @@ def test_reduce_step():
     # a stage's bubble: its columns' pipeline wait over their step time, averaged
     assert out["bubble"][0] == pytest.approx((0.1 / 1.0 + 0.1 / 1.1) / 2)
     assert out["bubble"][1] == pytest.approx((0.2 / 1.0 + 0.2 / 1.1) / 2)
-    assert out["keys"] == ["r0c0-0", "r0c0-1", "r1c0-0", "r1c0-1"]  # each replica's rows, in order
-    assert "keys" not in reduce_step(GRID, 8, 17, ranks)
 
 
 def test_reduce_eval_counts_the_scoring_ranks_only():

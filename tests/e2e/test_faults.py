@@ -1,11 +1,12 @@
 """Fault tolerance on real Ray actors (demo grid 1x2x2, small model, CPU, one short epoch).
 
-One undisturbed reference run (module fixture, ``train.record_keys`` on) is compared with:
+One undisturbed reference run (module fixture) is compared with:
 
 * a trainer actor killed (``faults.kill_rank/kill_step``) on the first stage, and on the last
   stage's second column: the run finishes at the same step, one restart counted, final weights and
-  optimizer state bit for bit equal to the reference, the same samples consumed;
-* a data worker killed mid-epoch: the epoch consumes every sample exactly once (keys compared);
+  optimizer state bit for bit equal to the reference (so the same samples consumed: a sample lost,
+  repeated or out of order changes a gradient);
+* a data worker killed mid-epoch: bit for bit the reference's weights, no trainer restart;
 * NaN injected at step k: the run fails clearly and the newest complete checkpoint is from before k;
 * the driver SIGKILLed inside a checkpoint write: the previous checkpoint is complete and
   ``--resume`` continues from it to the reference's weights;
@@ -44,7 +45,6 @@ BASE = {
     "train.steps": STEPS,
     "train.steps_per_call": 2,
     "train.log_every_steps": 5,
-    "train.record_keys": True,
     "checkpoint.every_steps": 4,
     "checkpoint.keep": 5,
     "eval.every_epochs": 0,
@@ -78,14 +78,13 @@ _REFERENCE: dict = {}
 
 @pytest.fixture
 def reference(ray_local, shards, tmp_path_factory) -> dict:
-    """The undisturbed run (computed once per module): its final checkpoint and each step's keys."""
+    """The undisturbed run (computed once per module): its final checkpoint."""
     if not _REFERENCE:
         run_dir = str(tmp_path_factory.mktemp("ref") / "run")
         res, coord = _run(_cfg(), shards, run_dir)
         assert res.state == FINISHED and res.step == STEPS, res.error
-        keys = dict(coord.report.history.keys)
-        assert sorted(keys) == list(range(STEPS)) and all(len(k) == 32 for k in keys.values())
-        _REFERENCE.update(dir=run_dir, ck=load_checkpoint(run_dir), keys=keys)
+        assert [row["step"] for row in coord.report.history.steps] == list(range(STEPS))
+        _REFERENCE.update(dir=run_dir, ck=load_checkpoint(run_dir))
     return _REFERENCE
 
 
@@ -127,7 +126,6 @@ def test_killed_trainer_restarts_and_matches_the_undisturbed_run(
     assert _counter(coord, "restarts_total", reason="trainer_failure") == 1
     assert _counter(coord, "state_transitions_total", to_state="recovering") == 1
     # restored from the newest checkpoint before the kill, then exactly the reference's steps
-    assert coord.report.history.keys == reference["keys"]
     assert [row["step"] for row in coord.report.history.steps] == list(range(STEPS))
     _assert_same_weights(load_checkpoint(run_dir), reference["ck"])
     assert time.monotonic() - t0 < 120
@@ -140,11 +138,8 @@ def test_killed_data_worker_loses_and_repeats_no_sample(ray_local, shards, refer
     assert res.state == FINISHED and res.step == STEPS, res.error
     assert coord.policy.failures == []  # the trainers never noticed: Ray restarted the worker
     assert _counter(coord, "data_worker_restarts_total") == 1
-    consumed = [k for s in range(STEPS) for k in coord.report.history.keys[s]]
-    assert len(consumed) == STEPS * 32 == len(set(consumed))  # every sample of the epoch exactly once
-    index = DatasetIndex.load(shards)
-    assert len(consumed) == index.count("train") // 32 * 32
-    assert coord.report.history.keys == reference["keys"]  # and in the uninterrupted stream's order
+    # every step saw the uninterrupted stream's batch: any sample lost, repeated or out of order
+    # would change a gradient, and so the weights and momentum
     _assert_same_weights(load_checkpoint(str(tmp_path / "run")), reference["ck"])
 
 
@@ -169,7 +164,7 @@ def test_driver_killed_inside_a_checkpoint_write_resumes_from_the_previous(
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     argv = [str(BIN / "alexnet"), "train", "--preset", "demo", "--data", shards, "--run-dir", str(run_dir)]
     for k, v in BASE.items():
-        if k not in ("train.steps", "train.record_keys"):
+        if k != "train.steps":
             argv += ["--set", f"{k}={v}"]
     argv += ["--steps", "8"]
     # SIGKILL between the tensor files and the manifest of the step-8 checkpoint
@@ -268,9 +263,7 @@ def test_corrupt_truncated_and_unreadable_shards_are_skipped_and_counted(ray_loc
         for reason in ("corrupt", "missing", "truncated", "unreadable")
     }
     assert got == planted, got
-    # every batch full all the same (the workers pad from their own stream; on the device path the
-    # row that did not decode is fed as the mean image)
-    assert all(len(k) == 32 for k in coord.report.history.keys.values())
+    assert [row["step"] for row in coord.report.history.steps] == list(range(STEPS))
 
 
 @pytest.mark.timeout(150)
