@@ -77,3 +77,72 @@ def test_a_planted_import_breaks_the_rule(tmp_path):
         "alexnet/data/lazy.py:5: cluster.data",
         "alexnet/data/lazy.py:5: cluster.data.DataPool",
     ]
+
+
+def module_graph(
+    root: Path, packages: tuple[str, ...] = ("alexnet", "pipeline", "cluster")
+) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (every import statement, lazy ones too; ``from a
+    import b`` counts as ``a.b`` where that is a module, else ``a``)."""
+    files = {
+        ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+        for pkg in packages
+        for p in sorted((root / pkg).rglob("*.py"))
+    }
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        for _, name in imported_modules(path.read_text()):
+            target = name if name in files else name.rsplit(".", 1)[0] if "." in name else name
+            if target in files and target != mod:
+                graph[mod].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def test_no_import_circle_anywhere():
+    """No two modules of the product import each other, directly or around a circle (lazy imports
+    included: a circle hidden in a function is still one concern split in two)."""
+    assert cycles(module_graph(ROOT)) == []
+
+
+def test_a_planted_circle_is_found(tmp_path):
+    pkg = tmp_path / "alexnet"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "data" / "reader.py").write_text("from alexnet.data.encoded import draw\n")
+    (pkg / "data" / "encoded.py").write_text("def f():\n    from alexnet.data import reader\n")
+    (pkg / "ok.py").write_text("import alexnet.data.reader\n")
+    assert cycles(module_graph(tmp_path, ("alexnet",))) == [["alexnet.data.encoded", "alexnet.data.reader"]]
