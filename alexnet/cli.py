@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         # a subcommand may explain its unknown flags (train, config: the --set form of a config key)
         hint = args.unknown_hint(unknown) if hasattr(args, "unknown_hint") else ""
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below
