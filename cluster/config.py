@@ -241,7 +241,7 @@ class ScheduleSection:
             all(e >= 1 for e in m) and all(a < b for a, b in zip(m, m[1:], strict=False)),
             "schedule.milestones",
             m,
-            "give epoch counts >= 1 in increasing order, e.g. [30, 60]",
+            "give epoch counts >= 1 in increasing order, e.g. [30, 60] (--set schedule.milestones=30,60)",
         )
         if self.kind == "plateau":
             _need(
@@ -251,7 +251,12 @@ class ScheduleSection:
                 'a plateau rule with no reductions never cuts: use >= 1, or schedule.kind = "constant"',
             )
         if self.kind == "step":
-            _need(bool(m), "schedule.milestones", m, 'give at least one, e.g. [30, 60], or kind "constant"')
+            _need(
+                bool(m),
+                "schedule.milestones",
+                m,
+                "give at least one, e.g. --set schedule.milestones=30,60, or --set schedule.kind=constant",
+            )
 
     def first_cut_epochs(self) -> int:
         """Epochs the plateau rule needs before it can cut at all: the first epoch sets the best,

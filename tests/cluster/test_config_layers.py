@@ -5,6 +5,7 @@ config --sources`` says where each value came from; a plateau rule that cannot a
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -120,3 +121,26 @@ def _written(tmp_path, text: str):
     p.write_text(text)
     tomllib.loads(text)
     return p
+
+
+@pytest.mark.parametrize(
+    "argv, drop",
+    [
+        (["--epochs", "5"], []),  # the plateau rule's warning
+        (["--set", "eval.every_epochs=0"], []),  # the same without validation
+        (["--set", "optim.lr"], ["--set", "optim.lr"]),  # a --set without "=": refused, with an example
+        (["--set", "schedule.kind=step", "--set", "schedule.milestones="], ["--set", "schedule.milestones="]),
+    ],
+)
+def test_every_set_a_config_message_advises_works_as_written(argv, drop, capsys):
+    """Each `--set key=value` a warning or an error of `alexnet config` advises is accepted as written
+    (added to the command, in place of the offending `--set` where there is one)."""
+    main(["config", "--preset", "small", *argv])
+    err = capsys.readouterr().err
+    advised = [kv for kv in re.findall(r"--set ([\w.]+=[^\s;),]+)", err) if kv != "section.key=value"]
+    assert advised, argv
+    i = next((i for i in range(len(argv)) if argv[i : i + len(drop)] == drop), 0) if drop else 0
+    kept = argv[:i] + argv[i + len(drop) :] if drop else argv
+    for kv in advised:
+        assert main(["config", "--preset", "small", *kept, "--set", kv]) == 0, kv
+        capsys.readouterr()
