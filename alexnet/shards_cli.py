@@ -1,13 +1,15 @@
 """``alexnet shards``: WebDataset shards from an ImageFolder tree, ImageNet as downloaded, or generated data.
 
     alexnet shards SRC OUT [--size 256] [--quality 90] [--shard-size 1000] [--workers N]
-                           [--val-labels FILE] [--allow-empty-classes]
+                           [--val-labels FILE] [--allow-empty-classes] [--val-fraction F [--seed S]]
     alexnet shards --synthetic N OUT [--size 40] [--classes 10] [--val-fraction 0.1] [--seed 0]
 
 SRC holds ``train/`` and ``val/`` class folders, or the ILSVRC-2012 files (the train tar, a flat
-val folder with the devkit's labels: :mod:`alexnet.data.sources`). OUT may be a local path or an
-fsspec URL. Interrupted builds resume (complete shards are kept). Progress goes to stderr: a bar
-on a terminal, a line every 30 s in a log (``ray job logs``, ``kubectl logs``).
+val folder with the devkit's labels: :mod:`alexnet.data.sources`). Where SRC has no val split,
+``--val-fraction F`` holds F of each training class out as one (seeded by ``--seed``).
+OUT may be a local path or an fsspec URL. Interrupted builds resume (complete shards are kept).
+Progress goes to stderr: a bar on a terminal, a line every 30 s in a log (``ray job logs``,
+``kubectl logs``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
             args.src,
             size=args.size or 40,
             classes=args.classes,
-            val_fraction=args.val_fraction,
+            val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
             seed=args.seed,
             **common,
         )
@@ -49,6 +51,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
             size=args.size or 256,
             val_labels=args.val_labels,
             allow_empty_classes=args.allow_empty_classes,
+            val_fraction=args.val_fraction or 0.0,
+            seed=args.seed,
             **common,
         )
     counts = ", ".join(f"{k} {v}" for k, v in s.counts.items())
@@ -67,9 +71,14 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 def add_shards(sub: argparse._SubParsersAction) -> None:
     """Register ``alexnet shards``."""
-    p = sub.add_parser(
+    from alexnet.cli import subparser
+
+    p = subparser(
+        sub,
         "shards",
-        help="ImageFolder tree, ImageNet files (or --synthetic N) -> WebDataset shards + dataset.json",
+        "ImageFolder tree, ImageNet files (or --synthetic N) -> WebDataset shards + dataset.json",
+        "alexnet shards --synthetic 3000 data/demo",
+        "alexnet shards MY_IMAGEFOLDER data/mine --size 36 --val-fraction 0.1   # SRC without val/",
     )
     p.add_argument(
         "src",
@@ -98,8 +107,16 @@ def add_shards(sub: argparse._SubParsersAction) -> None:
         help="leave training class folders without images out of the classes (default: refuse them)",
     )
     p.add_argument("--classes", type=int, default=10, help="synthetic: number of classes")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="synthetic: fraction of N for validation")
-    p.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="SRC without a val split: hold this fraction of each class out of train as val (seeded, "
+        "recorded in dataset.json); synthetic: the fraction of N for val (default 0.1)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the --val-fraction split; synthetic: the generator's"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_shards)
 

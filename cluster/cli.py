@@ -1,10 +1,13 @@
 """``alexnet train``, ``alexnet config`` and ``alexnet eval``: the job a user submits, its resolved
 configuration, and offline evaluation.
 
-    alexnet train --preset NAME | --config FILE.toml [--set key=value ...] --data SHARDS --run-dir DIR
+    alexnet train [--preset NAME] [--config FILE.toml ...] [--set key=value ...] --data SHARDS --run-dir DIR
                   [--resume [--from-checkpoint CKPT]] [--steps N | --epochs N] [--metrics-port P]
-    alexnet config --preset NAME | --config FILE.toml [--set key=value ...] [--data SHARDS]
-                   [--steps N | --epochs N] [--metrics-port P] [--json]
+    alexnet config [--preset NAME] [--config FILE.toml ...] [--set key=value ...] [--data SHARDS]
+                   [--steps N | --epochs N] [--metrics-port P] [--json] [--sources]
+
+The config is layered: the preset (``paper`` when only files are given), each ``--config`` file,
+``--set``, the flags; each overriding the ones before (:mod:`cluster.config`).
     alexnet eval --checkpoint DIR --data SHARDS
 
 All validate everything before any actor starts (``alexnet config`` starts none); a ``ValueError``
@@ -17,82 +20,134 @@ import argparse
 import json
 import sys
 
-from cluster.config import PRESETS, load_config, parse_sets
+from alexnet.cli import subparser
+from cluster.config import BASE_PRESET, PRESETS, JobConfig, Layer, config_layers, parse_sets, resolve_layers
 
 
-def job_config(args: argparse.Namespace):
-    """The validated :class:`cluster.config.JobConfig` of ``alexnet train``'s arguments."""
-    overrides: dict = parse_sets(args.set)
+def job_config(args: argparse.Namespace) -> tuple[JobConfig, dict[str, str]]:
+    """The validated :class:`cluster.config.JobConfig` of ``alexnet train``'s arguments, layered
+    ``--preset``, ``--config`` (each), ``--set``, then the flags; and each key's origin."""
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps}: use >= 1, or leave it out to run train.epochs")
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs {args.epochs}: use >= 1")
+    layers = config_layers(args.preset, args.config or [])
+    layers.append(Layer("--set", parse_sets(args.set)))
     if args.steps is not None:
-        overrides["train.steps"] = args.steps
+        layers.append(Layer("--steps", {"train.steps": args.steps}))
     if args.epochs is not None:
-        overrides["train.epochs"] = args.epochs
-        overrides["train.steps"] = 0
+        layers.append(Layer("--epochs", {"train.epochs": args.epochs, "train.steps": 0}))
     if args.metrics_port is not None:
-        overrides["metrics.port"] = args.metrics_port
+        layers.append(Layer("--metrics-port", {"metrics.port": args.metrics_port}))
     if args.data:
-        overrides["data.path"] = args.data
-    return load_config(args.preset, args.config, overrides)
+        layers.append(Layer("--data", {"data.path": args.data}))
+    cfg, sources = resolve_layers(layers)
+    for w in cfg.warnings():
+        print(f"alexnet {args.command}: warning: {w}", file=sys.stderr, flush=True)
+    return cfg, sources
 
 
-def resolved_config(args: argparse.Namespace):
+def resolved_config(args: argparse.Namespace) -> tuple[JobConfig, dict[str, str]]:
     """``alexnet train``'s config of these arguments, validated as ``train`` validates it before Ray
     starts: with shards (``--data`` or ``data.path``), resolved against them (``model.input_size``)
-    and checked against them (:func:`cluster.plan.plan_run`)."""
+    and checked against them (:func:`cluster.plan.plan_run`); and each key's origin."""
     from cluster.plan import plan_run
 
-    cfg = job_config(args)
+    cfg, sources = job_config(args)
     if cfg.data.path:
+        layered = cfg.to_dict()
         cfg = cfg.for_data(cfg.data.path)
         plan_run(cfg, cfg.data.path)
-    return cfg
+        for section, values in cfg.to_dict().items():  # what the shards decided (model.input_size)
+            for k, v in values.items():
+                if layered[section][k] != v:
+                    sources[f"{section}.{k}"] = f"from the shards at {cfg.data.path}"
+    return cfg, sources
+
+
+def set_hint(flags: list[str]) -> str:
+    """For unknown flags that name config keys (``--lr 0.1``, ``--batch-size=64``), the ``--set``
+    form that does it (``--set optim.lr=0.1``); "" when none does."""
+    keys = [f"{s}.{k}" for s, values in JobConfig().to_dict().items() for k in values]
+    hints = []
+    for i, flag in enumerate(flags):
+        if not flag.startswith("--"):
+            continue
+        name, eq, value = flag[2:].partition("=")
+        if not eq:
+            nxt = flags[i + 1] if i + 1 < len(flags) else ""
+            value = nxt if nxt and not nxt.startswith("--") else "VALUE"
+        name = name.replace("-", "_")
+        hints += [f"--set {k}={value}" for k in keys if k == name or k.split(".", 1)[1] == name]
+    if not hints:
+        return ""
+    return f"; did you mean {' or '.join(hints)}? (alexnet sets config keys with --set section.key=value)"
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     """Print the resolved configuration as TOML (or JSON); start nothing."""
-    cfg = resolved_config(args)
+    cfg, sources = resolved_config(args)
     if args.json:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        tree = {"config": cfg.to_dict(), "sources": sources} if args.sources else cfg.to_dict()
+        print(json.dumps(tree, indent=2))
         return 0
-    source = f"--preset {args.preset}" if args.preset else f"--config {args.config}"
-    print(f"# alexnet config {source}: every key with the value a run would use")
+    layers = [f"--preset {args.preset}" if args.preset else f"--preset {BASE_PRESET} (the base)"]
+    layers += [f"--config {c}" for c in args.config or []]
+    print(f"# alexnet config {' + '.join(layers)}: every key with the value a run would use")
     if not cfg.model.input_size:
         print("# model.input_size = 0: 227/256 of the stored images' side (pass --data to resolve it)")
-    print(cfg.to_toml(), end="")
+    print(cfg.to_toml(sources if args.sources else None), end="")
     return 0
 
 
 def _config_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments that make a job config, shared by ``train`` and ``config``."""
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", choices=PRESETS, help="a config shipped with the package")
-    src.add_argument("--config", metavar="FILE.toml", help="a TOML config file (e.g. a run's config.toml)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        help=f"a config shipped with the package, the first layer (default with --config: {BASE_PRESET})",
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        metavar="FILE.toml",
+        help="a TOML config file (e.g. a run's config.toml) layered on the preset; repeatable, later wins",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set optim.lr=0.02 (repeatable; wins over the files)",
+    )
     p.add_argument("--data", metavar="SHARDS", help="shard directory or URL (with dataset.json)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="total steps of the run (counted from step 0)")
     length.add_argument("--epochs", type=int, help="total epochs of the run")
-    p.add_argument("--metrics-port", type=int, help="Prometheus endpoint port (0: any free port)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus endpoint port (0: any free port, -1: none)")
 
 
 def add_config(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "config", help="print the resolved configuration (TOML, or --json), validated as train does"
+    p = subparser(
+        sub,
+        "config",
+        "print the resolved configuration (TOML, or --json), validated as train does",
+        "alexnet config --preset small --config mine.toml --set optim.lr=0.02 --sources",
     )
     _config_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of TOML")
-    p.set_defaults(func=cmd_config)
+    p.add_argument(
+        "--sources",
+        action="store_true",
+        help="say where each value came from (a comment per line; with --json, a sources table)",
+    )
+    p.set_defaults(func=cmd_config, unknown_hint=set_hint)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run or resume a training job."""
     from cluster.job import run_training
 
-    cfg = job_config(args)
+    cfg, _sources = job_config(args)
     if not cfg.data.path:
         raise ValueError(
             "no data: pass --data SHARDS (a directory or URL with dataset.json), or set data.path"
@@ -109,7 +164,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train on Ray (local, or the cluster of `ray job submit`)")
+    p = subparser(
+        sub,
+        "train",
+        "train on Ray (local, or the cluster of `ray job submit`)",
+        "alexnet train --preset demo --data data/demo --run-dir runs/demo",
+        "alexnet train --preset small --data data/mine --run-dir runs/mine --set optim.lr=0.02 --epochs 5",
+    )
     _config_arguments(p)
     p.add_argument(
         "--run-dir", required=True, metavar="DIR", help="checkpoints, metrics, plots (path or URL)"
@@ -121,7 +182,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="with --resume: continue from this checkpoint (RUN/checkpoints/step-N) instead, writing "
         "into --run-dir",
     )
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, unknown_hint=set_hint)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -138,7 +199,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5 error (center and 10-crop) of a checkpoint")
+    p = subparser(
+        sub,
+        "eval",
+        "top-1/top-5 error (center and 10-crop) of a checkpoint",
+        "alexnet eval --checkpoint runs/demo --data data/demo",
+    )
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint dir, or a run dir (newest)")
     p.add_argument("--data", required=True, metavar="SHARDS", help="shard directory or URL (val split)")
     p.add_argument("--batch-size", type=int, default=0, help="default: the checkpoint's batch size")

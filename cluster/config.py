@@ -1,10 +1,15 @@
 """The job's typed configuration: one small dataclass per component, loaded from TOML.
 
-A job config is built in three layers, later ones winning:
+A job config is built in layers (:class:`Layer`), each overriding the ones before:
 
-1. a preset shipped in the package (``cluster/presets/{paper,demo,small}.toml``) or a TOML file;
-2. ``--set section.key=value`` overrides from the command line (values coerced to the field's type);
-3. the CLI's own flags (``--steps``, ``--epochs``, ``--metrics-port``), applied as overrides.
+1. a preset shipped in the package (``cluster/presets/{paper,demo,small}.toml``): ``--preset NAME``,
+   or, when only ``--config`` files are given, :data:`BASE_PRESET` (``paper``), so a partial file
+   changes the paper's recipe where it says and nowhere else;
+2. TOML files (``--config FILE``, one or more, in order);
+3. ``--set section.key=value`` overrides from the command line (values coerced to the field's type);
+4. the CLI's own flags (``--steps``, ``--epochs``, ``--metrics-port``, ``--data``).
+
+:func:`resolve_layers` also says which layer each value came from (``alexnet config --sources``).
 
 Every key is checked before any actor starts: unknown sections and keys are refused (with the
 valid ones listed), each section checks its own values in ``__post_init__``, and
@@ -43,6 +48,8 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as a package
     import tomli as tomllib
 
 PRESETS = ("paper", "demo", "small")
+# the preset a --config file alone is layered on: the paper's recipe (README: "Presets and config")
+BASE_PRESET = "paper"
 LR_SCHEDULES = ("plateau", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 SWITCHES = ("auto", "on", "off")
@@ -234,7 +241,7 @@ class ScheduleSection:
             all(e >= 1 for e in m) and all(a < b for a, b in zip(m, m[1:], strict=False)),
             "schedule.milestones",
             m,
-            "give epoch counts >= 1 in increasing order, e.g. [30, 60]",
+            "give epoch counts >= 1 in increasing order, e.g. [30, 60] (--set schedule.milestones=30,60)",
         )
         if self.kind == "plateau":
             _need(
@@ -244,7 +251,12 @@ class ScheduleSection:
                 'a plateau rule with no reductions never cuts: use >= 1, or schedule.kind = "constant"',
             )
         if self.kind == "step":
-            _need(bool(m), "schedule.milestones", m, 'give at least one, e.g. [30, 60], or kind "constant"')
+            _need(
+                bool(m),
+                "schedule.milestones",
+                m,
+                "give at least one, e.g. --set schedule.milestones=30,60, or --set schedule.kind=constant",
+            )
 
     def first_cut_epochs(self) -> int:
         """Epochs the plateau rule needs before it can cut at all: the first epoch sets the best,
@@ -514,7 +526,6 @@ class JobConfig:
         if self.train.device == "cuda":
             _need(self.grid.gpus_per_rank > 0, "grid.gpus_per_rank", 0, 'train.device="cuda" needs > 0')
         self._check_gpus_per_rank()
-        self._check_lr_schedule()
 
     def uses_nccl(self) -> bool:
         """Whether the ranks talk over NCCL: ``grid.backend`` nccl, or auto with GPUs for the ranks."""
@@ -547,31 +558,32 @@ class JobConfig:
                 'use 1, or grid.backend="gloo" with train.device="cpu" to run without GPUs',
             )
 
-    def _check_lr_schedule(self) -> None:
-        """Refuse a plateau rule that can never cut in this run: no validation to watch, or a run
-        (counted in epochs) that ends before its patience could. A step rule's milestones past the
-        run's end are allowed, as torchvision's recipe allows them (shorter runs just do not cut)."""
-        s = self.schedule
+    def warnings(self) -> list[str]:
+        """What this config asks for that is allowed but probably not what was meant: a plateau rule
+        that cannot act in this run (no validation to watch, or a run, counted in epochs, that ends
+        before its patience could). Such a run keeps ``optim.lr`` throughout, a normal thing for a
+        short run; ``alexnet train`` and ``alexnet config`` print each as a warning. A step rule's
+        milestones past the run's end say nothing, as torchvision's recipe allows them."""
+        s, lr = self.schedule, f"the rate stays optim.lr={self.optim.lr!r} throughout"
         if s.kind != "plateau":
-            return
-        _need(
-            self.eval.every_epochs > 0,
-            "eval.every_epochs",
-            0,
-            'schedule.kind="plateau" cuts on the validation error, which this never measures: '
-            'use eval.every_epochs=1, or schedule.kind="step" or "constant"',
-        )
+            return []
+        if self.eval.every_epochs == 0:
+            return [
+                "schedule.kind='plateau' cuts on the validation error, which eval.every_epochs=0 never "
+                f"measures: {lr} (--set schedule.kind=constant says so; --set eval.every_epochs=1 "
+                "validates)"
+            ]
         need, epochs = s.first_cut_epochs(), self.train.epochs
         if self.train.steps or need < epochs:
-            return
+            return []
         key, value = "schedule.patience", s.patience
         if s.min_epochs > s.patience + 1:
             key, value = "schedule.min_epochs", s.min_epochs
-        raise ValueError(
-            f"{key}={value!r}: schedule.kind='plateau' needs more than {need} epochs to cut the rate and "
-            f"train.epochs={epochs} ends the run first; lower {key}, or use --set schedule.kind=constant "
-            "(or step) for a run this short"
-        )
+        return [
+            f"schedule.kind='plateau' with {key}={value!r} needs more than {need} epochs to cut the rate "
+            f"and train.epochs={epochs} ends the run first: {lr} (--set schedule.kind=constant says so; "
+            f"lower {key} for a cut in this run)"
+        ]
 
     def to_grid(self) -> Grid:
         """The engine's :class:`pipeline.grid.Grid` of ``[grid]`` and ``optim.batch_size``.
@@ -631,10 +643,11 @@ class JobConfig:
         index = DatasetIndex.load(data_url)
         return self.replace(**{"data.path": data_url}).for_stored_size(index.size, data_url)
 
-    def to_toml(self) -> str:
+    def to_toml(self, sources: dict[str, str] | None = None) -> str:
         """Every section and key with its value, as TOML that :func:`load_config` reads back to this
-        config (``alexnet config`` prints it; ``alexnet train`` writes it as ``RUN/config.toml``)."""
-        return _toml(self.to_dict())
+        config (``alexnet config`` prints it; ``alexnet train`` writes it as ``RUN/config.toml``);
+        with ``sources`` (``{"section.key": origin}``), each line ends in a comment naming its origin."""
+        return _toml(self.to_dict(), sources or {})
 
 
 def _toml_value(v: Any) -> str:
@@ -649,7 +662,7 @@ def _toml_value(v: Any) -> str:
     raise AssertionError(f"no TOML form for config value {v!r}")
 
 
-def _toml(tree: dict[str, dict[str, Any]]) -> str:
+def _toml(tree: dict[str, dict[str, Any]], comments: dict[str, str]) -> str:
     """Two-level TOML of ``{section: {key: scalar or list}}``, the whole job config's shape.
 
     Written here rather than with a writer package: tomllib only reads, and a config is one table
@@ -658,7 +671,9 @@ def _toml(tree: dict[str, dict[str, Any]]) -> str:
     out = []
     for name, values in tree.items():
         out.append(f"[{name}]")
-        out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        for k, v in values.items():
+            note = comments.get(f"{name}.{k}")
+            out.append(f"{k} = {_toml_value(v)}" + (f"  # {note}" if note else ""))
         out.append("")
     return "\n".join(out)
 
@@ -723,16 +738,25 @@ def _set_path(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
     tree.setdefault(parts[0], {})[parts[1]] = value
 
 
-def from_dict(tree: dict[str, Any], overrides: dict[str, Any] | None = None) -> JobConfig:
-    """A validated :class:`JobConfig` from nested ``{section: {key: value}}`` plus dotted overrides."""
-    merged: dict[str, dict[str, Any]] = {}
+def _flatten(tree: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``{section: {key: value}}`` -> ``{"section.key": value}``; unknown sections refused (naming
+    ``where``, the file, when given)."""
+    at = f"{where}: " if where else ""
+    out = {}
     for name, values in tree.items():
         if name not in SECTIONS:
-            raise ValueError(f"unknown section [{name}]: use one of {', '.join(SECTIONS)}")
+            raise ValueError(f"{at}unknown section [{name}]: use one of {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
-            raise ValueError(f"[{name}] must be a table of keys, got {values!r}")
-        merged[name] = dict(values)
-    for key, value in (overrides or {}).items():
+            raise ValueError(f"{at}[{name}] must be a table of keys, got {values!r}")
+        out.update({f"{name}.{k}": v for k, v in values.items()})
+    return out
+
+
+def from_dict(tree: dict[str, Any], overrides: dict[str, Any] | None = None) -> JobConfig:
+    """A validated :class:`JobConfig` from nested ``{section: {key: value}}`` plus dotted overrides;
+    keys neither gives take the dataclasses' defaults."""
+    merged: dict[str, dict[str, Any]] = {}
+    for key, value in {**_flatten(tree), **(overrides or {})}.items():
         _set_path(merged, key, value)
     return JobConfig(**{name: _section(name, values) for name, values in merged.items()})
 
@@ -755,23 +779,74 @@ def preset_text(name: str) -> str:
     return resources.files("cluster").joinpath("presets", f"{name}.toml").read_text()
 
 
-def load_config(
-    preset: str | None = None,
-    path: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> JobConfig:
-    """Load a preset or a TOML file (exactly one), apply dotted overrides, validate everything."""
-    if (preset is None) == (path is None):
-        raise ValueError("give exactly one of --preset NAME or --config FILE.toml")
-    if preset is not None:
-        text, where = preset_text(preset), f"preset {preset}"
-    else:
-        try:
-            text, where = Path(path).read_text(), str(path)
-        except OSError as e:
-            raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from None
+@dataclass(frozen=True)
+class Layer:
+    """One layer of a job config: where its values came from (``preset small``, ``--config a.toml``,
+    ``--set``) and the values, ``{"section.key": value}`` (TOML values, or strings to coerce)."""
+
+    origin: str
+    values: dict[str, Any]
+
+
+def _toml_layer(text: str, where: str, origin: str) -> Layer:
     try:
         tree = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{where}: not valid TOML ({e})") from None
-    return from_dict(tree, overrides)
+    return Layer(origin, _flatten(tree, where))
+
+
+def preset_layer(name: str) -> Layer:
+    """The layer of a shipped preset (``--preset NAME``)."""
+    return _toml_layer(preset_text(name), f"preset {name}", f"preset {name}")
+
+
+def file_layer(path: str | Path) -> Layer:
+    """The layer of a TOML file (``--config FILE``)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from None
+    return _toml_layer(text, str(path), f"--config {path}")
+
+
+def config_layers(preset: str | None, paths: str | Path | list | tuple | None = None) -> list[Layer]:
+    """The preset's layer (``--preset``; :data:`BASE_PRESET` when only files are given), then each
+    file's (``--config``, in order). At least one of the two is needed."""
+    paths = [] if paths is None else [paths] if isinstance(paths, str | Path) else list(paths)
+    if preset is None and not paths:
+        raise ValueError(
+            f"give --preset NAME ({', '.join(PRESETS)}) and/or --config FILE.toml (a file alone "
+            f"starts from --preset {BASE_PRESET})"
+        )
+    base = preset_layer(preset or BASE_PRESET)
+    if preset is None:  # say in --sources that the file's missing keys are the base preset's
+        base = Layer(f"preset {BASE_PRESET} (the base of --config)", base.values)
+    return [base, *(file_layer(p) for p in paths)]
+
+
+DEFAULT_ORIGIN = "default (cluster/config.py)"
+
+
+def resolve_layers(layers: list[Layer]) -> tuple[JobConfig, dict[str, str]]:
+    """The validated config of ``layers`` (each overriding the ones before) and, for every key
+    (``"section.key"``), the origin of its value (:data:`DEFAULT_ORIGIN`: no layer set it)."""
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for layer in layers:
+        values.update(layer.values)
+        origin.update(dict.fromkeys(layer.values, layer.origin))
+    cfg = from_dict({}, values)
+    keys = [f"{s}.{k}" for s, vals in cfg.to_dict().items() for k in vals]
+    return cfg, {k: origin.get(k, DEFAULT_ORIGIN) for k in keys}
+
+
+def load_config(
+    preset: str | None = None,
+    path: str | Path | list | tuple | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> JobConfig:
+    """The config of a preset and/or TOML files (``path``: one or a list), then dotted overrides,
+    layered as the module docstring says (a file alone on :data:`BASE_PRESET`); validated."""
+    layers = config_layers(preset, path) + [Layer("--set", dict(overrides or {}))]
+    return resolve_layers(layers)[0]

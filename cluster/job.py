@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import math
 import os
 import posixpath
@@ -182,15 +183,93 @@ def _resume_point(
     return ck
 
 
+# The first Ray release with token authentication (RAY_AUTH_MODE=token), which every config in
+# deploy/ turns on; pyproject.toml requires it. (Ray turns it on by default for a local ray.init()
+# from 2.59, for every cluster from 2.61.)
+RAY_TOKEN_AUTH = "2.52"
+AUTH_FIX = (
+    "start every node with RAY_AUTH_MODE=token (deploy/ray-cluster.yaml and deploy/kuberay do; "
+    "`ray get-auth-token --generate` makes the token) and export RAY_AUTH_MODE=token where you submit"
+)
+
+
+def check_ray_version(version: str) -> None:
+    """Refuse a Ray older than :data:`RAY_TOKEN_AUTH`: it has no token authentication, so a cluster
+    deployed from deploy/ could not be reached and a local one would run without it."""
+    from packaging.version import Version
+
+    if Version(version) < Version(RAY_TOKEN_AUTH):
+        raise ValueError(
+            f"ray {version} is installed, but alexnet needs ray>={RAY_TOKEN_AUTH}, the first with token "
+            f"authentication (which deploy/ turns on): pip install -U 'ray[default]>={RAY_TOKEN_AUTH}' "
+            "(and the same version on the cluster)"
+        )
+
+
+def auth_warning(mode: str, where: str) -> str | None:
+    """The warning for a Ray whose token authentication is ``mode`` (``"token"``: none)."""
+    if mode == "token":
+        return None
+    return (
+        f"[alexnet] warning: {where} runs without token authentication (RAY_AUTH_MODE={mode}): anyone "
+        f"who reaches a node's ports can submit tasks to it, i.e. run code there; {AUTH_FIX}"
+    )
+
+
+def cluster_auth_mode(dashboard_url: str | None) -> str:
+    """``"token"`` or ``"disabled"``: the cluster's own answer (its dashboard's public
+    ``/api/authentication_mode``), else this driver's mode, which the cluster just accepted."""
+    import urllib.request
+
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    if dashboard_url:
+        url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+        try:
+            with urllib.request.urlopen(f"{url}/api/authentication_mode", timeout=5) as r:
+                return str(json.load(r)["authentication_mode"])
+        except (OSError, ValueError, KeyError):
+            pass  # no dashboard reachable from here: the driver's own mode is the best evidence
+    return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
+
+
+def _local_auth_on() -> str:
+    """Token authentication for the embedded local Ray, unless the environment chose a mode
+    (``RAY_AUTH_MODE``); returns the mode it runs with. Ray before 2.59 starts a local Ray without it."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is None:
+        os.environ["RAY_AUTH_MODE"] = mode = "token"  # inherited by the raylet, the GCS, every worker
+        _refresh_ray_config()
+    return mode
+
+
+def _refresh_ray_config() -> None:
+    """Make this process's cached RayConfig read ``RAY_AUTH_MODE`` again: it was read at import, and
+    without this ray.init writes no token (~/.ray/auth_token) and the GCS it starts aborts."""
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
 def init_ray(cfg: JobConfig, plan: RunPlan) -> None:
-    """Attach to the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it) or start a local one."""
+    """Attach to the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it; a warning when its
+    token authentication is off) or start a local one, with token authentication on."""
     import ray
 
+    check_ray_version(ray.__version__)
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ctx = ray.init(log_to_driver=True)
+        warning = auth_warning(
+            cluster_auth_mode(ctx.dashboard_url), f"the Ray cluster at {ctx.address_info['gcs_address']}"
+        )
+        if warning:
+            print(warning, flush=True)
         return
+    warning = auth_warning(_local_auth_on(), "the embedded local Ray")
+    if warning:
+        print(warning, flush=True)
     # Embedded local Ray: logical CPUs are a scheduling count, so reserve enough for the grid
     # and the data workers even on a 2-core laptop (the processes share the real cores).
     need = cfg.grid.world_size * cfg.grid.cpus_per_rank + plan.data_workers

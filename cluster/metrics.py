@@ -44,6 +44,11 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("images_per_second", "gauge", "Training throughput over the last logging window, images/s."),
     MetricSpec("images", "counter", "Training images consumed (use rate() for throughput)."),
     MetricSpec("step", "gauge", "Global optimizer step reached."),
+    MetricSpec(
+        "total_steps",
+        "gauge",
+        "Steps the run will have done at its end (--steps, or the epochs' steps): with step, the ETA.",
+    ),
     MetricSpec("epoch", "gauge", "Current epoch (0-based)."),
     MetricSpec(
         "loss",

@@ -65,7 +65,7 @@ def _check_val_split(index: DatasetIndex, every_epochs: int, steps_per_epoch: in
     raise ValueError(
         f"--data {index.url} has {what}, but eval.every_epochs={every_epochs} validates at step {first}: "
         "train without validation with --set eval.every_epochs=0, or build the shards with validation "
-        "images (SRC/val/, or --val-fraction > 0) into a new directory"
+        "images (SRC/val/, or alexnet shards SRC NEW_OUT --val-fraction 0.1 where SRC has none)"
     )
 
 

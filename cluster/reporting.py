@@ -95,6 +95,7 @@ class Reporter:
             m.inc("skipped_samples", 0, reason=reason)
         for name in ("checkpoint_duration_seconds", "checkpoint_stall_seconds", "checkpoint_bytes"):
             m.gauge(name, 0.0)
+        m.gauge("total_steps", self.plan.total_steps)  # the dashboard's ETA: (total - step) / rate
         self._progress_gauges(step, lr)
         m.state(state)
 

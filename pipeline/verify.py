@@ -278,21 +278,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def add_verify(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="check the distributed engine against the one-process reference")
+    from alexnet.cli import subparser
+
+    p = subparser(
+        sub,
+        "verify",
+        "check the distributed engine against the one-process reference",
+        "alexnet verify --grid 1x2x2 --microbatches 2 --steps 1",
+    )
     p.add_argument("--grid", default="2x2x2", help="replicas x stages x columns, e.g. 2x2x2")
-    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--microbatches", type=int, default=4, help="micro-batches per step")
     p.add_argument(
         "--schedule", choices=sorted(SCHEDULE_CLASSES), default="1f1b", help="micro-batch order of each stage"
     )
     p.add_argument(
         "--cuts", default="", help="first block of stages 1..S-1, comma-separated (default: balanced)"
     )
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps to compare")
     p.add_argument("--batch", type=int, default=0, help="global batch (default 2 x replicas x microbatches)")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--variant", choices=VARIANTS, default="small")
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the compared steps")
+    p.add_argument("--variant", choices=VARIANTS, default="small", help="the network: small or paper")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of fc8 (default: the variant's)")
+    p.add_argument("--input-size", type=int, default=None, help="crop side in px (default: the variant's)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before the check is abandoned")
     p.add_argument(
         "--nccl-rules",

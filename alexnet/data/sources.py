@@ -22,11 +22,13 @@ written.
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 from fsspec.core import url_to_fs
 
 from alexnet.data.imagenet import (
@@ -77,6 +79,8 @@ class Source:
     # "train", "val": what was read; "val_labels", "class_names": the label file used, or None
     layout: dict[str, str | None]
     warnings: list[str] = field(default_factory=list)
+    # how val was held out of train (``--val-fraction``; dataset.json's ``val_split``), or None
+    val_split: dict[str, Any] | None = None
 
     def describe(self) -> str:
         """One line saying what was found, for the start of the build's output."""
@@ -351,4 +355,43 @@ def _sorted(by_class: dict[str, list[_Found]], classes: list[str]) -> list[Sourc
     return sorted(
         (f.labelled(label[c]) for c, files in by_class.items() for f in files),
         key=lambda s: (s.label, s.path),
+    )
+
+
+def hold_out_val(source: Source, fraction: float, seed: int = 0) -> Source:
+    """``source`` with a val split held out of its train split (``alexnet shards --val-fraction``),
+    for a SRC that has none: of each class, ``round(n * fraction)`` of its ``n`` images (at most
+    ``n - 1``, so every class keeps a training image), drawn by a permutation seeded by (``seed``,
+    label), so the split depends only on SRC, the fraction and the seed. ``fraction`` 0 returns
+    ``source`` unchanged. Recorded in ``val_split`` and ``layout["val"]`` (dataset.json)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--val-fraction {fraction}: use a fraction in [0, 1), e.g. 0.1 (0: no val split)")
+    if fraction == 0:
+        return source
+    if "val" in source.splits:
+        raise ValueError(
+            f"--val-fraction {fraction}: SRC already has a val split ({source.layout['val']}); drop "
+            "--val-fraction to use it (the fraction holds images out of train only where SRC has no val)"
+        )
+    by_label: dict[int, list[SourceFile]] = {}
+    for f in source.splits["train"]:  # sorted by (label, path): the draw does not depend on listing order
+        by_label.setdefault(f.label, []).append(f)
+    train, val = [], []
+    for label, files in by_label.items():
+        k = min(round(len(files) * fraction), len(files) - 1)
+        held = set(np.random.default_rng([seed, label]).permutation(len(files))[:k].tolist())
+        for i, f in enumerate(files):
+            (val if i in held else train).append(f)
+    if not val:
+        raise ValueError(
+            f"--val-fraction {fraction}: holds no image out of SRC's {len(source.splits['train'])} "
+            f"training images in {len(source.classes)} classes (round(n x fraction) is 0 in every class): "
+            "raise it, e.g. --val-fraction 0.1"
+        )
+    split = {"from": "train", "fraction": fraction, "seed": seed, "per_class": "round(n * fraction)"}
+    return dataclasses.replace(
+        source,
+        splits={"train": train, "val": val},
+        layout={**source.layout, "val": f"held out of train: {fraction:g} of each class, seed {seed}"},
+        val_split=split,
     )

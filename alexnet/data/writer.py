@@ -51,7 +51,7 @@ from alexnet.data.index import (
     shard_name,
 )
 from alexnet.data.records import count_records
-from alexnet.data.sources import SourceFile, scan_source
+from alexnet.data.sources import SourceFile, hold_out_val, scan_source
 from alexnet.data.synthetic import synthetic_image, synthetic_label
 
 PARTS = "_parts"
@@ -466,8 +466,8 @@ def _split_warnings(out: str, splits: dict[str, Any]) -> list[str]:
         return []
     return [
         f"{what}: `alexnet train` validates after every epoch, so train on it with "
-        f"`--set eval.every_epochs=0`, or add validation images (SRC/val/, or --val-fraction > 0) and "
-        f"build into a new OUT"
+        f"`--set eval.every_epochs=0`, or add validation images (SRC/val/, or `--val-fraction 0.1` where SRC "
+        f"has none) and build into a new OUT"
     ]
 
 
@@ -517,20 +517,24 @@ def build_shards(
     progress: bool | Progress = True,
     val_labels: str | None = None,
     allow_empty_classes: bool = False,
+    val_fraction: float = 0.0,
+    seed: int = 0,
 ) -> BuildSummary:
     """Turn the image tree ``src`` into shards in ``out`` (both local paths or fsspec URLs).
 
     ``src``: an ImageFolder tree or ImageNet as downloaded (layouts, ``val_labels`` and
-    ``allow_empty_classes``: :mod:`alexnet.data.sources`). Everything a user can get wrong in SRC
-    or OUT is a ``ValueError`` before any shard is written. Resumable and idempotent: shards
-    completed by an earlier run with the same source and settings are kept. ``map_fn(fn, tasks)``
-    replaces the local process pool (e.g. Ray tasks on a cluster; then ``out`` must be reachable
-    from every node).
+    ``allow_empty_classes``: :mod:`alexnet.data.sources`); where SRC has no val split, ``val_fraction``
+    of each class is held out of train as one (``seed``: :func:`alexnet.data.sources.hold_out_val`).
+    Everything a user can get wrong in SRC or OUT is a ``ValueError`` before any shard is written.
+    Resumable and idempotent: shards completed by an earlier run with the same source and settings
+    are kept. ``map_fn(fn, tasks)`` replaces the local process pool (e.g. Ray tasks on a cluster;
+    then ``out`` must be reachable from every node).
     """
     progress = progress if isinstance(progress, Progress) else Progress(enabled=progress)
     _check(size, quality, shard_size)
     _check_out(out)
     source = scan_source(src, val_labels=val_labels, allow_empty_classes=allow_empty_classes)
+    source = hold_out_val(source, val_fraction, seed)
     progress.say(f"{src}: {source.describe()}")
     plan = {
         "kind": "folder",
@@ -558,6 +562,7 @@ def build_shards(
         "classes": source.classes,
         "class_names": source.class_names,
         "layout": source.layout,
+        "val_split": source.val_split,
         "fingerprint": fp,
         "source": src,
     }

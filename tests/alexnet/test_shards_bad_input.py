@@ -55,7 +55,7 @@ def test_synthetic_without_val_warns_at_the_end(tmp_path, capsys):
     assert cap.err.strip().splitlines() == [
         f"alexnet shards: warning: {out} has no val split: `alexnet train` validates after every epoch, so "
         f"train on it with `--set eval.every_epochs=0`, or add validation images (SRC/val/, or "
-        f"--val-fraction > 0) and build into a new OUT"
+        f"`--val-fraction 0.1` where SRC has none) and build into a new OUT"
     ]
     assert list(json.loads((out / "dataset.json").read_text())["splits"]) == ["train"]
 

@@ -76,7 +76,6 @@ def test_json_with_sets_and_data_resolves_the_crop(shards, capsys):
         ),
         (["--set", "schedule.max_reductions=0"], ["schedule.max_reductions", "never cuts"]),
         (["--set", "optim.rule=adam"], ["optim.rule", "paper"]),
-        (["--epochs", "5"], ["schedule.patience=15", "train.epochs=5"]),
     ],
 )
 def test_config_refuses_what_train_refuses(argv, words, capsys):

@@ -113,9 +113,6 @@ def test_state_round_trips_and_old_manifests_load():
         ({"schedule.milestones": "thirty"}, ["schedule.milestones", "integer"]),
         ({"schedule.kind": "step", "schedule.milestones": ""}, ["schedule.milestones", "at least one"]),
         ({"schedule.max_reductions": 0}, ["schedule.max_reductions", "never cuts", "constant"]),
-        ({"eval.every_epochs": 0}, ["eval.every_epochs", "plateau", "step"]),
-        ({"train.epochs": 16}, ["schedule.patience=15", "train.epochs=16", "schedule.kind=constant"]),
-        ({"schedule.min_epochs": 40, "train.epochs": 30}, ["schedule.min_epochs=40", "train.epochs=30"]),
         ({"schedule.threshold": 1.5}, ["schedule.threshold", "[0, 1)"]),
         ({"schedule.kind": "cosine"}, ["schedule.kind", "step"]),
     ],
@@ -127,8 +124,25 @@ def test_schedules_that_cannot_work_are_refused_with_the_key(sets, words):
         assert w in str(e.value), (w, str(e.value))
 
 
+@pytest.mark.parametrize(
+    "sets, words",
+    [
+        ({"eval.every_epochs": 0}, ["eval.every_epochs=0", "plateau", "schedule.kind=constant"]),
+        ({"train.epochs": 16}, ["schedule.patience=15", "train.epochs=16", "schedule.kind=constant"]),
+        ({"schedule.min_epochs": 40, "train.epochs": 30}, ["schedule.min_epochs=40", "train.epochs=30"]),
+    ],
+)
+def test_a_plateau_rule_that_cannot_act_in_this_run_is_a_warning(sets, words):
+    """Issue 24: a short run (or one without validation) whose plateau rule never acts is a normal
+    thing to ask for: the config loads, and its one warning says the rate stays constant."""
+    (warning,) = load_config(preset="paper", overrides=sets).warnings()
+    for w in [*words, "the rate stays optim.lr=0.01 throughout"]:
+        assert w in warning, (w, warning)
+    assert load_config(preset="paper", overrides={**sets, "schedule.kind": "constant"}).warnings() == []
+
+
 def test_a_run_counted_in_steps_or_long_enough_is_not_refused():
-    load_config(preset="paper", overrides={"train.epochs": 17})  # the first cut can come at epoch 15
+    assert load_config(preset="paper", overrides={"train.epochs": 17}).warnings() == []  # cut at epoch 15
     load_config(preset="paper", overrides={"train.steps": 100})  # its epochs are the dataset's
     load_config(preset="paper", overrides={"train.epochs": 2, "schedule.kind": "constant"})
     load_config(preset="paper", overrides={"train.epochs": 20, "schedule.kind": "step"})  # as torchvision

@@ -248,13 +248,35 @@ def test_runtime_env_is_a_valid_ray_runtime_env():
 
 
 def test_job_stop_leaves_time_for_the_final_checkpoint():
-    """`ray job stop` SIGKILLs the driver after RAY_JOB_STOP_WAIT_TIME_S (Ray's default 3 s)."""
+    """`ray job stop` SIGKILLs the driver after RAY_JOB_STOP_WAIT_TIME_S (Ray's default 3 s), which
+    the job supervisor reads from its environment: the job's runtime env or the head's own."""
     from cluster.config import load_config
 
     need = load_config("paper", None, {}).checkpoint.stop_timeout_s
     job_env = yaml.safe_load(load(KUBERAY / "rayjob.yaml")["spec"]["runtimeEnvYAML"])
-    for env in (load(DEPLOY / "runtime_env.yaml"), job_env):
+    for env in (load(DEPLOY / "runtime_env.yaml"), load(KUBERAY / "runtime_env.yaml"), job_env):
         assert float(env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) > need
+    # issue 24: a job submitted by hand to the RayCluster brings no runtime env of its own
+    for f in ("raycluster.yaml", "rayjob.yaml"):
+        spec = load(KUBERAY / f)["spec"]
+        (head,) = containers(spec.get("rayClusterSpec", spec)["headGroupSpec"]["template"])
+        env = {e["name"]: e["value"] for e in head.get("env", [])}
+        assert float(env.get("RAY_JOB_STOP_WAIT_TIME_S", 3)) > need, f
+
+
+def test_every_ray_job_submit_in_the_readme_keeps_the_final_checkpoint():
+    """Each `ray job submit` of the README names a runtime env that gives `ray job stop` time for the
+    final checkpoint (the KubeRay hand-submit example had none: Ray's 3 s)."""
+    from cluster.config import load_config
+    from tests.deploy.test_readme import sections, shell_commands
+
+    need = load_config("paper", None, {}).checkpoint.stop_timeout_s
+    submits = [a for a in shell_commands(sections()) if a[:3] == ["ray", "job", "submit"]]
+    assert len(submits) >= 3, submits
+    for argv in submits:
+        assert "--runtime-env" in argv, argv
+        env = load(ROOT / argv[argv.index("--runtime-env") + 1])
+        assert float(env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) > need, argv
 
 
 # ---------------------------------------------------------------------------- KubeRay
@@ -395,6 +417,10 @@ def test_dashboard_covers_the_required_views():
         "alexnet_decode_images_per_second",
         "alexnet_checkpoint_duration_seconds",
         "alexnet_restarts_total",
+        "alexnet_total_steps",  # issue 24: the ETA
+        "ray_node_gpus_utilization",  # issue 24: GPU utilisation and memory, from Ray's per-node metrics
+        "ray_node_gram_used",
+        "ray_node_gram_available",
     }
     assert required <= used, required - used
 

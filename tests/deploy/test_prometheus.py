@@ -10,6 +10,7 @@ tests/e2e/test_ray_job.py.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.metrics import exported_names
 from tests.deploy import promql
 from tests.deploy.services import (
     PROMETHEUS_YML,
@@ -28,6 +30,7 @@ from tests.deploy.services import (
     stop,
     wait_for,
 )
+from tests.deploy.standin_exporter import RAY_GPU_GAUGES
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS_TEST = Path(__file__).with_name("alerts_test.yml")
@@ -76,41 +79,56 @@ def test_alert_rules_fire_on_their_cases(tmp_path):
 
 @pytest.fixture
 def standin(tmp_path):
-    """A process serving cluster.metrics.Metrics with every metric set; yields its port."""
+    """A process serving cluster.metrics.Metrics with every metric set, and Ray's per-node GPU gauges;
+    yields the two ports."""
     log = tmp_path / "standin.log"
-    proc = spawn([sys.executable, "-m", "tests.deploy.standin_exporter"], log, cwd=ROOT)
+    proc = spawn([sys.executable, "-m", "tests.deploy.standin_exporter", "--ray-gpus"], log, cwd=ROOT)
     try:
-        port = wait_for("the stand-in exporter's port", lambda: log.read_text().split()[0], 60, log=log)
-        yield int(port)
+        ports = wait_for("the stand-in exporter's ports", lambda: log.read_text().split()[1], 60, log=log)
+        yield int(log.read_text().split()[0]), int(ports)
     finally:
         stop(proc)
 
 
+def served(expr: str) -> bool:
+    """Whether the stand-in serves every metric ``expr`` names (Ray's CPU and actor series it does not:
+    tests/e2e/test_ray_job.py checks those against a real Ray)."""
+    ray_gpus = {f"ray_{n}" for n in RAY_GPU_GAUGES}
+    return promql.metric_names(expr) <= exported_names() | ray_gpus
+
+
 @pytest.mark.timeout(180)
 def test_prometheus_scrapes_metrics_every_dashboard_query_has_data(tmp_path, standin):
-    config = prometheus_config(tmp_path, f"127.0.0.1:{standin}", ray_sd_file=None)
+    port, ray_port = standin
+    sd = tmp_path / "ray_sd.json"
+    sd.write_text(json.dumps([{"targets": [f"127.0.0.1:{ray_port}"], "labels": {}}]))
+    config = prometheus_config(tmp_path, f"127.0.0.1:{port}", ray_sd_file=sd)
     r = promtool("check", "config", str(config))
     assert r.returncode == 0, r.stdout + r.stderr
     start = time.time()
     prom = Prometheus(require_binary("prometheus"), config, tmp_path)
     try:
         wait_for(
-            "the alexnet target to be up",
-            lambda: [t for t in prom.api("targets")["activeTargets"] if t["health"] == "up"],
+            "the alexnet and ray targets to be up",
+            lambda: len([t for t in prom.api("targets")["activeTargets"] if t["health"] == "up"]) == 2,
             60,
             log=prom.log,
         )
-        exprs = [
-            promql.grafana_to_promql(e)
-            for e in promql.dashboard_exprs()
-            if not any(n.startswith("ray_") for n in promql.metric_names(e))
-        ]
+        exprs = [promql.grafana_to_promql(e) for e in promql.dashboard_exprs() if served(e)]
         assert len(exprs) >= 20
+        # issue 24: GPU utilisation and memory from Ray's per-node gauges, and the run's ETA
+        gpu = [e for e in exprs if promql.metric_names(e) & {f"ray_{n}" for n in RAY_GPU_GAUGES}]
+        assert {n for e in gpu for n in promql.metric_names(e)} == {f"ray_{n}" for n in RAY_GPU_GAUGES}
+        assert any("alexnet_total_steps" in promql.metric_names(e) for e in exprs)
 
         def missing() -> list[str]:
             return [e for e in exprs if not prom.has_data(e, start)]
 
         wait_for("data for every dashboard query", lambda: not missing(), 60, log=prom.log)
+        # The ETA panel's answer: 10,000 steps, the stand-in's 5 steps/s (0.2 s per step).
+        (eta,) = [e for e in exprs if "alexnet_total_steps" in e]
+        value = float(prom.api("query", query=eta)["result"][0]["value"][1])
+        assert 1000 < value < 3000, value
         # The dashboard's `run` variable: label_values(alexnet_run_info, run).
         assert {m.get("run") for m in prom.series("alexnet_run_info", start)} == {"standin"}
         # The legends show labels the series really carry.
