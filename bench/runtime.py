@@ -68,9 +68,10 @@ def _direct_trainer():
 def _group(cfg, shards):
     from cluster.group import RayTrainerGroup
     from cluster.plan import plan_run
+    from cluster.run import resolve_run
 
     plan, _ = plan_run(cfg, shards)
-    group = RayTrainerGroup(cfg, plan, shards, actor_cls=_direct_trainer())
+    group = RayTrainerGroup(resolve_run(cfg.for_data(shards), shards, plan), actor_cls=_direct_trainer())
     group.start(0, None)
     return group
 

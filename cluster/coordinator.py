@@ -48,13 +48,13 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from cluster.checkpoint import Checkpoint
-from cluster.config import JobConfig
 from cluster.faults import CheckpointWriteFailed, DataLossBound, FailurePolicy, TrainerDied
 from cluster.lr_schedule import Cut, LRSchedule
 from cluster.manifest import Manifest, RunCheckpoints
 from cluster.metrics import Metrics
-from cluster.plan import Milestones, RunPlan
+from cluster.plan import Milestones
 from cluster.reporting import Reporter
+from cluster.run import Run
 
 STARTING, RUNNING, EVALUATING, CHECKPOINTING, FINISHING, RECOVERING, FINISHED, FAILED = (
     "starting",
@@ -113,21 +113,19 @@ class Coordinator:
 
     def __init__(
         self,
-        cfg: JobConfig,
+        run: Run,
         group: TrainerGroup,
-        plan: RunPlan,
         run_dir: str,
         report: Reporter | None = None,
         resume: Checkpoint | None = None,
     ) -> None:
+        cfg, plan = run.cfg, run.plan
         self.cfg, self.group, self.plan = cfg, group, plan
         self.milestones = Milestones.of(cfg, plan)
         self.report = report or Reporter(
             Metrics(run="run"), plan, cfg.optim.batch_size, cfg.train.log_every_steps
         )
-        self.checkpoints = RunCheckpoints(
-            run_dir, cfg.checkpoint, plan, cfg.to_dict(), cfg.to_grid().to_dict()
-        )
+        self.checkpoints = RunCheckpoints(run_dir, cfg.checkpoint, plan, cfg.to_dict(), run.grid.to_dict())
         self.policy = FailurePolicy(cfg.faults)
         self.data_loss = DataLossBound(
             cfg.data.max_skipped_fraction, plan.steps_per_epoch * cfg.optim.batch_size

@@ -47,6 +47,7 @@ from alexnet.data.reader import ReaderSpec, Stream, steps_per_epoch
 from alexnet.data.records import summed
 from cluster.metrics import SKIP_REASONS
 from cluster.producer import Producer
+from cluster.run import Run
 from cluster.val import ValServer
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -465,33 +466,27 @@ def consumer_ids(grid: Any) -> dict[int, int]:
 
 
 def start_pool(
-    cfg: Any,
-    plan: Any,
-    data_url: str,
-    step: int,
-    positions: list[dict] | None,
-    grid: Any,
-    options: list[dict] | None = None,
+    run: Run, step: int, positions: list[dict] | None, options: list[dict] | None = None
 ) -> DataPool:
-    """The run's data workers (``cfg``: the job config, ``plan``: its :class:`cluster.plan.RunPlan`),
-    at ``positions`` (a checkpoint's) or the start of ``step``'s epoch; ``options``: each worker's
-    ``DataWorker.options`` (its placement)."""
-    d = cfg.data
+    """The data workers of ``run`` (a :class:`cluster.run.Run`), at ``positions`` (a checkpoint's)
+    or the start of ``step``'s epoch; ``options``: each worker's ``DataWorker.options`` (its
+    placement)."""
+    cfg, plan, d = run.cfg, run.plan, run.cfg.data
     spec = ReaderSpec(
-        data_url,
+        run.data_url,
         cfg.optim.batch_size,
-        cfg.model.input_size,
+        run.model.input_size,
         workers=d.workers,
         seed=d.seed,
         shuffle_buffer=d.shuffle_buffer,
         streams=plan.streams,
-        encoded=cfg.decode_on_device(),
+        encoded=run.decode_on_device,
         rotate=plan.data_rotate,
         max_sample_bytes=d.max_sample_bytes,
     )
     return DataPool(
         spec,
-        consumers=len(consumer_ids(grid)),
+        consumers=len(consumer_ids(run.grid)),
         prefetch=d.prefetch,
         positions=positions,
         start_epoch=step // plan.steps_per_epoch,

@@ -20,15 +20,14 @@ from typing import Any
 import ray
 
 from cluster.checkpoint import merge_rank_states
-from cluster.config import JobConfig
 from cluster.data import consumer_ids, start_pool
 from cluster.evaluate import crop_kinds
 from cluster.faults import FaultPlan, TrainerDied, failure
 from cluster.feed import DeviceDecodeLosses
 from cluster.placement import Reservation, shared_visible_devices
-from cluster.plan import RunPlan
 from cluster.rank import TrainerActor
 from cluster.reduce import reduce_eval, reduce_step, state_ranks
+from cluster.run import Run
 from cluster.val import ValPasses
 
 FAILURE_GRACE_S = 3.0  # after a rank fails, how long to collect the others' errors before giving up
@@ -79,15 +78,15 @@ class RayTrainerGroup:
     ``actor_cls``: the trainer actor class (a subclass adds methods, e.g. a benchmark's baseline).
     """
 
-    def __init__(self, cfg: JobConfig, plan: RunPlan, data_url: str, actor_cls: type = TrainerActor) -> None:
-        self.cfg, self.plan, self.data_url, self.actor_cls = cfg, plan, data_url, actor_cls
-        self.grid = cfg.to_grid()
-        self.faults = FaultPlan(cfg.faults)
+    def __init__(self, run: Run, actor_cls: type = TrainerActor) -> None:
+        self.run, self.actor_cls = run, actor_cls
+        self.cfg, self.plan, self.grid = run.cfg, run.plan, run.grid
+        self.faults = FaultPlan(run.cfg.faults)
         self.actors: list = []
-        self.reservation = Reservation(self.grid, cfg.grid, plan.data_workers)
+        self.reservation = Reservation(self.grid, run.cfg.grid, run.plan.data_workers)
         self.pool = None
-        self.device_lost = DeviceDecodeLosses(plan.steps_per_epoch)
-        self.val = ValPasses(cfg, data_url, self.grid)
+        self.device_lost = DeviceDecodeLosses(run.plan.steps_per_epoch)
+        self.val = ValPasses(run)
 
     # -- TrainerGroup -----------------------------------------------------------------------
     def start(self, step: int, data_positions: list[dict] | None) -> None:
@@ -103,12 +102,12 @@ class RayTrainerGroup:
                 num_gpus=g.gpus_per_rank,
                 scheduling_strategy=self.reservation.rank_strategy(rank),
                 max_concurrency=1,
-            ).remote(rank, self.cfg.to_dict(), self.plan.__dict__, self.data_url, self.faults.for_rank(rank))
+            ).remote(rank, self.run, self.faults.for_rank(rank))
             for rank in range(self.grid.world_size)
         ]
         # the trainers' processes start while the data workers do (DataPool waits for its own)
         options = self.reservation.worker_options()
-        self.pool = start_pool(self.cfg, self.plan, self.data_url, step, data_positions, self.grid, options)
+        self.pool = start_pool(self.run, step, data_positions, options)
         if g.gpus_per_rank > 0:
             self._share_gpus()
         consumers = consumer_ids(self.grid)

@@ -36,6 +36,7 @@ from cluster.manifest import Manifest, load_resume
 from cluster.metrics import Metrics
 from cluster.plan import RunPlan, plan_run
 from cluster.reporting import Reporter, write_bytes, write_outputs
+from cluster.run import Run, resolve_run
 
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a complete checkpoint
 
@@ -66,7 +67,7 @@ def run_training(
     run_dir: str,
     resume: bool = False,
     preset: str | None = None,
-    group_factory: Callable[[JobConfig, RunPlan, str], Any] | None = None,
+    group_factory: Callable[[Run], Any] | None = None,
     on_coordinator: Callable[[Coordinator], None] | None = None,
     from_checkpoint: str | None = None,
 ) -> JobResult:
@@ -74,7 +75,7 @@ def run_training(
 
     ``from_checkpoint`` (``--from-checkpoint``, with ``resume``): continue from that checkpoint
     instead of the newest in ``run_dir``; the run writes into ``run_dir`` either way.
-    ``group_factory(cfg, plan, data_url)`` builds the trainer group (default: Ray actors);
+    ``group_factory(run)`` builds the trainer group of the resolved run (default: Ray actors);
     ``on_coordinator(coord)`` is called once it exists (tests use it to stop a run or scrape).
     """
     # Everything a user can get wrong is checked before Ray starts (a ValueError: exit 2)
@@ -82,12 +83,6 @@ def run_training(
         raise ValueError(f"--from-checkpoint {from_checkpoint} continues a run: add --resume")
     cfg = cfg.for_data(data_url)  # model.input_size from the stored images when unset
     plan, _index = plan_run(cfg, data_url)
-    if cfg.data.decode == "device" and not (cfg.grid.gpus_per_rank > 0 and cfg.train.device != "cpu"):
-        print(
-            "[alexnet] data.decode=device on a CPU run: the stage-0 ranks decode the JPEGs on their "
-            "CPU (the same pixels as data.decode=worker, which leaves it to the data workers)",
-            flush=True,
-        )
     check_run_dir(run_dir)
     ck = _resume_point(run_dir, resume, cfg, plan, from_checkpoint)
     if ck is not None:  # a resumed run reads the epoch as the streams its checkpoints record
@@ -95,18 +90,19 @@ def run_training(
         plan = dataclasses.replace(
             plan, data_streams=saved.streams_for(cfg, plan), data_rotate=saved.data_rotate
         )
+    run = resolve_run(cfg, data_url, plan)  # what every actor takes as it is
     write_bytes(join_url(run_dir, "config.toml"), cfg.to_toml().encode())  # `--config` it to rerun
     name = run_dir.rstrip("/").rsplit("/", 1)[-1] or "run"
     metrics = Metrics(run=name)
     metrics_url = _serve_metrics(metrics, cfg, plan, name, preset)  # bound now, so the port stays ours
     try:
         init_ray(cfg, plan)
-        group = (group_factory or _ray_group)(cfg, plan, data_url)
+        group = (group_factory or _ray_group)(run)
     except BaseException:
         metrics.close()
         raise
     report = Reporter(metrics, plan, cfg.optim.batch_size, cfg.train.log_every_steps)
-    coord = Coordinator(cfg, group, plan, run_dir, report, resume=ck)
+    coord = Coordinator(run, group, run_dir, report, resume=ck)
     del ck  # the coordinator loads the tensors into the group, then lets them go
     trace = _drive(coord, group, metrics, cfg.metrics.trace_steps, on_coordinator)
     state = coord.state
@@ -281,10 +277,10 @@ def init_ray(cfg: JobConfig, plan: RunPlan) -> None:
     )
 
 
-def _ray_group(cfg: JobConfig, plan: RunPlan, data_url: str):
+def _ray_group(run: Run):
     from cluster.group import RayTrainerGroup  # imported once Ray is up
 
-    return RayTrainerGroup(cfg, plan, data_url)
+    return RayTrainerGroup(run)
 
 
 def _serve_metrics(

@@ -19,19 +19,22 @@ from typing import Any
 import ray
 import torch
 
-from cluster.config import JobConfig, from_dict
 from cluster.evaluate import ValScore, val_input
 from cluster.faults import RankFaults
-from cluster.plan import RunPlan
+from cluster.run import Run
 from cluster.val import ValClient
 
 
-def _device(cfg: JobConfig, gpu_index: int | None) -> torch.device:
+def _device(run: Run, gpu_index: int | None) -> torch.device:
     """The rank's device: the GPU at ``gpu_index`` of the visible ones (Ray's pick), or the CPU."""
-    want = cfg.train.device
-    if want == "auto":
-        want = "cuda" if cfg.grid.gpus_per_rank > 0 and torch.cuda.is_available() else "cpu"
-    return torch.device("cuda", gpu_index or 0) if want == "cuda" else torch.device("cpu")
+    if run.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"grid.gpus_per_rank={run.cfg.grid.gpus_per_rank} but this rank's node has no usable CUDA "
+            'GPU: run on GPU nodes, or use train.device="cpu"'
+        )
+    return torch.device("cuda", gpu_index or 0)
 
 
 def device_index(visible: str, gpu_ids: Sequence[Any]) -> int:
@@ -49,14 +52,13 @@ def device_index(visible: str, gpu_ids: Sequence[Any]) -> int:
 class TrainerActor:
     """One grid rank: its engine, its data client, its timeline. Created by the trainer group."""
 
-    def __init__(self, rank: int, cfg: dict, plan: dict, data_url: str, faults: RankFaults) -> None:
+    def __init__(self, rank: int, run: Run, faults: RankFaults) -> None:
         # batches arrive as read-only numpy views of the object store; we only read them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        self.cfg = from_dict(cfg)
-        self.rank, self.plan, self.data_url, self.faults = rank, RunPlan(**plan), data_url, faults
+        self.run, self.cfg, self.plan, self.grid = run, run.cfg, run.plan, run.grid
+        self.rank, self.data_url, self.faults = rank, run.data_url, faults
         threads = self.cfg.train.threads_per_rank or max(1, int(self.cfg.grid.cpus_per_rank))
         torch.set_num_threads(threads)
-        self.grid = self.cfg.to_grid()
         self.r, self.s, self.c = self.grid.coords(rank)
         self.first, self.last = self.s == 0, self.s == self.grid.stages - 1
         # chosen in setup(): CUDA must not initialise before share_visible_devices() has run
@@ -100,19 +102,21 @@ class TrainerActor:
         t = self.cfg.train
         if t.deterministic:  # before CUDA (cuBLAS) and the process groups (NCCL) read them
             os.environ.update(deterministic_env())
-        self.device = _device(self.cfg, self.gpu_index)
+        self.device = _device(self.run, self.gpu_index)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         resolve_precision(t.precision, self.device)  # bf16 on a GPU without it: fail before joining
-        backend = None if self.cfg.grid.backend == "auto" else self.cfg.grid.backend
-        if backend is None and self.device.type == "cpu":
-            backend = "gloo"
         groups = init_distributed(
-            self.grid, self.rank, master_addr, master_port, backend, self.cfg.grid.collective_timeout_s
+            self.grid,
+            self.rank,
+            master_addr,
+            master_port,
+            self.run.backend,
+            self.cfg.grid.collective_timeout_s,
         )
         o = self.cfg.optim
         self.engine = Engine(
-            self.cfg.model_config(),
+            self.run.model,
             self.grid,
             self.rank,
             groups,
@@ -126,7 +130,7 @@ class TrainerActor:
             lrn_kernel=t.lrn_kernel,
         )
         self.index = DatasetIndex.load(self.data_url)
-        self.mean = self.index.mean_tensor(self.cfg.model.input_size, self.cfg.data.mean).to(self.device)
+        self.mean = self.index.mean_tensor(self.run.model.input_size, self.cfg.data.mean).to(self.device)
         self.data, self.consumer = data, consumer
         if consumer >= 0:
             from cluster.feed import Feed, FeedSpec
@@ -137,7 +141,7 @@ class TrainerActor:
                 self.grid.replicas,
                 images=self.first,
                 labels=self.last,
-                input_size=self.cfg.model.input_size,
+                input_size=self.run.model.input_size,
                 scale=self.cfg.data.input_scale,
             )
             self.feed = Feed(data, spec, self.device, self.mean, self.plan.total_steps)

@@ -40,6 +40,7 @@ from alexnet.data.index import DatasetIndex, check_input_size
 from alexnet.data.records import ReaderStats
 from alexnet.data.val import ValPlan, worker_batches
 from cluster.producer import Producer, ProducerFailed
+from cluster.run import Run
 
 BUFFER = 3  # decoded batches a worker keeps ahead of its consumers (a 10-crop batch is 10x a center one)
 KEEP_STATS = 16  # passes whose counters val_stats() still reports
@@ -254,10 +255,11 @@ def start_pass(
 
 class ValPasses:
     """The driver's side of validation: numbers the passes (an id is unique per data worker) and
-    starts each one on the data workers (``cfg``: the job config)."""
+    starts each one on the data workers (``run``: the :class:`cluster.run.Run`)."""
 
-    def __init__(self, cfg: Any, data_url: str, grid: Any) -> None:
-        self.cfg, self.data_url, self.grid = cfg, data_url, grid
+    def __init__(self, run: Run) -> None:
+        self.cfg, self.data_url, self.grid = run.cfg, run.data_url, run.grid
+        self.input_size = run.model.input_size
         self.started = 0
         self._index: DatasetIndex | None = None
 
@@ -272,5 +274,5 @@ class ValPasses:
         consumers = {r: g.stages * g.columns for r in range(g.replicas)}
         self.started += 1
         timeout = cfg.grid.collective_timeout_s
-        args = (self.started, crop, plan, cfg.model.input_size, max_samples, consumers, timeout)
+        args = (self.started, crop, plan, self.input_size, max_samples, consumers, timeout)
         return start_pass(workers, *args), self.started

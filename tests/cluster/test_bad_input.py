@@ -172,7 +172,7 @@ def fake_ray(monkeypatch) -> list[FakeGroup]:
     """The driver runs for real on FakeGroup (no Ray); the list gets each group it built."""
     groups: list[FakeGroup] = []
 
-    def group(cfg, plan, data_url):
+    def group(run):
         groups.append(FakeGroup())
         return groups[-1]
 

@@ -23,6 +23,7 @@ from cluster.faults import CheckpointWriteFailed, DataLoss, TrainerDied
 from cluster.metrics import Metrics
 from cluster.plan import RunPlan
 from cluster.reporting import Reporter, plot_history
+from cluster.run import resolve_run
 
 
 class FakeGroup:
@@ -99,7 +100,7 @@ def _coordinator(tmp_path, group, total=12, spe=5, resume=None, log=None, **sets
     report = Reporter(
         Metrics("t"), plan, cfg.optim.batch_size, cfg.train.log_every_steps, log=log or (lambda s: None)
     )
-    return Coordinator(cfg, group, plan, str(tmp_path), report, resume=resume)
+    return Coordinator(resolve_run(cfg, "unused", plan), group, str(tmp_path), report, resume=resume)
 
 
 def test_steps_through_states_and_chunks(tmp_path):

@@ -92,6 +92,7 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
     from cluster.data import start_pool
     from cluster.group import RayTrainerGroup
     from cluster.plan import RunPlan
+    from cluster.run import resolve_run
 
     url = str(tmp_path / "shards")
     build_synthetic(400, url, size=40, classes=4, shard_size=50, workers=1, progress=False)
@@ -104,7 +105,9 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
         cluster.wait_for_nodes()
         sets = {"data.workers": "2", "grid.placement_timeout_s": "60"}
         cfg = load_config(preset="demo", overrides=sets)
-        group = RayTrainerGroup(cfg, RunPlan(steps_per_epoch=11, total_steps=11, data_workers=2), url)
+        group = RayTrainerGroup(
+            resolve_run(cfg, url, RunPlan(steps_per_epoch=11, total_steps=11, data_workers=2))
+        )
         grid = group.grid
         res = group.reservation
         res.reserve()
@@ -120,7 +123,7 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
         ]
         group.actors = ranks  # killed by group.shutdown()
         rank_node = ray.get([a.node.remote() for a in ranks], timeout=120)
-        group.pool = start_pool(cfg, group.plan, url, 0, None, grid, res.worker_options())
+        group.pool = start_pool(group.run, 0, None, res.worker_options())
         worker_node = ray.get(
             [
                 w.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
@@ -137,9 +140,8 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
 
         # 5 workers beside 4 ranks need 9 CPUs of the 8: the error names the workers and the layout
         sets = {"data.workers": "5", "grid.placement_timeout_s": "2"}
-        group = RayTrainerGroup(
-            load_config(preset="demo", overrides=sets), RunPlan(11, 11, data_workers=5), url
-        )
+        cfg = load_config(preset="demo", overrides=sets)
+        group = RayTrainerGroup(resolve_run(cfg, url, RunPlan(11, 11, data_workers=5)))
         with pytest.raises(ValueError) as err:
             group.reservation.reserve()
         text = str(err.value)
@@ -211,6 +213,7 @@ def test_trainer_ranks_share_their_nodes_gpus_and_take_the_one_ray_assigned(ray_
     from cluster.group import RayTrainerGroup
     from cluster.plan import RunPlan
     from cluster.rank import TrainerActor
+    from cluster.run import resolve_run
 
     cluster = Cluster()
     try:
@@ -220,13 +223,11 @@ def test_trainer_ranks_share_their_nodes_gpus_and_take_the_one_ray_assigned(ray_
         cluster.wait_for_nodes()
         cfg = load_config(preset="demo", overrides={"grid.gpus_per_rank": "1", "train.device": "auto"})
         plan = RunPlan(steps_per_epoch=1, total_steps=1, data_workers=1)
-        group = RayTrainerGroup(cfg, plan, "unused")
+        run = resolve_run(cfg, "unused", plan)
+        group = RayTrainerGroup(run)
         actor_cls = ray.remote(TrainerActor)
         group.actors = [
-            actor_cls.options(num_cpus=1, num_gpus=1).remote(
-                r, cfg.to_dict(), plan.__dict__, "", RankFaults()
-            )
-            for r in range(4)
+            actor_cls.options(num_cpus=1, num_gpus=1).remote(r, run, RankFaults()) for r in range(4)
         ]
 
         def probe(actor):

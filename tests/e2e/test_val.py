@@ -14,6 +14,7 @@ from cluster.config import load_config
 from cluster.evaluate import crop_errors, score_model
 from cluster.group import RayTrainerGroup
 from cluster.plan import plan_run
+from cluster.run import resolve_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 N_VAL = 30
@@ -32,7 +33,7 @@ def test_2x2x2_validation_decodes_once_per_pass_and_equals_one_process(ray_local
     sets["grid.collective_timeout_s"] = 300  # also the data workers' start: 10 processes on 2 shared cores
     cfg = load_config(preset="demo", overrides=sets)  # 8 ranks x 0.5 CPU + 2 data workers: 6 of 8
     plan, index = plan_run(cfg, shards)
-    group = RayTrainerGroup(cfg, plan, shards)
+    group = RayTrainerGroup(resolve_run(cfg.for_data(shards), shards, plan))
     try:
         group.start(0, None)
         res = group.evaluate(ten_crop=True, max_samples=0)
