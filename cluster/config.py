@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from alexnet.config import CROP_FRACTION, ModelConfig, check_crop, crop_size
+from alexnet.layers import LRN_KERNELS as _KERNELS
 from alexnet.optim import OPTIM_RULES
-from pipeline.engine import LRN_KERNEL_CHOICES as LRN_KERNELS
 from pipeline.grid import Grid, parse_shape
 from pipeline.precision import PRECISIONS
 
@@ -53,6 +53,7 @@ BASE_PRESET = "paper"
 LR_SCHEDULES = ("plateau", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 SWITCHES = ("auto", "on", "off")
+LRN_KERNELS = ("auto", *_KERNELS)  # train.lrn_kernel: the engine picks for "auto" (compiled on CUDA)
 
 
 def _need(cond: bool, key: str, value: Any, fix: str) -> None:
