@@ -536,25 +536,16 @@ def build_shards(
     source = scan_source(src, val_labels=val_labels, allow_empty_classes=allow_empty_classes)
     source = hold_out_val(source, val_fraction, seed)
     progress.say(f"{src}: {source.describe()}")
-    plan = {
-        "kind": "folder",
-        "size": size,
-        "quality": quality,
-        "shard_size": shard_size,
-        "classes": source.classes,
-        "order": f"shuffled:{SHARD_ORDER_SEED}",
-    }
-    # "order" is in the fingerprint: an interrupted build from before the shards were mixed
-    # (class-sorted shards) is refused rather than completed with shards of the other order
+    plan = dict(kind="folder", size=size, quality=quality, shard_size=shard_size, classes=source.classes)
+    plan["order"] = f"shuffled:{SHARD_ORDER_SEED}"  # a build of another order is refused, not completed
     files = {k: [[f.path, f.label, f.size] for f in v] for k, v in source.splits.items()}
     fp = _fingerprint(dict(plan, files=files))
     _prepare_out(out, fp, plan)
+    folder = {"kind": "folder", "root": src}
     tasks = [
         t
         for split, items in source.splits.items()
-        for t in _tasks(
-            out, split, shard_order(items, split), {"kind": "folder", "root": src}, size, quality, shard_size
-        )
+        for t in _tasks(out, split, shard_order(items, split), folder, size, quality, shard_size)
     ]
     meta = {
         "size": size,
