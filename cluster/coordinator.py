@@ -51,7 +51,7 @@ from cluster.checkpoint import Checkpoint
 from cluster.config import JobConfig
 from cluster.faults import CheckpointWriteFailed, DataLossBound, FailurePolicy, TrainerDied
 from cluster.lr_schedule import Cut, LRSchedule
-from cluster.manifest import Manifest, RunCheckpoints
+from cluster.manifest import Manifest, Preprocess, RunCheckpoints
 from cluster.metrics import Metrics
 from cluster.plan import Milestones, RunPlan
 from cluster.reporting import Reporter
@@ -108,7 +108,8 @@ class Coordinator:
 
     ``resume`` is a loaded checkpoint (or None for a fresh run), already checked for this run
     (:func:`cluster.manifest.load_resume`). ``report`` receives the events (default: metrics under
-    the run label ``run``, progress lines printed).
+    the run label ``run``, progress lines printed). ``preprocess``: what the checkpoints record
+    for inference (None: checkpoints that only resume, as the fake-group tests write).
     """
 
     def __init__(
@@ -119,6 +120,7 @@ class Coordinator:
         run_dir: str,
         report: Reporter | None = None,
         resume: Checkpoint | None = None,
+        preprocess: Preprocess | None = None,
     ) -> None:
         self.cfg, self.group, self.plan = cfg, group, plan
         self.milestones = Milestones.of(cfg, plan)
@@ -126,7 +128,7 @@ class Coordinator:
             Metrics(run="run"), plan, cfg.optim.batch_size, cfg.train.log_every_steps
         )
         self.checkpoints = RunCheckpoints(
-            run_dir, cfg.checkpoint, plan, cfg.to_dict(), cfg.to_grid().to_dict()
+            run_dir, cfg.checkpoint, plan, cfg.to_dict(), cfg.to_grid().to_dict(), preprocess
         )
         self.policy = FailurePolicy(cfg.faults)
         self.data_loss = DataLossBound(

@@ -282,7 +282,6 @@ class RayTrainerGroup:
             shuffle_buffer=d.shuffle_buffer,
             streams=self.plan.streams,
             encoded=self.cfg.decode_on_device(),
-            rotate=self.plan.data_rotate,
         )
         return DataPool(
             spec,

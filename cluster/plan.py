@@ -26,9 +26,6 @@ class RunPlan:
     total_steps: int
     data_workers: int
     data_streams: int = 0  # V: the epoch's virtual streams (0: as many as data_workers)
-    # each epoch's shard sequence cut at a per-epoch offset (alexnet.data.reader.epoch_segments);
-    # False for a run resumed from checkpoints written before that, which keeps their sample order
-    data_rotate: bool = True
 
     @property
     def streams(self) -> int:

@@ -7,8 +7,8 @@ Epoch plan (training)
     like the seed, stored in its checkpoints; not of the worker count). Batch ``t`` comes from stream
     ``t % V``, so stream ``v`` owns ``n_v = len(range(v, T, V))`` batches. The shards are permuted with
     a seed derived from (seed, epoch), laid end to end and rotated by a per-epoch offset (so a plan of
-    few shards is not cut at the same samples every epoch; ``ReaderSpec.rotate``, off for runs whose
-    checkpoints were written before it); stream ``v`` reads the contiguous run of
+    few shards is not cut at the same samples every epoch; ``ReaderSpec.rotate``, on in every
+    run; off only in tests); stream ``v`` reads the contiguous run of
     ``n_v * B`` samples after those of streams ``< v``. The split is at sample granularity (a run may
     start or end inside a shard), so every stream has exactly the samples its batches need whatever the
     shard sizes, no stream is ever empty, and every sample of the epoch is read exactly once. ``V > T``
@@ -507,7 +507,6 @@ class Stream:
 
     def _restore(self, p: dict) -> None:
         s = self.spec
-        p = upgrade_position(p)
         want = {"stream": self.stream, "streams": s.streams, "batch_size": s.batch_size, "seed": s.seed}
         got = {k: p.get(k) for k in want}
         if got != want:
@@ -673,16 +672,6 @@ def epoch_batches(spec: ReaderSpec, epoch: int, index: DatasetIndex | None = Non
     streams = [Stream(spec, v, index=index, start_epoch=epoch) for v in range(spec.streams)]
     for t in range(streams[0].steps_per_epoch):
         yield streams[t % spec.streams].next_batch()
-
-
-def upgrade_position(p: dict) -> dict:
-    """A data position in today's keys: checkpoints written before streams existed say ``worker``
-    and ``workers``; their worker ``w`` of ``W`` read exactly what stream ``w`` of ``V = W`` reads
-    now (the same segments and shuffle seeds), so the position carries over unchanged."""
-    if "stream" in p or "worker" not in p:
-        return p
-    q = {k: v for k, v in p.items() if k not in ("worker", "workers")}
-    return {**q, "stream": p["worker"], "streams": p["workers"]}
 
 
 # -- validation --------------------------------------------------------------------------------

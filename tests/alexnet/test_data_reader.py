@@ -220,17 +220,14 @@ def test_batches_do_not_depend_on_the_worker_count(syn):
     assert _keys(other) != _keys(ref) and sorted(_keys(other)) != []
 
 
-def test_a_position_written_before_streams_resumes(syn):
-    """Checkpoints of the worker layout (keys worker/workers) resume as streams V = W, exactly."""
-    from alexnet.data.reader import upgrade_position
-
-    spec = _spec(syn, 2, rotate=False)  # such a run keeps the plan of its time (RunPlan.data_rotate)
-    ref = [Stream(spec, 1).next_batch() for _ in range(4)]
-    old = dict(ref[2]["position"])
+def test_a_position_of_the_worker_layout_is_refused(syn):
+    """Positions keyed by worker (the layout before streams) have no compatibility path: checkpoints
+    of that format are refused before a reader sees them, and a reader refuses such a position."""
+    spec = _spec(syn, 2)
+    old = dict(Stream(spec, 1).next_batch()["position"])
     old["worker"], old["workers"] = old.pop("stream"), old.pop("streams")
-    assert upgrade_position(old) == ref[2]["position"]
-    rest = Stream(spec, 1, position=old)
-    assert rest.next_batch()["keys"] == ref[2]["keys"]
+    with pytest.raises(ValueError, match="same data.streams, batch size and seed"):
+        Stream(spec, 1, position=old)
 
 
 def test_val_refuses_crops_larger_than_the_stored_images(syn):
