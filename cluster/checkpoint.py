@@ -518,10 +518,18 @@ def _say(line: str) -> None:
     print(f"[checkpoint] {line}", flush=True)
 
 
-def _unlink_if_link(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """Remove ``path`` if it is a symlink: a write must never go through a link into another run."""
-    if _local(fs) and os.path.islink(path):
-        _say(f"removed the link {path} (to {os.readlink(path)}) to write this run's own files there")
+def _make_way(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Remove ``path`` if it is a symlink, a FIFO or a device: a write must never go through a link
+    into another run, nor block on a FIFO, nor write to a device."""
+    if not _local(fs):
+        return
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        target = f" (to {os.readlink(path)})" if stat.S_ISLNK(mode) else ""
+        _say(f"removed {_kind(mode)} {path}{target} to write this run's own file there")
         os.unlink(path)
 
 
@@ -538,7 +546,7 @@ def write_checkpoint(
     t0 = time.perf_counter()
     url = join_url(run_dir, "checkpoints", checkpoint_name(step))
     fs, p = _fs(url)
-    _unlink_if_link(fs, p)
+    _make_way(fs, p)
     fs.makedirs(p, exist_ok=True)
     if is_checkpoint(url):  # a checkpoint of this step from before a resume from an older one:
         fs.rm(join_url(p, MANIFEST))  # not a checkpoint while its files are rewritten
@@ -547,7 +555,7 @@ def write_checkpoint(
         data = safetensors.torch.save(
             _to_host(tensors, copy=False), metadata={"format_version": str(FORMAT_VERSION)}
         )
-        _unlink_if_link(fs, join_url(p, name))
+        _make_way(fs, join_url(p, name))
         with fs.open(join_url(p, name), "wb") as f:
             f.write(data)
         files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -557,7 +565,7 @@ def write_checkpoint(
     manifest["written_unix_s"] = time.time()
     manifest["manifest_sha256"] = _digest(manifest)
     tmp = join_url(p, MANIFEST + ".tmp")
-    _unlink_if_link(fs, tmp)
+    _make_way(fs, tmp)
     with fs.open(tmp, "wb") as f:
         f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
     fs.mv(tmp, join_url(p, MANIFEST))  # a rename on local disk: the manifest appears whole or not at all
