@@ -247,3 +247,98 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_older_one(case, outcomes
         lines = [line for line in text.splitlines() if line.startswith("alexnet eval: error: ")]
         assert rc == "2" and len(lines) == 1 and "Traceback" not in text, text
         assert f"step-00000006: {reason}" in lines[0], lines
+
+
+# -- in-process (nothing here can read without limit or block) -------------------------------------
+
+
+@pytest.fixture
+def fake_ray(monkeypatch) -> None:
+    monkeypatch.setattr(job, "init_ray", lambda cfg, plan: None)
+    monkeypatch.setattr(job, "_ray_group", lambda cfg, plan, data_url: FakeGroup())
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` by relative path (links as their target)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = f"-> {os.readlink(p)}"
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_pruning_never_leaves_the_runs_checkpoints(fake_ray, base_run, data, tmp_path, capsys):
+    """A step-N entry linking to another run's checkpoint (to resume from it): this run's pruning
+    removes the link, never what it points to; the other run's checkpoints stay byte for byte."""
+    other = tmp_path / "other"
+    shutil.copytree(base_run, other, symlinks=True)
+    before = _tree(other)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000003").symlink_to(step_dir(other, 3))
+    argv = train(data, run, "--steps", "8", "--resume", "--set", "checkpoint.keep=2")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {run}/checkpoints/step-00000003 (step 3)" in out, out
+    link = f"{run}/checkpoints/step-00000003"
+    assert f"pruning removed the link {link} only, not the checkpoint it points to" in out, out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000006", "step-00000008"]
+    assert _tree(other) == before
+
+
+def test_a_checkpoint_of_an_earlier_format_is_refused_with_one_line(
+    fake_ray, base_run, data, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run, symlinks=True)
+    _resign(step_dir(run, 6), lambda m: m.update(format_version=1))
+    for argv in (
+        ["eval", "--checkpoint", str(run), "--data", data],
+        train(data, run, "--steps", "7", "--resume"),
+    ):
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert f"step-00000006/{MANIFEST}: checkpoint format 1, written by an earlier release" in lines[0]
+        assert "resume or evaluate it with the release that wrote it" in lines[0], lines
+
+
+def test_eval_takes_the_preprocessing_from_the_checkpoint(base_run, data, tmp_path, capsys):
+    """The numbers of alexnet eval are those of scoring with the dataset's mean and the config's
+    input_scale (how eval scored before checkpoints carried them), and --data gives only the images:
+    a dataset whose mean image is another scores the same."""
+    import numpy as np
+
+    from alexnet.data.index import DatasetIndex
+    from alexnet.model import FusedAlexNet
+    from cluster.checkpoint import load_checkpoint
+    from cluster.config import from_dict
+    from cluster.evaluate import crop_errors, load_for_inference, score_model
+
+    assert main(["eval", "--checkpoint", str(base_run), "--data", data]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    ck = load_checkpoint(str(step_dir(base_run, 6)))
+    cfg = from_dict(ck.manifest["config"])
+    model = FusedAlexNet(cfg.model_config())
+    model.load_state_dict(ck.model)
+    index = DatasetIndex.load(data)
+    size = cfg.model_config().input_size
+    mean = index.mean_tensor(size, cfg.data.mean)
+    totals = score_model(model.eval(), index, 32, size, mean, cfg.data.input_scale, ("center", "ten"))
+    want = crop_errors(totals)
+    assert {k: got[k] for k in want} == want and got["step"] == 6 and got["samples"] == 12
+
+    loaded = load_for_inference(str(base_run), torch.device("cpu"))
+    assert not loaded.model.training and loaded.step == 6
+    assert list(loaded.preprocess.classes) == index.classes and loaded.preprocess.input_size == size
+    assert torch.equal(loaded.preprocess.mean, mean)
+
+    other = tmp_path / "other-mean"
+    shutil.copytree(data, other)
+    np.save(other / index.meta["mean_image_file"], np.zeros_like(index.mean_image()))
+    assert main(["eval", "--checkpoint", str(base_run), "--data", str(other)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == got

@@ -158,3 +158,50 @@ def test_load_resume(tmp_path):
     with pytest.raises(ValueError, match="optim.batch_size"):
         load_resume(str(tmp_path), _cfg(**{"optim.batch_size": 64}), PLAN)
     assert load_checkpoint(str(tmp_path)).manifest["format_version"] == 2
+
+
+def test_in_run_recovery_skips_a_damaged_newest_checkpoint(tmp_path):
+    """What the coordinator restores after a trainer died (RunCheckpoints.load_newest): the newest
+    checkpoint that verifies, with each newer one named; a model file linked to /dev/zero or with
+    tensors the config does not give is a damaged checkpoint, not a read without limit or a traceback."""
+    import os
+
+    import safetensors.torch
+
+    cfg = _cfg(**{"checkpoint.background": False, "checkpoint.keep": 5})
+    cks = RunCheckpoints(str(tmp_path), cfg.checkpoint, PLAN, cfg.to_dict())
+    t = _model()
+    lr = {"lr": 0.1, "best": None, "bad_epochs": 0, "reductions": 0}
+    for step in (4, 8, 12):
+        cks.save(step, dict(t), dict(t), [{"p": 0}, {"p": 1}], lr)
+    cks.wait()
+    d = tmp_path / "checkpoints"
+    (d / "step-00000012" / MODEL_FILE).unlink()
+    (d / "step-00000012" / MODEL_FILE).symlink_to("/dev/zero")
+    # the optimizer file of step 8 with one buffer of another shape (its manifest entry matching)
+    opt = safetensors.torch.load((d / "step-00000008" / OPTIMIZER_FILE).read_bytes())
+    opt["fc7.0.weight"] = torch.zeros(2, 2)
+    _replace(d / "step-00000008", OPTIMIZER_FILE, safetensors.torch.save(opt))
+    ck, skipped = cks.load_newest()
+    assert ck.step == 4, skipped
+    assert skipped[0] == f"step-00000012: {MODEL_FILE} is a symlink, not a regular file (a checkpoint's " + (
+        "files are never followed elsewhere)"
+    )
+    assert skipped[1].startswith(f"step-00000008: {OPTIMIZER_FILE}: tensor fc7.0.weight has shape [2, 2]"), (
+        skipped
+    )
+    assert os.path.exists("/dev/zero")
+    cks.close()
+
+
+def _replace(d, name: str, data: bytes) -> None:
+    """Replace file ``name`` of checkpoint ``d`` and re-sign its manifest to match (a careful edit)."""
+    import hashlib
+
+    from cluster.checkpoint import _digest
+
+    (d / name).write_bytes(data)
+    m = json.loads((d / MANIFEST).read_text())
+    m["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    m["manifest_sha256"] = _digest(m)
+    (d / MANIFEST).write_text(json.dumps(m))
