@@ -391,8 +391,10 @@ def _header(url: str, name: str, f, size: int, digest) -> tuple[bytes, dict[str,
     """The safetensors header of ``f`` (``size`` bytes; the bytes read fed to ``digest``) and its
     tensors' shapes, checked before the tensors are read: a declared length within the file and
     :data:`MAX_HEADER_BYTES`, known dtypes, offsets that hold exactly each tensor's bytes."""
-    head = _read_exact(url, name, f, min(8, size), digest)
-    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+    if size < 8:
+        raise CorruptCheckpoint(url, f"{name}: {size} bytes, too short for a safetensors file")
+    head = _read_exact(url, name, f, 8, digest)
+    n = struct.unpack("<Q", head)[0]
     if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
         raise CorruptCheckpoint(url, f"{name}: its safetensors header declares {n} bytes in a file of {size}")
     raw = _read_exact(url, name, f, n, digest)
