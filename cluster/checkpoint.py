@@ -38,6 +38,7 @@ link itself is removed, and that is said.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -88,7 +89,7 @@ _DTYPE_BYTES = {
 # The tensors a file must hold: ``{name: shape}`` and whether it must hold all of them (``True``)
 # or may hold a subset (the optimizer's buffers). Given by the caller from the manifest's config
 # (:func:`cluster.manifest.expected_tensors`), checked against each safetensors header before the
-# file is read; raising KeyError, TypeError or ValueError there means a damaged manifest.
+# file is read; an exception raised there means a damaged manifest.
 Expected = dict[str, tuple[dict[str, list[int]], bool]]
 Expect = Callable[[dict[str, Any]], Expected]
 
@@ -299,8 +300,10 @@ def _open(url: str, name: str, size: int | None = None, cap: int | None = None):
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise CorruptCheckpoint(url, f"{name} is missing") from None
-        except OSError as e:  # ELOOP: the last component is a symlink; ENXIO: a FIFO or socket
-            raise _not_regular(url, name, _kind(os.lstat(path).st_mode)) from e
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENXIO):  # the last component is a symlink; a socket
+                raise _not_regular(url, name, _kind(os.lstat(path).st_mode)) from None
+            raise CorruptCheckpoint(url, f"{name} cannot be read ({e.strerror})") from None
         f = os.fdopen(fd, "rb", buffering=0)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -474,7 +477,7 @@ def load_checkpoint(
     one fails; ``url`` may be a run dir: its newest complete checkpoint (:func:`load_newest`).
 
     ``expect(manifest)`` gives the tensors each file must hold (from the manifest's config); an
-    error raised there (KeyError, TypeError, ValueError) is a damaged manifest."""
+    error raised there is a damaged manifest."""
     if not is_checkpoint(url):
         ck, skipped = load_newest(url, files, expect)
         if ck is None:
@@ -485,7 +488,7 @@ def load_checkpoint(
     if expect is not None:
         try:
             wants = expect(manifest)
-        except (KeyError, TypeError, ValueError) as e:
+        except Exception as e:  # whatever parsing an edited config or sizing its model raises
             raise CorruptCheckpoint(url, f"{MANIFEST}: {type(e).__name__}: {e}") from None
     tensors = {name: _read_tensors(url, manifest, name, wants.get(name)) for name in files}
     extra = {k: v for k, v in tensors.items() if k not in TRAIN_FILES}

@@ -198,14 +198,15 @@ class Manifest:
     def check_resume(self, cfg: JobConfig, plan: RunPlan, url: str) -> None:
         """Refuse a checkpoint this run cannot continue exactly (model, update rule, batch, data
         position)."""
+        saved = from_dict(self.config)  # parsed when the checkpoint was loaded (expected_tensors)
         model = cfg.to_dict()["model"]
-        if self.config.get("model") != model:
+        if saved.to_dict()["model"] != model:
             raise ValueError(
-                f"{url}: saved with model {self.config.get('model')}, this run has {model}; "
+                f"{url}: saved with model {saved.to_dict()['model']}, this run has {model}; "
                 "resume with the same [model] section (or start a new --run-dir)"
             )
-        check_resume_rule(self.config["optim"]["rule"], cfg.optim.rule, url)
-        b_saved = self.config.get("optim", {}).get("batch_size")
+        check_resume_rule(saved.optim.rule, cfg.optim.rule, url)
+        b_saved = saved.optim.batch_size
         if b_saved != cfg.optim.batch_size:
             raise ValueError(
                 f"{url}: saved with optim.batch_size={b_saved}, this run has {cfg.optim.batch_size}; "
