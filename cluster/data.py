@@ -45,7 +45,7 @@ from typing import Any
 import ray
 
 from alexnet.data.index import DatasetIndex
-from alexnet.data.reader import ReaderSpec, Stream, steps_per_epoch, upgrade_position
+from alexnet.data.reader import ReaderSpec, Stream, steps_per_epoch
 from alexnet.data.writer import BuildSummary, build_shards, build_synthetic
 from cluster.metrics import SKIP_REASONS
 from cluster.val import ValServer
@@ -398,7 +398,6 @@ class DataPool:
         self.steps_per_epoch = steps_per_epoch(index.count(spec.split), spec.batch_size)
         by_stream: dict[int, dict] = {}
         if positions is not None:
-            positions = [upgrade_position(p) for p in positions]
             if len(positions) != spec.streams or any(p["streams"] != spec.streams for p in positions):
                 raise ValueError(
                     f"{len(positions)} saved data positions for data.streams={spec.streams}: resume with "
