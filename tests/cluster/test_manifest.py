@@ -20,7 +20,7 @@ from cluster.config import load_config
 from cluster.manifest import Manifest, RunCheckpoints, expected_tensors, load_resume
 from cluster.plan import RunPlan
 
-PLAN = RunPlan(steps_per_epoch=5, total_steps=20, data_workers=2)
+PLAN = RunPlan(steps_per_epoch=5, total_steps=20, data_workers=2, data_streams=2)
 
 
 def _cfg(**sets):

@@ -103,7 +103,7 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
         cluster.wait_for_nodes()
         sets = {"data.workers": "2", "grid.placement_timeout_s": "60"}
         cfg = load_config(preset="demo", overrides=sets)
-        group = RayTrainerGroup(cfg, RunPlan(steps_per_epoch=11, total_steps=11, data_workers=2), url)
+        group = RayTrainerGroup(cfg, RunPlan(11, 11, data_workers=2, data_streams=2), url)
         grid = group.grid
         group._reserve()
         assert group.plan_pg.level == "stage" and group.plan_pg.bundle_of_worker == [0, 0]
@@ -139,7 +139,7 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
         # 5 workers beside 4 ranks need 9 CPUs of the 8: the error names the workers and the layout
         sets = {"data.workers": "5", "grid.placement_timeout_s": "2"}
         group = RayTrainerGroup(
-            load_config(preset="demo", overrides=sets), RunPlan(11, 11, data_workers=5), url
+            load_config(preset="demo", overrides=sets), RunPlan(11, 11, data_workers=5, data_streams=5), url
         )
         with pytest.raises(ValueError) as err:
             group._reserve()
@@ -220,7 +220,7 @@ def test_trainer_ranks_share_their_nodes_gpus_and_take_the_one_ray_assigned(ray_
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()
         cfg = load_config(preset="demo", overrides={"grid.gpus_per_rank": "1", "train.device": "auto"})
-        plan = RunPlan(steps_per_epoch=1, total_steps=1, data_workers=1)
+        plan = RunPlan(steps_per_epoch=1, total_steps=1, data_workers=1, data_streams=1)
         group = RayTrainerGroup(cfg, plan, "unused")
         actor_cls = ray.remote(TrainerActor)
         group.actors = [
