@@ -34,8 +34,6 @@ import torch
 from torch import Tensor, nn
 
 OPTIM_RULES = ("paper", "torch")
-# the rule of a checkpoint whose config has no optim.rule: written before the paper's rule existed
-RULE_BEFORE_RULES = "torch"
 
 
 class PaperSGD(torch.optim.Optimizer):
@@ -115,13 +113,11 @@ def make_optimizer(
     return PaperSGD([g for g in groups if g["params"]], lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def check_resume_rule(saved: str | None, rule: str, where: str) -> None:
+def check_resume_rule(saved: str, rule: str, where: str) -> None:
     """Refuse to resume momentum buffers written under another rule (see the module doc).
 
-    ``saved``: the checkpoint config's ``optim.rule`` (None: a checkpoint from before the rule
-    existed, written by torch's SGD); ``where``: the checkpoint, for the message.
+    ``saved``: the checkpoint config's ``optim.rule``; ``where``: the checkpoint, for the message.
     """
-    saved = saved or RULE_BEFORE_RULES
     if saved != rule:
         raise ValueError(
             f"{where}: its momentum buffers were written with optim.rule={saved!r}, this run has "

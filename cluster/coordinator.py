@@ -50,7 +50,7 @@ from torch import Tensor
 from cluster.checkpoint import Checkpoint
 from cluster.faults import CheckpointWriteFailed, DataLossBound, FailurePolicy, TrainerDied
 from cluster.lr_schedule import Cut, LRSchedule
-from cluster.manifest import Manifest, RunCheckpoints
+from cluster.manifest import Manifest, Preprocess, RunCheckpoints
 from cluster.metrics import Metrics
 from cluster.plan import Milestones
 from cluster.reporting import Reporter
@@ -108,7 +108,8 @@ class Coordinator:
 
     ``resume`` is a loaded checkpoint (or None for a fresh run), already checked for this run
     (:func:`cluster.manifest.load_resume`). ``report`` receives the events (default: metrics under
-    the run label ``run``, progress lines printed).
+    the run label ``run``, progress lines printed). ``preprocess``: what the checkpoints record
+    for inference (None: checkpoints that only resume, as the fake-group tests write).
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class Coordinator:
         run_dir: str,
         report: Reporter | None = None,
         resume: Checkpoint | None = None,
+        preprocess: Preprocess | None = None,
     ) -> None:
         cfg, plan = run.cfg, run.plan
         self.cfg, self.group, self.plan = cfg, group, plan
@@ -125,7 +127,9 @@ class Coordinator:
         self.report = report or Reporter(
             Metrics(run="run"), plan, cfg.optim.batch_size, cfg.train.log_every_steps
         )
-        self.checkpoints = RunCheckpoints(run_dir, cfg.checkpoint, plan, cfg.to_dict(), run.grid.to_dict())
+        self.checkpoints = RunCheckpoints(
+            run_dir, cfg.checkpoint, plan, cfg.to_dict(), run.grid.to_dict(), preprocess
+        )
         self.policy = FailurePolicy(cfg.faults)
         self.data_loss = DataLossBound(
             cfg.data.max_skipped_fraction, plan.steps_per_epoch * cfg.optim.batch_size

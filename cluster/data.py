@@ -315,11 +315,11 @@ class DataWorker:
         return self.val.stats()
 
 
-def locate(step: int, steps_per_epoch: int, workers: int, streams: int | None = None) -> tuple[int, int, int]:
+def locate(step: int, steps_per_epoch: int, workers: int, streams: int) -> tuple[int, int, int]:
     """Global step -> (worker, epoch, index): batch ``index`` of ``epoch`` is stream ``index % V``'s,
-    hosted by worker ``(index % V) % W`` (``streams`` None: V = W)."""
+    hosted by worker ``(index % V) % W``."""
     epoch, index = divmod(step, steps_per_epoch)
-    return (index % (streams or workers)) % workers, epoch, index
+    return (index % streams) % workers, epoch, index
 
 
 def _owner_died(e: BaseException) -> bool:
@@ -331,10 +331,10 @@ class DataClient:
     """Trainer-side handle (picklable): request and fetch a global step's batch from its worker."""
 
     def __init__(
-        self, workers: list, steps_per_epoch: int, timeout_s: float = DEFAULT_TIMEOUT_S, streams: int = 0
+        self, workers: list, steps_per_epoch: int, streams: int, timeout_s: float = DEFAULT_TIMEOUT_S
     ) -> None:
         self.workers, self.steps_per_epoch, self.timeout_s = list(workers), steps_per_epoch, timeout_s
-        self.streams = streams or len(self.workers)
+        self.streams = streams
 
     def request(self, step: int, consumer: int = 0, images: bool = True) -> ray.ObjectRef:
         """Ask for ``step``'s batch: a ref to ``[ref]`` (:meth:`DataWorker.get_batch`); moves this
@@ -417,7 +417,7 @@ class DataPool:
 
     def client(self) -> DataClient:
         """A picklable client for trainer actors."""
-        return DataClient(self.workers, self.steps_per_epoch, self.timeout_s, self.spec.streams)
+        return DataClient(self.workers, self.steps_per_epoch, self.spec.streams, self.timeout_s)
 
     def state(self, next_step: int) -> list[dict]:
         """JSON positions (one per stream) from which the pool resumes at global step ``next_step``."""
@@ -481,7 +481,6 @@ def start_pool(
         shuffle_buffer=d.shuffle_buffer,
         streams=plan.streams,
         encoded=run.decode_on_device,
-        rotate=plan.data_rotate,
         max_sample_bytes=d.max_sample_bytes,
     )
     return DataPool(

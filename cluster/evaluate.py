@@ -5,6 +5,8 @@ averaged over the four corners and the center, with their flips):
 
 * :func:`val_input`: a val batch's uint8 crops -> model input on the device;
 * :class:`ValScore`: the hit counts of one validation pass, per crop kind;
+* :func:`load_for_inference`: a checkpoint (or a run's newest) as a model in eval mode and its
+  preprocessing, from the checkpoint alone (what ``alexnet eval`` and ``alexnet predict`` start from);
 * :func:`score_model` / :func:`evaluate_checkpoint` (``alexnet eval``): a model (a checkpoint)
   scored in one process with the fused model; the trainer ranks score the same way inside the
   pipeline (:mod:`cluster.rank`), on batches the data workers decode once (:mod:`cluster.val`).
@@ -12,7 +14,8 @@ averaged over the four corners and the center, with their flips):
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -106,63 +109,95 @@ def score_model(
     return score.totals()
 
 
+class Loaded(NamedTuple):
+    """A checkpoint ready for inference (:func:`load_for_inference`)."""
+
+    model: torch.nn.Module  # the fused execution, in eval mode, on ``preprocess.mean``'s device
+    preprocess: Any  # cluster.manifest.Preprocess: classes, input size, mean, input_scale
+    config: Any  # the run's cluster.config.JobConfig, as the checkpoint records it
+    url: str  # the checkpoint directory read
+    step: int
+
+
+def load_for_inference(checkpoint: str, device: torch.device | None = None) -> Loaded:
+    """The model of ``checkpoint`` in eval mode on ``device`` (default: the local GPU if any) and its
+    preprocessing, from the checkpoint alone (no dataset). ``checkpoint`` may be a run directory: its
+    newest checkpoint whose model and mean files verify (newer ones skipped are named on stderr).
+
+    Only the model and mean files are read, each checked (:mod:`cluster.checkpoint`) and the model's
+    tensors checked against its config before anything is allocated; a checkpoint that fails is a
+    :class:`cluster.checkpoint.CorruptCheckpoint` (a run dir: the older one is taken)."""
+    from alexnet.model import FusedAlexNet
+    from cluster.config import from_dict
+    from cluster.manifest import Preprocess
+
+    ck = _load(checkpoint)
+    cfg = from_dict(ck.manifest["config"])  # parsed when the checkpoint was checked
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = FusedAlexNet(cfg.model_config())
+    model.load_state_dict(ck.model)  # the names and shapes were checked against this model
+    pre = Preprocess.from_checkpoint(ck)
+    pre = dataclasses.replace(pre, mean=pre.mean.to(device))
+    return Loaded(model.to(device).eval(), pre, cfg, ck.url, ck.step)
+
+
 def evaluate_checkpoint(
     checkpoint: str, data_url: str, batch_size: int = 0, max_samples: int = 0, ten_crop: bool = True
 ) -> dict[str, float]:
     """Center-crop and 10-crop top-1/top-5 error of a checkpoint on the val split (one process).
 
     Runs the fused execution (the same weights as any grid's, canonical keys) on CPU or the
-    local GPU. Only the model file is read (and verified): a checkpoint whose optimizer state is
-    damaged still evaluates. ``checkpoint`` may be a run directory: its newest checkpoint with a
-    complete model file (newer ones skipped are named on stderr).
+    local GPU, with the checkpoint's own classes and preprocessing (:func:`load_for_inference`):
+    ``data_url`` gives only the images, and must name the same classes in the same order. Only
+    the model and mean files are read: a checkpoint whose optimizer state is damaged still
+    evaluates.
     """
     from alexnet.data.index import DatasetIndex
-    from alexnet.model import FusedAlexNet
-    from cluster.config import from_dict
-    from cluster.manifest import Manifest
 
-    ck = _load_model(checkpoint)
-    cfg = from_dict(Manifest.from_json(ck.manifest).config)
-    mcfg = cfg.model_config()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = FusedAlexNet(mcfg)
-    model.load_state_dict(ck.model)
-    model.to(device).eval()
+    loaded = load_for_inference(checkpoint)
+    pre = loaded.preprocess
     index = DatasetIndex.load(data_url)
-    if index.num_classes != mcfg.num_classes:
+    if list(index.classes) != list(pre.classes):
         raise ValueError(
-            f"--data {data_url} has {index.num_classes} classes, the checkpoint's model {mcfg.num_classes}"
+            f"--data {data_url} has classes {_names(index.classes)}, the checkpoint {loaded.url} was "
+            f"trained on {_names(pre.classes)}: point --data at shards of the same classes"
         )
     if "val" not in index.meta["splits"] or index.count("val") == 0:
         raise ValueError(
             f"--data {data_url} has no val images: alexnet eval scores the val split; point --data at "
             "shards built with validation images (SRC/val/, or --val-fraction > 0)"
         )
-    mean = index.mean_tensor(mcfg.input_size, cfg.data.mean).to(device)
+    cfg = loaded.config
     bs = batch_size or cfg.eval.batch_size or cfg.optim.batch_size
     totals = score_model(
-        model, index, bs, mcfg.input_size, mean, cfg.data.input_scale, crop_kinds(ten_crop), max_samples
+        loaded.model, index, bs, pre.input_size, pre.mean, pre.input_scale, crop_kinds(ten_crop), max_samples
     )
     errs = crop_errors(totals)
     out: dict[str, float] = {k: errs[k] for k in ("top1_error", "top5_error")}
     out["samples"] = int(totals["center"]["n"])
     out.update({k: v for k, v in errs.items() if k.endswith("_10crop")})
-    out["step"] = ck.step
+    out["step"] = loaded.step
     return out
 
 
-def _load_model(checkpoint: str):
-    """The checkpoint's model weights and manifest (no optimizer state): ``checkpoint`` itself, or
-    the newest checkpoint of a run dir whose model file is complete."""
+def _names(classes) -> str:
+    shown = ", ".join(list(classes)[:4])
+    return f"[{shown}{', ...' if len(classes) > 4 else ''}] ({len(classes)})"
+
+
+def _load(checkpoint: str):
+    """The checkpoint's model weights, mean and manifest (no optimizer state), each verified:
+    ``checkpoint`` itself, or the newest checkpoint of a run dir whose files for inference verify."""
     import sys
 
-    from cluster.checkpoint import is_checkpoint, load_checkpoint, load_newest
+    from cluster.checkpoint import INFERENCE_FILES, is_checkpoint, load_checkpoint, load_newest
+    from cluster.manifest import expected_tensors
 
     if is_checkpoint(checkpoint):
-        return load_checkpoint(checkpoint, optimizer=False)
-    ck, skipped = load_newest(checkpoint, optimizer=False)
+        return load_checkpoint(checkpoint, INFERENCE_FILES, expected_tensors)
+    ck, skipped = load_newest(checkpoint, INFERENCE_FILES, expected_tensors)
     if ck is None:  # the error naming the directory and what was skipped
-        return load_checkpoint(checkpoint, optimizer=False)
+        return load_checkpoint(checkpoint, INFERENCE_FILES, expected_tensors)
     for line in skipped:
         print(f"alexnet eval: skipped newer checkpoint {line}", file=sys.stderr, flush=True)
     return ck

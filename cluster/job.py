@@ -32,7 +32,7 @@ import fsspec
 from cluster.checkpoint import Checkpoint, join_url, latest_checkpoint, scan_checkpoints
 from cluster.config import JobConfig
 from cluster.coordinator import FAILED, FINISHED, Coordinator
-from cluster.manifest import Manifest, load_resume
+from cluster.manifest import Manifest, Preprocess, load_resume
 from cluster.metrics import Metrics
 from cluster.plan import RunPlan, plan_run
 from cluster.reporting import Reporter, write_bytes, write_outputs
@@ -82,14 +82,11 @@ def run_training(
     if from_checkpoint is not None and not resume:
         raise ValueError(f"--from-checkpoint {from_checkpoint} continues a run: add --resume")
     cfg = cfg.for_data(data_url)  # model.input_size from the stored images when unset
-    plan, _index = plan_run(cfg, data_url)
+    plan, index = plan_run(cfg, data_url)
     check_run_dir(run_dir)
     ck = _resume_point(run_dir, resume, cfg, plan, from_checkpoint)
     if ck is not None:  # a resumed run reads the epoch as the streams its checkpoints record
-        saved = Manifest.from_json(ck.manifest)
-        plan = dataclasses.replace(
-            plan, data_streams=saved.streams_for(cfg, plan), data_rotate=saved.data_rotate
-        )
+        plan = dataclasses.replace(plan, data_streams=Manifest.from_json(ck.manifest).streams_for(cfg, plan))
     run = resolve_run(cfg, data_url, plan)  # what every actor takes as it is
     write_bytes(join_url(run_dir, "config.toml"), cfg.to_toml().encode())  # `--config` it to rerun
     name = run_dir.rstrip("/").rsplit("/", 1)[-1] or "run"
@@ -102,7 +99,7 @@ def run_training(
         metrics.close()
         raise
     report = Reporter(metrics, plan, cfg.optim.batch_size, cfg.train.log_every_steps)
-    coord = Coordinator(run, group, run_dir, report, resume=ck)
+    coord = Coordinator(run, group, run_dir, report, resume=ck, preprocess=Preprocess.of(cfg, index))
     del ck  # the coordinator loads the tensors into the group, then lets them go
     trace = _drive(coord, group, metrics, cfg.metrics.trace_steps, on_coordinator)
     state = coord.state

@@ -6,14 +6,20 @@
 
     step, epoch                  the step reached (the next one to run) and its epoch
     schedule                     the learning-rate rule's state (cluster.lr_schedule)
-    data.workers, .positions     the data workers' count and stream positions at ``step``
+    data.workers, .streams       the data workers' count and the epoch's virtual streams
+    data.positions               the streams' positions at ``step``
     data.steps_per_epoch         batches per epoch: the data position is counted in them
-    config                       the whole job config (JobConfig.to_dict)
+    config                       the whole job config (JobConfig.to_dict), the model's switches too
     grid                         the grid that wrote it (pipeline.grid.Grid.to_dict), for the record
+    inference                    what inference needs besides the weights (:class:`Preprocess`):
+                                 classes, input_size, input_scale, mean (its kind; the tensor is
+                                 the checkpoint's mean.safetensors)
 
-Older checkpoints also hold ``epoch_complete`` (derived from the step) and ``rng`` (the run's
-seed, also in ``config``, and the driver's torch RNG, which nothing draws from: every random
-draw is a function of seeds, steps and sample indices); both are read past and no longer written.
+Every entry is covered by the manifest's own sha256 and every file by its sha256
+(:mod:`cluster.checkpoint`); :func:`expected_tensors` parses the entries and gives the shapes the
+tensor files must have, so a checkpoint whose entries do not parse, or whose tensors do not fit its
+config, is a damaged one (the loaders then take an older checkpoint), and nothing is allocated
+for a model the tensors are not.
 
 :meth:`Manifest.check_resume` refuses a checkpoint a run cannot continue exactly;
 :class:`RunCheckpoints` is the coordinator's checkpoint management (assemble, write, find the
@@ -26,20 +32,103 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from alexnet.data.index import DatasetIndex
+from alexnet.model import TwoColumnAlexNet
 from alexnet.optim import check_resume_rule
 from cluster.checkpoint import (
+    MEAN_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
     Checkpoint,
     CheckpointManager,
     CheckpointRecord,
+    CorruptCheckpoint,
+    Expected,
     list_checkpoints,
     load_checkpoint,
     load_newest,
 )
-from cluster.config import CheckpointSection, JobConfig
+from cluster.config import CheckpointSection, JobConfig, from_dict
 from cluster.faults import CheckpointWriteFailed
 from cluster.plan import RunPlan
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What turns an image into the model's input, as a checkpoint records it: the class names (in
+    label order), the crop side, and ``input = (pixels - mean) * input_scale``."""
+
+    classes: tuple[str, ...]
+    input_size: int
+    input_scale: float
+    mean_kind: str  # data.mean: "image" (the per-pixel mean image) or "rgb" (the mean pixel)
+    mean: Tensor  # (3, S, S) for "image", (3, 1, 1) for "rgb"; pixel units 0-255, float32
+
+    @classmethod
+    def of(cls, cfg: JobConfig, index: DatasetIndex) -> Preprocess:
+        """The preprocessing of run ``cfg`` (``model.input_size`` resolved) on the dataset ``index``."""
+        size = cfg.model_config().input_size
+        mean = index.mean_tensor(size, cfg.data.mean)
+        return cls(tuple(index.classes), size, float(cfg.data.input_scale), cfg.data.mean, mean)
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``inference`` entry (the mean tensor goes to its own file)."""
+        return {
+            "classes": list(self.classes),
+            "input_size": self.input_size,
+            "input_scale": self.input_scale,
+            "mean": self.mean_kind,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, ck: Checkpoint) -> Preprocess:
+        """The preprocessing checkpoint ``ck`` records (loaded with its mean file; checked by
+        :func:`expected_tensors` when it was loaded)."""
+        if MEAN_FILE not in ck.extra:
+            raise CorruptCheckpoint(ck.url, f"{MEAN_FILE} was not loaded")
+        inf = ck.manifest["inference"]
+        mean = ck.extra[MEAN_FILE]["mean"]
+        return cls(tuple(inf["classes"]), inf["input_size"], float(inf["input_scale"]), inf["mean"], mean)
+
+
+def _check_inference(inf: Any, num_classes: int, input_size: int) -> tuple[int, ...]:
+    """The shape of the mean tensor the ``inference`` entry ``inf`` describes, after checking it
+    against the model's config (a ``ValueError`` or ``TypeError`` says what is wrong)."""
+    if not isinstance(inf, dict):
+        raise ValueError("no inference entry (classes, input_size, input_scale, mean)")
+    classes = inf["classes"]
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise TypeError("inference.classes is not a list of names")
+    if len(classes) != num_classes:
+        raise ValueError(f"inference.classes names {len(classes)} classes, the model has {num_classes}")
+    if inf["input_size"] != input_size:
+        raise ValueError(f"inference.input_size={inf['input_size']}, the model's is {input_size}")
+    if not isinstance(inf["input_scale"], (int, float)) or isinstance(inf["input_scale"], bool):
+        raise TypeError("inference.input_scale is not a number")
+    shapes = {"image": (3, input_size, input_size), "rgb": (3, 1, 1)}
+    if inf["mean"] not in shapes:
+        raise ValueError(f"inference.mean={inf['mean']!r}: not 'image' or 'rgb'")
+    return shapes[inf["mean"]]
+
+
+def expected_tensors(manifest: dict[str, Any]) -> Expected:
+    """The tensors each file of a checkpoint with ``manifest`` must hold: the model of its config
+    (built on the meta device: shapes only, nothing allocated), the optimizer's buffers (a subset of
+    the same), and the mean its ``inference`` entry describes. Parses every run entry on the way
+    (:meth:`Manifest.from_json`): what does not parse raises (a damaged manifest)."""
+    m = Manifest.from_json(manifest)
+    mcfg = from_dict(m.config).model_config()
+    with torch.device("meta"):
+        model = TwoColumnAlexNet(mcfg)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    out: Expected = {MODEL_FILE: (shapes, True), OPTIMIZER_FILE: (shapes, False)}
+    if m.inference is not None:
+        mean = _check_inference(m.inference, mcfg.num_classes, mcfg.input_size)
+        out[MEAN_FILE] = ({"mean": list(mean)}, True)
+    return out
 
 
 @dataclass(frozen=True)
@@ -49,21 +138,18 @@ class Manifest:
     step: int
     epoch: int
     lr_schedule: dict[str, Any]  # LRSchedule.state_dict()
-    data_workers: int | None
-    data_positions: list[dict] | None
-    steps_per_epoch: int | None  # None: a checkpoint that did not record it
+    data_workers: int
+    data_positions: list[dict]
+    steps_per_epoch: int
     config: dict[str, Any]
+    data_streams: int  # the epoch's virtual streams, which the positions belong to
     grid: dict[str, Any] | None = None
-    # the epoch's virtual streams; None: written before streams existed, when worker w of W read
-    # what stream w of V = W reads now (:func:`alexnet.data.reader.upgrade_position`)
-    data_streams: int | None = None
-    # whether the epoch plan rotates the shard sequence (False: written before it did)
-    data_rotate: bool = False
+    inference: dict[str, Any] | None = None  # Preprocess.to_json(); None: a checkpoint for resuming only
 
     @property
-    def streams(self) -> int | None:
+    def streams(self) -> int:
         """The streams its data positions belong to."""
-        return self.data_streams if self.data_streams is not None else self.data_workers
+        return self.data_streams
 
     def to_json(self) -> dict[str, Any]:
         """The manifest entries (JSON-able) this object stands for."""
@@ -74,7 +160,6 @@ class Manifest:
             "data": {
                 "workers": self.data_workers,
                 "streams": self.data_streams,
-                "rotate": self.data_rotate,
                 "positions": self.data_positions,
                 "steps_per_epoch": self.steps_per_epoch,
             },
@@ -82,42 +167,52 @@ class Manifest:
         }
         if self.grid is not None:
             out["grid"] = self.grid
+        if self.inference is not None:
+            out["inference"] = self.inference
         return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Manifest:
-        """Read a checkpoint's manifest (any checkpoint of format version 1)."""
-        data = d.get("data", {})
+        """Read a checkpoint's manifest; a missing entry or one of the wrong type raises KeyError,
+        TypeError or ValueError (a damaged manifest: see :func:`expected_tensors`)."""
+        data = d["data"]
+        positions = data["positions"]
+        if not (isinstance(positions, list) and all(isinstance(p, dict) for p in positions)):
+            raise TypeError("data.positions is not a list of positions")
+        for key, value in (("schedule", d["schedule"]), ("config", d["config"])):
+            if not isinstance(value, dict):
+                raise TypeError(f"{key} is not a table")
         return cls(
-            step=int(d["step"]),
-            epoch=int(d.get("epoch", 0)),
+            step=_int(d["step"]),
+            epoch=_int(d["epoch"]),
             lr_schedule=d["schedule"],
-            data_workers=data.get("workers"),
-            data_positions=data.get("positions"),
-            steps_per_epoch=data.get("steps_per_epoch"),
-            config=d.get("config", {}),
+            data_workers=_int(data["workers"]),
+            data_positions=positions,
+            steps_per_epoch=_int(data["steps_per_epoch"]),
+            config=d["config"],
+            data_streams=_int(data["streams"]),
             grid=d.get("grid"),
-            data_streams=data.get("streams"),
-            data_rotate=bool(data.get("rotate", False)),
+            inference=d.get("inference"),
         )
 
     def check_resume(self, cfg: JobConfig, plan: RunPlan, url: str) -> None:
         """Refuse a checkpoint this run cannot continue exactly (model, update rule, batch, data
         position)."""
+        saved = from_dict(self.config)  # parsed when the checkpoint was loaded (expected_tensors)
         model = cfg.to_dict()["model"]
-        if self.config.get("model") != model:
+        if saved.to_dict()["model"] != model:
             raise ValueError(
-                f"{url}: saved with model {self.config.get('model')}, this run has {model}; "
+                f"{url}: saved with model {saved.to_dict()['model']}, this run has {model}; "
                 "resume with the same [model] section (or start a new --run-dir)"
             )
-        check_resume_rule(self.config.get("optim", {}).get("rule"), cfg.optim.rule, url)
-        b_saved = self.config.get("optim", {}).get("batch_size")
+        check_resume_rule(saved.optim.rule, cfg.optim.rule, url)
+        b_saved = saved.optim.batch_size
         if b_saved != cfg.optim.batch_size:
             raise ValueError(
                 f"{url}: saved with optim.batch_size={b_saved}, this run has {cfg.optim.batch_size}; "
                 f"the data position is counted in batches: --set optim.batch_size={b_saved}"
             )
-        if self.steps_per_epoch is not None and self.steps_per_epoch != plan.steps_per_epoch:
+        if self.steps_per_epoch != plan.steps_per_epoch:
             raise ValueError(
                 f"{url}: saved with {self.steps_per_epoch} steps per epoch, the dataset at --data gives "
                 f"{plan.steps_per_epoch}; the data position is counted in steps of that dataset: "
@@ -125,7 +220,7 @@ class Manifest:
             )
         at_epoch_end = self.step % plan.steps_per_epoch == 0
         saved, want = self.streams, self.streams_for(cfg, plan)
-        if saved is not None and saved != want and not at_epoch_end:
+        if saved != want and not at_epoch_end:
             raise ValueError(
                 f"{url}: step {self.step} is inside an epoch, whose sample order belongs to "
                 f"data.streams={saved}; resume with --set data.streams={saved} (or 0: the checkpoint's) "
@@ -140,7 +235,7 @@ class Manifest:
     def streams_for(self, cfg: JobConfig, plan: RunPlan) -> int:
         """The streams a resumed run reads: the checkpoint's unless ``data.streams`` sets others
         (a run keeps its sample order; data.workers may change)."""
-        if cfg.data.streams == 0 and self.streams is not None:
+        if cfg.data.streams == 0:
             return self.streams
         return plan.streams
 
@@ -163,7 +258,7 @@ def load_resume(
     another history).
     """
     if start is None:
-        ck, skipped = load_newest(run_dir)
+        ck, skipped = load_newest(run_dir, expect=expected_tensors)
         if ck is None and skipped:
             raise ValueError(
                 f"--resume: no complete checkpoint in --run-dir {run_dir} ({'; '.join(skipped)}): "
@@ -171,7 +266,7 @@ def load_resume(
                 "to start the run again"
             )
     else:
-        ck, skipped = load_checkpoint(start), []
+        ck, skipped = load_checkpoint(start, expect=expected_tensors), []
         newer = [url for step, url in list_checkpoints(run_dir) if step > ck.step]
         if newer:
             raise ValueError(
@@ -183,6 +278,12 @@ def load_resume(
     if ck is not None:
         Manifest.from_json(ck.manifest).check_resume(cfg, plan, ck.url)
     return ck, skipped
+
+
+def _int(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{v!r} is not an integer")
+    return v
 
 
 class RunCheckpoints:
@@ -201,8 +302,10 @@ class RunCheckpoints:
         plan: RunPlan,
         config: dict[str, Any],
         grid: dict[str, Any] | None = None,
+        preprocess: Preprocess | None = None,
     ) -> None:
         self.run_dir, self.plan, self.config, self.grid = run_dir, plan, config, grid
+        self.preprocess = preprocess  # None: checkpoints to resume from only (no eval); tests
         self.writer = CheckpointManager(run_dir, section.keep, section.background)
         self.max_failed_writes = section.max_failed_writes
         self.last_step = -1  # the step of the newest checkpoint saved or restored (-1: none)
@@ -224,13 +327,14 @@ class RunCheckpoints:
             lr_schedule=lr_schedule,
             data_workers=self.plan.data_workers,
             data_streams=self.plan.streams,
-            data_rotate=self.plan.data_rotate,
             data_positions=positions,
             steps_per_epoch=self.plan.steps_per_epoch,
             config=self.config,
             grid=self.grid,
+            inference=None if self.preprocess is None else self.preprocess.to_json(),
         )
-        fut = self.writer.save(step, model, optimizer, manifest.to_json(), copy=False)
+        extra = None if self.preprocess is None else {MEAN_FILE: {"mean": self.preprocess.mean}}
+        fut = self.writer.save(step, model, optimizer, manifest.to_json(), copy=False, extra=extra)
         self.last_step = step
         return fut
 
@@ -249,7 +353,7 @@ class RunCheckpoints:
         """The newest checkpoint that is complete and verifies (None: none), and one line per
         newer one skipped (see :func:`cluster.checkpoint.load_newest`)."""
         self.writer.wait(raise_errors=False)
-        return load_newest(self.run_dir)
+        return load_newest(self.run_dir, expect=expected_tensors)
 
     @property
     def failing(self) -> bool:

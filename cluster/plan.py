@@ -25,15 +25,12 @@ class RunPlan:
     steps_per_epoch: int
     total_steps: int
     data_workers: int
-    data_streams: int = 0  # V: the epoch's virtual streams (0: as many as data_workers)
-    # each epoch's shard sequence cut at a per-epoch offset (alexnet.data.reader.epoch_segments);
-    # False for a run resumed from checkpoints written before that, which keeps their sample order
-    data_rotate: bool = True
+    data_streams: int  # V: the epoch's virtual streams (data.streams resolved: resolve_streams)
 
     @property
     def streams(self) -> int:
         """The number of virtual streams the epoch is read as (see :mod:`alexnet.data.reader`)."""
-        return self.data_streams or self.data_workers
+        return self.data_streams
 
 
 def plan_run(cfg: JobConfig, data_url: str) -> tuple[RunPlan, DatasetIndex]:

@@ -7,8 +7,7 @@ Epoch plan (training)
     like the seed, stored in its checkpoints; not of the worker count). Batch ``t`` comes from stream
     ``t % V``, so stream ``v`` owns ``n_v = len(range(v, T, V))`` batches. The shards are permuted with
     a seed derived from (seed, epoch), laid end to end and rotated by a per-epoch offset (so a plan of
-    few shards is not cut at the same samples every epoch; ``ReaderSpec.rotate``, off for runs whose
-    checkpoints were written before it); stream ``v`` reads the contiguous run of
+    few shards is not cut at the same samples every epoch); stream ``v`` reads the contiguous run of
     ``n_v * B`` samples after those of streams ``< v``. The split is at sample granularity (a run may
     start or end inside a shard), so every stream has exactly the samples its batches need whatever the
     shard sizes, no stream is ever empty, and every sample of the epoch is read exactly once. ``V > T``
@@ -77,11 +76,10 @@ class ReaderSpec:
 
     url: shard directory; batch_size: global batch B; input_size: crop side S; workers: W (the
     actors hosting the streams); seed: augmentation and shuffle seed; shuffle_buffer: records per
-    stream (0 = no buffer, shard order only); streams: V (0: as many as ``workers``, the layout of
-    checkpoints written before streams existed); encoded: ship JPEG bytes and augmentation
-    parameters instead of decoded crops (:mod:`alexnet.data.encoded`; the trainer decodes);
-    rotate: cut each epoch's shard sequence at a per-epoch offset (:func:`epoch_segments`);
-    max_sample_bytes: a shard member larger than this is a corrupt sample, never read.
+    stream (0 = no buffer, shard order only); streams: V, the epoch's virtual streams (a property of
+    the run: :func:`resolve_streams`); encoded: ship JPEG bytes and augmentation parameters instead
+    of decoded crops (:mod:`alexnet.data.encoded`; the trainer decodes); max_sample_bytes: a shard
+    member larger than this is a corrupt sample, never read.
     """
 
     url: str
@@ -91,9 +89,8 @@ class ReaderSpec:
     seed: int = 0
     shuffle_buffer: int = 1000
     split: str = "train"
-    streams: int = 0
+    streams: int = 1
     encoded: bool = False
-    rotate: bool = True
     max_sample_bytes: int = MAX_MEMBER_BYTES
 
     def __post_init__(self) -> None:
@@ -101,8 +98,8 @@ class ReaderSpec:
             raise ValueError(f"batch_size={self.batch_size}: must be positive")
         if self.workers < 1:
             raise ValueError(f"data workers={self.workers}: need at least 1")
-        if self.streams == 0:
-            object.__setattr__(self, "streams", self.workers)
+        if self.streams < 1:
+            raise ValueError(f"streams={self.streams}: need at least 1 (resolve data.streams=0 first)")
         if self.workers > self.streams:
             raise ValueError(streams_message(self.workers, self.streams))
         if self.shuffle_buffer < 0:
@@ -158,13 +155,13 @@ def check_plan(
     batch_size: int,
     input_size: int,
     workers: int,
+    streams: int,
     split: str = "train",
-    streams: int | None = None,
 ) -> int:
     """The one check of a reader's sizes against the dataset; returns the batches per epoch.
 
     Refuses crops larger than the stored images, a batch larger than the split, more streams than
-    batches and more data workers than streams (``streams``: V; None: as many as ``workers``; 0:
+    batches and more data workers than streams (``streams``: V, ``data.streams``; 0:
     :func:`resolve_streams`). The messages name the job-config keys, since that is where a user
     sets these.
     """
@@ -173,7 +170,7 @@ def check_plan(
     t = steps_per_epoch(n, batch_size)
     if t < 1:
         raise ValueError(f"optim.batch_size={batch_size} exceeds the {n} {split} images: use a smaller batch")
-    v = workers if streams is None else resolve_streams(streams, t)
+    v = resolve_streams(streams, t)
     if workers > t:
         raise ValueError(
             f"data.workers={workers} exceeds the {t} batches of {batch_size} per epoch ({n} "
@@ -190,10 +187,9 @@ def _rng(*words: int) -> np.random.Generator:
 
 
 def epoch_segments(
-    shards: list[ShardInfo], epoch: int, seed: int, streams: int, batch_size: int, rotate: bool = True
+    shards: list[ShardInfo], epoch: int, seed: int, streams: int, batch_size: int
 ) -> list[list[Segment]]:
-    """Per stream, the shard segments it reads in ``epoch`` (see module docstring; ``rotate``
-    False: the plan of runs started before the rotation, which their checkpoints resume into)."""
+    """Per stream, the shard segments it reads in ``epoch`` (see module docstring)."""
     total = sum(s.count for s in shards)
     t = steps_per_epoch(total, batch_size)
     _check_streams(streams, t, batch_size, total)
@@ -204,7 +200,7 @@ def epoch_segments(
     # buffer only mixes within its run). With it the cut points move by a random amount each epoch,
     # at the cost of one shard read in two pieces.
     pieces = [(shards[k].url, 0, shards[k].count) for k in order if shards[k].count > 0]
-    o = int(_rng(seed, epoch, 0x0F5E).integers(total)) if total and rotate else 0
+    o = int(_rng(seed, epoch, 0x0F5E).integers(total)) if total else 0
     for i, (url, _, n) in enumerate(pieces):
         if o < n:
             head = [(url, o, n)] + pieces[i + 1 :] + pieces[:i]
@@ -280,7 +276,7 @@ class Stream:
         self.spec, self.stream = spec, stream
         self.index = index or DatasetIndex.load(spec.url)
         self.steps_per_epoch = check_plan(
-            self.index, spec.batch_size, spec.input_size, spec.workers, spec.split, spec.streams
+            self.index, spec.batch_size, spec.input_size, spec.workers, spec.streams, spec.split
         )
         self.shards = self.index.shards(spec.split)
         light = lighting_matrix(self.index.eigenvalues, self.index.eigenvectors)
@@ -346,7 +342,7 @@ class Stream:
     def _records(self, epoch: int) -> Iterator[tuple[int, Record]]:
         """(pass, Record): this stream's run of ``epoch``, then padding passes for as long as pulled."""
         s = self.spec
-        plan = epoch_segments(self.shards, epoch, s.seed, s.streams, s.batch_size, s.rotate)
+        plan = epoch_segments(self.shards, epoch, s.seed, s.streams, s.batch_size)
         segments = plan[self.stream]
         self.stats.epoch = epoch  # the epochs of a stream are read one after the other
         for p in itertools.count():

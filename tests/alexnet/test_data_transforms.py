@@ -93,7 +93,9 @@ def test_same_sample_same_augmentation_in_any_worker(tmp_path):
     build_synthetic(400, url, size=40, classes=4, shard_size=50, workers=1, progress=False)
 
     def by_key(workers: int) -> dict:
-        spec = ReaderSpec(url, batch_size=20, input_size=32, workers=workers, seed=5, shuffle_buffer=30)
+        spec = ReaderSpec(
+            url, batch_size=20, input_size=32, workers=workers, seed=5, shuffle_buffer=30, streams=workers
+        )
         out = {}
         for b in epoch_batches(spec, epoch=2):
             for i, k in enumerate(b["keys"]):

@@ -139,6 +139,6 @@ def test_bad_rule_and_cross_rule_resume_are_refused():
         make_optimizer(_params().items(), "adam")
     check_resume_rule("paper", "paper", "ck")
     with pytest.raises(ValueError, match=r"optim.rule='torch'.*--set optim.rule=torch"):
-        check_resume_rule(None, "paper", "ck")  # a checkpoint from before the rule: torch's SGD
+        check_resume_rule("torch", "paper", "ck")
     with pytest.raises(ValueError, match="--set optim.rule=paper"):
         check_resume_rule("paper", "torch", "ck")

@@ -13,6 +13,7 @@ from alexnet.config import ModelConfig
 from alexnet.model import FusedAlexNet, TwoColumnAlexNet
 from cluster.checkpoint import (
     MANIFEST,
+    MODEL_FILE,
     CheckpointManager,
     CorruptCheckpoint,
     latest_checkpoint,
@@ -185,7 +186,7 @@ def test_a_checkpoint_missing_a_file_is_skipped_for_the_older_one(tmp_path):
     ck, skipped = load_newest(run)
     assert ck.step == 4 and skipped == ["step-00000008: optimizer.safetensors is missing"]
     # the model file alone is complete: what alexnet eval reads
-    ck, skipped = load_newest(run, optimizer=False)
+    ck, skipped = load_newest(run, (MODEL_FILE,))
     assert ck.step == 8 and ck.optimizer == {} and skipped == []
     with pytest.raises(CorruptCheckpoint) as e:
         load_checkpoint(f"{run}/checkpoints/step-00000008")
@@ -291,3 +292,32 @@ def test_manager_records_failed_writes_until_one_succeeds(tmp_path, monkeypatch)
     mgr.save(3, model, opt)
     assert mgr.wait().step == 3 and mgr.failures == []
     mgr.close()
+
+
+# -- untrusted: links, edits -----------------------------------------------------------------------
+
+
+def test_an_edited_manifest_entry_is_a_damaged_checkpoint(tmp_path):
+    """Every entry (config, positions, ...) is covered by the manifest's own sha256."""
+    run = _run_with(tmp_path)
+    m = _file(run, 8, MANIFEST)
+    d = json.loads(m.read_text())
+    d["epoch"] = 3
+    m.write_text(json.dumps(d))
+    ck, skipped = load_newest(run)
+    assert ck.step == 4
+    assert skipped == ["step-00000008: manifest.json: its entries differ from its sha256 (edited or damaged)"]
+
+
+def test_a_write_never_goes_through_a_link_into_another_run(tmp_path, capsys):
+    other = _run_with(tmp_path / "other", (4,))
+    before = {p.name: p.read_bytes() for p in _file(other, 4, "").iterdir()}
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000004").symlink_to(_file(other, 4, ""))
+    model, opt = _state()
+    write_checkpoint(str(run), 4, {k: v + 1 for k, v in model.items()}, opt)
+    assert "removed a symlink" in capsys.readouterr().out
+    assert not (run / "checkpoints" / "step-00000004").is_symlink()
+    assert {p.name: p.read_bytes() for p in _file(other, 4, "").iterdir()} == before
+    assert torch.equal(load_checkpoint(str(run)).model["conv1.0.bias"], model["conv1.0.bias"] + 1)

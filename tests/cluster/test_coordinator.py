@@ -96,7 +96,7 @@ def _coordinator(tmp_path, group, total=12, spe=5, resume=None, log=None, **sets
     overrides = {"train.steps_per_call": 3, "checkpoint.every_steps": 4, "checkpoint.background": False}
     overrides.update(sets)
     cfg = load_config(preset="demo", overrides=overrides)
-    plan = RunPlan(steps_per_epoch=spe, total_steps=total, data_workers=2)
+    plan = RunPlan(steps_per_epoch=spe, total_steps=total, data_workers=2, data_streams=2)
     report = Reporter(
         Metrics("t"), plan, cfg.optim.batch_size, cfg.train.log_every_steps, log=log or (lambda s: None)
     )

@@ -25,7 +25,13 @@ def syn(tmp_path_factory) -> str:
 
 def _spec(url: str, workers: int = 2, streams: int = 0) -> ReaderSpec:
     return ReaderSpec(
-        url, batch_size=B, input_size=32, workers=workers, seed=11, shuffle_buffer=40, streams=streams
+        url,
+        batch_size=B,
+        input_size=32,
+        workers=workers,
+        seed=11,
+        shuffle_buffer=40,
+        streams=streams or workers,
     )
 
 

@@ -10,7 +10,7 @@ from cluster.reporting import Reporter
 def test_total_steps_is_exported_from_the_start():
     assert "alexnet_total_steps" in exported_names()
     metrics = Metrics("r")
-    report = Reporter(metrics, RunPlan(steps_per_epoch=5, total_steps=504, data_workers=2), 32, 10, log=print)
+    report = Reporter(metrics, RunPlan(5, 504, 2, data_streams=2), 32, 10, log=print)
     report.begin(step=120, lr=0.01, state="starting")
     get = metrics.registry.get_sample_value
     assert get("alexnet_total_steps", {"run": "r"}) == 504

@@ -105,9 +105,7 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
         cluster.wait_for_nodes()
         sets = {"data.workers": "2", "grid.placement_timeout_s": "60"}
         cfg = load_config(preset="demo", overrides=sets)
-        group = RayTrainerGroup(
-            resolve_run(cfg, url, RunPlan(steps_per_epoch=11, total_steps=11, data_workers=2))
-        )
+        group = RayTrainerGroup(resolve_run(cfg, url, RunPlan(11, 11, data_workers=2, data_streams=2)))
         grid = group.grid
         res = group.reservation
         res.reserve()
@@ -141,7 +139,7 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
         # 5 workers beside 4 ranks need 9 CPUs of the 8: the error names the workers and the layout
         sets = {"data.workers": "5", "grid.placement_timeout_s": "2"}
         cfg = load_config(preset="demo", overrides=sets)
-        group = RayTrainerGroup(resolve_run(cfg, url, RunPlan(11, 11, data_workers=5)))
+        group = RayTrainerGroup(resolve_run(cfg, url, RunPlan(11, 11, data_workers=5, data_streams=5)))
         with pytest.raises(ValueError) as err:
             group.reservation.reserve()
         text = str(err.value)
@@ -222,7 +220,7 @@ def test_trainer_ranks_share_their_nodes_gpus_and_take_the_one_ray_assigned(ray_
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()
         cfg = load_config(preset="demo", overrides={"grid.gpus_per_rank": "1", "train.device": "auto"})
-        plan = RunPlan(steps_per_epoch=1, total_steps=1, data_workers=1)
+        plan = RunPlan(steps_per_epoch=1, total_steps=1, data_workers=1, data_streams=1)
         run = resolve_run(cfg, "unused", plan)
         group = RayTrainerGroup(run)
         actor_cls = ray.remote(TrainerActor)

@@ -114,7 +114,7 @@ def test_a_chunk_never_runs_past_a_boundary(kw):
 
 def test_milestones_of_a_config():
     cfg = load_config(preset="demo", overrides={"checkpoint.every_steps": 7, "eval.every_epochs": 2})
-    m = Milestones.of(cfg, RunPlan(steps_per_epoch=9, total_steps=50, data_workers=2))
+    m = Milestones.of(cfg, RunPlan(steps_per_epoch=9, total_steps=50, data_workers=2, data_streams=2))
     assert (m.steps_per_epoch, m.total_steps, m.steps_per_call) == (9, 50, cfg.train.steps_per_call)
     assert (m.checkpoint_every, m.checkpoint_at_epoch_end, m.eval_every_epochs) == (7, True, 2)
 
