@@ -149,6 +149,7 @@ class _ActivationMeter:
 
 
 LRN_KERNEL_CHOICES = ("auto", "eager", "compiled")
+COMPILE_CHOICES = ("off", "on")  # train.compile
 _INFER = -1  # the timeline's step number of inference spans
 
 
@@ -196,6 +197,7 @@ class Engine:
         cudnn_benchmark: bool | None = None,
         fused: bool | None = None,
         lrn_kernel: str = "auto",
+        compile: str = "off",
     ) -> None:
         g = groups.grid
         if (g.replicas, g.stages, g.columns) != (grid.replicas, grid.stages, grid.columns):
@@ -205,6 +207,8 @@ class Engine:
             )
         if lrn_kernel not in LRN_KERNEL_CHOICES:
             raise ValueError(f"train.lrn_kernel={lrn_kernel!r}: use one of {LRN_KERNEL_CHOICES}")
+        if compile not in COMPILE_CHOICES:
+            raise ValueError(f"train.compile={compile!r}: use one of {COMPILE_CHOICES}")
         self.cfg, self.grid, self.rank, self.groups = model_cfg, grid, rank, groups
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
@@ -224,6 +228,8 @@ class Engine:
         self.blocks = grid.stage_blocks(self.s)
         self.fused = len(self.columns) == 2 if fused is None else fused
         kernel = ("compiled" if cuda else "eager") if lrn_kernel == "auto" else lrn_kernel
+        if compile == "on":
+            kernel = "traced"  # in the stage's graph: no separately compiled LRN inside it
         self.stage = Stage(model_cfg, self.blocks, self.columns, self.fused, kernel).to(self.device)
         self.timeline = Timeline(rank, (self.r, self.s, self.c), self.device)
         self.schedule = make_schedule(grid.schedule, grid.stages, grid.microbatches)
@@ -252,6 +258,8 @@ class Engine:
             else []
         )
         self.out_shapes = [geometry(model_cfg, self.blocks[-1], c).out for c in self.columns]
+        self.compile = compile
+        self._run_stage = self._compiled_stage() if compile == "on" else self.stage.run
         self.link = StageLink(groups.comm, groups.pipeline, self.device, self.timeline, self.act_dtype)
         # each action's receive and send peer: the P2P layer posts receives ahead from it
         self.plan = step_plan(
@@ -259,6 +267,24 @@ class Engine:
         )
         # submitted steps: (step, scores on the device, peak saved-activation bytes or None)
         self._unread: list[tuple[int, Tensor | None, int | None]] = []
+
+    def _compiled_stage(self):
+        """``train.compile = "on"``: the stage's forward compiled between exchange points, so every
+        collective and P2P transfer stays outside the compiled regions (Dynamo cannot trace gloo's
+        or NCCL's calls into a graph, and a graph break inside an autograd Function would split it).
+
+        Without a column exchange (C = 1: the rank holds both columns, the exchanges are
+        concatenations or, fused, nothing) the whole stage is one region; with one (C = 2) each
+        block is its own region, the all-gathers between them eager. The keyed dropout is a
+        graph break (:func:`alexnet.layers.dropout_masks`: its keys are Python ints of the step,
+        which a graph would bake in). The backward is compiled with the forward (AOTAutograd).
+        """
+        if self.column_exchange is None:
+            return torch.compile(self.stage.run)
+        for blocks in self.stage.values():
+            for block in blocks.values():
+                block.compile()
+        return self.stage.run
 
     # -- overridable pieces (the tests plant faults by overriding them) ----------------------
     def _exchange(self, spec: BlockSpec, parts: list[Tensor]) -> Tensor:
@@ -387,7 +413,7 @@ class Engine:
         )
         with self.timeline.span("forward", f"F{mb}"), hooks:
             with self._autocast():
-                outs = self.stage.run(xs, self._exchange, ctx)
+                outs = self._run_stage(xs, self._exchange, ctx)
                 logits = self._full_logits(outs) if self.last else None
             if self.last:
                 loss, ce = self._loss(logits, labs[mb])

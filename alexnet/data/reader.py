@@ -65,7 +65,6 @@ from typing import Any, NamedTuple
 import fsspec
 import numpy as np
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from alexnet.data.index import DatasetIndex, ShardInfo, check_input_size
 from alexnet.data.transforms import (
@@ -339,6 +338,10 @@ def read_segment(
     records read so far; the rest of the segment is counted in ``skipped_truncated``. Retrying is
     safe only before the first record: after it, a second try would repeat records.
     """
+    # imported here: a bare GPU machine has no webdataset, and bench/gpu_check.py imports this
+    # module (through alexnet.data) without reading a shard
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
     for attempt in range(retries + 1):
         i = 0
         try:
