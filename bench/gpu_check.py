@@ -5,8 +5,11 @@ One command, one JSON line at the end. On one H100/H200 it is meant to finish in
 ``make test``). Every section is guarded: a failure is reported under its name (``"error"``)
 and in ``failed``, and the rest still runs.
 
-    .venv/bin/python bench/gpu_check.py                 # CUDA (make gpu-check)
-    .venv/bin/python bench/gpu_check.py --device cpu    # the same on CPU, quickly
+    python3 bench/gpu_check.py                 # CUDA, from the project's root (make gpu-check)
+    python3 bench/gpu_check.py --device cpu    # the same on CPU, quickly
+
+It needs only torch, torchvision, numpy and Pillow (what a bare GPU machine's python3 has): no
+install step, no Ray, no webdataset (its JPEG records are made in memory), no network.
 
 Sections (keys of the JSON):
 
@@ -31,7 +34,15 @@ Sections (keys of the JSON):
   on CUDA, :func:`alexnet.data.encoded.decode_rows`): images/s, and its pixels against the CPU's
   decode of the same batch (mean and max absolute difference in uint8 levels: nvJPEG's IDCT is
   not libjpeg-turbo's, so a few levels apart is expected; the CPU path is bit-identical to the
-  data workers', which the test suite proves).
+  data workers', which the test suite proves);
+* ``step_path``: the rank's per-step path without Ray, for a fixed number of steps: the feed's
+  device side (:meth:`cluster.feed.Feed.place`: pinned copies on a side stream, the next step's
+  placed by a second thread), the batched device decode of real 256 px JPEGs into crops, and the
+  engine's step in bf16, eager (``eager``) and with ``train.compile=on`` (``compiled``; its
+  ``warmup_s`` holds the compilation). Per mode: images/s of that path against the engine alone
+  on the same batches already on the device (``path_over_engine``: what the data path costs), and
+  the engine step's host time against its device time (CUDA events; ``host_over_device`` > 1: the
+  GPU waits on the host).
 """
 
 from __future__ import annotations

@@ -221,12 +221,16 @@ class Engine:
         )
         self.autocast_dtype = autocast_dtype(self.precision)
         self.act_dtype = activation_dtype(self.precision)  # what crosses boundaries and exchanges
-        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
         self.r, self.s, self.c = grid.coords(rank)
         self.first, self.last = self.s == 0, self.s == grid.stages - 1
         self.columns = grid.columns_of(self.c)
         self.blocks = grid.stage_blocks(self.s)
         self.fused = len(self.columns) == 2 if fused is None else fused
+        # channels_last on CUDA, and for the fused stage on CPU too (FusedAlexNet's layout: oneDNN's
+        # grouped convolutions and max-pool run without reordering; bench/host.py measured the
+        # contiguous layout's max-pool alone at ~4 ms of a ~25 ms small step)
+        fast_layout = cuda or self.fused
+        self.memory_format = torch.channels_last if fast_layout else torch.contiguous_format
         kernel = ("compiled" if cuda else "eager") if lrn_kernel == "auto" else lrn_kernel
         if compile == "on":
             kernel = "traced"  # in the stage's graph: no separately compiled LRN inside it
@@ -328,11 +332,9 @@ class Engine:
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     def _autocast(self):
-        return torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        )
+        if self.autocast_dtype is None:  # fp32 / tf32: a disabled autocast costs its setup per call
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def step(self, step: int, lr: float, images: Tensor | None, labels: Tensor | None) -> dict[str, float]:
         """Run one global step on this rank (:meth:`submit_step`) and read its metrics (reading, and
@@ -363,7 +365,8 @@ class Engine:
         self.link.start(self.plan)  # nothing left over from a step that raised
         if self.meter is not None:
             self.meter.reset()
-        self.stage.train()
+        if not self.stage.training:  # train() walks every module: not once per step
+            self.stage.train()
         self.optimizer.zero_grad(set_to_none=True)
         imgs = self._layout(images).split(mbs) if self.first else None
         labs = labels.split(mbs) if self.last else None
