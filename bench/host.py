@@ -11,7 +11,9 @@ step adds the schedule, the P2P layer, the timeline's spans, the gradient hooks 
     interleaved rounds, medians. Overhead in ms per step and per micro-batch.
 (b) ``grid``: a 2-rank grid (``1x2x1`` on gloo: two stages, the P2P path) at M = 1 and 4, its
     step against the same bare loop run in rank 0's process between the engine's rounds.
-(c) ``profile``: cProfile of the engine's steps (1x1x1 at M = 4, and rank 0 of the grid):
+(c) ``profile``: cProfile of the engine's and the bare loop's step at M = 1, the functions and ops
+    with the most self time beyond the bare loop's (``profile_m1_vs_bare``: this found the
+    engine's CPU layout); of the engine's steps (1x1x1 at M = 4, and rank 0 of the grid):
     self time per area of the engine's own Python (schedule, P2P, hooks, timeline, scoring,
     the engine's body, the model's Python) and of torch (ops, autograd), in ms per step
     (cProfile's own cost inflates Python-heavy areas: read shares, not absolute times).
@@ -168,15 +170,40 @@ def _area(filename: str, func: str) -> str:
     return "torch_ops_and_builtins"
 
 
-def profile_steps(step: Step, steps: int, first: int = 1000) -> dict:
-    """cProfile of ``steps`` calls of ``step``: self time per area (ms per step) and the engine's
-    own functions with the most cumulative time."""
+def _profile(step: Step, steps: int, first: int) -> pstats.Stats:
     prof = cProfile.Profile()
     prof.enable()
     for s in range(steps):
         step(first + s)
     prof.disable()
-    st = pstats.Stats(prof)
+    return pstats.Stats(prof)
+
+
+def _self_ms(st: pstats.Stats, steps: int) -> dict[str, float]:
+    """Self time per function, ms per step, keyed ``file:function`` (torch's builtins by name)."""
+    out: dict[str, float] = {}
+    for (filename, _line, func), (_cc, _nc, tt, _ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        key = f"{Path(filename).name}:{func}"
+        out[key] = out.get(key, 0.0) + tt * 1e3 / steps
+    return out
+
+
+def profile_vs_bare(ours: Step, bare: Step, steps: int) -> dict[str, float]:
+    """The functions (ops included) on which the engine's step spends the most self time beyond the
+    bare loop's, ms per step: where the overhead is, whether the engine's Python or the ops it
+    runs differently (a layout, an extra copy)."""
+    a, b = _self_ms(_profile(ours, steps, 1000), steps), _self_ms(_profile(bare, steps, 1000), steps)
+    extra = {k: a.get(k, 0.0) - b.get(k, 0.0) for k in set(a) | set(b)}
+    top = sorted(extra.items(), key=_second)[:12]
+    return {"engine_ms": round(sum(a.values()), 3), "bare_ms": round(sum(b.values()), 3)} | {
+        k: round(v, 3) for k, v in top
+    }
+
+
+def profile_steps(step: Step, steps: int, first: int = 1000) -> dict:
+    """cProfile of ``steps`` calls of ``step``: self time per area (ms per step) and the engine's
+    own functions with the most cumulative time."""
+    st = _profile(step, steps, first)
     areas: dict[str, float] = {}
     own: list[tuple[float, str]] = []
     for (filename, _line, func), (_cc, _nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
@@ -317,6 +344,13 @@ def main() -> None:
         print(f"# M={m}: {out[f'm{m}']}", file=sys.stderr, flush=True)
     out["ratio"] = out["m1"]["ratio"]
     if "profile" not in skip:
+        _, step = engine_step(cfg, args.batch, 1)
+        bare = bare_step(cfg, args.batch, 1)
+        for s in range(3):
+            step(s)
+            bare(s)
+        out["profile_m1_vs_bare"] = profile_vs_bare(step, bare, max(args.steps, 20))
+        print(f"# profile M=1, engine - bare: {out['profile_m1_vs_bare']}", file=sys.stderr, flush=True)
         _, step = engine_step(cfg, args.batch, 4)
         for s in range(3):
             step(s)

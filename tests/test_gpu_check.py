@@ -37,7 +37,7 @@ def _without(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1000)
 def test_gpu_check_runs_every_section_on_cpu_without_ray_or_webdataset(tmp_path):
     stubs = _without(tmp_path)
     env = {**os.environ, "PYTHONPATH": f"{stubs}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
@@ -45,10 +45,11 @@ def test_gpu_check_runs_every_section_on_cpu_without_ray_or_webdataset(tmp_path)
         probe = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True)
         assert probe.returncode != 0
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu"],
+        # a budget above the GPU's 450 s: on a busy CPU the compiled step takes minutes to build
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--budget-s", "900"],
         capture_output=True,
         text=True,
-        timeout=580,
+        timeout=980,
         env=env,
         cwd=ROOT,
     )
