@@ -23,6 +23,11 @@ step adds the schedule, the P2P layer, the timeline's spans, the gradient hooks 
 
     .venv/bin/python bench/host.py                      # everything (several minutes on CPU)
     .venv/bin/python bench/host.py --skip grid,compile  # (a) and (c) only
+    git show REV:pipeline/engine.py > /tmp/engine_before.py
+    .venv/bin/python bench/host.py --against /tmp/engine_before.py   # (a) also for that version
+
+With ``--against`` (a) also times that version's engine in the same rounds (``before_*``), its
+imports resolved to this tree's other modules.
 
 The last line is one JSON object; its ``ratio`` is the engine's step time over the bare loop's
 at M = 1 (1.0 = no host overhead).
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib.util
 import json
 import pstats
 import statistics
@@ -81,11 +87,26 @@ def one_rank_groups(grid: Grid) -> Groups:
     return Groups(grid, 0, "gloo", 60.0, None, None, None, Comm("gloo"), torch.device("cpu"))
 
 
-def engine_step(cfg: ModelConfig, batch: int, m: int, compile: str = "off") -> tuple[Engine, Step]:
+def engine_class(path: str) -> type:
+    """The ``Engine`` of another version of ``pipeline/engine.py`` (``--against``; its imports
+    resolve to this tree's other modules)."""
+    spec = importlib.util.spec_from_file_location("_engine_against", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--against {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.Engine
+
+
+def engine_step(
+    cfg: ModelConfig, batch: int, m: int, compile: str = "off", cls: type = Engine
+) -> tuple[Engine, Step]:
     """A 1x1x1 engine at M = ``m`` and its step on fixed data (read back once per round, as the
     trainer reads once per chunk: :meth:`Engine.read_steps`)."""
     grid = Grid.parse("1x1x1", microbatches=m, global_batch=batch)
-    eng = Engine(cfg, grid, 0, one_rank_groups(grid), device=torch.device("cpu"), compile=compile)
+    kw = {"compile": compile} if compile != "off" else {}  # an older engine has no such setting
+    eng = cls(cfg, grid, 0, one_rank_groups(grid), device=torch.device("cpu"), **kw)
     x, y = random_batch(cfg, batch, 0)
 
     def step(s: int) -> None:
@@ -141,19 +162,28 @@ def _read(engines: dict[str, Engine]) -> Callable[[str], None]:
     return after
 
 
-def engine_vs_bare(cfg: ModelConfig, batch: int, m: int, steps: int, rounds: int) -> dict:
-    """(a) at M = ``m``: seconds per step of both, the ratio, the overhead per step and per micro-batch."""
+def engine_vs_bare(
+    cfg: ModelConfig, batch: int, m: int, steps: int, rounds: int, before: type | None
+) -> dict:
+    """(a) at M = ``m``: seconds per step of both, the ratio, the overhead per step and per
+    micro-batch; with ``before`` (another version's Engine) the same for it, in the same rounds."""
     eng, ours = engine_step(cfg, batch, m)
-    fns = {"engine": ours, "bare": bare_step(cfg, batch, m)}
-    med = interleaved(fns, steps, rounds, 3, _read({"engine": eng}))
-    over = med["engine"] - med["bare"]
-    return {
-        "engine_ms": round(med["engine"] * 1e3, 3),
-        "bare_ms": round(med["bare"] * 1e3, 3),
-        "ratio": round(med["engine"] / med["bare"], 3),
-        "overhead_ms_per_step": round(over * 1e3, 3),
-        "overhead_ms_per_microbatch": round(over * 1e3 / m, 3),
-    }
+    fns, engines = {"engine": ours, "bare": bare_step(cfg, batch, m)}, {"engine": eng}
+    if before is not None:
+        engines["before"], fns["before"] = engine_step(cfg, batch, m, cls=before)
+    med = interleaved(fns, steps, rounds, 3, _read(engines))
+    out = {}
+    for name in engines:
+        over = med[name] - med["bare"]
+        prefix = "" if name == "engine" else "before_"
+        out |= {
+            f"{prefix}engine_ms": round(med[name] * 1e3, 3),
+            f"{prefix}ratio": round(med[name] / med["bare"], 3),
+            f"{prefix}overhead_ms_per_step": round(over * 1e3, 3),
+            f"{prefix}overhead_ms_per_microbatch": round(over * 1e3 / m, 3),
+        }
+    out["bare_ms"] = round(med["bare"] * 1e3, 3)
+    return out
 
 
 def _second(kv: tuple[str, float]) -> float:
@@ -333,14 +363,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--paper-batch", type=int, default=128, help="(d)'s second size")
+    p.add_argument("--against", default=None, help="another version's pipeline/engine.py, timed as before")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: grid, compile, profile")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     torch.set_num_threads(args.threads)
     cfg = ModelConfig.small(num_classes=10, input_size=32)
+    before = engine_class(args.against) if args.against else None
     out: dict = {"batch": args.batch, "threads": args.threads, "torch": torch.__version__}
     for m in (1, 4):
-        out[f"m{m}"] = engine_vs_bare(cfg, args.batch, m, args.steps, args.rounds)
+        out[f"m{m}"] = engine_vs_bare(cfg, args.batch, m, args.steps, args.rounds, before)
         print(f"# M={m}: {out[f'm{m}']}", file=sys.stderr, flush=True)
     out["ratio"] = out["m1"]["ratio"]
     if "profile" not in skip:
