@@ -173,7 +173,9 @@ class Engine:
     CUDA unless deterministic) set the process-wide backend flags when the engine is built (one
     engine per process). ``fused`` (None: when the rank holds both columns) runs the stage the
     fused way (:class:`alexnet.model.Stage`); ``lrn_kernel`` ``auto`` is the compiled LRN on
-    CUDA, the eager one on CPU. On CUDA the conv activations are channels_last.
+    CUDA, the eager one on CPU. On CUDA, and for a fused stage on CPU, the conv activations are
+    channels_last. ``compile`` (``train.compile``): ``"on"`` runs the training forward (and so its
+    backward) compiled between exchange points (:meth:`_compiled_stage`); inference stays eager.
 
     :meth:`submit_step` runs a step without reading anything back from the device (its metrics
     and timings stay there); :meth:`read_steps` reads every submitted step at once. :meth:`step`
