@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -274,7 +274,7 @@ class Engine:
         # submitted steps: (step, scores on the device, peak saved-activation bytes or None)
         self._unread: list[tuple[int, Tensor | None, int | None]] = []
 
-    def _compiled_stage(self):
+    def _compiled_stage(self) -> Callable[..., list[Tensor]]:
         """``train.compile = "on"``: the stage's forward compiled between exchange points, so every
         collective and P2P transfer stays outside the compiled regions (Dynamo cannot trace gloo's
         or NCCL's calls into a graph, and a graph break inside an autograd Function would split it).
