@@ -42,9 +42,12 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/runtime.py
 
 # Everything about the engine that needs a GPU (bench/gpu_check.py): one JSON line, < 8 min on
-# one H100/H200. `bench/gpu_check.py --device cpu` runs the same sections on CPU (a test does).
-gpu-check: $(STAMP)
-	$(BIN)/python bench/gpu_check.py
+# one H100/H200. It runs on the GPU machine as it comes: its own python3 with torch and
+# torchvision, no install step, no Ray, no webdataset, no network (GPU_PYTHON picks another).
+# `bench/gpu_check.py --device cpu` runs the same sections on CPU (a test does, without Ray).
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -137,7 +137,11 @@ def _lrn_grad(
 # Written as plain tensor functions (no in-place, no ``out=``) so Inductor can fuse them; the
 # backward recomputes d from the input (a 5-channel stencil, cheap inside the kernel) rather than
 # saving it. Whether it is faster is a property of the device: ``bench/gpu_check.py`` times both.
-LRN_KERNELS = ("eager", "compiled")
+# "traced": the same math as plain differentiable tensor ops, autograd through them; what a
+# compiled stage (train.compile) takes into its graph (the eager Function's in-place and out=
+# ops would break the graph, and a compiled kernel inside a compiled region is compiled twice)
+LRN_KERNELS = ("eager", "compiled", "traced")
+LRN_KERNEL_SETTINGS = ("auto", "eager", "compiled")  # train.lrn_kernel ("auto": compiled on CUDA)
 # profiler ranges around every LRN call, so a profile can tell LRN's share of a step
 LRN_FORWARD_RANGE, LRN_BACKWARD_RANGE = "alexnet.lrn", "alexnet.lrn_backward"
 
@@ -237,6 +241,8 @@ class _CompiledLRNFunction(torch.autograd.Function):
 def _lrn_apply(x: Tensor, size, alpha, beta, k, groups, relu: bool, kernel: str) -> Tensor:
     if kernel not in LRN_KERNELS:
         raise ValueError(f"LRN kernel={kernel!r}: use one of {LRN_KERNELS} (train.lrn_kernel)")
+    if kernel == "traced":
+        return _lrn_forward_math(x, size, alpha, beta, k, groups, relu)
     fn = _CompiledLRNFunction if kernel == "compiled" and compiled_lrn_available() else _LRNFunction
     with torch.profiler.record_function(LRN_FORWARD_RANGE):
         return fn.apply(x, size, alpha, beta, k, groups, relu)
@@ -393,6 +399,9 @@ class StepContext:
         return self.sample_index.to(device=device, dtype=torch.int64)
 
 
+# A graph break under train.compile: the keys are Python ints of (seed, step), which a compiled
+# graph would bake in as constants and so recompile at every step.
+@torch.compiler.disable
 def dropout_masks(
     ctx: StepContext,
     layer_columns: Sequence[tuple[int, int]],

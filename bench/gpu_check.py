@@ -5,8 +5,11 @@ One command, one JSON line at the end. On one H100/H200 it is meant to finish in
 ``make test``). Every section is guarded: a failure is reported under its name (``"error"``)
 and in ``failed``, and the rest still runs.
 
-    .venv/bin/python bench/gpu_check.py                 # CUDA (make gpu-check)
-    .venv/bin/python bench/gpu_check.py --device cpu    # the same on CPU, quickly
+    python3 bench/gpu_check.py                 # CUDA, from the project's root (make gpu-check)
+    python3 bench/gpu_check.py --device cpu    # the same on CPU, quickly
+
+It needs only torch, torchvision, numpy and Pillow (what a bare GPU machine's python3 has): no
+install step, no Ray, no webdataset (its JPEG records are made in memory), no network.
 
 Sections (keys of the JSON):
 
@@ -31,7 +34,15 @@ Sections (keys of the JSON):
   on CUDA, :func:`alexnet.data.encoded.decode_rows`): images/s, and its pixels against the CPU's
   decode of the same batch (mean and max absolute difference in uint8 levels: nvJPEG's IDCT is
   not libjpeg-turbo's, so a few levels apart is expected; the CPU path is bit-identical to the
-  data workers', which the test suite proves).
+  data workers', which the test suite proves);
+* ``step_path``: the rank's per-step path without Ray, for a fixed number of steps: the feed's
+  device side (:meth:`cluster.feed.Feed.place`: pinned copies on a side stream, the next step's
+  placed by a second thread), the batched device decode of real 256 px JPEGs into crops, and the
+  engine's step in bf16, eager (``eager``) and with ``train.compile=on`` (``compiled``; its
+  ``warmup_s`` holds the compilation). Per mode: images/s of that path against the engine alone
+  on the same batches already on the device (``path_over_engine``: what the data path costs), and
+  the engine step's host time against its device time (CUDA events; ``host_over_device`` > 1: the
+  GPU waits on the host).
 """
 
 from __future__ import annotations
@@ -445,9 +456,10 @@ def section_deterministic(device: torch.device, batch: int | None) -> dict:
     return res
 
 
-def _jpeg_batch(n: int, side: int, crop: int) -> dict:
+def _jpeg_batch(n: int, side: int, crop: int, seed: int = 0, classes: int = 1) -> dict:
     """An encoded batch of ``n`` generated ``side`` px JPEGs (smooth colour fields plus texture,
-    quality 90, as ImageNet-like as bench/data.py's), crop ``crop``."""
+    quality 90, as ImageNet-like as bench/data.py's), crop ``crop``. The records are made in memory
+    (what a shard's tar holds per sample), so no shard reader (webdataset) is needed."""
     import io
 
     import numpy as np
@@ -456,7 +468,7 @@ def _jpeg_batch(n: int, side: int, crop: int) -> dict:
     from alexnet.data.encoded import collate_encoded, draw_encoded
     from alexnet.data.reader import ReaderStats
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     light = np.eye(3, dtype=np.float32)
     stats, samples = ReaderStats(), []
     for i in range(n):
@@ -465,8 +477,9 @@ def _jpeg_batch(n: int, side: int, crop: int) -> dict:
         img = np.clip(smooth + rng.normal(0, 10, (side, side, 3)), 0, 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="JPEG", quality=90)
-        rec = {"__key__": f"img{i}", "jpg": buf.getvalue(), "cls": b"0", "__url__": "generated"}
-        samples.append(draw_encoded(rec, 0, 0, side, crop, light, stats))
+        label = str(i % classes).encode()
+        rec = {"__key__": f"img{seed}_{i}", "jpg": buf.getvalue(), "cls": label, "__url__": "generated"}
+        samples.append(draw_encoded(rec, seed, 0, side, crop, light, stats))
     return collate_encoded(samples, crop)
 
 
@@ -498,6 +511,115 @@ def section_decode(device: torch.device) -> dict:
     }
 
 
+def _step_timer(device: torch.device) -> Callable[[Callable[[], None]], tuple[float, Any]]:
+    """``timer(fn)``: runs ``fn``, returns (host seconds it took, the device's span of it: a pair of
+    CUDA events on the current stream, or on CPU the host seconds again: there the two are one)."""
+
+    def timer(fn: Callable[[], None]) -> tuple[float, Any]:
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+        t0 = time.perf_counter()
+        fn()
+        host = time.perf_counter() - t0
+        if device.type != "cuda":
+            return host, host
+        b.record()
+        return host, (a, b)
+
+    return timer
+
+
+def _device_s(span: Any) -> float:
+    return span if isinstance(span, float) else span[0].elapsed_time(span[1]) / 1e3
+
+
+def _path_run(device, sizes, compile_mode: str, mines: list, steps: int) -> dict:
+    """One engine (bf16) fed two ways over ``steps`` steps each, interleaved: through the feed's
+    device side (pinned copies and the batched decode on the side stream, the next step's placed by
+    a second thread while this one runs, as the rank's feed thread does) and alone, on the same
+    batches already on the device. Host and device time per step of the engine's step itself."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cluster.feed import Feed, FeedSpec
+
+    crop = sizes.cfg.input_size
+    scale = 1.0 if device.type == "cuda" else 1 / 64  # the small net wants small inputs (FeedSpec)
+    spec = FeedSpec(0, 0, 1, images=True, labels=True, input_size=crop, scale=scale)
+    mean = torch.full((3, crop, crop), 120.0, device=device)
+    feed = Feed(None, spec, device, mean, end=1 << 30)
+    eng = _engine(sizes, device, "bf16", compile=compile_mode)
+    timer, lr = _step_timer(device), 0.001
+    t0 = time.perf_counter()
+    placed = [feed.ready(feed.place(i, m, m["keys"])) for i, m in enumerate(mines)]
+    for s in range(2):  # warm-up: cuDNN's choices, the allocator; with compile on, the compilation
+        eng.submit_step(s, lr, placed[s % 2].images, placed[s % 2].labels)
+    eng.read_steps()
+    _sync(device)
+    warm_s = time.perf_counter() - t0
+    step, res = 2, {"path": [], "engine": []}
+    pool = ThreadPoolExecutor(1, thread_name_prefix="feed")
+    for r in range(2):
+        for mode in ("path", "engine") if r % 2 == 0 else ("engine", "path"):
+            host, spans = [], []
+            _sync(device)
+            t0 = time.perf_counter()
+            nxt = pool.submit(feed.place, step, mines[0], mines[0]["keys"]) if mode == "path" else None
+            for i in range(steps):
+                if mode == "path":
+                    fed = feed.ready(nxt.result())
+                    if i + 1 < steps:
+                        m = mines[(i + 1) % 2]
+                        nxt = pool.submit(feed.place, step + 1, m, m["keys"])
+                else:
+                    fed = placed[i % 2]
+                h, span = timer(lambda fed=fed, step=step: eng.submit_step(step, lr, fed.images, fed.labels))
+                host.append(h)
+                spans.append(span)
+                step += 1
+            eng.read_steps()
+            _sync(device)
+            wall = time.perf_counter() - t0
+            res[mode].append((wall, host, [_device_s(sp) for sp in spans]))
+    pool.shutdown()
+    n = sizes.batch
+    out: dict[str, Any] = {"warmup_s": round(warm_s, 2)}
+    for mode, runs in res.items():
+        wall = statistics.median(w for w, _, _ in runs)
+        out[f"{mode}_images_per_s"] = round(n * steps / wall, 1)
+        host = statistics.median(h for _, hs, _ in runs for h in hs)
+        dev = statistics.median(d for _, _, ds in runs for d in ds)
+        out[f"{mode}_host_ms_per_step"] = round(host * 1e3, 3)
+        out[f"{mode}_device_ms_per_step"] = round(dev * 1e3, 3)
+    out["path_over_engine"] = round(out["path_images_per_s"] / out["engine_images_per_s"], 3)
+    out["host_over_device"] = round(out["engine_host_ms_per_step"] / out["engine_device_ms_per_step"], 3)
+    out["engine_precision"] = eng.precision
+    return out
+
+
+def section_step_path(device: torch.device, sizes: Sizes) -> dict:
+    """The rank's per-step path without Ray: the feed's device side (pinned copies on a side
+    stream), the batched device decode of real 256 px JPEGs into crops, the engine's step in bf16,
+    eager and with ``train.compile=on``, for a fixed number of steps. ``path_over_engine``: that
+    path's images/s over the engine's alone on the same batches (what the data path costs);
+    ``host_over_device``: the host's time per step (launching it) over the device's (CUDA events)
+    for the engine's step: above 1, the GPU waits on the host. On CPU the two are the same time."""
+    cuda = device.type == "cuda"
+    steps, side, crop = (20, 256, sizes.cfg.input_size) if cuda else (3, 256, sizes.cfg.input_size)
+    classes = sizes.cfg.num_classes
+    mines = []
+    for seed in range(2):
+        b = _jpeg_batch(sizes.batch, side, crop, seed, classes)
+        mines.append({**b, "rows": (0, sizes.batch)})  # this rank's rows: all (cluster.data.rows)
+    out = {"steps": steps, "batch": sizes.batch, "jpeg_side": side, "crop": crop}
+    out["eager"] = _path_run(device, sizes, "off", mines, steps)
+    out["compiled"] = _path_run(device, sizes, "on", mines, steps)
+    out["compiled_speedup"] = round(
+        out["eager"]["engine_device_ms_per_step"] / out["compiled"]["engine_device_ms_per_step"], 3
+    )
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -527,6 +649,8 @@ def main() -> int:
         ("multi_gpu", lambda: section_multi_gpu(device), 150),
         ("deterministic", lambda: section_deterministic(device, args.batch), 120),
         ("decode", lambda: section_decode(device), 60),
+        # on CPU the compilation alone (Inductor's C++) takes one to several minutes on a busy machine
+        ("step_path", lambda: section_step_path(device, sizes), 150 if device.type == "cuda" else 420),
     ]
     with _world_of_one(device):  # fp16's loss scale agrees over the (one-rank) world
         for name, fn, cap_s in sections:

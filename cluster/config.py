@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from alexnet.config import CROP_FRACTION, ModelConfig, check_crop, crop_size
-from alexnet.layers import LRN_KERNELS as _KERNELS
+from alexnet.layers import LRN_KERNEL_SETTINGS as LRN_KERNELS
 from alexnet.optim import OPTIM_RULES
 from pipeline.grid import Grid, parse_shape
-from pipeline.precision import PRECISIONS
+from pipeline.precision import COMPILE_CHOICES, PRECISIONS
 
 try:
     import tomllib
@@ -53,7 +53,6 @@ BASE_PRESET = "paper"
 LR_SCHEDULES = ("plateau", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 SWITCHES = ("auto", "on", "off")
-LRN_KERNELS = ("auto", *_KERNELS)  # train.lrn_kernel: the engine picks for "auto" (compiled on CUDA)
 
 
 def _need(cond: bool, key: str, value: Any, fix: str) -> None:
@@ -289,6 +288,9 @@ class TrainSection:
     deterministic: bool = False
     cudnn_benchmark: str = "auto"  # let cuDNN time its algorithms; auto: on CUDA, unless deterministic
     lrn_kernel: str = "auto"  # "compiled" (one kernel per direction) or "eager"; auto: compiled on CUDA
+    # "on": each rank's stage compiled (torch.compile) between exchange points; the LRN inside the
+    # stage's graph (train.lrn_kernel then does not apply); the first steps pay the compilation
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         _need(self.epochs >= 1, "train.epochs", self.epochs, "use >= 1")
@@ -307,6 +309,7 @@ class TrainSection:
         _need(
             self.lrn_kernel in LRN_KERNELS, "train.lrn_kernel", self.lrn_kernel, f"use one of {LRN_KERNELS}"
         )
+        _need(self.compile in COMPILE_CHOICES, "train.compile", self.compile, f"use one of {COMPILE_CHOICES}")
         if self.deterministic:
             # combinations whose numbers depend on more than the seeds and the data
             _need(

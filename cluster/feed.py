@@ -138,7 +138,12 @@ class Feed:
             self._thread = None
             raise item
         self._next = step + 1
-        if item.event is not None:  # the compute stream waits on the device, not the host
+        return self.ready(item)
+
+    def ready(self, item: Fed) -> Fed:
+        """``item`` usable by the compute stream: it waits for the side stream's copies on the
+        device, not the host."""
+        if item.event is not None:
             cur = torch.cuda.current_stream(self.device)
             cur.wait_event(item.event)
             for t in (item.images, item.labels):
@@ -194,6 +199,13 @@ class Feed:
             B = len(batch["labels"])
             r = slice(sp.part * B // sp.parts, (sp.part + 1) * B // sp.parts)
             keys, mine = list(batch["keys"][r]), {"labels": batch["labels"][r]}
+        return self.place(t, mine, keys)
+
+    def place(self, t: int, mine: dict, keys: list[str]) -> Fed:
+        """Step ``t``'s rows of this rank (``mine``, as :func:`cluster.data.rows` gives them) on the
+        device: on CUDA through pinned buffers on the side stream, decoded there, an event recorded
+        after them (what :meth:`get` makes the compute stream wait on). No Ray here:
+        ``bench/gpu_check.py`` runs the feed's device side on a bare GPU machine with this."""
         if self.cuda:
             with torch.cuda.stream(self._side):
                 fed = self._tensors(t, mine, keys)

@@ -128,6 +128,7 @@ class TrainerActor:
             deterministic=t.deterministic,
             cudnn_benchmark=t.benchmark_cudnn(self.device.type == "cuda"),
             lrn_kernel=t.lrn_kernel,
+            compile=t.compile,
         )
         self.index = DatasetIndex.load(self.data_url)
         self.mean = self.index.mean_tensor(self.run.model.input_size, self.cfg.data.mean).to(self.device)

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alexnet.config import ModelConfig
-from alexnet.layers import StepContext
+from alexnet.layers import LRN_KERNEL_SETTINGS, StepContext
 from alexnet.model import BLOCK_NAMES, BlockSpec, Stage, concat_exchange, geometry
 from alexnet.optim import make_optimizer
 from alexnet.scoring import Tally
@@ -70,6 +70,7 @@ from pipeline.exchange import ColumnExchange
 from pipeline.grid import Grid
 from pipeline.p2p import ACT, GRAD, StageLink, step_plan
 from pipeline.precision import (
+    COMPILE_CHOICES,
     activation_dtype,
     autocast_dtype,
     configure_backends,
@@ -148,7 +149,7 @@ class _ActivationMeter:
             del self.live[key]
 
 
-LRN_KERNEL_CHOICES = ("auto", "eager", "compiled")
+LRN_KERNEL_CHOICES = LRN_KERNEL_SETTINGS
 _INFER = -1  # the timeline's step number of inference spans
 
 
@@ -172,7 +173,9 @@ class Engine:
     CUDA unless deterministic) set the process-wide backend flags when the engine is built (one
     engine per process). ``fused`` (None: when the rank holds both columns) runs the stage the
     fused way (:class:`alexnet.model.Stage`); ``lrn_kernel`` ``auto`` is the compiled LRN on
-    CUDA, the eager one on CPU. On CUDA the conv activations are channels_last.
+    CUDA, the eager one on CPU. On CUDA, and for a fused stage on CPU, the conv activations are
+    channels_last. ``compile`` (``train.compile``): ``"on"`` runs the training forward (and so its
+    backward) compiled between exchange points (:meth:`_compiled_stage`); inference stays eager.
 
     :meth:`submit_step` runs a step without reading anything back from the device (its metrics
     and timings stay there); :meth:`read_steps` reads every submitted step at once. :meth:`step`
@@ -196,6 +199,7 @@ class Engine:
         cudnn_benchmark: bool | None = None,
         fused: bool | None = None,
         lrn_kernel: str = "auto",
+        compile: str = "off",
     ) -> None:
         g = groups.grid
         if (g.replicas, g.stages, g.columns) != (grid.replicas, grid.stages, grid.columns):
@@ -205,6 +209,8 @@ class Engine:
             )
         if lrn_kernel not in LRN_KERNEL_CHOICES:
             raise ValueError(f"train.lrn_kernel={lrn_kernel!r}: use one of {LRN_KERNEL_CHOICES}")
+        if compile not in COMPILE_CHOICES:
+            raise ValueError(f"train.compile={compile!r}: use one of {COMPILE_CHOICES}")
         self.cfg, self.grid, self.rank, self.groups = model_cfg, grid, rank, groups
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
@@ -217,13 +223,19 @@ class Engine:
         )
         self.autocast_dtype = autocast_dtype(self.precision)
         self.act_dtype = activation_dtype(self.precision)  # what crosses boundaries and exchanges
-        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
         self.r, self.s, self.c = grid.coords(rank)
         self.first, self.last = self.s == 0, self.s == grid.stages - 1
         self.columns = grid.columns_of(self.c)
         self.blocks = grid.stage_blocks(self.s)
         self.fused = len(self.columns) == 2 if fused is None else fused
+        # channels_last on CUDA, and for the fused stage on CPU too (FusedAlexNet's layout: oneDNN's
+        # grouped convolutions and max-pool run without reordering; bench/host.py measured the
+        # contiguous layout's max-pool alone at ~4 ms of a ~25 ms small step)
+        fast_layout = cuda or self.fused
+        self.memory_format = torch.channels_last if fast_layout else torch.contiguous_format
         kernel = ("compiled" if cuda else "eager") if lrn_kernel == "auto" else lrn_kernel
+        if compile == "on":
+            kernel = "traced"  # in the stage's graph: no separately compiled LRN inside it
         self.stage = Stage(model_cfg, self.blocks, self.columns, self.fused, kernel).to(self.device)
         self.timeline = Timeline(rank, (self.r, self.s, self.c), self.device)
         self.schedule = make_schedule(grid.schedule, grid.stages, grid.microbatches)
@@ -252,6 +264,8 @@ class Engine:
             else []
         )
         self.out_shapes = [geometry(model_cfg, self.blocks[-1], c).out for c in self.columns]
+        self.compile = compile
+        self._run_stage = self._compiled_stage() if compile == "on" else self.stage.run
         self.link = StageLink(groups.comm, groups.pipeline, self.device, self.timeline, self.act_dtype)
         # each action's receive and send peer: the P2P layer posts receives ahead from it
         self.plan = step_plan(
@@ -259,6 +273,24 @@ class Engine:
         )
         # submitted steps: (step, scores on the device, peak saved-activation bytes or None)
         self._unread: list[tuple[int, Tensor | None, int | None]] = []
+
+    def _compiled_stage(self) -> Callable[..., list[Tensor]]:
+        """``train.compile = "on"``: the stage's forward compiled between exchange points, so every
+        collective and P2P transfer stays outside the compiled regions (Dynamo cannot trace gloo's
+        or NCCL's calls into a graph, and a graph break inside an autograd Function would split it).
+
+        Without a column exchange (C = 1: the rank holds both columns, the exchanges are
+        concatenations or, fused, nothing) the whole stage is one region; with one (C = 2) each
+        block is its own region, the all-gathers between them eager. The keyed dropout is a
+        graph break (:func:`alexnet.layers.dropout_masks`: its keys are Python ints of the step,
+        which a graph would bake in). The backward is compiled with the forward (AOTAutograd).
+        """
+        if self.column_exchange is None:
+            return torch.compile(self.stage.run)
+        for blocks in self.stage.values():
+            for block in blocks.values():
+                block.compile()
+        return self.stage.run
 
     # -- overridable pieces (the tests plant faults by overriding them) ----------------------
     def _exchange(self, spec: BlockSpec, parts: list[Tensor]) -> Tensor:
@@ -302,11 +334,9 @@ class Engine:
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     def _autocast(self):
-        return torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        )
+        if self.autocast_dtype is None:  # fp32 / tf32: a disabled autocast costs its setup per call
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def step(self, step: int, lr: float, images: Tensor | None, labels: Tensor | None) -> dict[str, float]:
         """Run one global step on this rank (:meth:`submit_step`) and read its metrics (reading, and
@@ -337,7 +367,8 @@ class Engine:
         self.link.start(self.plan)  # nothing left over from a step that raised
         if self.meter is not None:
             self.meter.reset()
-        self.stage.train()
+        if not self.stage.training:  # train() walks every module: not once per step
+            self.stage.train()
         self.optimizer.zero_grad(set_to_none=True)
         imgs = self._layout(images).split(mbs) if self.first else None
         labs = labels.split(mbs) if self.last else None
@@ -387,7 +418,7 @@ class Engine:
         )
         with self.timeline.span("forward", f"F{mb}"), hooks:
             with self._autocast():
-                outs = self.stage.run(xs, self._exchange, ctx)
+                outs = self._run_stage(xs, self._exchange, ctx)
                 logits = self._full_logits(outs) if self.last else None
             if self.last:
                 loss, ce = self._loss(logits, labs[mb])
