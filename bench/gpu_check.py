@@ -71,7 +71,7 @@ from alexnet.info import summary  # noqa: E402
 from alexnet.layers import LRN_BACKWARD_RANGE, LRN_FORWARD_RANGE, local_response_norm  # noqa: E402
 from bench.model import count_macs  # noqa: E402
 from pipeline.dist import Comm, Groups  # noqa: E402
-from pipeline.engine import Engine  # noqa: E402
+from pipeline.engine import Engine, EngineConfig  # noqa: E402
 from pipeline.grid import Grid  # noqa: E402
 from pipeline.syncs import count_host_syncs  # noqa: E402
 from pipeline.verify import random_batch  # noqa: E402
@@ -168,7 +168,7 @@ def _engine(sizes: Sizes, device: torch.device, precision: str, **kw) -> Engine:
     """A 1x1x1 engine (one rank holding both columns: the fused path); no process group needed."""
     grid = Grid.parse("1x1x1", microbatches=1, global_batch=sizes.batch)
     groups = Groups(grid, 0, "gloo", 60.0, None, None, None, Comm("gloo"), torch.device("cpu"))
-    return Engine(sizes.cfg, grid, 0, groups, device=device, precision=precision, **kw)
+    return Engine(sizes.cfg, grid, 0, groups, EngineConfig(device=device, precision=precision, **kw))
 
 
 def _batch(sizes: Sizes, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,18 +429,19 @@ def section_multi_gpu(device: torch.device) -> dict:
 
 
 def _deterministic_worker(rank: int, world_size: int, port: int, device_name: str, batch: int | None) -> dict:
-    from pipeline.precision import deterministic_env
+    from pipeline.precision import configure_backends, deterministic_env, resolve_precision
 
     os.environ.update(deterministic_env())  # before CUDA initialises in this process
     device = torch.device(device_name)
+    configure_backends(device, resolve_precision("auto", device), deterministic=True, cudnn_benchmark=False)
     sizes = Sizes(device, batch)
-    straight = _engine(sizes, device, "auto", deterministic=True)
+    straight = _engine(sizes, device, "auto")
     for s in range(3):
         straight.step(s, 0.01, *_batch(sizes, s, device))
-    first = _engine(sizes, device, "auto", deterministic=True)
+    first = _engine(sizes, device, "auto")
     for s in range(2):
         first.step(s, 0.01, *_batch(sizes, s, device))
-    resumed = _engine(sizes, device, "auto", deterministic=True)
+    resumed = _engine(sizes, device, "auto")
     resumed.load_state_dict({k: {n: t.cpu() for n, t in d.items()} for k, d in first.state_dict().items()})
     resumed.step(2, 0.01, *_batch(sizes, 2, device))
     a, b = straight.state_dict(), resumed.state_dict()

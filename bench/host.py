@@ -56,7 +56,7 @@ from alexnet.layers import StepContext  # noqa: E402
 from alexnet.model import FusedAlexNet  # noqa: E402
 from alexnet.optim import make_optimizer  # noqa: E402
 from pipeline.dist import Comm, Groups  # noqa: E402
-from pipeline.engine import Engine  # noqa: E402
+from pipeline.engine import Engine, EngineConfig  # noqa: E402
 from pipeline.grid import Grid  # noqa: E402
 from pipeline.verify import random_batch  # noqa: E402
 
@@ -259,7 +259,7 @@ def _grid_worker(
     grid = Grid.parse("1x2x1", microbatches=m, global_batch=batch)
     groups = init_distributed(grid, rank, "127.0.0.1", port, backend="gloo", timeout_s=600)
     try:
-        eng = Engine(cfg, grid, rank, groups, device=torch.device("cpu"))
+        eng = Engine(cfg, grid, rank, groups, EngineConfig())
         x, y = random_batch(cfg, batch, 0)
         bare = bare_step(cfg, batch, m) if rank == 0 else None
 

@@ -210,7 +210,7 @@ def bench_lrn(args: argparse.Namespace, device: torch.device) -> dict:
 def bench_engine(args: argparse.Namespace, device: torch.device) -> dict:
     """The engine's 1x1x1 step, fused vs per-column, interleaved rounds, medians (module doc)."""
     from pipeline.dist import Comm, Groups
-    from pipeline.engine import Engine
+    from pipeline.engine import Engine, EngineConfig
     from pipeline.grid import Grid
 
     cfg = ModelConfig()
@@ -220,7 +220,7 @@ def bench_engine(args: argparse.Namespace, device: torch.device) -> dict:
     x = torch.randn(args.batch, 3, cfg.input_size, cfg.input_size, generator=g).to(device)
     y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
     engines = {
-        name: Engine(cfg, grid, 0, groups, device=device, precision=args.precision, fused=fused)
+        name: Engine(cfg, grid, 0, groups, EngineConfig(device=device, precision=args.precision, fused=fused))
         for name, fused in (("fused", True), ("per_column", False))
     }
     steps = dict.fromkeys(engines, 0)

@@ -51,7 +51,7 @@ from alexnet.config import ModelConfig  # noqa: E402
 from alexnet.layers import StepContext  # noqa: E402
 from alexnet.model import BLOCK_NAMES, FusedAlexNet, Stage  # noqa: E402
 from pipeline.dist import destroy, init_distributed  # noqa: E402
-from pipeline.engine import Engine  # noqa: E402
+from pipeline.engine import Engine, EngineConfig  # noqa: E402
 from pipeline.grid import Grid  # noqa: E402
 from pipeline.launch import spawn_ranks  # noqa: E402
 from pipeline.timeline import bubble_fraction, ideal_bubble_fraction  # noqa: E402
@@ -94,7 +94,7 @@ def _split_worker(rank: int, world: int, port: int, cfg: ModelConfig, rows: int,
     grid = Grid.parse("1x1x2", microbatches=1, global_batch=rows)
     groups = init_distributed(grid, rank, "127.0.0.1", port, backend="gloo", timeout_s=600)
     try:
-        eng = Engine(cfg, grid, rank, groups, device=torch.device("cpu"))
+        eng = Engine(cfg, grid, rank, groups, EngineConfig())
         x, y = batch(cfg, rows)
         out = [eng.step(s, 0.001, x, y) for s in range(warmup + steps)][warmup:]
         return [{k: m[k] for k in ("step_s", "compute_s", "exchange_s", "optimizer_s")} for m in out]
@@ -174,7 +174,7 @@ def _pipe_worker(
     try:
         for m in MICROBATCHES:
             grid = Grid.parse("1x2x1", microbatches=m, global_batch=rows, cuts=(cuts[m],), schedule="gpipe")
-            eng = Engine(cfg, grid, rank, groups, device=torch.device("cpu"))
+            eng = Engine(cfg, grid, rank, groups, EngineConfig())
             out["events"][m], out["events_no_ahead"][m] = [], []
             for s in range(warmup + steps):
                 for ahead, key in ((True, "events"), (False, "events_no_ahead")):  # interleaved
@@ -184,7 +184,7 @@ def _pipe_worker(
                         out[key][m] += eng.timeline.events
         for sched in ("gpipe", "1f1b"):
             grid = Grid.parse("1x2x1", microbatches=8, global_batch=rows, cuts=(cuts[8],), schedule=sched)
-            eng = Engine(cfg, grid, rank, groups, device=torch.device("cpu"), track_memory=True)
+            eng = Engine(cfg, grid, rank, groups, EngineConfig(track_memory=True))
             out["mem"][sched] = eng.step(0, 0.001, x if eng.first else None, y if eng.last else None)[
                 "activation_peak_bytes"
             ]

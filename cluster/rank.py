@@ -96,8 +96,8 @@ class TrainerActor:
         and ``consumer`` this rank's consumer id for it (-1: this rank reads no batches)."""
         from alexnet.data.index import DatasetIndex
         from pipeline.dist import init_distributed
-        from pipeline.engine import Engine
-        from pipeline.precision import deterministic_env, resolve_precision
+        from pipeline.engine import Engine, EngineConfig
+        from pipeline.precision import configure_backends, deterministic_env, resolve_precision
 
         t = self.cfg.train
         if t.deterministic:  # before CUDA (cuBLAS) and the process groups (NCCL) read them
@@ -105,7 +105,10 @@ class TrainerActor:
         self.device = _device(self.run, self.gpu_index)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        resolve_precision(t.precision, self.device)  # bf16 on a GPU without it: fail before joining
+        # bf16 on a GPU without it: fail before joining; then this process's backend flags, once
+        precision = resolve_precision(t.precision, self.device)
+        cuda = self.device.type == "cuda"
+        configure_backends(self.device, precision, t.deterministic, t.benchmark_cudnn(cuda))
         groups = init_distributed(
             self.grid,
             self.rank,
@@ -115,21 +118,10 @@ class TrainerActor:
             self.cfg.grid.collective_timeout_s,
         )
         o = self.cfg.optim
-        self.engine = Engine(
-            self.run.model,
-            self.grid,
-            self.rank,
-            groups,
-            device=self.device,
-            momentum=o.momentum,
-            weight_decay=o.weight_decay,
-            rule=o.rule,
-            precision=t.precision,
-            deterministic=t.deterministic,
-            cudnn_benchmark=t.benchmark_cudnn(self.device.type == "cuda"),
-            lrn_kernel=t.lrn_kernel,
-            compile=t.compile,
+        config = EngineConfig(
+            self.device, o.momentum, o.weight_decay, o.rule, precision, None, t.lrn_kernel, t.compile
         )
+        self.engine = Engine(self.run.model, self.grid, self.rank, groups, config)
         self.index = DatasetIndex.load(self.data_url)
         self.mean = self.index.mean_tensor(self.run.model.input_size, self.cfg.data.mean).to(self.device)
         self.data, self.consumer = data, consumer

@@ -73,7 +73,6 @@ from pipeline.precision import (
     COMPILE_CHOICES,
     activation_dtype,
     autocast_dtype,
-    configure_backends,
     loss_scaler,
     resolve_precision,
 )
@@ -163,19 +162,42 @@ class StepReport:
     events: list[Event] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one rank's engine runs (the job's ``[optim]`` and ``[train]`` keys it needs).
+
+    ``precision``: :mod:`pipeline.precision` (``auto`` resolved for ``device``, an unsupported one a
+    ``ValueError``); ``fused`` (None: when the rank holds both columns) runs the stage the fused
+    way (:class:`alexnet.model.Stage`); ``lrn_kernel`` ``auto`` is the compiled LRN on CUDA, the
+    eager one on CPU; ``compile`` (``train.compile``) ``"on"`` runs the training forward (and so
+    its backward) compiled between exchange points; ``track_memory``: peak saved-activation bytes
+    per step (for benchmarks). The process-wide backend flags (TF32, cuDNN, determinism) are not
+    the engine's: :func:`pipeline.precision.configure_backends` sets them once per process.
+    """
+
+    device: torch.device = torch.device("cpu")
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    rule: str = "paper"
+    precision: str = "fp32"
+    fused: bool | None = None
+    lrn_kernel: str = "auto"
+    compile: str = "off"
+    track_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lrn_kernel not in LRN_KERNEL_CHOICES:
+            raise ValueError(f"train.lrn_kernel={self.lrn_kernel!r}: use one of {LRN_KERNEL_CHOICES}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"train.compile={self.compile!r}: use one of {COMPILE_CHOICES}")
+
+
 class Engine:
     """One rank's share of the training: its stage's blocks for its column(s), its schedule, SGD.
 
-    ``groups`` comes from :func:`pipeline.dist.init_distributed` for the same grid shape.
-
-    Numerics: ``precision`` (:mod:`pipeline.precision`; ``auto`` resolved for ``device``, an
-    unsupported one a ``ValueError``), ``deterministic`` and ``cudnn_benchmark`` (None: on for
-    CUDA unless deterministic) set the process-wide backend flags when the engine is built (one
-    engine per process). ``fused`` (None: when the rank holds both columns) runs the stage the
-    fused way (:class:`alexnet.model.Stage`); ``lrn_kernel`` ``auto`` is the compiled LRN on
-    CUDA, the eager one on CPU. On CUDA, and for a fused stage on CPU, the conv activations are
-    channels_last. ``compile`` (``train.compile``): ``"on"`` runs the training forward (and so its
-    backward) compiled between exchange points (:meth:`_compiled_stage`); inference stays eager.
+    ``groups`` comes from :func:`pipeline.dist.init_distributed` for the same grid shape;
+    ``config``: :class:`EngineConfig`. On CUDA, and for a fused stage on CPU, the conv activations
+    are channels_last; inference stays eager when the stage is compiled.
 
     :meth:`submit_step` runs a step without reading anything back from the device (its metrics
     and timings stay there); :meth:`read_steps` reads every submitted step at once. :meth:`step`
@@ -183,23 +205,7 @@ class Engine:
     """
 
     def __init__(
-        self,
-        model_cfg: ModelConfig,
-        grid: Grid,
-        rank: int,
-        groups: Groups,
-        *,
-        device: torch.device,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        rule: str = "paper",
-        track_memory: bool = False,
-        precision: str = "fp32",
-        deterministic: bool = False,
-        cudnn_benchmark: bool | None = None,
-        fused: bool | None = None,
-        lrn_kernel: str = "auto",
-        compile: str = "off",
+        self, model_cfg: ModelConfig, grid: Grid, rank: int, groups: Groups, config: EngineConfig
     ) -> None:
         g = groups.grid
         if (g.replicas, g.stages, g.columns) != (grid.replicas, grid.stages, grid.columns):
@@ -207,65 +213,65 @@ class Engine:
                 f"groups were made for grid {g.shape} but the engine got {grid.shape}: "
                 "call init_distributed with the same grid shape"
             )
-        if lrn_kernel not in LRN_KERNEL_CHOICES:
-            raise ValueError(f"train.lrn_kernel={lrn_kernel!r}: use one of {LRN_KERNEL_CHOICES}")
-        if compile not in COMPILE_CHOICES:
-            raise ValueError(f"train.compile={compile!r}: use one of {COMPILE_CHOICES}")
-        self.cfg, self.grid, self.rank, self.groups = model_cfg, grid, rank, groups
-        self.device = torch.device(device)
-        cuda = self.device.type == "cuda"
-        self.precision = resolve_precision(precision, self.device)
-        configure_backends(
-            self.device,
-            self.precision,
-            deterministic,
-            cuda and not deterministic if cudnn_benchmark is None else cudnn_benchmark,
-        )
+        self.cfg, self.grid, self.rank, self.groups, self.config = model_cfg, grid, rank, groups, config
+        self.device = torch.device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
         self.autocast_dtype = autocast_dtype(self.precision)
         self.act_dtype = activation_dtype(self.precision)  # what crosses boundaries and exchanges
         self.r, self.s, self.c = grid.coords(rank)
         self.first, self.last = self.s == 0, self.s == grid.stages - 1
-        self.columns = grid.columns_of(self.c)
-        self.blocks = grid.stage_blocks(self.s)
-        self.fused = len(self.columns) == 2 if fused is None else fused
+        self.prev = grid.rank_of(self.r, self.s - 1, self.c) if not self.first else None
+        self.next = grid.rank_of(self.r, self.s + 1, self.c) if not self.last else None
+        self.columns, self.blocks = grid.columns_of(self.c), grid.stage_blocks(self.s)
+        self.fused = len(self.columns) == 2 if config.fused is None else config.fused
+        self.timeline = Timeline(rank, (self.r, self.s, self.c), self.device)
+        self._build_stage()
+        self._build_comms()
+
+    def _build_stage(self) -> None:
+        """The stage's modules, layout, optimizer and (``compile``) compiled forward."""
+        cfg, cuda = self.config, self.device.type == "cuda"
         # channels_last on CUDA, and for the fused stage on CPU too (FusedAlexNet's layout: oneDNN's
         # grouped convolutions and max-pool run without reordering; bench/host.py measured the
         # contiguous layout's max-pool alone at ~4 ms of a ~25 ms small step)
-        fast_layout = cuda or self.fused
-        self.memory_format = torch.channels_last if fast_layout else torch.contiguous_format
-        kernel = ("compiled" if cuda else "eager") if lrn_kernel == "auto" else lrn_kernel
-        if compile == "on":
+        self.memory_format = torch.channels_last if cuda or self.fused else torch.contiguous_format
+        kernel = ("compiled" if cuda else "eager") if cfg.lrn_kernel == "auto" else cfg.lrn_kernel
+        if cfg.compile == "on":
             kernel = "traced"  # in the stage's graph: no separately compiled LRN inside it
-        self.stage = Stage(model_cfg, self.blocks, self.columns, self.fused, kernel).to(self.device)
-        self.timeline = Timeline(rank, (self.r, self.s, self.c), self.device)
+        self.stage = Stage(self.cfg, self.blocks, self.columns, self.fused, kernel).to(self.device)
+        params = list(self.stage.parameters())
+        self.scaler = loss_scaler(self.precision, self.device)
+        # the scaler's step reads its inf flag on the host before the paper's rule (fp16 only)
+        self.optimizer = make_optimizer(
+            self.stage.named_parameters(), cfg.rule, 0.0, cfg.momentum, cfg.weight_decay
+        )
+        self.param_names = dict(self.stage.named_parameters())
+        self.meter = _ActivationMeter(params) if cfg.track_memory else None
+        self.compile = cfg.compile
+        self._run_stage = self._compiled_stage() if cfg.compile == "on" else self.stage.run
+
+    def _build_comms(self) -> None:
+        """The schedule, the column exchange, gradient sync and the point-to-point plan."""
+        grid, groups = self.grid, self.groups
         self.schedule = make_schedule(grid.schedule, grid.stages, grid.microbatches)
         self.actions: list[Action] = self.schedule.actions(self.s)
         self.column_exchange = (
-            ColumnExchange(model_cfg, groups.comm, groups.column, self.c, self.timeline)
+            ColumnExchange(self.cfg, groups.comm, groups.column, self.c, self.timeline)
             if grid.columns == 2
             else None
         )
         params = list(self.stage.parameters())
-        self.scaler = loss_scaler(self.precision, self.device)
-        # the scaler's step reads its inf flag on the host before the paper's rule (fp16 only)
-        self.optimizer = make_optimizer(self.stage.named_parameters(), rule, 0.0, momentum, weight_decay)
-        self.param_names = dict(self.stage.named_parameters())
         self.grad_sync = (
             _GradSync(params, groups.comm, groups.data, self.timeline) if groups.data is not None else None
         )
-        self.meter = _ActivationMeter(params) if track_memory else None
-        self.prev = grid.rank_of(self.r, self.s - 1, self.c) if not self.first else None
-        self.next = grid.rank_of(self.r, self.s + 1, self.c) if not self.last else None
         first_block = BLOCK_NAMES.index(self.blocks[0])
         # per-column shapes (without the batch) of what crosses our input and output boundaries
         self.in_shapes = (
-            [geometry(model_cfg, BLOCK_NAMES[first_block - 1], c).out for c in self.columns]
+            [geometry(self.cfg, BLOCK_NAMES[first_block - 1], c).out for c in self.columns]
             if not self.first
             else []
         )
-        self.out_shapes = [geometry(model_cfg, self.blocks[-1], c).out for c in self.columns]
-        self.compile = compile
-        self._run_stage = self._compiled_stage() if compile == "on" else self.stage.run
+        self.out_shapes = [geometry(self.cfg, self.blocks[-1], c).out for c in self.columns]
         self.link = StageLink(groups.comm, groups.pipeline, self.device, self.timeline, self.act_dtype)
         # each action's receive and send peer: the P2P layer posts receives ahead from it
         self.plan = step_plan(

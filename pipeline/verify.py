@@ -36,7 +36,7 @@ from alexnet.config import VARIANTS, ModelConfig
 from alexnet.model import TwoColumnAlexNet
 from alexnet.train_local import train_local
 from pipeline import dist as pdist
-from pipeline.engine import Engine
+from pipeline.engine import Engine, EngineConfig
 from pipeline.grid import Grid, parse_shape
 from pipeline.launch import spawn_ranks
 from pipeline.local_world import LocalDeadlock, local_groups, run_threads
@@ -92,7 +92,7 @@ def run_rank(
     and the last step's timeline events. With a ``recorder`` (installed on ``groups``), a
     validation pass of ``microbatch_size + 1`` rows follows the steps, recorded too.
     """
-    engine = engine_cls(cfg, grid, rank, groups, device=device or groups.device)
+    engine = engine_cls(cfg, grid, rank, groups, EngineConfig(device=device or groups.device))
     if recorder is not None:
         recorder.follow(engine.timeline)
     out = _train(cfg, grid, engine, steps, lr)

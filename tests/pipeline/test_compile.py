@@ -13,7 +13,7 @@ import torch._dynamo.utils as dynamo_utils
 
 from alexnet.config import ModelConfig
 from pipeline.dist import Comm, Groups
-from pipeline.engine import Engine
+from pipeline.engine import Engine, EngineConfig
 from pipeline.grid import Grid
 from pipeline.verify import random_batch
 
@@ -29,7 +29,7 @@ FIRST_STEP_RTOL, RTOL = 1e-5, 3e-2
 def _engine(compile: str) -> Engine:
     grid = Grid.parse("1x1x1", microbatches=1, global_batch=BATCH)
     groups = Groups(grid, 0, "gloo", 60.0, None, None, None, Comm("gloo"), torch.device("cpu"))
-    return Engine(CFG, grid, 0, groups, device=torch.device("cpu"), compile=compile)
+    return Engine(CFG, grid, 0, groups, EngineConfig(compile=compile))
 
 
 def _losses(eng: Engine) -> list[float]:

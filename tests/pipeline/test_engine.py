@@ -14,7 +14,7 @@ import torch
 from alexnet.config import ModelConfig
 from alexnet.model import TwoColumnAlexNet
 from pipeline.dist import destroy, init_distributed
-from pipeline.engine import Engine
+from pipeline.engine import Engine, EngineConfig
 from pipeline.grid import Grid
 from pipeline.launch import RankFailed, spawn_ranks
 from pipeline.timeline import bubble_fraction, chrome_trace
@@ -46,7 +46,7 @@ def _misc_worker(rank: int, world_size: int, port: int) -> dict:
     groups = init_distributed(grid, rank, "127.0.0.1", port, backend="gloo", timeout_s=30)
     out: dict = {}
     try:
-        eng = Engine(CFG, grid, rank, groups, device=CPU)
+        eng = Engine(CFG, grid, rank, groups, EngineConfig(device=CPU))
         # wrong inputs are refused before any communication
         try:
             eng.step(0, 0.1, torch.zeros(3, 3, 32, 32) if eng.first else None, None)
@@ -70,7 +70,7 @@ def _misc_worker(rank: int, world_size: int, port: int) -> dict:
         # activation memory and traces under both schedules (M = 4, S = 2)
         for sched in ("gpipe", "1f1b"):
             g = Grid.parse("1x2x2", microbatches=4, global_batch=8, schedule=sched)
-            e = Engine(CFG, g, rank, groups, device=CPU, track_memory=True)
+            e = Engine(CFG, g, rank, groups, EngineConfig(device=CPU, track_memory=True))
             images, labels = _batch(8, seed=2)
             m = e.step(0, 0.01, images if e.first else None, labels if e.last else None)
             out[f"mem_{sched}"] = m["activation_peak_bytes"]
@@ -157,7 +157,7 @@ def test_chrome_trace_is_valid_json_with_one_track_per_rank(misc, tmp_path):
 def _peer_worker(rank: int, world_size: int, port: int, mode: str) -> dict | None:
     grid = Grid.parse("1x2x1", microbatches=2, global_batch=4)
     groups = init_distributed(grid, rank, "127.0.0.1", port, backend="gloo", timeout_s=3)
-    eng = Engine(CFG, grid, rank, groups, device=CPU)
+    eng = Engine(CFG, grid, rank, groups, EngineConfig(device=CPU))
     if rank == 1:
         if mode == "dies":
             os._exit(3)

@@ -8,7 +8,7 @@ import torch
 
 from alexnet.config import ModelConfig
 from pipeline.dist import Comm, Groups
-from pipeline.engine import Engine
+from pipeline.engine import Engine, EngineConfig
 from pipeline.grid import Grid
 from pipeline.precision import (
     DETERMINISTIC_ENV,
@@ -99,7 +99,7 @@ def _solo_groups(grid: Grid) -> Groups:
 
 def _engine(precision: str = "fp32", m: int = 2, **kw) -> Engine:
     grid = Grid.parse("1x1x1", microbatches=m, global_batch=8)
-    return Engine(CFG, grid, 0, _solo_groups(grid), device=CPU, precision=precision, **kw)
+    return Engine(CFG, grid, 0, _solo_groups(grid), EngineConfig(device=CPU, precision=precision, **kw))
 
 
 def _train(engine: Engine, steps: int = 2, lr: float = 0.05) -> list[dict]:
@@ -209,7 +209,7 @@ def test_a_step_reads_nothing_from_the_device_and_a_chunk_reads_once(precision):
 
 def test_the_host_read_counter_sees_a_planted_read():
     grid = Grid.parse("1x1x1", microbatches=2, global_batch=8)
-    eng = PlantedSync(CFG, grid, 0, _solo_groups(grid), device=CPU)
+    eng = PlantedSync(CFG, grid, 0, _solo_groups(grid), EngineConfig(device=CPU))
     with count_host_syncs() as syncs:
         eng.submit_step(0, 0.05, *random_batch(CFG, 8, 0))
     assert syncs.count == 2  # one per micro-batch
