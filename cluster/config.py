@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from alexnet.config import CROP_FRACTION, ModelConfig, check_crop, crop_size
+from alexnet.data.transforms import CROPS
 from alexnet.optim import OPTIM_RULES
 from pipeline.engine import LRN_KERNEL_CHOICES as LRN_KERNELS
-from pipeline.grid import Grid, parse_shape
+from pipeline.grid import Grid, model_fields, parse_shape
 from pipeline.precision import PRECISIONS
 
 try:
@@ -64,6 +65,12 @@ class ModelSection:
     ``lrn_convention``: ``"per_size"`` (alpha / n, the network as cuda-convnet and Caffe trained
     it) or ``"paper"`` (alpha as printed); see :class:`alexnet.config.ModelConfig`.
 
+    The paper's findings as switches (defaults the paper's; :class:`alexnet.config.ModelConfig`,
+    README "The paper's findings"): ``activation`` (relu/tanh, section 3.1), ``pooling``
+    (overlapping 3/2 or non_overlapping 2/2, 3.4), ``lrn`` (3.3), ``columns`` (2, or 1: the
+    one-column net of 3.2, on grids with C = 1), ``remove_blocks`` (conv3 and/or conv4, section 6)
+    and ``dropout`` (4.2).
+
     Checked by the :class:`alexnet.config.ModelConfig` it builds, whose errors name the
     ``model.*`` keys (an unset ``input_size`` is checked at the variant's default size).
     """
@@ -74,6 +81,11 @@ class ModelSection:
     dropout: float = 0.5
     lrn_convention: str = "per_size"
     seed: int = 0
+    activation: str = "relu"
+    pooling: str = "overlapping"
+    lrn: bool = True
+    columns: int = 2
+    remove_blocks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _need(self.input_size >= 0, "model.input_size", self.input_size, "use > 0 px, or 0 (from the data)")
@@ -96,7 +108,14 @@ class ModelSection:
             dropout=self.dropout,
             lrn_convention=self.lrn_convention,
             seed=self.seed,
+            **self.switches(),
         )
+
+    def switches(self) -> dict[str, Any]:
+        """The paper's findings this section sets, as :class:`alexnet.config.ModelConfig` fields
+        (dropout, which predates them, aside)."""
+        keys = ("activation", "pooling", "lrn", "columns", "remove_blocks")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass(frozen=True)
@@ -156,12 +175,14 @@ _GRID_FIELD_KEYS = {
     "global_batch": "optim.batch_size",
     "cuts": "grid.cuts",
     "schedule": "grid.schedule",
+    "model.columns": "model.columns",
+    "model.remove_blocks": "model.remove_blocks",
 }
 
 
 def grid_error_keys(message: str) -> list[str]:
     """The config keys behind a :class:`pipeline.grid.Grid` refusal, in the order it names them."""
-    fields = re.findall(r"\b(" + "|".join(_GRID_FIELD_KEYS) + r")\b", message)
+    fields = re.findall(r"\b(" + "|".join(map(re.escape, _GRID_FIELD_KEYS)) + r")\b", message)
     return list(dict.fromkeys(_GRID_FIELD_KEYS[f] for f in fields)) or ["grid.shape"]
 
 
@@ -343,8 +364,14 @@ class DataSection:
     # the run fails once an epoch loses more than this fraction of its samples to unreadable or
     # truncated shards and corrupt samples (0: any loss fails the run; 1: never)
     max_skipped_fraction: float = 0.01
+    # the paper's training augmentation (section 4.1), each a switch: "random" 227 crops or the
+    # "center" one; horizontal flips; the PCA colour lighting (alexnet.data.transforms.Augmentation)
+    crop: str = "random"
+    flip: bool = True
+    lighting: bool = True
 
     def __post_init__(self) -> None:
+        _need(self.crop in CROPS, "data.crop", self.crop, f"use one of {CROPS}")
         _need(self.workers >= 1, "data.workers", self.workers, "use >= 1")
         _need(self.streams >= 0, "data.streams", self.streams, "use >= data.workers, or 0 (automatic)")
         _need(
@@ -574,10 +601,15 @@ class JobConfig:
         """
         g = self.grid
         r, s, c = g.dims
+        # the model's blocks and columns (input_size plays no part in them)
+        model = self.model._model_config(self.model.input_size or None)
         try:
-            return Grid(r, s, c, g.microbatches, self.optim.batch_size, tuple(g.cuts) or None, g.schedule)
+            cuts, b = tuple(g.cuts) or None, self.optim.batch_size
+            return Grid(r, s, c, g.microbatches, b, cuts, g.schedule, **model_fields(model))
         except ValueError as e:
             values = {
+                "model.columns": self.model.columns,
+                "model.remove_blocks": list(self.model.remove_blocks),
                 "grid.shape": g.shape,
                 "grid.microbatches": g.microbatches,
                 "grid.cuts": list(g.cuts),

@@ -283,6 +283,9 @@ class RayTrainerGroup:
             streams=self.plan.streams,
             encoded=self.cfg.decode_on_device(),
             rotate=self.plan.data_rotate,
+            crop=d.crop,
+            flip=d.flip,
+            lighting=d.lighting,
         )
         return DataPool(
             spec,

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from alexnet.config import ModelConfig
 from alexnet.layers import StepContext
-from alexnet.model import BLOCK_NAMES, BlockSpec, Stage, concat_exchange, geometry
+from alexnet.model import BlockSpec, Stage, concat_exchange, geometry, previous_block
 from alexnet.optim import make_optimizer
 from alexnet.scoring import Tally
 from pipeline.dist import Comm, Groups
@@ -203,6 +203,7 @@ class Engine:
                 f"groups were made for grid {g.shape} but the engine got {grid.shape}: "
                 "call init_distributed with the same grid shape"
             )
+        grid.check_model(model_cfg)
         if lrn_kernel not in LRN_KERNEL_CHOICES:
             raise ValueError(f"train.lrn_kernel={lrn_kernel!r}: use one of {LRN_KERNEL_CHOICES}")
         self.cfg, self.grid, self.rank, self.groups = model_cfg, grid, rank, groups
@@ -222,6 +223,7 @@ class Engine:
         self.first, self.last = self.s == 0, self.s == grid.stages - 1
         self.columns = grid.columns_of(self.c)
         self.blocks = grid.stage_blocks(self.s)
+        # fused: a rank holding both columns of the paper's net (one column has nothing to fuse)
         self.fused = len(self.columns) == 2 if fused is None else fused
         kernel = ("compiled" if cuda else "eager") if lrn_kernel == "auto" else lrn_kernel
         self.stage = Stage(model_cfg, self.blocks, self.columns, self.fused, kernel).to(self.device)
@@ -244,10 +246,9 @@ class Engine:
         self.meter = _ActivationMeter(params) if track_memory else None
         self.prev = grid.rank_of(self.r, self.s - 1, self.c) if not self.first else None
         self.next = grid.rank_of(self.r, self.s + 1, self.c) if not self.last else None
-        first_block = BLOCK_NAMES.index(self.blocks[0])
         # per-column shapes (without the batch) of what crosses our input and output boundaries
         self.in_shapes = (
-            [geometry(model_cfg, BLOCK_NAMES[first_block - 1], c).out for c in self.columns]
+            [geometry(model_cfg, previous_block(model_cfg, self.blocks[0]), c).out for c in self.columns]
             if not self.first
             else []
         )

@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from alexnet.config import VARIANTS, ModelConfig
+from alexnet.cli import add_model_sets
+from alexnet.config import VARIANTS, ModelConfig, parse_model_sets
+from alexnet.info import switches
 from alexnet.model import TwoColumnAlexNet
 from alexnet.train_local import train_local
 from pipeline import dist as pdist
@@ -211,6 +213,7 @@ def run_verify(
     ok = errors["max_rel_grad_error"] < TOLERANCE and errors["max_rel_weight_error"] < TOLERANCE
     report = {
         "grid": grid.shape,
+        "model": switches(cfg),
         "microbatches": grid.microbatches,
         "schedule": grid.schedule,
         "cuts": list(grid.cuts or ()),
@@ -264,12 +267,14 @@ def check_nccl_rules(
 def cmd_verify(args: argparse.Namespace) -> int:
     """``alexnet verify``: print the JSON report; exit 1 if an error is over the tolerance (or, with
     ``--nccl-rules``, if the communication breaks one of NCCL's rules)."""
-    cfg = ModelConfig.for_variant(args.variant, args.num_classes, args.input_size)
-    replicas, stages, columns = parse_shape(args.grid)
+    switches = parse_model_sets(args.set)
+    cfg = ModelConfig.for_variant(args.variant, args.num_classes, args.input_size, **switches)
+    replicas, _, _ = parse_shape(args.grid)
     m = args.microbatches
     batch = args.batch or 2 * m * replicas
     cuts = tuple(args.cuts.split(",")) if args.cuts else None
-    grid = Grid(replicas, stages, columns, m, batch, cuts, args.schedule)
+    # refuses a grid the model cannot run on (C = 2 for the one-column net, a removed block cut at)
+    grid = Grid.parse(args.grid, m, batch, cuts, args.schedule, model=cfg)
     report = run_verify(
         cfg, grid, steps=args.steps, lr=args.lr, timeout_s=args.timeout, nccl_rules=args.nccl_rules
     )
@@ -293,6 +298,7 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", choices=VARIANTS, default="small")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--input-size", type=int, default=None)
+    add_model_sets(p)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before the check is abandoned")
     p.add_argument(
         "--nccl-rules",

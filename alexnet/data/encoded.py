@@ -54,7 +54,14 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from alexnet.data.reader import ReaderStats, Record, _label
-from alexnet.data.transforms import decode_image, draw_augmentation, lighting_offset, train_crop
+from alexnet.data.transforms import (
+    PAPER_AUGMENTATION,
+    Augmentation,
+    decode_image,
+    draw_augmentation,
+    lighting_offset,
+    train_crop,
+)
 
 log = logging.getLogger("alexnet.data")
 
@@ -93,6 +100,7 @@ def draw_encoded(
     input_size: int,
     light: np.ndarray,
     stats: ReaderStats,
+    aug: Augmentation = PAPER_AUGMENTATION,
 ) -> Encoded | None:
     """One record -> its :class:`Encoded` sample, or None (warned, counted in ``stats``) if unusable.
 
@@ -117,7 +125,7 @@ def draw_encoded(
         msg = "sample %s: image %dx%d, expected square >= %d px; skipped"
         _corrupt(rec, stats, msg, key, h, w, input_size)
         return None
-    d = draw_augmentation(seed, epoch, key, h, input_size)
+    d = draw_augmentation(seed, epoch, key, h, input_size, aug)  # aug: the data.crop/flip/lighting switches
     lighting = lighting_offset(d.alpha, light)
     if data[:2] == JPEG_MAGIC:
         return Encoded(key, bytes(data), label, d.y, d.x, d.flip, lighting, None, h)

@@ -69,6 +69,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from alexnet.data.index import DatasetIndex, ShardInfo, check_input_size
 from alexnet.data.transforms import (
+    Augmentation,
     center_crop,
     decode_image,
     draw_augmentation,
@@ -120,7 +121,8 @@ class ReaderSpec:
     stream (0 = no buffer, shard order only); streams: V (0: as many as ``workers``, the layout of
     checkpoints written before streams existed); encoded: ship JPEG bytes and augmentation
     parameters instead of decoded crops (:mod:`alexnet.data.encoded`; the trainer decodes);
-    rotate: cut each epoch's shard sequence at a per-epoch offset (:func:`epoch_segments`).
+    rotate: cut each epoch's shard sequence at a per-epoch offset (:func:`epoch_segments`);
+    crop, flip, lighting: the augmentation switches (:class:`~alexnet.data.transforms.Augmentation`).
     """
 
     url: str
@@ -133,6 +135,14 @@ class ReaderSpec:
     streams: int = 0
     encoded: bool = False
     rotate: bool = True
+    crop: str = "random"
+    flip: bool = True
+    lighting: bool = True
+
+    @property
+    def augmentation(self) -> Augmentation:
+        """The training augmentation switched on (the one place both decode paths draw with)."""
+        return Augmentation(self.crop, self.flip, self.lighting)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -596,7 +606,7 @@ class Stream:
         """(pass, Decoded) -> Augmented: the paper's crop, flip and lighting, from (seed, epoch, key)."""
         S = self.spec.input_size
         for p, (key, img, label) in samples:
-            d = draw_augmentation(self.spec.seed, epoch, key, img.shape[-1], S)
+            d = draw_augmentation(self.spec.seed, epoch, key, img.shape[-1], S, self.spec.augmentation)
             self.stats.samples += 1
             self.stats.padded += p > 0
             yield Augmented(key, train_crop(img, d, S), label, lighting_offset(d.alpha, self._light), p > 0)
@@ -638,7 +648,7 @@ class Stream:
         s, side = self.spec, self.index.size
 
         def use(rec: Record, stats: ReaderStats) -> Any:
-            return draw_encoded(rec, s.seed, epoch, side, s.input_size, self._light, stats)
+            return draw_encoded(rec, s.seed, epoch, side, s.input_size, self._light, stats, s.augmentation)
 
         return self._drawn(self._decoded(self._counted(records), epoch, use))
 
