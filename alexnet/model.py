@@ -291,6 +291,8 @@ class Stage(nn.ModuleDict):
         lrn_kernel: str = "eager",
     ) -> None:
         all_names, cols = block_names(cfg), net_columns(cfg)
+        for n in blocks:
+            block_spec(cfg, n)  # a removed or unknown block: the error naming the model's blocks
         names = [n for n in all_names if n in set(blocks)]
         if list(blocks) != names or not names:
             raise ValueError(f"blocks {list(blocks)} are not a contiguous run of {all_names}")
