@@ -663,6 +663,34 @@ class JobConfig:
         return _toml(self.to_dict())
 
 
+# What a checkpoint written before the findings' switches trained: the paper's choices.
+_SWITCH_DEFAULTS = {
+    "model": json.loads(json.dumps(ModelSection().switches())),  # as JobConfig.to_dict has them
+    "data": {"crop": DataSection.crop, "flip": DataSection.flip, "lighting": DataSection.lighting},
+}
+
+
+def check_resume_variant(saved: dict[str, Any], cfg: JobConfig, url: str) -> None:
+    """Refuse to continue the checkpoint at ``url`` (its manifest's config ``saved``) as another
+    variant: another [model] section, or other augmentation switches (``data.crop``, ``data.flip``,
+    ``data.lighting``), since an exact resume draws what the run drew. Keys a checkpoint written
+    before the switches lacks are the paper's choices, which it trained with."""
+    now = cfg.to_dict()
+    for section in ("model", "data"):
+        keys = _SWITCH_DEFAULTS[section] if section == "data" else now["model"]
+        was = {**_SWITCH_DEFAULTS[section], **saved.get(section, {})}
+        diff = [k for k in keys if was.get(k) != now[section][k]]
+        if diff:
+            saved_as = ", ".join(f"{section}.{k}={was.get(k)!r}" for k in diff)
+            has = ", ".join(f"{now[section][k]!r}" for k in diff)
+            fix = " ".join(f"--set {section}.{k}={_toml_value(was.get(k))}" for k in diff if k in was)
+            raise ValueError(
+                f"{url}: saved with {saved_as}, this run has {has}; a checkpoint resumes only as the "
+                f"variant it trained: resume with the same [{section}] section ({fix}), or start a new "
+                "--run-dir"
+            )
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

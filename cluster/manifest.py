@@ -37,7 +37,7 @@ from cluster.checkpoint import (
     load_checkpoint,
     load_newest,
 )
-from cluster.config import CheckpointSection, JobConfig
+from cluster.config import CheckpointSection, JobConfig, check_resume_variant
 from cluster.faults import CheckpointWriteFailed
 from cluster.plan import RunPlan
 
@@ -104,12 +104,7 @@ class Manifest:
     def check_resume(self, cfg: JobConfig, plan: RunPlan, url: str) -> None:
         """Refuse a checkpoint this run cannot continue exactly (model, update rule, batch, data
         position)."""
-        model = cfg.to_dict()["model"]
-        if self.config.get("model") != model:
-            raise ValueError(
-                f"{url}: saved with model {self.config.get('model')}, this run has {model}; "
-                "resume with the same [model] section (or start a new --run-dir)"
-            )
+        check_resume_variant(self.config, cfg, url)
         check_resume_rule(self.config.get("optim", {}).get("rule"), cfg.optim.rule, url)
         b_saved = self.config.get("optim", {}).get("batch_size")
         if b_saved != cfg.optim.batch_size:
