@@ -166,6 +166,7 @@ def _worker(rank: int, world_size: int, port: int, cfg: ModelConfig, configs: li
 
 
 def _run_config(cfg: ModelConfig, grid: Grid, rank: int, groups: pdist.Groups, c: dict) -> dict[str, Any]:
+    cfg = c.get("model") or cfg  # a config may run a variant of the model (its grid laid out for it)
     rec = RecordingComm.install(groups) if c.get("record") else None
     try:
         out = run_rank(
@@ -184,8 +185,8 @@ def run_configs(
 ) -> list[list[dict[str, Any]]]:
     """Run several configs that share one grid shape in ONE set of local processes (spawning
     is the slow part on a small machine). A config: ``{"grid": Grid, "steps": int, "lr": float,
-    "engine_cls": optional Engine subclass, "record": optional bool}``. Returns ``[config][rank] ->
-    run_rank result``."""
+    "engine_cls": optional Engine subclass, "record": optional bool, "model": optional ModelConfig
+    (instead of ``cfg``)}``. Returns ``[config][rank] -> run_rank result``."""
     shapes = {c["grid"].shape for c in configs}
     if len(shapes) != 1:
         raise ValueError(f"run_configs needs one grid shape per call, got {sorted(shapes)}")
