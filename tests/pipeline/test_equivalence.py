@@ -31,19 +31,25 @@ BATCH, STEPS, LR = 8, 2, 0.05
 SHAPES = ("1x1x2", "1x2x2", "2x1x2", "2x2x2", "1x3x2")
 MICROBATCHES = (1, 2, 4)
 SCHEDULES = ("gpipe", "1f1b")
-VARIANTS = {  # name -> (grid shape, model switches); conv4's removal: depth (conv3's: test_findings)
-    "tanh": ("1x2x2", {"activation": "tanh"}),
-    "pool_2_2": ("1x2x2", {"pooling": "non_overlapping"}),
-    "no_lrn": ("1x2x2", {"lrn": False}),
-    "no_conv4": ("1x2x2", {"remove_blocks": ("conv4",)}),
-    "one_column": ("1x2x1", {"columns": 1}),
-    "fused_tanh": ("1x2x1", {"activation": "tanh"}),
-    "fused_no_conv4": ("1x2x1", {"remove_blocks": ("conv4",)}),
+# name -> (grid shape, schedules, model switches); the schedules alternate (the matrix above runs
+# both for the paper's net) except for the one-column net's new layout. Depth: conv4's removal;
+# conv3's meets a ReLU/max-pool kink at step 2 on this data and lr (there the float32 reference
+# itself is 1e-2 from a float64 one), so its check is `alexnet verify ... --lr 0.01` (README), its
+# communication in test_nccl_rules.py and its local = fused in tests/alexnet/test_findings.py
+VARIANTS = {
+    "tanh": ("1x2x2", ("gpipe",), {"activation": "tanh"}),
+    "pool_2_2": ("1x2x2", ("1f1b",), {"pooling": "non_overlapping"}),
+    "no_lrn": ("1x2x2", ("gpipe",), {"lrn": False}),
+    "no_conv4": ("1x2x2", ("1f1b",), {"remove_blocks": ("conv4",)}),
+    "one_column": ("1x2x1", SCHEDULES, {"columns": 1}),
+    "fused_tanh": ("1x2x1", ("1f1b",), {"activation": "tanh"}),
+    "fused_no_conv4": ("1x2x1", ("gpipe",), {"remove_blocks": ("conv4",)}),
 }
+VARIANT_RUNS = [(name, sched) for name, (_, scheds, _) in VARIANTS.items() for sched in scheds]
 
 
 def _variant(name: str) -> ModelConfig:
-    return dataclasses.replace(CFG, **VARIANTS[name][1])
+    return dataclasses.replace(CFG, **VARIANTS[name][2])
 
 
 class DoubledGradient(Engine):
@@ -126,10 +132,10 @@ def _run(shape: str) -> dict:
             configs.append({"grid": grid, "steps": STEPS, "lr": LR, "engine_cls": cls})
             names.append(fault)
     models = {name: CFG for name in names}
-    for name, (variant_shape, _) in VARIANTS.items():
-        if variant_shape == shape:  # each with both schedules over the variant's grid
+    for name, (variant_shape, scheds, _) in VARIANTS.items():
+        if variant_shape == shape:
             cfg = _variant(name)
-            for sched in SCHEDULES:
+            for sched in scheds:
                 grid = Grid.parse(shape, 2, BATCH, schedule=sched, model=cfg)
                 configs.append({"grid": grid, "steps": STEPS, "lr": LR, "model": cfg})
                 names.append((name, sched))
@@ -193,8 +199,7 @@ def test_planted_faults_fail_the_check(fault):
 
 
 @pytest.mark.timeout(280)
-@pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize(("name", "schedule"), VARIANT_RUNS)
 def test_each_findings_variant_matches_its_own_reference(name, schedule):
     errors, results = _run(VARIANTS[name][0])[(name, schedule)]
     assert errors["max_rel_grad_error"] < TOLERANCE, errors
@@ -208,7 +213,7 @@ def test_each_findings_variant_matches_its_own_reference(name, schedule):
 @pytest.mark.timeout(280)
 def test_a_variant_compared_with_the_paper_nets_reference_fails():
     """The check can tell the variants apart: tanh's run is far from the ReLU net's reference."""
-    _, results = _run("1x2x2")[("tanh", "1f1b")]
+    _, results = _run("1x2x2")[("tanh", "gpipe")]
     errors = compare(CFG, _run("1x2x2")["reference"], results)
     assert errors["max_rel_grad_error"] > 100 * TOLERANCE, errors
 
