@@ -84,7 +84,6 @@ BLOCKS: tuple[BlockSpec, ...] = (
     BlockSpec("fc8", 7, "fc", "both", act=False),
 )
 BLOCK_NAMES: tuple[str, ...] = tuple(b.name for b in BLOCKS)
-BLOCK_BY_NAME: dict[str, BlockSpec] = {b.name: b for b in BLOCKS}
 
 
 @functools.cache
