@@ -14,7 +14,19 @@ import os
 import sys
 from collections.abc import Callable
 
-from alexnet.config import VARIANTS, ModelConfig
+from alexnet.config import VARIANTS, ModelConfig, parse_model_sets
+
+
+def add_model_sets(p: argparse.ArgumentParser) -> None:
+    """The ``--set model.KEY=VALUE`` option of the commands that build a model from switches."""
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="model.KEY=VALUE",
+        help="a model switch, e.g. model.activation=tanh, model.columns=1, model.remove_blocks=conv3",
+    )
+
 
 DESCRIPTION = """\
 The 2012 two-column AlexNet (Krizhevsky, Sutskever, Hinton), trained pipeline-parallel on Ray.
@@ -54,7 +66,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Print the model table (or its JSON)."""
     from alexnet.info import format_table, summary
 
-    cfg = ModelConfig.for_variant(args.variant, args.num_classes, args.input_size)
+    switches = parse_model_sets(args.set)
+    cfg = ModelConfig.for_variant(args.variant, args.num_classes, args.input_size, **switches)
     print(json.dumps(summary(cfg)) if args.json else format_table(cfg))
     return 0
 
@@ -72,6 +85,7 @@ def add_info(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-classes", type=int, default=None, help="classes of fc8 (default: the variant's)")
     p.add_argument("--input-size", type=int, default=None, help="crop side in px (default: the variant's)")
+    add_model_sets(p)
     p.set_defaults(func=cmd_info)
 
 

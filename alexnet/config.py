@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
+from typing import Any
 
 LRN_CONVENTIONS = ("paper", "per_size")
 VARIANTS = ("paper", "small")
+# The paper's findings as switches (README "The paper's findings"); the first of each is the paper's.
+ACTIVATIONS = ("relu", "tanh")  # section 3.1
+# section 3.4: max-pool windows z=3 at stride s=2 ("overlapping") or z=2, s=2 ("non_overlapping")
+POOLINGS = {"overlapping": (3, 2), "non_overlapping": (2, 2)}
+REMOVABLE_BLOCKS = ("conv3", "conv4")  # section 6: "removing any of the middle layers" (depth)
 
 # The paper's crop: 224 (227 here, see ModelConfig) of the 256 px images it stored.
 CROP_FRACTION = 227 / 256
@@ -16,8 +24,9 @@ class ModelConfig:
     """Sizes and constants of the two-column AlexNet.
 
     The defaults are the 2012 paper's network at 1000 classes. Channel and unit
-    counts are **per column**; the network always has two columns (the paper's two
-    GPUs), whether they run in one process or on two ranks.
+    counts are **per column**; the paper's network has two columns (the paper's two
+    GPUs), whether they run in one process or on two ranks (``columns`` = 1: the
+    one-column comparison net, below).
 
     Input size: the paper says 224, but conv1 (11x11, stride 4) only yields the
     paper's 55x55 maps from 227 pixels ((227 - 11) / 4 + 1 = 55). The original
@@ -58,8 +67,30 @@ class ModelConfig:
     fc8_init_std: float = 0.01
     init_bias: float = 1.0
     seed: int = 0
+    activation: str = "relu"
+    pooling: str = "overlapping"
+    lrn: bool = True
+    columns: int = 2
+    remove_blocks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation={self.activation!r}: use one of {ACTIVATIONS}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"model.pooling={self.pooling!r}: use one of {tuple(POOLINGS)}")
+        if self.columns not in (1, 2):
+            raise ValueError(
+                f"model.columns={self.columns!r}: use 2 (the paper's two-column net) or 1 (the "
+                "one-column net of the paper's section 3.2)"
+            )
+        removed = tuple(self.remove_blocks)
+        if any(b not in REMOVABLE_BLOCKS for b in removed) or len(set(removed)) != len(removed):
+            raise ValueError(
+                f"model.remove_blocks={list(removed)}: give distinct blocks among {list(REMOVABLE_BLOCKS)} "
+                "(the middle conv layers; [] keeps all eight blocks)"
+            )
+        # canonical order, so that two spellings of one net compare (and key checkpoints) equal
+        object.__setattr__(self, "remove_blocks", tuple(b for b in REMOVABLE_BLOCKS if b in removed))
         if self.num_classes < 2:
             raise ValueError(f"model.num_classes={self.num_classes}: need at least 2 classes")
         if self.lrn_convention not in LRN_CONVENTIONS:
@@ -73,7 +104,8 @@ class ModelConfig:
         if self.spatial_sizes()[-1] < 1:
             raise ValueError(
                 f"model.input_size={self.input_size} is too small for conv1 "
-                f"(kernel {self.conv1_kernel}, stride {self.conv1_stride}) and three 3/2 pools; "
+                f"(kernel {self.conv1_kernel}, stride {self.conv1_stride}) and three "
+                f"{'/'.join(map(str, self.pool_window))} pools; "
                 "use ModelConfig.small() for 32-64 px images"
             )
 
@@ -132,17 +164,39 @@ class ModelConfig:
         return cls(**sizes, **overrides)
 
     @property
-    def fc8_split(self) -> tuple[int, int]:
-        """Logits computed by column 0 and column 1 (column 0 takes the odd one)."""
+    def fc8_split(self) -> tuple[int, ...]:
+        """Logits computed by each column: (column 0, column 1), column 0 taking the odd one; the
+        one-column net's single column computes them all."""
+        if self.columns == 1:
+            return (self.num_classes,)
         half = (self.num_classes + 1) // 2
         return half, self.num_classes - half
 
+    @property
+    def pool_window(self) -> tuple[int, int]:
+        """(window z, stride s) of every max-pool (``pooling``)."""
+        return POOLINGS[self.pooling]
+
+    def conv_widths(self) -> tuple[int, int, int, int, int]:
+        """Kernels of conv1-conv5 in each of this net's columns: ``conv_channels`` for the paper's
+        two columns; the one-column net keeps conv1-conv4's and takes the full conv5 (both columns')."""
+        if self.columns == 2:
+            return self.conv_channels
+        c1, c2, c3, c4, c5 = self.conv_channels
+        return c1, c2, c3, c4, 2 * c5
+
+    def fc_width(self) -> int:
+        """Units of fc6 and fc7 in each of this net's columns (the one-column net: both columns')."""
+        return self.fc_units * (3 - self.columns)  # 2 columns: fc_units; 1 column: 2 * fc_units
+
     def spatial_sizes(self) -> tuple[int, int, int, int]:
-        """Side of the maps after conv1, pool1, pool2 and pool5 (55, 27, 13, 6 for the paper)."""
+        """Side of the maps after conv1, pool1, pool2 and pool5 (55, 27, 13, 6 for the paper, with
+        either pooling; the small net at 32 px: 32, 15, 7, 3 overlapping, 32, 16, 8, 4 not)."""
+        z, st = self.pool_window
         s1 = (self.input_size + 2 * self.conv1_padding - self.conv1_kernel) // self.conv1_stride + 1
-        p1 = (s1 - 3) // 2 + 1
-        p2 = (p1 - 3) // 2 + 1  # conv2 keeps the size (padding kernel // 2)
-        p5 = (p2 - 3) // 2 + 1  # conv3-5 keep the size (padding 1)
+        p1 = (s1 - z) // st + 1
+        p2 = (p1 - z) // st + 1  # conv2 keeps the size (padding kernel // 2)
+        p5 = (p2 - z) // st + 1  # conv3-5 keep the size (padding 1)
         return s1, p1, p2, p5
 
 
@@ -163,3 +217,38 @@ def check_crop(input_size: int, stored: int) -> None:
             f"leave model.input_size unset (0: {crop_size(stored)} px, {CROP_FRACTION:.3f} of the side, "
             f"as the paper), or rebuild the shards with `alexnet shards --size {fit}`"
         )
+
+
+def parse_model_sets(items: list[str] | None) -> dict[str, Any]:
+    """``["model.activation=tanh", "model.remove_blocks=conv3"]`` -> ModelConfig overrides, each value
+    coerced to its field's type: what ``alexnet info`` and ``alexnet verify`` take as ``--set``
+    (the same ``model.*`` keys as ``alexnet train``'s [model] section)."""
+    hints = typing.get_type_hints(ModelConfig)
+    known = [f.name for f in dataclasses.fields(ModelConfig)]
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not sep or section != "model" or name not in known:
+            raise ValueError(
+                f"--set {item!r}: write --set model.KEY=VALUE with KEY one of {', '.join(known)} "
+                "(e.g. --set model.activation=tanh)"
+            )
+        out[name] = _coerce(f"model.{name}", hints[name], value.strip())
+    return out
+
+
+def _coerce(key: str, hint: Any, text: str) -> Any:
+    """A ``--set`` string as a ModelConfig field of type ``hint`` (str, int, float, bool, tuples)."""
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        parts = [p.strip().strip("'\"") for p in text.strip("[]").split(",") if p.strip()]
+        return tuple(_coerce(key, item, p) for p in parts)
+    if hint is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{key}={text!r}: use true or false")
+        return text.lower() in ("true", "1", "yes")
+    try:
+        return hint(text)
+    except ValueError:
+        raise ValueError(f"{key}={text!r}: give {'an integer' if hint is int else 'a number'}") from None

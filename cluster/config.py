@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from alexnet.config import CROP_FRACTION, ModelConfig, check_crop, crop_size
+from alexnet.data.transforms import CROPS
 from alexnet.layers import LRN_KERNEL_SETTINGS as LRN_KERNELS
 from alexnet.optim import OPTIM_RULES
-from pipeline.grid import Grid, parse_shape
+from pipeline.grid import Grid, model_fields, parse_shape
 from pipeline.precision import COMPILE_CHOICES, PRECISIONS
 
 try:
@@ -71,6 +72,12 @@ class ModelSection:
     ``lrn_convention``: ``"per_size"`` (alpha / n, the network as cuda-convnet and Caffe trained
     it) or ``"paper"`` (alpha as printed); see :class:`alexnet.config.ModelConfig`.
 
+    The paper's findings as switches (defaults the paper's; :class:`alexnet.config.ModelConfig`,
+    README "The paper's findings"): ``activation`` (relu/tanh, section 3.1), ``pooling``
+    (overlapping 3/2 or non_overlapping 2/2, 3.4), ``lrn`` (3.3), ``columns`` (2, or 1: the
+    one-column net of 3.2, on grids with C = 1), ``remove_blocks`` (conv3 and/or conv4, section 6)
+    and ``dropout`` (4.2).
+
     Checked by the :class:`alexnet.config.ModelConfig` it builds, whose errors name the
     ``model.*`` keys (an unset ``input_size`` is checked at the variant's default size).
     """
@@ -81,6 +88,11 @@ class ModelSection:
     dropout: float = 0.5
     lrn_convention: str = "per_size"
     seed: int = 0
+    activation: str = "relu"
+    pooling: str = "overlapping"
+    lrn: bool = True
+    columns: int = 2
+    remove_blocks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _need(self.input_size >= 0, "model.input_size", self.input_size, "use > 0 px, or 0 (from the data)")
@@ -103,7 +115,14 @@ class ModelSection:
             dropout=self.dropout,
             lrn_convention=self.lrn_convention,
             seed=self.seed,
+            **self.switches(),
         )
+
+    def switches(self) -> dict[str, Any]:
+        """The paper's findings this section sets, as :class:`alexnet.config.ModelConfig` fields
+        (dropout, which predates them, aside)."""
+        keys = ("activation", "pooling", "lrn", "columns", "remove_blocks")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass(frozen=True)
@@ -163,12 +182,14 @@ _GRID_FIELD_KEYS = {
     "global_batch": "optim.batch_size",
     "cuts": "grid.cuts",
     "schedule": "grid.schedule",
+    "model.columns": "model.columns",
+    "model.remove_blocks": "model.remove_blocks",
 }
 
 
 def grid_error_keys(message: str) -> list[str]:
     """The config keys behind a :class:`pipeline.grid.Grid` refusal, in the order it names them."""
-    fields = re.findall(r"\b(" + "|".join(_GRID_FIELD_KEYS) + r")\b", message)
+    fields = re.findall(r"\b(" + "|".join(map(re.escape, _GRID_FIELD_KEYS)) + r")\b", message)
     return list(dict.fromkeys(_GRID_FIELD_KEYS[f] for f in fields)) or ["grid.shape"]
 
 
@@ -359,8 +380,14 @@ class DataSection:
     # a shard member (an image) larger than this is a corrupt sample, counted and skipped, never read
     # whole: a 256 px JPEG is 20-100 KB, so the default leaves room for any --size a user builds
     max_sample_bytes: int = 4 << 20
+    # the paper's training augmentation (section 4.1), each a switch: "random" 227 crops or the
+    # "center" one; horizontal flips; the PCA colour lighting (alexnet.data.transforms.Augmentation)
+    crop: str = "random"
+    flip: bool = True
+    lighting: bool = True
 
     def __post_init__(self) -> None:
+        _need(self.crop in CROPS, "data.crop", self.crop, f"use one of {CROPS}")
         _need(self.workers >= 1, "data.workers", self.workers, "use >= 1")
         _need(
             self.max_sample_bytes >= 1024,
@@ -592,10 +619,15 @@ class JobConfig:
         """
         g = self.grid
         r, s, c = g.dims
+        # the model's blocks and columns (input_size plays no part in them)
+        model = self.model._model_config(self.model.input_size or None)
         try:
-            return Grid(r, s, c, g.microbatches, self.optim.batch_size, tuple(g.cuts) or None, g.schedule)
+            cuts, b = tuple(g.cuts) or None, self.optim.batch_size
+            return Grid(r, s, c, g.microbatches, b, cuts, g.schedule, **model_fields(model))
         except ValueError as e:
             values = {
+                "model.columns": self.model.columns,
+                "model.remove_blocks": list(self.model.remove_blocks),
                 "grid.shape": g.shape,
                 "grid.microbatches": g.microbatches,
                 "grid.cuts": list(g.cuts),
@@ -648,6 +680,24 @@ class JobConfig:
         config (``alexnet config`` prints it; ``alexnet train`` writes it as ``RUN/config.toml``);
         with ``sources`` (``{"section.key": origin}``), each line ends in a comment naming its origin."""
         return _toml(self.to_dict(), sources or {})
+
+
+def check_resume_variant(saved: JobConfig, cfg: JobConfig, url: str) -> None:
+    """Refuse to continue the checkpoint at ``url`` (its manifest's config ``saved``) as another
+    variant: another [model] section, or other augmentation switches (``data.crop``, ``data.flip``,
+    ``data.lighting``), since an exact resume draws what the run drew."""
+    was, now = saved.to_dict(), cfg.to_dict()
+    for section, keys in (("model", list(now["model"])), ("data", ["crop", "flip", "lighting"])):
+        diff = [k for k in keys if was[section][k] != now[section][k]]
+        if diff:
+            saved_as = ", ".join(f"{section}.{k}={was[section][k]!r}" for k in diff)
+            has = ", ".join(f"{now[section][k]!r}" for k in diff)
+            fix = " ".join(f"--set {section}.{k}={_toml_value(was[section][k])}" for k in diff)
+            raise ValueError(
+                f"{url}: saved with {saved_as}, this run has {has}; a checkpoint resumes only as the "
+                f"variant it trained: resume with the same [{section}] section ({fix}), or start a new "
+                "--run-dir"
+            )
 
 
 def _toml_value(v: Any) -> str:

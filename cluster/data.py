@@ -481,6 +481,9 @@ def start_pool(
         shuffle_buffer=d.shuffle_buffer,
         streams=plan.streams,
         encoded=run.decode_on_device,
+        crop=d.crop,
+        flip=d.flip,
+        lighting=d.lighting,
         max_sample_bytes=d.max_sample_bytes,
     )
     return DataPool(

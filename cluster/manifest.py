@@ -51,7 +51,7 @@ from cluster.checkpoint import (
     load_checkpoint,
     load_newest,
 )
-from cluster.config import CheckpointSection, JobConfig, from_dict
+from cluster.config import CheckpointSection, JobConfig, check_resume_variant, from_dict
 from cluster.faults import CheckpointWriteFailed
 from cluster.plan import RunPlan
 
@@ -199,12 +199,7 @@ class Manifest:
         """Refuse a checkpoint this run cannot continue exactly (model, update rule, batch, data
         position)."""
         saved = from_dict(self.config)  # parsed when the checkpoint was loaded (expected_tensors)
-        model = cfg.to_dict()["model"]
-        if saved.to_dict()["model"] != model:
-            raise ValueError(
-                f"{url}: saved with model {saved.to_dict()['model']}, this run has {model}; "
-                "resume with the same [model] section (or start a new --run-dir)"
-            )
+        check_resume_variant(saved, cfg, url)
         check_resume_rule(saved.optim.rule, cfg.optim.rule, url)
         b_saved = saved.optim.batch_size
         if b_saved != cfg.optim.batch_size:

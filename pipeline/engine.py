@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from alexnet.config import ModelConfig
 from alexnet.layers import LRN_KERNEL_SETTINGS, StepContext
-from alexnet.model import BLOCK_NAMES, BlockSpec, Stage, concat_exchange, geometry
+from alexnet.model import BlockSpec, Stage, concat_exchange, geometry, previous_block
 from alexnet.optim import make_optimizer
 from alexnet.scoring import Tally
 from pipeline.dist import Comm, Groups
@@ -213,6 +213,7 @@ class Engine:
                 f"groups were made for grid {g.shape} but the engine got {grid.shape}: "
                 "call init_distributed with the same grid shape"
             )
+        grid.check_model(model_cfg)
         self.cfg, self.grid, self.rank, self.groups, self.config = model_cfg, grid, rank, groups, config
         self.device = torch.device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
@@ -264,10 +265,9 @@ class Engine:
         self.grad_sync = (
             _GradSync(params, groups.comm, groups.data, self.timeline) if groups.data is not None else None
         )
-        first_block = BLOCK_NAMES.index(self.blocks[0])
         # per-column shapes (without the batch) of what crosses our input and output boundaries
         self.in_shapes = (
-            [geometry(self.cfg, BLOCK_NAMES[first_block - 1], c).out for c in self.columns]
+            [geometry(self.cfg, previous_block(self.cfg, self.blocks[0]), c).out for c in self.columns]
             if not self.first
             else []
         )

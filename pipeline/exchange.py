@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alexnet.config import ModelConfig
-from alexnet.model import BLOCK_NAMES, COLUMNS, BlockSpec, geometry
+from alexnet.model import BlockSpec, geometry, net_columns, previous_block
 from pipeline.dist import Comm
 from pipeline.timeline import Timeline
 
@@ -96,8 +96,8 @@ class ColumnExchange:
 
     def __call__(self, spec: BlockSpec, parts: list[Tensor]) -> Tensor:
         (x,) = parts  # one column per rank
-        prev = BLOCK_NAMES[spec.index - 1]
-        return self.gather(x, tuple(geometry(self.cfg, prev, c).out[0] for c in COLUMNS))
+        prev = previous_block(self.cfg, spec.name)
+        return self.gather(x, tuple(geometry(self.cfg, prev, c).out[0] for c in net_columns(self.cfg)))
 
     def logits(self, part: Tensor) -> Tensor:
         """(B, fc8_split[c]) -> (B, num_classes), column 0's logits first."""

@@ -12,6 +12,10 @@ Groups (lists of global ranks, in group-rank order):
 
 Stage cuts are block names: ``cuts[i]`` is the first block of stage ``i + 1``. Without
 cuts, :func:`default_cuts` balances the paper network's forward MACs per stage.
+
+The grid also holds what it needs of the model (:meth:`Grid.for_model`): its block names (a
+net without conv3 or conv4 has fewer, and cuts name the remaining ones) and its number of
+columns (the one-column net of the paper's section 3.2 runs on C = 1 only).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 from alexnet.config import ModelConfig
 from alexnet.info import block_macs
-from alexnet.model import BLOCK_NAMES
+from alexnet.model import BLOCK_NAMES, block_names
 
 
 @functools.cache
@@ -33,15 +37,17 @@ def _paper_block_macs() -> dict[str, int]:
     return block_macs(ModelConfig())
 
 
-def default_cuts(stages: int, cost: dict[str, float] | None = None) -> tuple[str, ...]:
-    """Cut points splitting the 8 blocks into ``stages`` contiguous runs of balanced cost.
+def default_cuts(
+    stages: int, cost: dict[str, float] | None = None, blocks: tuple[str, ...] = BLOCK_NAMES
+) -> tuple[str, ...]:
+    """Cut points splitting ``blocks`` (the paper's 8) into ``stages`` contiguous runs of balanced cost.
 
-    Minimises the most expensive stage (exact, by dynamic programming over the 8 blocks);
+    Minimises the most expensive stage (exact, by dynamic programming over the blocks);
     ``cost`` maps block name -> relative cost (default: the paper network's forward MACs).
     """
-    if not 1 <= stages <= len(BLOCK_NAMES):
-        raise ValueError(f"stages={stages}: use 1..{len(BLOCK_NAMES)} (the network has 8 blocks)")
-    w = [float((cost or _paper_block_macs())[n]) for n in BLOCK_NAMES]
+    if not 1 <= stages <= len(blocks):
+        raise ValueError(f"stages={stages}: use 1..{len(blocks)} (the network has {len(blocks)} blocks)")
+    w = [float((cost or _paper_block_macs())[n]) for n in blocks]
     n = len(w)
     prefix = [0.0]
     for x in w:
@@ -61,7 +67,7 @@ def default_cuts(stages: int, cost: dict[str, float] | None = None) -> tuple[str
     for k in range(stages, 0, -1):
         i = arg[k][i]
         starts.append(i)
-    return tuple(BLOCK_NAMES[j] for j in sorted(starts)[1:])
+    return tuple(blocks[j] for j in sorted(starts)[1:])
 
 
 def parse_shape(shape: str) -> tuple[int, int, int]:
@@ -78,9 +84,13 @@ class Grid:
     """R x S x C ranks, M micro-batches per step, the global batch, the stage cuts, the schedule
     (the order of a stage's micro-batch forwards and backwards: ``pipeline.schedules``).
 
-    Refuses, when built: non-positive sizes, C not in {1, 2}, more stages than blocks, bad
-    cuts, a global batch that does not split into R replicas x M micro-batches, and an
-    unknown schedule (or one that cannot run M micro-batches over S stages).
+    Refuses, when built: non-positive sizes, C not in {1, 2}, C = 2 for a one-column net,
+    more stages than blocks, bad cuts (a removed block's included), a global batch that does
+    not split into R replicas x M micro-batches, and an unknown schedule (or one that cannot
+    run M micro-batches over S stages).
+
+    ``blocks`` and ``net_columns`` are the model's (:meth:`for_model`): its block names and its
+    number of columns (2 for the paper's net, 1 for the one-column net).
     """
 
     replicas: int
@@ -90,6 +100,8 @@ class Grid:
     global_batch: int
     cuts: tuple[str, ...] | None = None
     schedule: str = "1f1b"
+    blocks: tuple[str, ...] = BLOCK_NAMES
+    net_columns: int = 2
 
     def __post_init__(self) -> None:
         for name in ("replicas", "stages", "microbatches", "global_batch"):
@@ -101,10 +113,17 @@ class Grid:
                 f"grid columns={self.columns!r}: use 2 (one rank per column, the paper's two GPUs) "
                 "or 1 (both columns in one rank)"
             )
-        if self.stages > len(BLOCK_NAMES):
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        if self.net_columns == 1 and self.columns == 2:
             raise ValueError(
-                f"grid stages={self.stages}: the network has {len(BLOCK_NAMES)} blocks "
-                f"({', '.join(BLOCK_NAMES)}); use at most {len(BLOCK_NAMES)} stages"
+                "grid columns=2 puts one network column on each of two ranks, but the one-column net "
+                "(model.columns=1) has a single column and nothing to exchange: use C = 1 (e.g. "
+                "grid.shape=1x2x1), where a rank holds every column the model has"
+            )
+        if self.stages > len(self.blocks):
+            raise ValueError(
+                f"grid stages={self.stages}: the network has {len(self.blocks)} blocks "
+                f"({', '.join(self.blocks)}); use at most {len(self.blocks)} stages"
             )
         if self.global_batch % (self.replicas * self.microbatches):
             raise ValueError(
@@ -112,7 +131,7 @@ class Grid:
                 f"microbatches={self.microbatches} equal micro-batches: make the batch a multiple of "
                 f"{self.replicas * self.microbatches} or change the micro-batch count"
             )
-        cuts = default_cuts(self.stages) if self.cuts is None else tuple(self.cuts)
+        cuts = default_cuts(self.stages, blocks=self.blocks) if self.cuts is None else tuple(self.cuts)
         self._check_cuts(cuts)
         object.__setattr__(self, "cuts", cuts)
         from pipeline.schedules import make_schedule  # a schedule refuses impossible setups itself
@@ -125,10 +144,16 @@ class Grid:
                 f"grid cuts={list(cuts)}: give {self.stages - 1} block names (the first block of "
                 f"stages 1..{self.stages - 1}), or none for the default split"
             )
-        unknown = [c for c in cuts if c not in BLOCK_NAMES]
+        removed = [c for c in cuts if c in BLOCK_NAMES and c not in self.blocks]
+        if removed:
+            raise ValueError(
+                f"grid cuts={list(cuts)}: {removed} removed from this model (model.remove_blocks); "
+                f"cut at one of its blocks {list(self.blocks[1:])}"
+            )
+        unknown = [c for c in cuts if c not in self.blocks]
         if unknown:
-            raise ValueError(f"grid cuts: unknown block(s) {unknown}; blocks are {list(BLOCK_NAMES)}")
-        idx = [BLOCK_NAMES.index(c) for c in cuts]
+            raise ValueError(f"grid cuts: unknown block(s) {unknown}; blocks are {list(self.blocks)}")
+        idx = [self.blocks.index(c) for c in cuts]
         if idx and (idx[0] == 0 or any(b <= a for a, b in zip(idx, idx[1:], strict=False))):
             raise ValueError(
                 f"grid cuts={list(cuts)}: must be strictly increasing block names after conv1, so "
@@ -167,12 +192,13 @@ class Grid:
 
     def stage_blocks(self, s: int) -> tuple[str, ...]:
         """The contiguous run of block names stage ``s`` computes."""
-        starts = [0] + [BLOCK_NAMES.index(c) for c in self.cuts] + [len(BLOCK_NAMES)]
-        return BLOCK_NAMES[starts[s] : starts[s + 1]]
+        starts = [0] + [self.blocks.index(c) for c in self.cuts] + [len(self.blocks)]
+        return self.blocks[starts[s] : starts[s + 1]]
 
     def columns_of(self, c: int) -> tuple[int, ...]:
-        """The network columns column-rank ``c`` holds: (0, 1) when C=1, else (c,)."""
-        return (0, 1) if self.columns == 1 else (c,)
+        """The network columns column-rank ``c`` holds: every column the model has when C=1
+        ((0, 1), or (0,) for the one-column net), else (c,)."""
+        return tuple(range(self.net_columns)) if self.columns == 1 else (c,)
 
     # -- groups (global rank lists) ----------------------------------------------------------
     def column_groups(self) -> list[list[int]]:
@@ -209,14 +235,17 @@ class Grid:
         global_batch: int = 1,
         cuts: tuple[str, ...] | None = None,
         schedule: str = "1f1b",
+        model: ModelConfig | None = None,
     ) -> Grid:
-        """``Grid.parse("2x2x2", microbatches=4, global_batch=32)``: replicas x stages x columns."""
+        """``Grid.parse("2x2x2", microbatches=4, global_batch=32)``: replicas x stages x columns;
+        ``model``: the network it runs (default: the paper's blocks and columns)."""
         r, s, c = parse_shape(shape)
-        return cls(r, s, c, microbatches, global_batch, cuts, schedule)
+        return cls(r, s, c, microbatches, global_batch, cuts, schedule, **model_fields(model))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["cuts"] = list(self.cuts or ())
+        d["blocks"] = list(self.blocks)
         return d
 
     @classmethod
@@ -229,4 +258,23 @@ class Grid:
             global_batch=int(d["global_batch"]),
             cuts=tuple(d["cuts"]) if d.get("cuts") is not None else None,
             schedule=str(d.get("schedule", "1f1b")),
+            blocks=tuple(d.get("blocks") or BLOCK_NAMES),
+            net_columns=int(d.get("net_columns", 2)),
         )
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Refuse a model this grid was not laid out for (other blocks or columns)."""
+        want = model_fields(cfg)
+        if (self.blocks, self.net_columns) != (want["blocks"], want["net_columns"]):
+            raise ValueError(
+                f"grid {self.shape} was laid out for blocks {list(self.blocks)} in {self.net_columns} "
+                f"column(s), the model has {list(want['blocks'])} in {want['net_columns']}: build the "
+                "grid with Grid.parse(..., model=cfg)"
+            )
+
+
+def model_fields(cfg: ModelConfig | None) -> dict[str, Any]:
+    """The :class:`Grid` fields of a model: its block names and its number of columns."""
+    if cfg is None:
+        return {"blocks": BLOCK_NAMES, "net_columns": 2}
+    return {"blocks": block_names(cfg), "net_columns": cfg.columns}

@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from alexnet.config import VARIANTS, ModelConfig
+from alexnet.cli import add_model_sets
+from alexnet.config import VARIANTS, ModelConfig, parse_model_sets
+from alexnet.info import switches
 from alexnet.model import TwoColumnAlexNet
 from alexnet.train_local import train_local
 from pipeline import dist as pdist
@@ -164,6 +166,7 @@ def _worker(rank: int, world_size: int, port: int, cfg: ModelConfig, configs: li
 
 
 def _run_config(cfg: ModelConfig, grid: Grid, rank: int, groups: pdist.Groups, c: dict) -> dict[str, Any]:
+    cfg = c.get("model") or cfg  # a config may run a variant of the model (its grid laid out for it)
     rec = RecordingComm.install(groups) if c.get("record") else None
     try:
         out = run_rank(
@@ -182,8 +185,8 @@ def run_configs(
 ) -> list[list[dict[str, Any]]]:
     """Run several configs that share one grid shape in ONE set of local processes (spawning
     is the slow part on a small machine). A config: ``{"grid": Grid, "steps": int, "lr": float,
-    "engine_cls": optional Engine subclass, "record": optional bool}``. Returns ``[config][rank] ->
-    run_rank result``."""
+    "engine_cls": optional Engine subclass, "record": optional bool, "model": optional ModelConfig
+    (instead of ``cfg``)}``. Returns ``[config][rank] -> run_rank result``."""
     shapes = {c["grid"].shape for c in configs}
     if len(shapes) != 1:
         raise ValueError(f"run_configs needs one grid shape per call, got {sorted(shapes)}")
@@ -211,6 +214,7 @@ def run_verify(
     ok = errors["max_rel_grad_error"] < TOLERANCE and errors["max_rel_weight_error"] < TOLERANCE
     report = {
         "grid": grid.shape,
+        "model": switches(cfg),
         "microbatches": grid.microbatches,
         "schedule": grid.schedule,
         "cuts": list(grid.cuts or ()),
@@ -264,12 +268,14 @@ def check_nccl_rules(
 def cmd_verify(args: argparse.Namespace) -> int:
     """``alexnet verify``: print the JSON report; exit 1 if an error is over the tolerance (or, with
     ``--nccl-rules``, if the communication breaks one of NCCL's rules)."""
-    cfg = ModelConfig.for_variant(args.variant, args.num_classes, args.input_size)
-    replicas, stages, columns = parse_shape(args.grid)
+    switches = parse_model_sets(args.set)
+    cfg = ModelConfig.for_variant(args.variant, args.num_classes, args.input_size, **switches)
+    replicas, _, _ = parse_shape(args.grid)
     m = args.microbatches
     batch = args.batch or 2 * m * replicas
     cuts = tuple(args.cuts.split(",")) if args.cuts else None
-    grid = Grid(replicas, stages, columns, m, batch, cuts, args.schedule)
+    # refuses a grid the model cannot run on (C = 2 for the one-column net, a removed block cut at)
+    grid = Grid.parse(args.grid, m, batch, cuts, args.schedule, model=cfg)
     report = run_verify(
         cfg, grid, steps=args.steps, lr=args.lr, timeout_s=args.timeout, nccl_rules=args.nccl_rules
     )
@@ -300,6 +306,7 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", choices=VARIANTS, default="small", help="the network: small or paper")
     p.add_argument("--num-classes", type=int, default=None, help="classes of fc8 (default: the variant's)")
     p.add_argument("--input-size", type=int, default=None, help="crop side in px (default: the variant's)")
+    add_model_sets(p)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before the check is abandoned")
     p.add_argument(
         "--nccl-rules",

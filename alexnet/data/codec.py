@@ -27,6 +27,8 @@ import torch
 from alexnet.data.encoded import collate_encoded, draw_encoded
 from alexnet.data.records import ReaderStats, Record, check_record, corrupt
 from alexnet.data.transforms import (
+    PAPER_AUGMENTATION,
+    Augmentation,
     center_crop,
     decode_image,
     draw_augmentation,
@@ -95,17 +97,20 @@ class Codec(Protocol):
 
 
 class PixelCodec:
-    """Worker-side decode: the paper's augmentation applied as soon as an image is decoded."""
+    """Worker-side decode: the paper's augmentation applied as soon as an image is decoded
+    (``aug``: which parts are on, ``data.crop``/``flip``/``lighting``)."""
 
-    def __init__(self, seed: int, side: int, input_size: int, light: np.ndarray) -> None:
-        self.seed, self.side, self.size, self.light = seed, side, input_size, light
+    def __init__(
+        self, seed: int, side: int, input_size: int, light: np.ndarray, aug: Augmentation = PAPER_AUGMENTATION
+    ) -> None:
+        self.seed, self.side, self.size, self.light, self.aug = seed, side, input_size, light, aug
 
     def sample(self, rec: Record, epoch: int, stats: ReaderStats) -> Augmented | None:
         """Record -> :class:`Augmented` (crop, flip and lighting drawn from (seed, epoch, key))."""
         d = decode_record(rec, self.side, stats)
         if d is None:
             return None
-        a = draw_augmentation(self.seed, epoch, d.key, self.side, self.size)
+        a = draw_augmentation(self.seed, epoch, d.key, self.side, self.size, self.aug)
         crop = train_crop(d.image, a, self.size).contiguous()  # (3, S, S): the full image is freed now
         return Augmented(d.key, crop, d.label, lighting_offset(a.alpha, self.light))
 
@@ -124,21 +129,25 @@ class PixelCodec:
 class JpegCodec:
     """Device-side decode: the same draws from the JPEG header, the bytes shipped (encoded.py)."""
 
-    def __init__(self, seed: int, side: int, input_size: int, light: np.ndarray) -> None:
-        self.seed, self.side, self.size, self.light = seed, side, input_size, light
+    def __init__(
+        self, seed: int, side: int, input_size: int, light: np.ndarray, aug: Augmentation = PAPER_AUGMENTATION
+    ) -> None:
+        self.seed, self.side, self.size, self.light, self.aug = seed, side, input_size, light, aug
 
     def sample(self, rec: Record, epoch: int, stats: ReaderStats) -> Any | None:
         """Record -> :class:`alexnet.data.encoded.Encoded` (no pixel decode for a JPEG)."""
-        return draw_encoded(rec, self.seed, epoch, self.side, self.size, self.light, stats)
+        return draw_encoded(rec, self.seed, epoch, self.side, self.size, self.light, stats, self.aug)
 
     def collate(self, samples: list[Any]) -> dict[str, Any]:
         """-> the encoded batch of :func:`alexnet.data.encoded.collate_encoded`."""
         return collate_encoded(samples, self.size)
 
 
-def training_codec(encoded: bool, seed: int, side: int, input_size: int, light: np.ndarray) -> Codec:
+def training_codec(
+    encoded: bool, seed: int, side: int, input_size: int, light: np.ndarray, aug: Augmentation
+) -> Codec:
     """The codec of a training stream: JPEG bytes for the device (``encoded``) or worker pixels."""
-    return (JpegCodec if encoded else PixelCodec)(seed, side, input_size, light)
+    return (JpegCodec if encoded else PixelCodec)(seed, side, input_size, light, aug)
 
 
 VAL_CROPS = ("center", "ten")

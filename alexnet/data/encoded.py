@@ -52,7 +52,14 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from alexnet.data.records import ReaderStats, Record, check_record, corrupt
-from alexnet.data.transforms import decode_image, draw_augmentation, lighting_offset, train_crop
+from alexnet.data.transforms import (
+    PAPER_AUGMENTATION,
+    Augmentation,
+    decode_image,
+    draw_augmentation,
+    lighting_offset,
+    train_crop,
+)
 
 log = logging.getLogger("alexnet.data")
 
@@ -84,6 +91,7 @@ def draw_encoded(
     input_size: int,
     light: np.ndarray,
     stats: ReaderStats,
+    aug: Augmentation = PAPER_AUGMENTATION,
 ) -> Encoded | None:
     """One record -> its :class:`Encoded` sample, or None (warned, counted in ``stats``) if unusable.
 
@@ -95,7 +103,7 @@ def draw_encoded(
     c = check_record(rec, stored, stats)
     if c is None:
         return None
-    d = draw_augmentation(seed, epoch, c.key, stored, input_size)
+    d = draw_augmentation(seed, epoch, c.key, stored, input_size, aug)  # aug: data.crop/flip/lighting
     lighting = lighting_offset(d.alpha, light)
     if c.jpeg:
         return Encoded(c.key, c.data, c.label, d.y, d.x, d.flip, lighting, None, stored)

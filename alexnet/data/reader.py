@@ -65,7 +65,7 @@ import numpy as np
 from alexnet.data.codec import Codec, training_codec
 from alexnet.data.index import DatasetIndex, ShardInfo, check_input_size
 from alexnet.data.records import MAX_MEMBER_BYTES, ReaderStats, Record, Segment, read_records, shuffled
-from alexnet.data.transforms import lighting_matrix
+from alexnet.data.transforms import Augmentation, lighting_matrix
 
 log = logging.getLogger("alexnet.data")
 
@@ -79,7 +79,8 @@ class ReaderSpec:
     stream (0 = no buffer, shard order only); streams: V, the epoch's virtual streams (a property of
     the run: :func:`resolve_streams`); encoded: ship JPEG bytes and augmentation parameters instead
     of decoded crops (:mod:`alexnet.data.encoded`; the trainer decodes); max_sample_bytes: a shard
-    member larger than this is a corrupt sample, never read.
+    member larger than this is a corrupt sample, never read; crop, flip, lighting: the augmentation
+    switches (:class:`~alexnet.data.transforms.Augmentation`).
     """
 
     url: str
@@ -92,6 +93,14 @@ class ReaderSpec:
     streams: int = 1
     encoded: bool = False
     max_sample_bytes: int = MAX_MEMBER_BYTES
+    crop: str = "random"
+    flip: bool = True
+    lighting: bool = True
+
+    @property
+    def augmentation(self) -> Augmentation:
+        """The training augmentation switched on (the one place both decode paths draw with)."""
+        return Augmentation(self.crop, self.flip, self.lighting)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -280,7 +289,8 @@ class Stream:
         )
         self.shards = self.index.shards(spec.split)
         light = lighting_matrix(self.index.eigenvalues, self.index.eigenvectors)
-        self.codec: Codec = training_codec(spec.encoded, spec.seed, self.index.size, spec.input_size, light)
+        size, aug = self.index.size, spec.augmentation
+        self.codec: Codec = training_codec(spec.encoded, spec.seed, size, spec.input_size, light, aug)
         self.stats = ReaderStats()
         self._padding_damage = ReaderStats()  # what padding passes meet again: see _damage
         self._cursor = _Cursor(start_epoch, stream)

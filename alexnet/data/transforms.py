@@ -15,10 +15,15 @@ apply that formula to pixels scaled to [0, 1] (as the common reimplementations d
 offset in pixel units: ``offset = V (a * l) / 255`` with ``l`` the eigenvalues in pixel units^2
 (``dataset.json``): :func:`lighting_matrix` and :func:`lighting_offset`. Using raw 0-255 eigenvalues
 would shift pixels by hundreds of levels.
+
+Each part is a switch (:class:`Augmentation`, the job's ``data.crop``, ``data.flip``,
+``data.lighting``), applied where the draw is made (:func:`draw_augmentation`), so every decode
+path (the workers' and the device's) follows it: a center crop, no flip, zero lighting.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -36,6 +41,7 @@ from torchvision.io import decode_jpeg as _tv_decode_jpeg
 from alexnet.data.index import check_input_size
 
 LIGHTING_STD = 0.1
+CROPS = ("random", "center")
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not a dependency here); decode_jpeg
 # still works and is the fast path, so silence just that notice (it is raised on every call).
@@ -52,18 +58,51 @@ class AugDraw:
     alpha: tuple[float, float, float]
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """Which parts of the paper's training augmentation (its section 4.1) are on: ``crop``
+    ``"random"`` (uniform over the positions) or ``"center"``; ``flip`` (horizontal, p = 0.5);
+    ``lighting`` (the PCA colour shift). The defaults are the paper's."""
+
+    crop: str = "random"
+    flip: bool = True
+    lighting: bool = True
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"data.crop={self.crop!r}: use one of {CROPS}")
+
+
+PAPER_AUGMENTATION = Augmentation()
+
+
 def _hash_words(seed: int, epoch: int, key: str) -> tuple[int, ...]:
     digest = hashlib.blake2b(f"{seed}\x1f{epoch}\x1f{key}".encode(), digest_size=32).digest()
     return struct.unpack("<8I", digest)
 
 
-def draw_augmentation(seed: int, epoch: int, key: str, stored: int, crop: int) -> AugDraw:
+def draw_augmentation(
+    seed: int, epoch: int, key: str, stored: int, crop: int, aug: Augmentation = PAPER_AUGMENTATION
+) -> AugDraw:
     """The training augmentation of sample ``key`` in ``epoch``: a function of its arguments only.
 
     ``stored``: side of the stored image; ``crop``: side of the model input (crop <= stored).
     Crop corners are uniform over the ``stored - crop + 1`` positions; flip with p = 0.5;
-    alphas ~ N(0, 0.1) via Box-Muller on 32-bit uniforms.
+    alphas ~ N(0, 0.1) via Box-Muller on 32-bit uniforms. ``aug`` switches parts off: the center
+    corner (as :func:`center_crop`), no flip, zero alphas; the parts left on draw what they draw
+    with everything on (the hash is cut the same way).
     """
+    d = _draw(seed, epoch, key, stored, crop)
+    if aug.crop == "center":
+        d = dataclasses.replace(d, x=(stored - crop) // 2, y=(stored - crop) // 2)
+    if not aug.flip:
+        d = dataclasses.replace(d, flip=False)
+    if not aug.lighting:
+        d = dataclasses.replace(d, alpha=(0.0, 0.0, 0.0))
+    return d
+
+
+def _draw(seed: int, epoch: int, key: str, stored: int, crop: int) -> AugDraw:
     check_input_size(crop, stored)
     w = _hash_words(seed, epoch, key)
     span = stored - crop + 1

@@ -21,7 +21,7 @@ def main(commands: list[list[str]]) -> None:
     from tests.cluster.test_coordinator import FakeGroup
 
     job.init_ray = lambda cfg, plan: None  # the driver runs for real; its trainer group is fake
-    job._ray_group = lambda cfg, plan, data_url: FakeGroup()
+    job._ray_group = lambda run: FakeGroup()
     for argv in commands:
         print(f"=== {' '.join(argv)}", flush=True)
         try:

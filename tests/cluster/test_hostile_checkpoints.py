@@ -175,7 +175,7 @@ def base_run(data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("base") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(job, "init_ray", lambda cfg, plan: None)
-        mp.setattr(job, "_ray_group", lambda cfg, plan, data_url: FakeGroup())
+        mp.setattr(job, "_ray_group", lambda run: FakeGroup())
         assert main(train(data, run, "--steps", "6")) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-2:] == ["step-00000004", "step-00000006"]
     return run
@@ -255,7 +255,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_older_one(case, outcomes
 @pytest.fixture
 def fake_ray(monkeypatch) -> None:
     monkeypatch.setattr(job, "init_ray", lambda cfg, plan: None)
-    monkeypatch.setattr(job, "_ray_group", lambda cfg, plan, data_url: FakeGroup())
+    monkeypatch.setattr(job, "_ray_group", lambda run: FakeGroup())
 
 
 def _tree(root: Path) -> dict[str, str]:

@@ -8,6 +8,7 @@ recordings; and no pipeline module calls torch.distributed but through ``pipelin
 from __future__ import annotations
 
 import ast
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -44,6 +45,32 @@ def test_every_grid_keeps_nccl_rules(shape):
         violations = check_nccl_rules(CFG, _grid(shape, m, schedule))
         if violations:
             failures[(m, schedule)] = violations[0]
+    assert failures == {}
+
+
+# one variant of each of the paper's findings, over grids it allows (C = 1 only for one column)
+FINDINGS = {
+    "tanh": {"activation": "tanh"},
+    "pool_2_2": {"pooling": "non_overlapping"},
+    "no_lrn": {"lrn": False},
+    "no_conv3": {"remove_blocks": ("conv3",)},  # its exchange moves to conv4
+    "no_conv4": {"remove_blocks": ("conv4",)},
+    "one_column": {"columns": 1},
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", sorted(FINDINGS))
+def test_each_findings_variant_keeps_nccl_rules(name):
+    cfg = dataclasses.replace(CFG, **FINDINGS[name])
+    c = cfg.columns
+    failures = {}
+    for shape, m, schedule in ((f"1x2x{c}", 1, "gpipe"), (f"2x3x{c}", 3, "1f1b"), (f"1x4x{c}", 4, "gpipe")):
+        replicas = int(shape[0])
+        grid = Grid.parse(shape, m, 2 * replicas * m, schedule=schedule, model=cfg)
+        violations = check_nccl_rules(cfg, grid)
+        if violations:
+            failures[(shape, m, schedule)] = violations[0]
     assert failures == {}
 
 
