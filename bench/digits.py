@@ -75,7 +75,7 @@ def main() -> None:
         for rule, sets in RULES.items():
             last, worst = [], []
             for seed in args.seeds:
-                over = {**RECIPE, **sets, "data.seed": seed, "train.seed": seed}
+                over = {**RECIPE, **sets, "train.seed": seed}  # the run's seed: init, dropout, data
                 over.update({"train.epochs": args.epochs, "eval.ten_crop": False})
                 cfg = load_config(preset="small", overrides={**over, "checkpoint.at_epoch_end": False})
                 run = tmp / f"{rule}-{seed}"

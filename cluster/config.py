@@ -292,8 +292,9 @@ class TrainSection:
     ``steps`` > 0 wins over ``epochs``; both count from step 0, so a resumed run stops where an
     uninterrupted one would. ``steps_per_call`` steps run per Ray call to the trainers (the
     coordinator is off the per-step path); a smaller value reacts faster to SIGTERM. ``seed`` is
-    recorded with the config but drives nothing: the weights and dropout masks draw from
-    ``model.seed``, the data order and augmentation from ``data.seed``.
+    the run's seed: every random draw (the weights' initialisation and the dropout masks, the data
+    order and augmentation) is keyed by it, so another seed of the same config is
+    ``--set train.seed=1``; ``model.seed`` and ``data.seed`` are added to it, to vary one alone.
     """
 
     epochs: int = 90
@@ -638,8 +639,14 @@ class JobConfig:
             raise ValueError(f"{named}: {e}") from None
 
     def model_config(self) -> ModelConfig:
-        """The :class:`alexnet.config.ModelConfig` of ``[model]`` (``input_size`` resolved)."""
-        return self.model.to_model_config()
+        """The :class:`alexnet.config.ModelConfig` of ``[model]`` (``input_size`` resolved), its
+        seed ``model.seed + train.seed``."""
+        return dataclasses.replace(self.model.to_model_config(), seed=self.model.seed + self.train.seed)
+
+    @property
+    def data_seed(self) -> int:
+        """The data order's and augmentation's seed: ``data.seed + train.seed``."""
+        return self.data.seed + self.train.seed
 
     def for_stored_size(self, stored: int, where: str = "the shards") -> JobConfig:
         """This config for images stored ``stored`` px square (the dataset's ``size``).

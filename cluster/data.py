@@ -477,7 +477,7 @@ def start_pool(
         cfg.optim.batch_size,
         run.model.input_size,
         workers=d.workers,
-        seed=d.seed,
+        seed=cfg.data_seed,
         shuffle_buffer=d.shuffle_buffer,
         streams=plan.streams,
         encoded=run.decode_on_device,

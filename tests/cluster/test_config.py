@@ -253,3 +253,14 @@ def test_1f1b_with_fewer_microbatches_than_stages_is_accepted():
     """The schedule runs M < S in GPipe's order (the equivalence and NCCL-rules tests cover it)."""
     cfg = load_config(preset="demo", overrides={"grid.shape": "1x3x2", "grid.microbatches": 1})
     assert cfg.grid.schedule == "1f1b" and cfg.to_grid().microbatches == 1 and cfg.to_grid().stages == 3
+
+
+def test_train_seed_keys_every_random_draw_of_the_run():
+    """train.seed moves the model's seed (init, dropout) and the data's (order, augmentation); the
+    section seeds add to it; the default 0 leaves both as they were."""
+    base = load_config(preset="demo")
+    assert base.model_config().seed == 0 and base.data_seed == 0
+    other = load_config(preset="demo", overrides={"train.seed": 3})
+    assert other.model_config().seed == 3 and other.data_seed == 3
+    one = load_config(preset="demo", overrides={"train.seed": 3, "model.seed": 1})
+    assert one.model_config().seed == 4 and one.data_seed == 3
