@@ -454,9 +454,16 @@ class FusedAlexNet(nn.Module):
         For the paper's sizes: conv1 (B, 96, 27, 27) after its pool, conv2 (B, 256, 13, 13),
         conv3 and conv4 (B, 384, 13, 13), conv5 (B, 256, 6, 6), fc6 and fc7 (B, 4096).
         """
+        return self.forward_to(x, BLOCK_NAMES[-1], ctx)
+
+    def forward_to(self, x: Tensor, last: str, ctx: StepContext | None = None) -> Tensor:
+        """The blocks up to and including ``last`` (a name of ``BLOCK_NAMES``): its output after its
+        ReLU (and pool, dropout), e.g. ``"fc7"``'s (B, 2 * fc_units) features (the paper's Figure 4)."""
+        if last not in BLOCK_BY_NAME:
+            raise ValueError(f"layer {last!r}: use one of {', '.join(BLOCK_NAMES)}")
         keep = self._dropout_keep(x, ctx)
         x = x.contiguous(memory_format=self.memory_format)
-        for spec in BLOCKS:
+        for spec in BLOCKS[: BLOCK_BY_NAME[last].index + 1]:
             x = self._conv(x, spec) if spec.kind == "conv" else self._fc(x, spec, keep.get(spec.name))
         return x
 

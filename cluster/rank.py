@@ -124,6 +124,7 @@ class TrainerActor:
             deterministic=t.deterministic,
             cudnn_benchmark=t.benchmark_cudnn(self.device.type == "cuda"),
             lrn_kernel=t.lrn_kernel,
+            frozen=t.freeze,
         )
         self.index = DatasetIndex.load(self.data_url)
         self.mean = self.index.mean_tensor(self.cfg.model.input_size, self.cfg.data.mean).to(self.device)

@@ -196,6 +196,7 @@ class Engine:
         cudnn_benchmark: bool | None = None,
         fused: bool | None = None,
         lrn_kernel: str = "auto",
+        frozen: tuple[str, ...] = (),
     ) -> None:
         g = groups.grid
         if (g.replicas, g.stages, g.columns) != (grid.replicas, grid.stages, grid.columns):
@@ -233,7 +234,11 @@ class Engine:
             if grid.columns == 2
             else None
         )
-        params = list(self.stage.parameters())
+        # fine-tuning: frozen blocks' parameters get no gradient, so neither SGD rule (both skip a
+        # parameter without one) nor the replica all-reduce (hooked on trainable ones) touches them
+        for name, p in self.stage.named_parameters():
+            p.requires_grad_(name.split(".", 1)[0] not in frozen)
+        params = [p for p in self.stage.parameters() if p.requires_grad]
         self.scaler = loss_scaler(self.precision, self.device)
         # the scaler's step reads its inf flag on the host before the paper's rule (fp16 only)
         self.optimizer = make_optimizer(self.stage.named_parameters(), rule, 0.0, momentum, weight_decay)
@@ -241,7 +246,7 @@ class Engine:
         self.grad_sync = (
             _GradSync(params, groups.comm, groups.data, self.timeline) if groups.data is not None else None
         )
-        self.meter = _ActivationMeter(params) if track_memory else None
+        self.meter = _ActivationMeter(list(self.stage.parameters())) if track_memory else None
         self.prev = grid.rank_of(self.r, self.s - 1, self.c) if not self.first else None
         self.next = grid.rank_of(self.r, self.s + 1, self.c) if not self.last else None
         first_block = BLOCK_NAMES.index(self.blocks[0])
