@@ -58,7 +58,10 @@ def _example(p: Predictor, batch: int = 2) -> torch.Tensor:
 def export_program(p: Predictor, out: Path) -> Path:
     """``OUT/model.pt2``: ``torch.export`` of ``p``'s uint8-crops -> logits network, batch dynamic."""
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    ep = torch.export.export(p.net("fc8"), (_example(p),), dynamic_shapes=({0: batch},))
+    # weights that need no gradient: the program's in-place LRN kernels (out= ops) then run without
+    # torch.no_grad() around the call, as a user of the loaded program calls it
+    net = p.net("fc8").requires_grad_(False)
+    ep = torch.export.export(net, (_example(p),), dynamic_shapes=({0: batch},))
     path = out / "model.pt2"
     torch.export.save(ep, str(path))
     return path
@@ -84,7 +87,8 @@ def export_onnx(p: Predictor, out: Path) -> Path:
         raise ValueError(f"--onnx: {why}")
     path = out / "model.onnx"
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    net = p.net("fc8").cpu()  # the ONNX file is device-neutral; the runtime checks it on CPU
+    # device-neutral file; onnxruntime checks it on CPU
+    net = p.net("fc8").requires_grad_(False).cpu()
     example = _example(p).cpu()
     prog = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
     prog.save(str(path))
