@@ -63,7 +63,10 @@ class Predictor:
             raise ValueError(f"--batch-size {batch_size}: use >= 1")
         net = self.net(layer)
         size = self.preprocess.input_size
-        out = [b.numpy() for b in run_batches(net, self.images(files), size, crop, batch_size)]
+        out = []
+        for i in range(0, len(files), batch_size):  # a batch of files in memory at a time
+            images = self.images(files[i : i + batch_size])
+            out += [b.numpy() for b in run_batches(net, images, size, crop, batch_size)]
         return np.concatenate(out), files
 
     def predict(
