@@ -5,10 +5,11 @@ scikit-learn's 8x8 digits as in ``bench/digits.py`` (1,500 train / 297 val PNGs,
 digits 0-4 only (``--epochs`` pre-training epochs), then two runs on all ten digits, validated
 after every epoch: one from that run's weights (``--init-from``: fc8 re-initialised for the 10
 classes, nothing frozen), one from scratch. Prints each run's val top-1 error per epoch, then one
-JSON line: per arm and seed, the steps to reach a val top-1 error <= ``--target`` (the first
-validation at or below it; null if never within ``--finetune-epochs``), and the errors.
+JSON line: per arm and seed, the steps to reach each val top-1 error of ``--targets`` (the first
+validation at or below it, so in steps of one epoch; null if never within ``--finetune-epochs``),
+and the errors.
 
-    PYTHONPATH=. .venv/bin/python bench/finetune.py [--seeds 0 1 2] [--target 0.05]
+    PYTHONPATH=. .venv/bin/python bench/finetune.py [--seeds 0 1 2] [--targets 0.1 0.05]
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=10, help="pre-training epochs on the digits 0-4")
     ap.add_argument("--finetune-epochs", type=int, default=8, help="epochs of each 10-digit run")
-    ap.add_argument("--target", type=float, default=0.05, help="val top-1 error to reach")
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.1, 0.05], help="val top-1 errors to reach")
     args = ap.parse_args()
 
     import ray
@@ -88,10 +89,12 @@ def main() -> None:
             pre, _ = run("five", str(tmp / "shards5"), 5, args.epochs, seed)
             for arm, init in (("finetune", str(pre)), ("scratch", None)):
                 _, evals = run(arm, str(tmp / "shards"), 10, args.finetune_epochs, seed, init)
-                out[arm][seed] = {"steps_to_target": steps_to(evals, args.target), "errors": evals}
+                reach = {str(t): steps_to(evals, t) for t in args.targets}
+                out[arm][seed] = {"steps_to": reach, "errors": [round(e, 4) for _, e in evals]}
     finally:
         ray.shutdown()
-    print(json.dumps({**out, "target": args.target, "seeds": args.seeds, "pretrain_epochs": args.epochs}))
+    steps = [s for s, _ in evals]  # the validations' steps, the same in every 10-digit run
+    print(json.dumps({**out, "eval_steps": steps, "seeds": args.seeds, "pretrain_epochs": args.epochs}))
 
 
 if __name__ == "__main__":
