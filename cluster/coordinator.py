@@ -227,6 +227,7 @@ class Coordinator:
         return self._next()
 
     def _running(self) -> str:
+        self._snap = None  # a snapshot is of one step: not held in memory while training goes on
         if self._inflight is None:
             nxt = self._next()  # a stop may have come in since the last state
             if nxt != RUNNING:

@@ -5,7 +5,6 @@ gloo ranks. The same on real actors: ``tests/e2e/test_trained_network.py``."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +34,11 @@ class InitGroup(FakeGroup):
         self.calls.append(("init",))
         self.init = {k: v.clone() for k, v in model.items()}
         self.model = {k: v.clone() for k, v in model.items()}
+        self.steps_done = 0  # a fine-tuning run starts at step 0
+
+    def snapshot(self, step):
+        self.calls.append(("snapshot", step))
+        return super().snapshot(step)
 
 
 @pytest.fixture
@@ -163,7 +167,8 @@ def test_the_run_writes_tensorboard_scalars_and_kernels(groups, ten, tmp_path):
     got = np.asarray(Image.open(io.BytesIO(img[-1].encoded_image_string)))
     assert np.array_equal(got, kernel_grid(final["conv1.1.weight"]))
     # one snapshot per step: the validation's kernels and the checkpoint at that step share it
-    assert Path(run, "checkpoints", "step-00000006").is_dir()
+    # (checkpoints every 2 steps and at the epoch ends; validations at 3 and 6)
+    assert [c[1] for c in groups[-1].calls if c[0] == "snapshot"] == [2, 3, 4, 6]
 
 
 def _freeze_worker(rank: int, world_size: int, port: int) -> dict:
@@ -201,3 +206,22 @@ def test_frozen_blocks_keep_their_weights_across_replicas():
     assert not any(k.startswith(("conv1.", "conv2.")) for k in a["momentum"])  # none made: zeros
     assert "conv3.0.weight" in a["momentum"]
     np.testing.assert_array_equal(a["conv3"], b["conv3"])  # the replicas' gradients still summed
+
+
+def test_a_restart_before_the_first_checkpoint_loads_the_init_weights_again(tmp_path):
+    from cluster.coordinator import FINISHED, Coordinator
+    from cluster.metrics import Metrics
+    from cluster.plan import RunPlan
+    from cluster.reporting import Reporter
+
+    cfg = load_config(preset="demo", overrides={"train.steps_per_call": 2, "checkpoint.background": False})
+    plan = RunPlan(steps_per_epoch=5, total_steps=6, data_workers=2)
+    g = InitGroup()
+    g.die_at = 1  # a trainer dies at step 1, before any checkpoint
+    init = {k: v + 1.0 for k, v in g.model.items()}
+    report = Reporter(Metrics("t"), plan, 32, 10, log=lambda s: None)
+    c = Coordinator(cfg, g, plan, str(tmp_path), report, init=init)
+    assert c.run() == FINISHED, c.error
+    starts = [x[0] for x in g.calls if x[0] in ("start", "init", "shutdown")]
+    assert starts[:4] == ["start", "init", "shutdown", "start"] and starts[4] == "init", starts
+    assert torch.equal(g.init["fc7.0.weight"], init["fc7.0.weight"])  # the init, not what step 0 made
