@@ -22,6 +22,7 @@ magnitude under the differences that change a ranking), and the same top-1 class
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,7 @@ def export_onnx(p: Predictor, out: Path) -> Path:
     path = out / "model.onnx"
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     # device-neutral file; onnxruntime checks it on CPU
-    net = p.net("fc8").requires_grad_(False).cpu()
+    net = copy.deepcopy(p.net("fc8")).requires_grad_(False).cpu()  # a copy: p's model stays where it is
     example = _example(p).cpu()
     prog = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
     prog.save(str(path))
