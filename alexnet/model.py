@@ -548,9 +548,18 @@ class FusedAlexNet(nn.Module):
         For the paper's sizes: conv1 (B, 96, 27, 27) after its pool, conv2 (B, 256, 13, 13),
         conv3 and conv4 (B, 384, 13, 13), conv5 (B, 256, 6, 6), fc6 and fc7 (B, 4096).
         """
+        return self.forward_to(x, self.blocks[-1].name, ctx)
+
+    def forward_to(self, x: Tensor, last: str, ctx: StepContext | None = None) -> Tensor:
+        """The blocks up to and including ``last`` (a block of this model): its output after its
+        activation (and pool, dropout), e.g. ``"fc7"``'s (B, 2 * fc_units) features (the paper's
+        Figure 4)."""
+        names = [b.name for b in self.blocks]
+        if last not in names:
+            raise ValueError(f"layer {last!r}: use one of {', '.join(names)}")
         keep = self._dropout_keep(x, ctx)
         x = x.contiguous(memory_format=self.memory_format)
-        for spec in self.blocks:
+        for spec in self.blocks[: [b.name for b in self.blocks].index(last) + 1]:
             x = self._conv(x, spec) if spec.kind == "conv" else self._fc(x, spec, keep.get(spec.name))
         return x
 

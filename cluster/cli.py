@@ -2,13 +2,16 @@
 configuration, and offline evaluation.
 
     alexnet train [--preset NAME] [--config FILE.toml ...] [--set key=value ...] --data SHARDS --run-dir DIR
-                  [--resume [--from-checkpoint CKPT]] [--steps N | --epochs N] [--metrics-port P]
+                  [--resume [--from-checkpoint CKPT]] [--init-from CKPT] [--steps N | --epochs N]
+                  [--metrics-port P]
     alexnet config [--preset NAME] [--config FILE.toml ...] [--set key=value ...] [--data SHARDS]
                    [--steps N | --epochs N] [--metrics-port P] [--json] [--sources]
 
 The config is layered: the preset (``paper`` when only files are given), each ``--config`` file,
 ``--set``, the flags; each overriding the ones before (:mod:`cluster.config`).
     alexnet eval --checkpoint DIR --data SHARDS
+    alexnet predict --checkpoint CKPT [--json] [--ten-crop] [--features LAYER] PATH...   (cluster/predict.py)
+    alexnet export --checkpoint CKPT OUT --images PATH... [--onnx]                  (cluster/export.py)
 
 All validate everything before any actor starts (``alexnet config`` starts none); a ``ValueError``
 becomes a clean error message and exit code 2 (see ``alexnet/cli.py``).
@@ -159,6 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         preset=args.preset,
         from_checkpoint=args.from_checkpoint,
+        init_from=args.init_from,
     )
     return res.exit_code
 
@@ -181,6 +185,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         metavar="CKPT",
         help="with --resume: continue from this checkpoint (RUN/checkpoints/step-N) instead, writing "
         "into --run-dir",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start a new run from this checkpoint's (or run dir's newest) weights: fine-tuning; fc8 is "
+        "re-initialised when the classes differ; train.freeze keeps chosen blocks",
     )
     p.set_defaults(func=cmd_train, unknown_hint=set_hint)
 
@@ -214,4 +224,93 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-SUBCOMMANDS = [add_train, add_config, add_eval]
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify image files with a checkpoint: a table, or one JSON line per image; ``--features``."""
+    import sys
+
+    from cluster.predict import format_table, load_predictor, write_features
+
+    p = load_predictor(args.checkpoint, args.device, args.resize)
+    crop = "ten" if args.ten_crop else "center"
+    rows = p.predict(args.paths, args.top_k, crop, args.batch_size)
+    print("\n".join(json.dumps(r) for r in rows) if args.json else format_table(rows), flush=True)
+    if args.features:
+        feats, files = p.features(args.paths, args.features, crop, args.batch_size)
+        npy, txt = write_features(args.out or f"features-{args.features}", feats, files)
+        print(
+            f"alexnet predict: {args.features} features {feats.shape} -> {npy} (rows: {txt})", file=sys.stderr
+        )
+    return 0
+
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-k classes (and --features) of image files, from a checkpoint")
+    p.add_argument(
+        "--checkpoint", required=True, metavar="CKPT", help="checkpoint dir, or a run dir (newest)"
+    )
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="image files or folders (any format Pillow reads)"
+    )
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--ten-crop", action="store_true", help="the paper's 10 crops, softmax averaged")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default auto: the GPU if any)")
+    p.add_argument(
+        "--resize", type=int, default=0, help="short side before cropping (default: the run's stored side)"
+    )
+    p.add_argument("--json", action="store_true", help='one JSON line per image: {"path", "top": [...]}')
+    p.add_argument(
+        "--features", metavar="LAYER", help="also write this layer's outputs (fc7, fc6, conv5, ...)"
+    )
+    p.add_argument(
+        "--out", metavar="PREFIX", help="with --features: PREFIX.npy and PREFIX.txt (default features-LAYER)"
+    )
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint's network (``torch.export``; ``--onnx``) and check it against predict."""
+    from cluster.export import TOLERANCE, export_checkpoint
+    from cluster.predict import load_predictor
+
+    p = load_predictor(args.checkpoint, args.device, args.resize)
+    tol = TOLERANCE if args.tolerance is None else args.tolerance
+    for c in export_checkpoint(p, args.out, args.images, args.onnx, tol):
+        print(
+            f"alexnet export: {args.out}/{c.file}: on {c.images} images the largest probability "
+            f"difference from predict is {c.max_abs_prob_diff:.2g} (tolerance {tol:g}), "
+            f"top-1 the same on {c.top1_agree}",
+            flush=True,
+        )
+    return 0
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="a checkpoint as a torch.export program (and ONNX), checked against predict"
+    )
+    p.add_argument(
+        "--checkpoint", required=True, metavar="CKPT", help="checkpoint dir, or a run dir (newest)"
+    )
+    p.add_argument("out", metavar="OUT", help="output folder: model.pt2, model.onnx, preprocess.json")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="real images (files or folders) to check it on",
+    )
+    p.add_argument("--onnx", action="store_true", help="also model.onnx (needs the onnx extra)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        help="largest probability difference allowed (default 1e-4: cluster.export.TOLERANCE)",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="device the program is traced and checked on (default cpu)"
+    )
+    p.add_argument("--resize", type=int, default=0, help="short side before cropping (default: the run's)")
+    p.set_defaults(func=cmd_export)
+
+
+SUBCOMMANDS = [add_train, add_config, add_eval, add_predict, add_export]

@@ -313,6 +313,9 @@ class TrainSection:
     # "on": each rank's stage compiled (torch.compile) between exchange points; the LRN inside the
     # stage's graph (train.lrn_kernel then does not apply); the first steps pay the compilation
     compile: str = "off"
+    # fine-tuning (`--init-from`): blocks whose weights stay as loaded (no gradient, no update), e.g.
+    # ["conv1", "conv2"]; a stage that only follows frozen blocks is refused (its backward has no use)
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _need(self.epochs >= 1, "train.epochs", self.epochs, "use >= 1")
@@ -332,6 +335,22 @@ class TrainSection:
             self.lrn_kernel in LRN_KERNELS, "train.lrn_kernel", self.lrn_kernel, f"use one of {LRN_KERNELS}"
         )
         _need(self.compile in COMPILE_CHOICES, "train.compile", self.compile, f"use one of {COMPILE_CHOICES}")
+
+        from alexnet.model import BLOCK_NAMES
+
+        bad = [b for b in self.freeze if b not in BLOCK_NAMES]
+        _need(
+            not bad,
+            "train.freeze",
+            list(self.freeze),
+            f"{bad} are not blocks: use names of {list(BLOCK_NAMES)}",
+        )
+        _need(
+            len(set(self.freeze)) < len(BLOCK_NAMES),
+            "train.freeze",
+            list(self.freeze),
+            "every block frozen leaves nothing to train: leave at least fc8 out",
+        )
         if self.deterministic:
             # combinations whose numbers depend on more than the seeds and the data
             _need(
@@ -554,6 +573,23 @@ class JobConfig:
         if self.train.device == "cuda":
             _need(self.grid.gpus_per_rank > 0, "grid.gpus_per_rank", 0, 'train.device="cuda" needs > 0')
         self._check_gpus_per_rank()
+        self._check_freeze(grid)
+
+    def _check_freeze(self, grid: Grid) -> None:
+        """A stage whose blocks and every block before it are frozen has nothing to backpropagate
+        into (its output needs no gradient): refused, naming the stage."""
+        frozen = set(self.train.freeze)
+        done: list[str] = []
+        for s in range(grid.stages):
+            done += list(grid.stage_blocks(s))
+            _need(
+                not set(done) <= frozen,
+                "train.freeze",
+                list(self.train.freeze),
+                f"stage {s} ({', '.join(grid.stage_blocks(s))}) and every block before it are frozen, so it "
+                "has nothing to train: freeze fewer blocks, or cut the grid after them (grid.cuts, or fewer "
+                "stages)",
+            )
 
     def uses_nccl(self) -> bool:
         """Whether the ranks talk over NCCL: ``grid.backend`` nccl, or auto with GPUs for the ranks."""

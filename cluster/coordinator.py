@@ -109,7 +109,8 @@ class Coordinator:
     ``resume`` is a loaded checkpoint (or None for a fresh run), already checked for this run
     (:func:`cluster.manifest.load_resume`). ``report`` receives the events (default: metrics under
     the run label ``run``, progress lines printed). ``preprocess``: what the checkpoints record
-    for inference (None: checkpoints that only resume, as the fake-group tests write).
+    for inference (None: checkpoints that only resume, as the fake-group tests write). ``init``:
+    the weights a fresh run starts from (``--init-from``), loaded again by a restart from step 0.
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class Coordinator:
         report: Reporter | None = None,
         resume: Checkpoint | None = None,
         preprocess: Preprocess | None = None,
+        init: dict[str, Tensor] | None = None,
     ) -> None:
         cfg, plan = run.cfg, run.plan
         self.cfg, self.group, self.plan = cfg, group, plan
@@ -134,6 +136,8 @@ class Coordinator:
         self.data_loss = DataLossBound(
             cfg.data.max_skipped_fraction, plan.steps_per_epoch * cfg.optim.batch_size
         )
+        self.init = init
+        self._snap: tuple[int, Any] | None = None  # (step, group.snapshot(step)), see _snapshot
         self.state = STARTING
         self.error: BaseException | None = None
         self.stop_requested = threading.Event()
@@ -154,6 +158,7 @@ class Coordinator:
             self.step_no, self.positions = m.step, m.positions_for(self.plan.streams)
             self.lr_schedule = LRSchedule.from_state(rule, m.lr_schedule, m.epoch)
         self.to_load = ck
+        self._snap = None  # the group's state is the restored one now
         # what was due at the restored step is done: it was validated before it was checkpointed
         self._evaluated_step = self.checkpoints.last_step = -1 if ck is None else self.step_no
 
@@ -216,10 +221,13 @@ class Coordinator:
         if self.to_load is not None:
             self.group.load(self.to_load.model, self.to_load.optimizer)
             self.to_load = None  # its tensors are no longer needed in the driver
+        elif self.init is not None and self.step_no == 0:  # kept: a restart before any checkpoint
+            self.group.load(self.init, {})
         self.report.group_started(self.step_no)
         return self._next()
 
     def _running(self) -> str:
+        self._snap = None  # a snapshot is of one step: not held in memory while training goes on
         if self._inflight is None:
             nxt = self._next()  # a stop may have come in since the last state
             if nxt != RUNNING:
@@ -261,6 +269,8 @@ class Coordinator:
         self._evaluated_step = self.step_no
         seconds, lr = time.perf_counter() - t0, self.lr_schedule.lr
         self.report.evaluated(self._epoch_done(), self.step_no, lr, res, cut is not None, seconds)
+        if self.report.draws_kernels:  # the snapshot is kept for a checkpoint at this step
+            self.report.kernels(self.step_no, self._snapshot()[0])
         if cut is not None:
             self.report.lr_cut(cut)
         return self._next()
@@ -281,11 +291,19 @@ class Coordinator:
 
     def _checkpoint(self) -> None:
         t0 = time.perf_counter()
-        model, optimizer, positions = self.group.snapshot(self.step_no)
+        model, optimizer, positions = self._snapshot()
+        self._snap = None
         written = self.checkpoints.save(
             self.step_no, model, optimizer, positions, self.lr_schedule.state_dict()
         )
         self.report.checkpoint_saved(time.perf_counter() - t0, written)
+
+    def _snapshot(self) -> tuple[dict[str, Tensor], dict[str, Tensor], list[dict]]:
+        """The group's state at the current step, taken once per step (validation's kernels and the
+        checkpoint at that step share it)."""
+        if self._snap is None or self._snap[0] != self.step_no:
+            self._snap = (self.step_no, self.group.snapshot(self.step_no))
+        return self._snap[1]
 
     def _finishing(self) -> str:
         # a write that failed within checkpoint.max_failed_writes is tried again: the last must succeed

@@ -35,7 +35,7 @@ from cluster.coordinator import FAILED, FINISHED, Coordinator
 from cluster.manifest import Manifest, Preprocess, load_resume
 from cluster.metrics import Metrics
 from cluster.plan import RunPlan, plan_run
-from cluster.reporting import Reporter, write_bytes, write_outputs
+from cluster.reporting import Reporter, TensorBoardLog, write_bytes, write_outputs
 from cluster.run import Run, resolve_run
 
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a complete checkpoint
@@ -70,11 +70,14 @@ def run_training(
     group_factory: Callable[[Run], Any] | None = None,
     on_coordinator: Callable[[Coordinator], None] | None = None,
     from_checkpoint: str | None = None,
+    init_from: str | None = None,
 ) -> JobResult:
     """Run (or resume) one training job to the end; see the module docstring.
 
     ``from_checkpoint`` (``--from-checkpoint``, with ``resume``): continue from that checkpoint
     instead of the newest in ``run_dir``; the run writes into ``run_dir`` either way.
+    ``init_from`` (``--init-from``): a fresh run starts from that checkpoint's weights
+    (:mod:`cluster.finetune`); with ``resume``, only when ``run_dir`` has no checkpoint yet.
     ``group_factory(run)`` builds the trainer group of the resolved run (default: Ray actors);
     ``on_coordinator(coord)`` is called once it exists (tests use it to stop a run or scrape).
     """
@@ -87,6 +90,7 @@ def run_training(
     ck = _resume_point(run_dir, resume, cfg, plan, from_checkpoint)
     if ck is not None:  # a resumed run reads the epoch as the streams its checkpoints record
         plan = dataclasses.replace(plan, data_streams=Manifest.from_json(ck.manifest).streams_for(cfg, plan))
+    init = _init_weights(init_from, cfg, index.classes) if init_from is not None and ck is None else None
     run = resolve_run(cfg, data_url, plan)  # what every actor takes as it is
     write_bytes(join_url(run_dir, "config.toml"), cfg.to_toml().encode())  # `--config` it to rerun
     name = run_dir.rstrip("/").rsplit("/", 1)[-1] or "run"
@@ -98,10 +102,15 @@ def run_training(
     except BaseException:
         metrics.close()
         raise
-    report = Reporter(metrics, plan, cfg.optim.batch_size, cfg.train.log_every_steps)
-    coord = Coordinator(run, group, run_dir, report, resume=ck, preprocess=Preprocess.of(cfg, index))
-    del ck  # the coordinator loads the tensors into the group, then lets them go
+    report = Reporter(
+        metrics, plan, cfg.optim.batch_size, cfg.train.log_every_steps, tensorboard=TensorBoardLog(run_dir)
+    )
+    coord = Coordinator(
+        run, group, run_dir, report, resume=ck, preprocess=Preprocess.of(cfg, index), init=init
+    )
+    del ck, init  # the coordinator loads the tensors into the group
     trace = _drive(coord, group, metrics, cfg.metrics.trace_steps, on_coordinator)
+    report.close()
     state = coord.state
     error = None if coord.error is None else f"{type(coord.error).__name__}: {coord.error}"
     try:
@@ -242,6 +251,16 @@ def _refresh_ray_config() -> None:
     from ray._raylet import Config
 
     Config.initialize("")
+
+
+def _init_weights(init_from: str, cfg: JobConfig, classes) -> dict:
+    """``--init-from``'s starting weights (checked before Ray starts), each decision printed."""
+    from cluster.finetune import init_weights
+
+    state, lines = init_weights(init_from, cfg, classes)
+    for line in lines:
+        print(f"[alexnet] {line}", flush=True)
+    return state
 
 
 def init_ray(cfg: JobConfig, plan: RunPlan) -> None:

@@ -66,13 +66,16 @@ class Preprocess:
     input_scale: float
     mean_kind: str  # data.mean: "image" (the per-pixel mean image) or "rgb" (the mean pixel)
     mean: Tensor  # (3, S, S) for "image", (3, 1, 1) for "rgb"; pixel units 0-255, float32
+    # the stored images' side the crops were taken from (dataset.json's size): what `alexnet
+    # predict` scales a file's short side to; 0 in checkpoints written before it was recorded
+    stored_size: int = 0
 
     @classmethod
     def of(cls, cfg: JobConfig, index: DatasetIndex) -> Preprocess:
         """The preprocessing of run ``cfg`` (``model.input_size`` resolved) on the dataset ``index``."""
         size = cfg.model_config().input_size
         mean = index.mean_tensor(size, cfg.data.mean)
-        return cls(tuple(index.classes), size, float(cfg.data.input_scale), cfg.data.mean, mean)
+        return cls(tuple(index.classes), size, float(cfg.data.input_scale), cfg.data.mean, mean, index.size)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's ``inference`` entry (the mean tensor goes to its own file)."""
@@ -81,6 +84,7 @@ class Preprocess:
             "input_size": self.input_size,
             "input_scale": self.input_scale,
             "mean": self.mean_kind,
+            "stored_size": self.stored_size,
         }
 
     @classmethod
@@ -91,7 +95,10 @@ class Preprocess:
             raise CorruptCheckpoint(ck.url, f"{MEAN_FILE} was not loaded")
         inf = ck.manifest["inference"]
         mean = ck.extra[MEAN_FILE]["mean"]
-        return cls(tuple(inf["classes"]), inf["input_size"], float(inf["input_scale"]), inf["mean"], mean)
+        stored = inf.get("stored_size", 0)
+        return cls(
+            tuple(inf["classes"]), inf["input_size"], float(inf["input_scale"]), inf["mean"], mean, stored
+        )
 
 
 def _check_inference(inf: Any, num_classes: int, input_size: int) -> tuple[int, ...]:
@@ -108,6 +115,9 @@ def _check_inference(inf: Any, num_classes: int, input_size: int) -> tuple[int, 
         raise ValueError(f"inference.input_size={inf['input_size']}, the model's is {input_size}")
     if not isinstance(inf["input_scale"], (int, float)) or isinstance(inf["input_scale"], bool):
         raise TypeError("inference.input_scale is not a number")
+    stored = inf.get("stored_size", 0)
+    if not isinstance(stored, int) or isinstance(stored, bool) or not (stored == 0 or stored >= input_size):
+        raise ValueError(f"inference.stored_size={stored!r}: not 0 or a side >= input_size {input_size}")
     shapes = {"image": (3, input_size, input_size), "rgb": (3, 1, 1)}
     if inf["mean"] not in shapes:
         raise ValueError(f"inference.mean={inf['mean']!r}: not 'image' or 'rgb'")

@@ -119,7 +119,15 @@ class TrainerActor:
         )
         o = self.cfg.optim
         config = EngineConfig(
-            self.device, o.momentum, o.weight_decay, o.rule, precision, None, t.lrn_kernel, t.compile
+            self.device,
+            o.momentum,
+            o.weight_decay,
+            o.rule,
+            precision,
+            None,
+            t.lrn_kernel,
+            t.compile,
+            frozen=t.freeze,
         )
         self.engine = Engine(self.run.model, self.grid, self.rank, groups, config)
         self.index = DatasetIndex.load(self.data_url)

@@ -4,7 +4,8 @@
 event (a transition, a chunk of steps done, a validation, a checkpoint, a failure, a restart) and
 the reporter turns it into metrics (:mod:`cluster.metrics`), log lines and the :class:`History`.
 :func:`write_outputs` writes the run directory's ``metrics.jsonl``, ``plots/training.png`` and
-``trace.json`` at the end.
+``trace.json`` at the end. :class:`TensorBoardLog` writes ``RUN/tensorboard/`` as the run goes:
+the scalars of ``metrics.jsonl`` and, at each validation, conv1's kernels per column.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ class Reporter:
         batch_size: int,
         log_every_steps: int,
         log: Callable[[str], None] | None = None,
+        tensorboard: TensorBoardLog | None = None,
     ) -> None:
+        self.tensorboard = tensorboard
         self.metrics, self.plan, self.batch_size, self.log_every = metrics, plan, batch_size, log_every_steps
         self.log = log or _print
         self.history = History()
@@ -150,6 +153,8 @@ class Reporter:
             self.history.steps.append(row)
             self._window.append(row)
         self.metrics.inc("images", self.batch_size * len(results))
+        if self.tensorboard is not None:
+            self.tensorboard.steps(self.history.steps[-len(results) :], self.batch_size)
         self._progress_gauges(step, lr)
         self._step_gauges(results[-1])
 
@@ -240,6 +245,8 @@ class Reporter:
             if f"{k}_error_10crop" in res:
                 m.gauge(f"{k}_error_ratio", res[f"{k}_error_10crop"], split="val", crops="10crop")
         self.history.evals.append({"epoch": epoch, "step": step, "lr": lr, **res})
+        if self.tensorboard is not None:
+            self.tensorboard.evaluated(self.history.evals[-1])
         ten = (
             f", 10-crop top-1 {res['top1_error_10crop']:.3f} top-5 {res['top5_error_10crop']:.3f}"
             if "top1_error_10crop" in res
@@ -250,6 +257,21 @@ class Reporter:
             f"{ten} ({int(res['samples'])} images, {seconds:.1f}s)"
             + (f"; learning rate divided -> {lr:.4g}" if reduced else "")
         )
+
+    @property
+    def draws_kernels(self) -> bool:
+        """Whether :meth:`kernels` wants the weights at each validation (TensorBoard is on)."""
+        return self.tensorboard is not None
+
+    def kernels(self, step: int, model: dict[str, Any]) -> None:
+        """conv1's kernels at ``step`` (``model``: canonical weights), one image per column."""
+        if self.tensorboard is not None:
+            self.tensorboard.kernels(step, model)
+
+    def close(self) -> None:
+        """The run is over: the event files are flushed (and copied to a remote run dir)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def lr_cut(self, cut: Cut) -> None:
         """The learning-rate rule changed the rate: the line says why
@@ -282,6 +304,65 @@ class Reporter:
 
 
 # -- the run directory's output files ------------------------------------------------------------
+
+
+class TensorBoardLog:
+    """``RUN/tensorboard/`` event files (``tensorboard --logdir RUN/tensorboard``), written as the run
+    goes: ``train/<key>`` for every number of a step row of ``metrics.jsonl`` (loss, errors, lr,
+    step-time parts) and ``train/images_per_second``; ``val/<key>`` for each validation's;
+    ``conv1/column0`` and ``conv1/column1`` images (:func:`alexnet.filters.kernel_grid`) at each
+    validation. A run dir that is not local (``s3://...``) gets them at the end, written locally
+    meanwhile. A restart from a checkpoint writes the re-run steps again (TensorBoard shows both)."""
+
+    def __init__(self, run_dir: str) -> None:
+        import tempfile
+
+        from fsspec.implementations.local import LocalFileSystem
+        from torch.utils.tensorboard import SummaryWriter
+
+        fs, path = fsspec.core.url_to_fs(run_dir)
+        local = isinstance(fs, LocalFileSystem)
+        self.upload_to = None if local else join_url(run_dir, "tensorboard")
+        self.dir = join_url(path, "tensorboard") if local else tempfile.mkdtemp(prefix="alexnet-tensorboard-")
+        self.writer = SummaryWriter(self.dir)
+
+    def steps(self, rows: list[dict[str, Any]], batch_size: int) -> None:
+        """Step rows as ``metrics.jsonl`` has them."""
+        for r in rows:
+            for k, v in _numbers(r).items():
+                self.writer.add_scalar(f"train/{k}", v, r["step"])
+            if r.get("step_s", 0) > 0:
+                self.writer.add_scalar("train/images_per_second", batch_size / r["step_s"], r["step"])
+
+    def evaluated(self, row: dict[str, Any]) -> None:
+        """One validation row as ``metrics.jsonl`` has it."""
+        for k, v in _numbers(row).items():
+            self.writer.add_scalar(f"val/{k}", v, row["step"])
+
+    def kernels(self, step: int, model: dict[str, Any]) -> None:
+        """conv1's kernels per column (canonical weights ``conv1.C.weight``) as images."""
+        from alexnet.filters import kernel_grid
+
+        for c in (0, 1):
+            img = kernel_grid(model[f"conv1.{c}.weight"])
+            self.writer.add_image(f"conv1/column{c}", img, step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close; a remote run dir gets the files now."""
+        self.writer.close()
+        if self.upload_to is not None:
+            fs, path = fsspec.core.url_to_fs(self.upload_to)
+            fs.put(self.dir.rstrip("/") + "/", path, recursive=True)
+
+
+def _numbers(row: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a history row, its step (the x axis) left out."""
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def plot_history(history: History) -> bytes:

@@ -184,6 +184,7 @@ class EngineConfig:
     lrn_kernel: str = "auto"
     compile: str = "off"
     track_memory: bool = False
+    frozen: tuple[str, ...] = ()  # blocks whose parameters get no gradient (train.freeze)
 
     def __post_init__(self) -> None:
         if self.lrn_kernel not in LRN_KERNEL_CHOICES:
@@ -240,6 +241,10 @@ class Engine:
         if cfg.compile == "on":
             kernel = "traced"  # in the stage's graph: no separately compiled LRN inside it
         self.stage = Stage(self.cfg, self.blocks, self.columns, self.fused, kernel).to(self.device)
+        # fine-tuning: frozen blocks' parameters get no gradient, so neither SGD rule (both skip a
+        # parameter without one) nor the replica all-reduce (hooked on trainable ones) touches them
+        for name, p in self.stage.named_parameters():
+            p.requires_grad_(name.split(".", 1)[0] not in cfg.frozen)
         params = list(self.stage.parameters())
         self.scaler = loss_scaler(self.precision, self.device)
         # the scaler's step reads its inf flag on the host before the paper's rule (fp16 only)
@@ -261,7 +266,7 @@ class Engine:
             if grid.columns == 2
             else None
         )
-        params = list(self.stage.parameters())
+        params = [p for p in self.stage.parameters() if p.requires_grad]
         self.grad_sync = (
             _GradSync(params, groups.comm, groups.data, self.timeline) if groups.data is not None else None
         )

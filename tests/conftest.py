@@ -40,6 +40,12 @@ def _ray_finalizer():
 @pytest.fixture
 def ray_local(_ray_finalizer):
     """The session's local Ray (started once, 8 logical CPUs)."""
+    return start_ray_local()
+
+
+def start_ray_local():
+    """:func:`ray_local`'s Ray, for a module-scoped fixture (which cannot take a per-test one):
+    take ``_ray_finalizer`` in it so the session shuts Ray down."""
     import ray
 
     if not ray.is_initialized():
