@@ -111,6 +111,13 @@ def run_training(
     del ck, init  # the coordinator loads the tensors into the group
     trace = _drive(coord, group, metrics, cfg.metrics.trace_steps, on_coordinator)
     report.close()
+    return _finish(coord, report, run_dir, trace, metrics_url)
+
+
+def _finish(
+    coord: Coordinator, report: Reporter, run_dir: str, trace: Any, metrics_url: str | None
+) -> JobResult:
+    """Write the run's outputs (history, plot, trace) and print and return its result."""
     state = coord.state
     error = None if coord.error is None else f"{type(coord.error).__name__}: {coord.error}"
     try:
