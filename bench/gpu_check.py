@@ -467,7 +467,7 @@ def _jpeg_batch(n: int, side: int, crop: int, seed: int = 0, classes: int = 1) -
     from PIL import Image
 
     from alexnet.data.encoded import collate_encoded, draw_encoded
-    from alexnet.data.reader import ReaderStats
+    from alexnet.data.records import ReaderStats
 
     rng = np.random.default_rng(seed)
     light = np.eye(3, dtype=np.float32)

@@ -244,7 +244,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="top-k classes (and --features) of image files, from a checkpoint")
+    p = subparser(
+        sub,
+        "predict",
+        "top-k classes (and --features) of image files, from a checkpoint",
+        "alexnet predict --checkpoint runs/demo photos/ --json",
+        "alexnet predict --checkpoint runs/demo photos/ --features fc7 --out feats",
+    )
     p.add_argument(
         "--checkpoint", required=True, metavar="CKPT", help="checkpoint dir, or a run dir (newest)"
     )
@@ -286,8 +292,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export", help="a checkpoint as a torch.export program (and ONNX), checked against predict"
+    p = subparser(
+        sub,
+        "export",
+        "a checkpoint as a torch.export program (and ONNX), checked against predict",
+        "alexnet export --checkpoint runs/demo exported/ --images photos/",
     )
     p.add_argument(
         "--checkpoint", required=True, metavar="CKPT", help="checkpoint dir, or a run dir (newest)"

@@ -229,6 +229,8 @@ class Engine:
         self.timeline = Timeline(rank, (self.r, self.s, self.c), self.device)
         self._build_stage()
         self._build_comms()
+        # compiled between exchange points: which those are is known once the comms are built
+        self._run_stage = self._compiled_stage() if config.compile == "on" else self.stage.run
 
     def _build_stage(self) -> None:
         """The stage's modules, layout, optimizer and (``compile``) compiled forward."""
@@ -254,7 +256,6 @@ class Engine:
         self.param_names = dict(self.stage.named_parameters())
         self.meter = _ActivationMeter(params) if cfg.track_memory else None
         self.compile = cfg.compile
-        self._run_stage = self._compiled_stage() if cfg.compile == "on" else self.stage.run
 
     def _build_comms(self) -> None:
         """The schedule, the column exchange, gradient sync and the point-to-point plan."""

@@ -196,23 +196,28 @@ def _planted_in_epoch_0(cfg, dst: str, planted: dict[str, tuple[str, range]]) ->
     return {"missing": 0, **out}
 
 
+def _record_sizes(dst: str) -> None:
+    """Write each shard's size on disk into the copy's dataset.json (as a user who damaged the
+    shards and rebuilt only the index would have)."""
+    import json
+
+    meta = json.loads((Path(dst) / "dataset.json").read_text())
+    for split in meta["splits"].values():
+        for shard in split["shards"]:
+            shard["bytes"] = (Path(dst) / shard["name"]).stat().st_size
+    (Path(dst) / "dataset.json").write_text(json.dumps(meta))
+
+
 def _plant_damage(src: str, dst: str) -> dict[str, tuple[str, range]]:
     """Copy the shards and damage three training shards; returns, per skip reason, the shard and
     the indices of the samples made unusable.
 
-    The copy's index records no shard sizes (as one written before they were recorded), so the
-    damage is met by the data workers, not refused before the run starts (tests/cluster/test_plan.py).
+    The copy's index records the damaged shards' sizes, so the damage is met by the data workers,
+    not refused before the run starts (the pre-run size check: tests/cluster/test_plan.py).
     """
-    import json
-
     import webdataset as wds
 
     shutil.copytree(src, dst)
-    meta = json.loads((Path(dst) / "dataset.json").read_text())
-    for split in meta["splits"].values():
-        for shard in split["shards"]:
-            del shard["bytes"]
-    (Path(dst) / "dataset.json").write_text(json.dumps(meta))
     shards = DatasetIndex.load(dst).shards("train")
     # 1. two undecodable JPEGs: one without a frame header (the data workers find it, also when they
     # only read the header to draw the crop: data.decode=device), one with its scan zeroed (on the
@@ -237,6 +242,7 @@ def _plant_damage(src: str, dst: str) -> dict[str, tuple[str, range]]:
     # 3. a shard that is not a tar at all: every sample of it lost
     unreadable = shards[4]
     Path(unreadable.url).write_bytes(b"this is not a tar archive\n" * 40)
+    _record_sizes(dst)
     return {
         "corrupt": (corrupt, range(4, 8, 3)),
         "truncated": (truncated.url, range(20, truncated.count)),

@@ -93,7 +93,8 @@ def test_predict_scores_held_out_images_as_the_run_validated(trained, capsys):
 
 def test_predict_is_the_validation_pass_on_the_same_images(trained):
     from alexnet.data.index import DatasetIndex
-    from alexnet.data.reader import val_batches
+    from alexnet.data.records import ReaderStats
+    from alexnet.data.val import ValPlan, worker_batches
     from cluster.evaluate import load_for_inference, val_input
     from cluster.predict import load_predictor
 
@@ -102,7 +103,8 @@ def test_predict_is_the_validation_pass_on_the_same_images(trained):
     loaded = load_for_inference(trained.run, torch.device("cpu"))
     pre = loaded.preprocess
     index = DatasetIndex.load(trained.data)
-    batch = next(iter(val_batches(index.url, 64, pre.input_size, crop="center", index=index)))
+    plan = ValPlan.of(index, 64, replicas=1, workers=1)
+    batch = next(worker_batches(index, plan, 0, "center", pre.input_size, ReaderStats()))
     with torch.no_grad():
         logits = loaded.model(val_input(batch, "center", pre.mean, pre.input_scale, torch.device("cpu")))
     want = torch.log_softmax(logits, dim=1)[:HELD_OUT].numpy()

@@ -88,8 +88,8 @@ class RecordingBf16(Engine):
     """bf16 autocast; each step's metrics also say which share of the tensors it sent to the
     neighbouring stages and gathered across the columns was bfloat16."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, precision="bf16", **kwargs)
+    def __init__(self, model_cfg, grid, rank, groups, config) -> None:
+        super().__init__(model_cfg, grid, rank, groups, dataclasses.replace(config, precision="bf16"))
         self.dtypes: dict[str, list[torch.dtype]] = {"p2p": [], "exchange": []}
         send = self.link.send
 
