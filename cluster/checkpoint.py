@@ -236,16 +236,6 @@ def is_checkpoint(url: str) -> bool:
     return _has_manifest(url)
 
 
-def resolve_checkpoint(path: str) -> str:
-    """``path`` if it is a checkpoint directory, else the newest complete checkpoint of the run dir."""
-    if is_checkpoint(path):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise _no_checkpoint(path, [])
-    return latest
-
-
 def _no_checkpoint(path: str, skipped: list[str]) -> ValueError:
     why = f" (skipped: {'; '.join(skipped)})" if skipped else ""
     return ValueError(

@@ -552,8 +552,10 @@ class JobConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Checks that span sections (each section checked its own values already)."""
-        grid = self.to_grid()
+        """Checks that span sections (each section checked its own values already); builds the one
+        Grid of this config, which :meth:`to_grid` returns from then on."""
+        grid = self._build_grid()
+        object.__setattr__(self, "_grid", grid)  # not a field: neither compared nor written out
         # 1F1B with fewer micro-batches than stages runs in GPipe's order (pipeline/schedules.py):
         # no refusal; tests/pipeline/test_equivalence.py and test_nccl_rules.py cover M < S
         if self.faults.kill_rank >= 0:
@@ -650,10 +652,12 @@ class JobConfig:
         ]
 
     def to_grid(self) -> Grid:
-        """The engine's :class:`pipeline.grid.Grid` of ``[grid]`` and ``optim.batch_size``.
+        """The engine's :class:`pipeline.grid.Grid` of ``[grid]``, ``optim.batch_size`` and the
+        model's blocks, built once when this config was checked."""
+        return self._grid
 
-        The Grid owns the layout's rules; its refusals come back naming the config keys to change.
-        """
+    def _build_grid(self) -> Grid:
+        """The Grid owns the layout's rules; its refusals come back naming the config keys to change."""
         g = self.grid
         r, s, c = g.dims
         # the model's blocks and columns (input_size plays no part in them)

@@ -22,7 +22,6 @@ from cluster.checkpoint import (
     load_newest,
     merge_rank_states,
     prune_checkpoints,
-    resolve_checkpoint,
     scan_checkpoints,
     write_checkpoint,
 )
@@ -73,7 +72,6 @@ def test_only_dirs_with_manifest_count(tmp_path):
     (tmp_path / "checkpoints" / "step-00000009" / MANIFEST).unlink()  # a write killed before its manifest
     assert [s for s, _ in list_checkpoints(run)] == [5]
     assert latest_checkpoint(run).endswith("step-00000005")
-    assert resolve_checkpoint(run).endswith("step-00000005")
 
 
 def test_corruption_is_detected(tmp_path):
@@ -102,9 +100,9 @@ def test_no_pickle_in_checkpoint(tmp_path):
             assert set(load_file(str(f))), f
 
 
-def test_resolve_refuses_empty_dir(tmp_path):
+def test_loading_refuses_an_empty_dir(tmp_path):
     with pytest.raises(ValueError, match="neither a checkpoint"):
-        resolve_checkpoint(str(tmp_path))
+        load_checkpoint(str(tmp_path))
 
 
 def test_keep_last_k_never_deletes_newest(tmp_path):
