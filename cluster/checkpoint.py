@@ -42,7 +42,6 @@ import errno
 import hashlib
 import json
 import os
-import signal
 import stat
 import struct
 import threading
@@ -535,9 +534,11 @@ def write_checkpoint(
     optimizer: dict[str, Tensor],
     meta: dict[str, Any] | None = None,
     extra: dict[str, dict[str, Tensor]] | None = None,
+    before_manifest: Callable[[int], None] | None = None,
 ) -> CheckpointRecord:
     """Write one checkpoint synchronously: the tensor files (model, optimizer, then ``extra``:
-    ``{MEAN_FILE: {"mean": ...}}``) first, then the manifest by rename."""
+    ``{MEAN_FILE: {"mean": ...}}``) first, then the manifest by rename. ``before_manifest(step)``
+    runs between the two (an injected crash: ``faults.kill_in_checkpoint_step``)."""
     t0 = time.perf_counter()
     url = join_url(run_dir, "checkpoints", checkpoint_name(step))
     fs, p = _fs(url)
@@ -555,7 +556,8 @@ def write_checkpoint(
             f.write(data)
         files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         total += len(data)
-    _crash_hook(step)
+    if before_manifest is not None:
+        before_manifest(step)
     manifest = {**(meta or {}), "format_version": FORMAT_VERSION, "step": step, "files": files}
     manifest["written_unix_s"] = time.time()
     manifest["manifest_sha256"] = _digest(manifest)
@@ -565,17 +567,6 @@ def write_checkpoint(
         f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
     fs.mv(tmp, join_url(p, MANIFEST))  # a rename on local disk: the manifest appears whole or not at all
     return CheckpointRecord(url, step, total, time.perf_counter() - t0)
-
-
-# Test hook (off unless the variable is set): SIGKILL this process after the tensor files of the
-# checkpoint of this step are written, before its manifest exists, as a crash mid-write would.
-KILL_ENV = "ALEXNET_TEST_KILL_IN_CHECKPOINT"
-
-
-def _crash_hook(step: int) -> None:
-    want = os.environ.get(KILL_ENV)
-    if want is not None and want.strip() == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def prune_checkpoints(run_dir: str, keep: int) -> list[str]:
@@ -634,10 +625,17 @@ class CheckpointManager:
     error): what the run's policy (``checkpoint.max_failed_writes``) judges.
     """
 
-    def __init__(self, run_dir: str, keep: int = 3, background: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        keep: int = 3,
+        background: bool = True,
+        before_manifest: Callable[[int], None] | None = None,
+    ) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep}: use >= 1")
         self.run_dir, self.keep, self.background = run_dir, keep, background
+        self.before_manifest = before_manifest
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future | None = None
         self._lock = threading.Lock()
@@ -671,7 +669,7 @@ class CheckpointManager:
 
     def _write(self, step, model, optimizer, meta, extra) -> CheckpointRecord:
         try:
-            rec = write_checkpoint(self.run_dir, step, model, optimizer, meta, extra)
+            rec = write_checkpoint(self.run_dir, step, model, optimizer, meta, extra, self.before_manifest)
             prune_checkpoints(self.run_dir, self.keep)
         except BaseException as e:
             with self._lock:

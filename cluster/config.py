@@ -503,7 +503,9 @@ class FaultsSection:
     for rehearsing a cluster: ``kill_rank``/``kill_step`` make grid rank R's actor process exit
     abruptly the first time it reaches step K; ``kill_data_worker``/``kill_data_step`` kill data
     worker W's process while the chunk reaching step K runs; ``nan_step`` feeds NaN images into
-    step K (its loss is NaN: the run must stop without checkpointing over a good one).
+    step K (its loss is NaN: the run must stop without checkpointing over a good one);
+    ``kill_in_checkpoint_step`` SIGKILLs the driver while it writes the checkpoint of step K,
+    between its tensor files and its manifest (a crash mid-write: that directory is no checkpoint).
     """
 
     max_failures: int = 3
@@ -512,10 +514,12 @@ class FaultsSection:
     kill_data_worker: int = -1
     kill_data_step: int = -1
     nan_step: int = -1
+    kill_in_checkpoint_step: int = -1
 
     def __post_init__(self) -> None:
         _need(self.max_failures >= 0, "faults.max_failures", self.max_failures, "use >= 0")
-        for key in ("kill_rank", "kill_step", "kill_data_worker", "kill_data_step", "nan_step"):
+        keys = ("kill_rank", "kill_step", "kill_data_worker", "kill_data_step", "nan_step")
+        for key in (*keys, "kill_in_checkpoint_step"):
             _need(getattr(self, key) >= -1, f"faults.{key}", getattr(self, key), "use -1 (off) or >= 0")
 
 

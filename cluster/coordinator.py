@@ -48,7 +48,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from cluster.checkpoint import Checkpoint
-from cluster.faults import CheckpointWriteFailed, DataLossBound, FailurePolicy, TrainerDied
+from cluster.faults import CheckpointWriteFailed, DataLossBound, FailurePolicy, TrainerDied, checkpoint_crash
 from cluster.lr_schedule import Cut, LRSchedule
 from cluster.manifest import Manifest, Preprocess, RunCheckpoints
 from cluster.metrics import Metrics
@@ -130,7 +130,13 @@ class Coordinator:
             Metrics(run="run"), plan, cfg.optim.batch_size, cfg.train.log_every_steps
         )
         self.checkpoints = RunCheckpoints(
-            run_dir, cfg.checkpoint, plan, cfg.to_dict(), run.grid.to_dict(), preprocess
+            run_dir,
+            cfg.checkpoint,
+            plan,
+            cfg.to_dict(),
+            run.grid.to_dict(),
+            preprocess,
+            checkpoint_crash(cfg.faults),
         )
         self.policy = FailurePolicy(cfg.faults)
         self.data_loss = DataLossBound(

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,6 +174,20 @@ class FaultPlan:
             self._data_armed = False
             return f.kill_data_worker
         return None
+
+
+def checkpoint_crash(faults: FaultsSection) -> Callable[[int], None] | None:
+    """``faults.kill_in_checkpoint_step``: the hook the checkpoint writer runs between a checkpoint's
+    tensor files and its manifest, which SIGKILLs this process (the driver) at that step, as a crash
+    mid-write would (None: off)."""
+    if faults.kill_in_checkpoint_step < 0:
+        return None
+
+    def crash(step: int) -> None:
+        if step == faults.kill_in_checkpoint_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return crash
 
 
 # -- failures of calls to the trainer ranks -------------------------------------------------------

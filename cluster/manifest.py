@@ -28,6 +28,7 @@ newest, restore).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -308,10 +309,11 @@ class RunCheckpoints:
         config: dict[str, Any],
         grid: dict[str, Any] | None = None,
         preprocess: Preprocess | None = None,
+        before_manifest: Callable[[int], None] | None = None,
     ) -> None:
         self.run_dir, self.plan, self.config, self.grid = run_dir, plan, config, grid
         self.preprocess = preprocess  # None: checkpoints to resume from only (no eval); tests
-        self.writer = CheckpointManager(run_dir, section.keep, section.background)
+        self.writer = CheckpointManager(run_dir, section.keep, section.background, before_manifest)
         self.max_failed_writes = section.max_failed_writes
         self.last_step = -1  # the step of the newest checkpoint saved or restored (-1: none)
 

@@ -249,18 +249,15 @@ def test_a_damaged_checkpoint_is_not_one_of_the_kept(tmp_path):
     ]
 
 
-def test_rewriting_a_step_is_never_its_old_checkpoint_with_new_files(tmp_path, monkeypatch):
-    import cluster.checkpoint as checkpoint
-
+def test_rewriting_a_step_is_never_its_old_checkpoint_with_new_files(tmp_path):
     run = _run_with(tmp_path, (4, 8))
     model, opt = _state()
 
     def crash(step):
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(checkpoint, "_crash_hook", crash)
     with pytest.raises(RuntimeError):
-        write_checkpoint(run, 8, {k: v + 1 for k, v in model.items()}, opt)
+        write_checkpoint(run, 8, {k: v + 1 for k, v in model.items()}, opt, before_manifest=crash)
     assert [s for s, _ in list_checkpoints(run)] == [4]  # the old manifest went first
     assert not _file(run, 8, MANIFEST).exists()
 

@@ -291,3 +291,16 @@ def test_data_loss_bound_is_per_epoch_and_survives_restarted_counters():
     with pytest.raises(DataLoss):
         DataLossBound(0.0, 100).check({(0, "a.tar", "missing"): 1})  # 0: any loss fails
     DataLossBound(1.0, 100).check({(0, "a.tar", "unreadable"): 100})  # 1: never
+
+
+def test_the_checkpoint_crash_is_a_faults_setting_off_by_default():
+    """faults.kill_in_checkpoint_step: the writer's hook between tensor files and manifest (the e2e
+    test tests/e2e/test_faults.py kills a driver with it); off, there is no hook at all."""
+    from cluster.config import FaultsSection
+    from cluster.faults import checkpoint_crash
+
+    assert checkpoint_crash(FaultsSection()) is None
+    crash = checkpoint_crash(FaultsSection(kill_in_checkpoint_step=8))
+    crash(4)  # another step: nothing happens (step 8 would SIGKILL this process)
+    with pytest.raises(ValueError, match="faults.kill_in_checkpoint_step"):
+        FaultsSection(kill_in_checkpoint_step=-2)

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from alexnet.data.index import DatasetIndex
-from cluster.checkpoint import KILL_ENV, list_checkpoints, load_checkpoint
+from cluster.checkpoint import list_checkpoints, load_checkpoint
 from cluster.config import load_config
 from cluster.coordinator import FAILED, FINISHED
 from cluster.job import run_training
@@ -167,8 +167,9 @@ def test_driver_killed_inside_a_checkpoint_write_resumes_from_the_previous(
         if k != "train.steps":
             argv += ["--set", f"{k}={v}"]
     argv += ["--steps", "8"]
-    # SIGKILL between the tensor files and the manifest of the step-8 checkpoint
-    r = subprocess.run(argv, env={**env, KILL_ENV: "8"}, capture_output=True, text=True, timeout=150)
+    # SIGKILL between the tensor files and the manifest of the step-8 checkpoint ([faults])
+    kill = ["--set", "faults.kill_in_checkpoint_step=8"]
+    r = subprocess.run(argv + kill, env=env, capture_output=True, text=True, timeout=150)
     assert r.returncode == -9, r.stdout[-3000:] + r.stderr[-3000:]
     step8 = run_dir / "checkpoints" / "step-00000008"
     assert (step8 / "model.safetensors").exists() and not (step8 / "manifest.json").exists()
