@@ -10,7 +10,6 @@ grid is the one :class:`pipeline.grid.Grid` the config's validation built.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from alexnet.config import ModelConfig
@@ -64,8 +63,3 @@ def resolve_run(cfg: JobConfig, data_url: str, plan: RunPlan) -> Run:
             flush=True,
         )
     return run
-
-
-def with_plan(run: Run, plan: RunPlan) -> Run:
-    """``run`` with another plan (a resumed run reads the epoch as its checkpoint's streams)."""
-    return dataclasses.replace(run, plan=plan)

@@ -303,17 +303,6 @@ def label(rec: Record) -> int | None:
         return None
 
 
-def source(rec: Record) -> str | None:
-    """The source image's name the writer recorded (``json`` member's ``src``), or None."""
-    import json
-
-    try:
-        src = json.loads(rec["json"]).get("src")
-    except (KeyError, ValueError, TypeError, AttributeError):
-        return None
-    return src if isinstance(src, str) else None
-
-
 def corrupt(rec: Record, stats: ReaderStats, why: str) -> None:
     """Count ``rec`` as a corrupt sample and say why (one warning line, names escaped)."""
     stats.lose("corrupt", rec.get("__url__", "?"))
