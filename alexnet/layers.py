@@ -400,8 +400,14 @@ class StepContext:
 
 
 # A graph break under train.compile: the keys are Python ints of (seed, step), which a compiled
-# graph would bake in as constants and so recompile at every step.
-@torch.compiler.disable
+# graph would bake in as constants and so recompile at every step. torch's own lazy form of
+# ``torch.compiler.disable`` (importing Dynamo costs ~1.5 s of CPU in every process that imports
+# the model, each Ray actor of a run, when the decorator runs at import; this one imports it at
+# the first call, in the processes that run a dropout layer).
+_graph_break = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
+
+@_graph_break
 def dropout_masks(
     ctx: StepContext,
     layer_columns: Sequence[tuple[int, int]],

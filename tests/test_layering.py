@@ -146,3 +146,21 @@ def test_a_planted_circle_is_found(tmp_path):
     (pkg / "data" / "encoded.py").write_text("def f():\n    from alexnet.data import reader\n")
     (pkg / "ok.py").write_text("import alexnet.data.reader\n")
     assert cycles(module_graph(tmp_path, ("alexnet",))) == [["alexnet.data.encoded", "alexnet.data.reader"]]
+
+
+def test_a_trainer_or_data_actor_imports_neither_torchvision_nor_dynamo():
+    """Every Ray actor of a run (trainer ranks, data workers, the positions registry) is a fresh
+    process importing these modules; torchvision (whose ops import Dynamo) and Dynamo cost about
+    as much CPU to import as torch itself, and only a process that decodes a JPEG or compiles
+    needs them, so they are imported where used (measured: ``python -X importtime``)."""
+    import subprocess
+    import sys
+
+    heavy = ("torchvision", "torch._dynamo")
+    code = (
+        "import sys, cluster.rank, cluster.data, cluster.val, cluster.group, cluster.job; "
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout

@@ -49,7 +49,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from alexnet.data.records import ReaderStats, Record, check_record, corrupt
 from alexnet.data.transforms import (
@@ -172,6 +171,8 @@ def _decode(data: list[Tensor], device: torch.device) -> list[Tensor | None]:
     """
     if not data:
         return []
+    from torchvision.io import ImageReadMode, decode_jpeg  # imported where used: see transforms
+
     try:
         return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
     except torch.OutOfMemoryError:

@@ -35,8 +35,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_jpeg as _tv_decode_jpeg
 
 from alexnet.data.index import check_input_size
 
@@ -143,7 +141,11 @@ def decode_image(data: bytes) -> Tensor:
     PIL's decode + conversion); anything else through PIL. Raises on corrupt data.
     """
     if data[:2] == b"\xff\xd8":
-        return _tv_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        # imported here: torchvision costs as much CPU to import as torch itself (its ops import
+        # Dynamo), paid by every process that imports this module, and only a decoding one needs it
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     with Image.open(io.BytesIO(data)) as im:
         arr = np.asarray(im.convert("RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
