@@ -36,6 +36,7 @@ import webdataset as wds
 from PIL import Image
 from torchvision import transforms as T
 
+from alexnet.data.batch import Batch
 from alexnet.data.index import DatasetIndex
 from alexnet.data.reader import ReaderSpec, Stream
 from alexnet.data.writer import build_shards
@@ -56,7 +57,7 @@ def make_imagefolder(root: Path, n: int, classes: int = 4) -> None:
     Image.open(root / "train/c0/0.jpg").save(root / "val/c0/0.jpg")
 
 
-def ours(url: str, batch: int, batches: int, seed: int, encoded: bool = False) -> tuple[float, dict]:
+def ours(url: str, batch: int, batches: int, seed: int, encoded: bool = False) -> tuple[float, Batch]:
     """Images/s of one stream (decoding, or with ``encoded`` only drawing), and its last batch."""
     spec = ReaderSpec(url, batch_size=batch, input_size=227, seed=seed, shuffle_buffer=100, encoded=encoded)
     stream = Stream(spec, 0)
@@ -67,21 +68,14 @@ def ours(url: str, batch: int, batches: int, seed: int, encoded: bool = False) -
     return batches * batch / (time.perf_counter() - t0), b
 
 
-def trainer_decode(batch: dict, reps: int) -> float:
+def trainer_decode(batch: Batch, reps: int) -> float:
     """Images/s of the trainer side's decode + crop of a whole encoded batch on this CPU."""
-    from alexnet.data.encoded import decode_rows
-
-    n = len(batch["labels"])
-    decode_rows(batch, slice(0, n), 227, torch.device("cpu"))  # warm-up
+    cpu = torch.device("cpu")
+    batch.pixels(227, cpu, torch.from_numpy)  # warm-up
     t0 = time.perf_counter()
     for _ in range(reps):
-        decode_rows(batch, slice(0, n), 227, torch.device("cpu"))
-    return reps * n / (time.perf_counter() - t0)
-
-
-def batch_bytes(batch: dict) -> int:
-    """Bytes of a batch's arrays (what the object store holds; keys excluded)."""
-    return sum(v.nbytes for v in batch.values() if isinstance(v, np.ndarray))
+        batch.pixels(227, cpu, torch.from_numpy)
+    return reps * len(batch) / (time.perf_counter() - t0)
 
 
 def baseline(urls: list[str], batch: int, batches: int) -> float:
@@ -141,7 +135,7 @@ def main() -> None:
             )
     m, b = statistics.median(mine), statistics.median(base)
     n = args.batch
-    enc_b, dec_b = batch_bytes(encoded) / n, batch_bytes(decoded) / n
+    enc_b, dec_b = encoded.nbytes / n, decoded.nbytes / n
     print(
         f"alexnet shards: {shards_ips:.0f} images/s with {args.shard_workers} processes (500x375 JPEG -> 256)"
     )

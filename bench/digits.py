@@ -6,7 +6,7 @@ ImageFolder of PNGs (1,500 train / 297 val, split by a seeded permutation), ``al
 15 epochs) once per seed and rule: ``step`` (the rate /10 after epochs 10 and 13, the recipe) and
 ``constant`` (the baseline, in the same run). Prints each run's val top-1 error after every epoch,
 then one JSON line: per rule, the last epoch's error per seed and the worst over the last three
-epochs. ``tests/e2e/test_digits.py`` runs the recipe once through the CLI (seed 0).
+epochs. ``tests/e2e/test_digits.py`` runs a 5-epoch form of the recipe through the CLI (seed 0).
 
     PYTHONPATH=. .venv/bin/python bench/digits.py [--seeds 0 1 2] [--epochs 15]
 """

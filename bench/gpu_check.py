@@ -552,7 +552,7 @@ def _path_run(device, sizes, compile_mode: str, mines: list, steps: int) -> dict
     eng = _engine(sizes, device, "bf16", compile=compile_mode)
     timer, lr = _step_timer(device), 0.001
     t0 = time.perf_counter()
-    placed = [feed.ready(feed.place(i, m, m["keys"])) for i, m in enumerate(mines)]
+    placed = [feed.ready(feed.place(i, m)) for i, m in enumerate(mines)]
     for s in range(2):  # warm-up: cuDNN's choices, the allocator; with compile on, the compilation
         eng.submit_step(s, lr, placed[s % 2].images, placed[s % 2].labels)
     eng.read_steps()
@@ -565,13 +565,13 @@ def _path_run(device, sizes, compile_mode: str, mines: list, steps: int) -> dict
             host, spans = [], []
             _sync(device)
             t0 = time.perf_counter()
-            nxt = pool.submit(feed.place, step, mines[0], mines[0]["keys"]) if mode == "path" else None
+            nxt = pool.submit(feed.place, step, mines[0]) if mode == "path" else None
             for i in range(steps):
                 if mode == "path":
                     fed = feed.ready(nxt.result())
                     if i + 1 < steps:
                         m = mines[(i + 1) % 2]
-                        nxt = pool.submit(feed.place, step + 1, m, m["keys"])
+                        nxt = pool.submit(feed.place, step + 1, m)
                 else:
                     fed = placed[i % 2]
                 h, span = timer(lambda fed=fed, step=step: eng.submit_step(step, lr, fed.images, fed.labels))
@@ -608,10 +608,12 @@ def section_step_path(device: torch.device, sizes: Sizes) -> dict:
     cuda = device.type == "cuda"
     steps, side, crop = (20, 256, sizes.cfg.input_size) if cuda else (3, 256, sizes.cfg.input_size)
     classes = sizes.cfg.num_classes
+    from alexnet.data.batch import Batch
+
     mines = []
     for seed in range(2):
         b = _jpeg_batch(sizes.batch, side, crop, seed, classes)
-        mines.append({**b, "rows": (0, sizes.batch)})  # this rank's rows: all (cluster.data.rows)
+        mines.append(Batch(b["labels"], b["keys"], b["lighting"], encoded=b))  # this rank's rows: all
     out = {"steps": steps, "batch": sizes.batch, "jpeg_side": side, "crop": crop}
     out["eager"] = _path_run(device, sizes, "off", mines, steps)
     out["compiled"] = _path_run(device, sizes, "on", mines, steps)

@@ -47,10 +47,9 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from cluster.checkpoint import Checkpoint
 from cluster.faults import CheckpointWriteFailed, DataLossBound, FailurePolicy, TrainerDied, checkpoint_crash
 from cluster.lr_schedule import Cut, LRSchedule
-from cluster.manifest import Manifest, Preprocess, RunCheckpoints
+from cluster.manifest import Preprocess, ResumePoint, RunCheckpoints
 from cluster.metrics import Metrics
 from cluster.plan import Milestones
 from cluster.reporting import Reporter
@@ -106,7 +105,7 @@ class TrainerGroup(Protocol):
 class Coordinator:
     """Drives one training run. ``run()`` loops :meth:`step` until ``finished`` or ``failed``.
 
-    ``resume`` is a loaded checkpoint (or None for a fresh run), already checked for this run
+    ``resume``: where the run continues (None for a fresh run), already checked for this run
     (:func:`cluster.manifest.load_resume`). ``report`` receives the events (default: metrics under
     the run label ``run``, progress lines printed). ``preprocess``: what the checkpoints record
     for inference (None: checkpoints that only resume, as the fake-group tests write). ``init``:
@@ -119,7 +118,7 @@ class Coordinator:
         group: TrainerGroup,
         run_dir: str,
         report: Reporter | None = None,
-        resume: Checkpoint | None = None,
+        resume: ResumePoint | None = None,
         preprocess: Preprocess | None = None,
         init: dict[str, Tensor] | None = None,
     ) -> None:
@@ -151,22 +150,22 @@ class Coordinator:
         self._resume_from(resume)
         self.report.begin(self.step_no, self.lr_schedule.lr, STARTING)
 
-    def _resume_from(self, ck: Checkpoint | None) -> None:
+    def _resume_from(self, point: ResumePoint | None) -> None:
         """The run's position: step, LR rule, data positions and the tensors still to load into the
-        group, from checkpoint ``ck`` (its validation and checkpoint at that step are done), or a
-        fresh start at step 0."""
+        group, from ``point`` (its validation and checkpoint at that step are done), or a fresh
+        start at step 0."""
         rule = self.cfg.schedule
-        if ck is None:
+        if point is None:
             self.step_no, self.positions = 0, None
             self.lr_schedule = LRSchedule(rule, self.cfg.optim.lr)
         else:
-            m = Manifest.from_json(ck.manifest)
+            m = point.manifest
             self.step_no, self.positions = m.step, m.positions_for(self.plan.streams)
             self.lr_schedule = LRSchedule.from_state(rule, m.lr_schedule, m.epoch)
-        self.to_load = ck
+        self.to_load = None if point is None else point.checkpoint
         self._snap = None  # the group's state is the restored one now
         # what was due at the restored step is done: it was validated before it was checkpointed
-        self._evaluated_step = self.checkpoints.last_step = -1 if ck is None else self.step_no
+        self._evaluated_step = self.checkpoints.last_step = -1 if point is None else self.step_no
 
     # -- the state machine ---------------------------------------------------------------
     def run(self) -> str:
@@ -322,9 +321,9 @@ class Coordinator:
         self._inflight = None  # its results died with the group
         self.group.shutdown()
         # the newest complete checkpoint (a write in flight completes first: it may be the newest)
-        ck, skipped = self.checkpoints.load_newest()
-        self._resume_from(ck)
-        newest = None if ck is None else ck.url
+        point, skipped = self.checkpoints.load_newest()
+        self._resume_from(point)
+        newest = None if point is None else point.url
         self.report.restarting(
             len(self.policy.failures), self.cfg.faults.max_failures, self.step_no, newest, skipped
         )

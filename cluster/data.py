@@ -7,8 +7,9 @@ Pieces
     most ``prefetch`` batches ahead of its slowest consumer (backpressure) and puts each batch into
     the object store ONCE (``ray.put``; plus a small labels-only object for consumers that need no
     pixels). ``get_batch(epoch, index, consumer, images)`` answers ``[ref]``: every consumer of a
-    batch reads the same object (zero-copy numpy where it is on the same node) and selects its rows
-    itself (:func:`rows`). ``DataPositions`` (actor): the last safe restart position of each stream.
+    batch reads the same object (zero-copy numpy where it is on the same node) and takes its rows
+    itself (:meth:`alexnet.data.batch.Batch.part`). ``DataPositions`` (actor): the last safe
+    restart position of each stream.
     ``DataPool`` (coordinator side): starts W workers and the registry, reports positions for
     checkpoints and stats for metrics. ``DataClient`` (picklable, trainer side): ``request`` and
     ``resolve`` a global step's batch.
@@ -42,6 +43,7 @@ from typing import Any
 
 import ray
 
+from alexnet.data.batch import Batch
 from alexnet.data.index import DatasetIndex
 from alexnet.data.reader import ReaderSpec, Stream, steps_per_epoch
 from alexnet.data.records import summed
@@ -51,10 +53,6 @@ from cluster.run import Run
 from cluster.val import ValServer
 
 DEFAULT_TIMEOUT_S = 300.0
-# what a consumer that reads no pixels (the last stage: labels) takes of a batch
-LABEL_KEYS = ("labels", "keys", "epoch", "index", "stream")
-# per-row arrays of a worker-decoded batch (an encoded batch's rows are cut by its decoder)
-ROW_KEYS = ("images", "labels", "lighting")
 # how often a consumer asks again for a batch whose object died with its worker
 OWNER_DIED_RETRIES = 5
 # start positions a worker remembers of batches it made, released ones included: the trainers' feeds
@@ -69,24 +67,6 @@ def _key(epoch: int, index: int) -> tuple[int, int]:
 def hosted_streams(worker: int, workers: int, streams: int) -> list[int]:
     """The streams data worker ``worker`` of ``workers`` hosts: ``v % workers == worker``."""
     return list(range(worker, streams, workers))
-
-
-def rows(batch: dict, part: int, parts: int) -> dict:
-    """Rows ``[part*B/parts, (part+1)*B/parts)`` of a batch (views; ``keys`` sliced as a list).
-
-    Arrays that are not per row (an encoded batch's byte buffer) are left whole: its decoder takes
-    the row range (``batch["rows"]``)."""
-    B = len(batch["labels"])
-    if not 0 <= part < parts or B % parts:
-        raise ValueError(f"part={part}, parts={parts}: need 0 <= part < parts and parts dividing {B}")
-    r = slice(part * B // parts, (part + 1) * B // parts)
-    out = dict(batch)
-    for k in ROW_KEYS:
-        if k in out:
-            out[k] = out[k][r]
-    out["keys"] = list(batch["keys"][r])
-    out["rows"] = (r.start, r.stop)
-    return out
 
 
 @ray.remote(num_cpus=0)
@@ -179,14 +159,14 @@ class DataWorker:
             v = self._next_stream()
         batch = self.streams[v].next_batch()
         entry = {
-            "position": batch.pop("position"),
+            "position": batch.position,
             "stream": v,
-            "labels_ref": ray.put({k: batch[k] for k in LABEL_KEYS}),
+            "labels_ref": ray.put(batch.labels_only()),
+            "ref": ray.put(batch),  # the one copy every consumer reads
         }
-        nxt = batch.pop("next_position")
-        entry["ref"] = ray.put(batch)  # the one copy every consumer reads
+        nxt = batch.next_position
         with self._cond:
-            k = _key(batch["epoch"], batch["index"])
+            k = _key(batch.epoch, batch.index)
             self._buf[k] = entry
             self._history[k] = entry["position"]
             while len(self._history) > POSITION_HISTORY + self.capacity:
@@ -233,9 +213,10 @@ class DataWorker:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         images: bool = True,
     ) -> list:
-        """``[ref]`` of batch ``index`` of ``epoch`` (blocks until made): the whole batch dict, or
-        with ``images=False`` only its :data:`LABEL_KEYS` (label-only consumers need no pixels). The
-        ref is inside a list so that Ray hands it over rather than the object."""
+        """``[ref]`` of batch ``index`` of ``epoch`` (blocks until made): the whole
+        :class:`~alexnet.data.batch.Batch`, or with ``images=False`` its labels only (label-only
+        consumers need no pixels). The ref is inside a list so that Ray hands it over rather than
+        the object."""
         v = index % self.V
         if v % self.W != self.worker:
             raise ValueError(
@@ -342,8 +323,8 @@ class DataClient:
         w, epoch, index = locate(step, self.steps_per_epoch, len(self.workers), self.streams)
         return self.workers[w].get_batch.remote(epoch, index, consumer, self.timeout_s, images)
 
-    def resolve(self, request: ray.ObjectRef, step: int, consumer: int = 0, images: bool = True) -> dict:
-        """The batch dict of a :meth:`request` (numpy, read-only views into the object store); asks
+    def resolve(self, request: ray.ObjectRef, step: int, consumer: int = 0, images: bool = True) -> Batch:
+        """The batch of a :meth:`request` (numpy, read-only views into the object store); asks
         again when the object died with its worker before it arrived."""
         wait = self.timeout_s + 30
         for attempt in range(OWNER_DIED_RETRIES + 1):

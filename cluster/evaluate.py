@@ -3,7 +3,6 @@
 Every path scores with :mod:`alexnet.scoring` (top-1 / top-5 hits; the paper's 10-crop: softmax
 averaged over the four corners and the center, with their flips):
 
-* :func:`val_input`: a val batch's uint8 crops -> model input on the device;
 * :class:`ValScore`: the hit counts of one validation pass, per crop kind;
 * :func:`load_for_inference`: a checkpoint (or a run's newest) as a model in eval mode and its
   preprocessing, from the checkpoint alone (what ``alexnet eval`` and ``alexnet predict`` start from);
@@ -20,7 +19,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from alexnet.data.transforms import to_model_input
 from alexnet.scoring import Tally, average_crops, errors
 
 TEN = 10  # crops per image of the "ten" crop kind
@@ -29,15 +27,6 @@ TEN = 10  # crops per image of the "ten" crop kind
 def crop_kinds(ten_crop: bool) -> tuple[str, ...]:
     """The val passes to run: ``center`` always, ``ten`` (10-crop) when ``ten_crop``."""
     return ("center", "ten") if ten_crop else ("center",)
-
-
-def val_input(batch: dict[str, Any], crop: str, mean: Tensor, scale: float, device: torch.device) -> Tensor:
-    """Model input of a val batch: (b, 3, S, S) center crops, or (10 b, 3, S, S) crop-major ten crops."""
-    u8 = torch.from_numpy(batch["images"]).to(device)
-    if crop == "ten":  # (b, 10, 3, S, S) -> (10 b, 3, S, S), crop-major
-        u8 = u8.transpose(0, 1).flatten(0, 1)
-    no_lighting = torch.zeros(u8.shape[0], 3, device=device)  # PCA lighting is a training augmentation
-    return to_model_input(u8, no_lighting, mean, scale)
 
 
 class ValScore:
@@ -97,11 +86,11 @@ def score_model(
     for crop in crops:
         stats = ReaderStats()
         for batch in worker_batches(index, plan, 0, crop, input_size, stats):
-            if batch["n"] == 0:
+            if batch.n == 0:
                 continue
-            labels = torch.from_numpy(batch["labels"]).to(mean.device)
+            labels = torch.from_numpy(batch.labels).to(mean.device)
             with torch.no_grad():
-                logits = model(val_input(batch, crop, mean, scale, mean.device))
+                logits = model(batch.model_input(mean, scale, mean.device))
             score.add(crop, logits, labels)
         lost = short_read(stats)
         if lost:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -24,7 +25,6 @@ from typing import Any
 
 import ray
 import torch.distributed
-from torch import Tensor
 
 from cluster.config import FaultsSection
 
@@ -132,16 +132,30 @@ class RankFaults:
     kill_step: int = -1  # the rank's process exits abruptly when it reaches this step
     nan_step: int = -1  # this step's images become NaN (so its loss is NaN)
 
-    def before_step(self, step: int) -> None:
-        """Die abruptly at ``kill_step``, as a crashed process or a lost node would."""
-        if step == self.kill_step:
-            os._exit(1)
+    def inputs(self, feed: Any) -> Any:
+        """``feed`` (a :class:`cluster.feed.Feed` or :class:`cluster.feed.NoFeed`) as the rank's
+        step loop reads it, the one place faults enter a step: asking for ``kill_step``'s inputs
+        kills the process abruptly, as a crash or a lost node would; ``nan_step``'s images are all
+        NaN. The feed itself when nothing is injected."""
+        return feed if self == RankFaults() else _FaultyFeed(feed, self)
 
-    def images(self, step: int, images: Tensor | None) -> Tensor | None:
-        """``images`` as the step gets them: all NaN at ``nan_step``."""
-        if step == self.nan_step and images is not None:
-            return images * math.nan
-        return images
+
+class _FaultyFeed:
+    """A feed with :class:`RankFaults` injected (see :meth:`RankFaults.inputs`)."""
+
+    def __init__(self, feed: Any, faults: RankFaults) -> None:
+        self.feed, self.faults = feed, faults
+
+    def get(self, step: int) -> Any:
+        if step == self.faults.kill_step:
+            os._exit(1)
+        fed = self.feed.get(step)
+        if step == self.faults.nan_step and fed.images is not None:
+            fed = dataclasses.replace(fed, images=fed.images * math.nan)
+        return fed
+
+    def close(self) -> None:
+        self.feed.close()
 
 
 class FaultPlan:

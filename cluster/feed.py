@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from alexnet.data.batch import Batch
 from alexnet.data.transforms import to_model_input
 
 log = logging.getLogger("alexnet.feed")
@@ -188,59 +189,56 @@ class Feed:
             out.put(e)
 
     def _make(self, t: int) -> Fed:
-        from cluster.data import rows
-
         sp = self.spec
         batch = self.client.resolve(self.client.request(t, sp.consumer, sp.images), t, sp.consumer, sp.images)
-        mine = rows(batch, sp.part, sp.parts) if sp.images else batch
-        if sp.images:
-            keys = mine["keys"]
-        else:
-            B = len(batch["labels"])
-            r = slice(sp.part * B // sp.parts, (sp.part + 1) * B // sp.parts)
-            keys, mine = list(batch["keys"][r]), {"labels": batch["labels"][r]}
-        return self.place(t, mine, keys)
+        return self.place(t, batch.part(sp.part, sp.parts))
 
-    def place(self, t: int, mine: dict, keys: list[str]) -> Fed:
-        """Step ``t``'s rows of this rank (``mine``, as :func:`cluster.data.rows` gives them) on the
+    def place(self, t: int, mine: Batch) -> Fed:
+        """Step ``t``'s rows of this rank (``mine``: its replica's part of the batch) on the
         device: on CUDA through pinned buffers on the side stream, decoded there, an event recorded
         after them (what :meth:`get` makes the compute stream wait on). No Ray here:
         ``bench/gpu_check.py`` runs the feed's device side on a bare GPU machine with this."""
         if self.cuda:
             with torch.cuda.stream(self._side):
-                fed = self._tensors(t, mine, keys)
+                fed = self._tensors(t, mine)
                 fed.event = torch.cuda.Event()
                 fed.event.record(self._side)
             return fed
-        return self._tensors(t, mine, keys)
+        return self._tensors(t, mine)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         if self._pinned is not None:
             return self._pinned.stage(np.ascontiguousarray(array), self.device, self._side)
         return _tensor(array)
 
-    def _tensors(self, t: int, mine: dict, keys: list[str]) -> Fed:
+    def _tensors(self, t: int, mine: Batch) -> Fed:
         sp = self.spec
         images = labels = None
         corrupt: tuple[str, ...] = ()
         if sp.images:
-            light = self._to_device(mine["lighting"])
-            if "jpeg" in mine:  # encoded batch: decode this rank's rows here
-                from alexnet.data.encoded import decode_rows
-
-                u8, bad = decode_rows(mine, slice(*mine["rows"]), sp.input_size, self.device)
-                images = to_model_input(u8, light, self.mean, sp.scale)
-                # a host read, but in this thread: the step's thread never waits for it
-                if bool(bad.any()):
-                    corrupt = tuple(keys[i] for i in bad.nonzero().flatten().tolist())
-                    images[bad] = 0  # the mean image: no signal; counted as corrupt by the coordinator
-                    msg = "step %d: %d image(s) did not decode on %s (%s); fed as the mean image"
-                    log.warning(msg, t, len(corrupt), self.device, ", ".join(corrupt))
-            else:
-                images = to_model_input(self._to_device(mine["images"]), light, self.mean, sp.scale)
+            # worker pixels copied over, or this rank's rows of the JPEG bytes decoded here
+            u8, bad = mine.pixels(sp.input_size, self.device, self._to_device)
+            images = to_model_input(u8, self._to_device(mine.lighting), self.mean, sp.scale)
+            # a host read, but in this thread: the step's thread never waits for it
+            if bad is not None and bool(bad.any()):
+                corrupt = tuple(mine.keys[i] for i in bad.nonzero().flatten().tolist())
+                images[bad] = 0  # the mean image: no signal; counted as corrupt by the coordinator
+                msg = "step %d: %d image(s) did not decode on %s (%s); fed as the mean image"
+                log.warning(msg, t, len(corrupt), self.device, ", ".join(corrupt))
         if sp.labels:
-            labels = self._to_device(mine["labels"])
-        return Fed(t, images, labels, keys, corrupt)
+            labels = self._to_device(mine.labels)
+        return Fed(t, images, labels, mine.keys, corrupt)
+
+
+class NoFeed:
+    """The inputs of a rank that reads no batch (a middle stage): none, every step."""
+
+    def get(self, step: int) -> Fed:
+        """An empty :class:`Fed` for ``step``."""
+        return Fed(step, None, None, [])
+
+    def close(self) -> None:
+        """Nothing to stop."""
 
 
 # where samples that did not decode on a trainer's device are counted (the shard is not known there)

@@ -15,7 +15,6 @@ the run directory (:mod:`cluster.reporting`) and print where everything is.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import math
@@ -29,10 +28,10 @@ from typing import Any
 
 import fsspec
 
-from cluster.checkpoint import Checkpoint, join_url, latest_checkpoint, scan_checkpoints
+from cluster.checkpoint import join_url, latest_checkpoint
 from cluster.config import JobConfig
 from cluster.coordinator import FAILED, FINISHED, Coordinator
-from cluster.manifest import Manifest, Preprocess, load_resume
+from cluster.manifest import Preprocess, ResumePoint, load_resume
 from cluster.metrics import Metrics
 from cluster.plan import RunPlan, plan_run
 from cluster.reporting import Reporter, TensorBoardLog, write_bytes, write_outputs
@@ -87,10 +86,10 @@ def run_training(
     cfg = cfg.for_data(data_url)  # model.input_size from the stored images when unset
     plan, index = plan_run(cfg, data_url)
     check_run_dir(run_dir)
-    ck = _resume_point(run_dir, resume, cfg, plan, from_checkpoint)
-    if ck is not None:  # a resumed run reads the epoch as the streams its checkpoints record
-        plan = dataclasses.replace(plan, data_streams=Manifest.from_json(ck.manifest).streams_for(cfg, plan))
-    init = _init_weights(init_from, cfg, index.classes) if init_from is not None and ck is None else None
+    point = _resume_point(run_dir, resume, cfg, plan, from_checkpoint)
+    if point is not None:  # a resumed run reads the epoch as the streams its checkpoints record
+        plan = point.resumed_plan(cfg, plan)
+    init = _init_weights(init_from, cfg, index.classes) if init_from is not None and point is None else None
     run = resolve_run(cfg, data_url, plan)  # what every actor takes as it is
     write_bytes(join_url(run_dir, "config.toml"), cfg.to_toml().encode())  # `--config` it to rerun
     name = run_dir.rstrip("/").rsplit("/", 1)[-1] or "run"
@@ -106,9 +105,9 @@ def run_training(
         metrics, plan, cfg.optim.batch_size, cfg.train.log_every_steps, tensorboard=TensorBoardLog(run_dir)
     )
     coord = Coordinator(
-        run, group, run_dir, report, resume=ck, preprocess=Preprocess.of(cfg, index), init=init
+        run, group, run_dir, report, resume=point, preprocess=Preprocess.of(cfg, index), init=init
     )
-    del ck, init  # the coordinator loads the tensors into the group
+    del point, init  # the coordinator loads the tensors into the group
     trace = _drive(coord, group, metrics, cfg.metrics.trace_steps, on_coordinator)
     report.close()
     return _finish(coord, report, run_dir, trace, metrics_url)
@@ -172,24 +171,17 @@ def _latest(run_dir: str) -> str | None:
 
 def _resume_point(
     run_dir: str, resume: bool, cfg: JobConfig, plan: RunPlan, from_checkpoint: str | None
-) -> Checkpoint | None:
-    """The checkpoint to continue from (``--resume``), or None; an old run dir without it is refused."""
-    if not resume:
-        if scan_checkpoints(run_dir):
-            raise ValueError(
-                f"--run-dir {run_dir} already holds checkpoints: pass --resume to continue that run, "
-                "or choose a new --run-dir"
-            )
-        return None
-    ck, skipped = load_resume(run_dir, cfg, plan, from_checkpoint)
+) -> ResumePoint | None:
+    """Where the run starts (:func:`cluster.manifest.load_resume` decides), said in a line."""
+    point, skipped = load_resume(run_dir, cfg, plan, from_checkpoint, resume)
     for line in skipped:
         print(f"[alexnet] --resume: skipped newer checkpoint {line}", flush=True)
-    if ck is None:
+    if point is None and resume:
         print(f"[alexnet] --resume: no complete checkpoint in {run_dir}; starting from step 0", flush=True)
-    else:
+    elif point is not None:
         into = f", writing into {run_dir}" if from_checkpoint is not None else ""
-        print(f"[alexnet] resuming from {ck.url} (step {ck.step}){into}", flush=True)
-    return ck
+        print(f"[alexnet] resuming from {point.url} (step {point.step}){into}", flush=True)
+    return point
 
 
 # The first Ray release with token authentication (RAY_AUTH_MODE=token), which every config in

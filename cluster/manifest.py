@@ -28,6 +28,7 @@ newest, restore).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from cluster.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_newest,
+    scan_checkpoints,
 )
 from cluster.config import CheckpointSection, JobConfig, check_resume_variant, from_dict
 from cluster.faults import CheckpointWriteFailed
@@ -251,11 +253,42 @@ class Manifest:
         return self.data_positions if self.streams == streams else None
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run continues: a verified checkpoint (the tensors the group loads) and its
+    manifest, parsed once (:meth:`of`); what the coordinator restores a run to."""
+
+    checkpoint: Checkpoint
+    manifest: Manifest
+
+    @classmethod
+    def of(cls, ck: Checkpoint) -> ResumePoint:
+        """``ck`` with its manifest parsed (what does not parse raises)."""
+        return cls(ck, Manifest.from_json(ck.manifest))
+
+    @property
+    def step(self) -> int:
+        """The step the run continues at (the checkpoint's)."""
+        return self.manifest.step
+
+    @property
+    def url(self) -> str:
+        """The checkpoint's directory."""
+        return self.checkpoint.url
+
+    def resumed_plan(self, cfg: JobConfig, plan: RunPlan) -> RunPlan:
+        """``plan`` reading the epoch as the streams the checkpoint records (unless ``data.streams``
+        sets others: :meth:`Manifest.streams_for`)."""
+        return dataclasses.replace(plan, data_streams=self.manifest.streams_for(cfg, plan))
+
+
 def load_resume(
-    run_dir: str, cfg: JobConfig, plan: RunPlan, start: str | None = None
-) -> tuple[Checkpoint | None, list[str]]:
-    """The checkpoint a ``--resume`` continues from, checked for this run (None: a fresh start),
-    and one line per newer checkpoint of ``run_dir`` skipped as incomplete or corrupt.
+    run_dir: str, cfg: JobConfig, plan: RunPlan, start: str | None = None, resume: bool = True
+) -> tuple[ResumePoint | None, list[str]]:
+    """Where a run in ``run_dir`` starts, decided once: the checkpoint a ``--resume`` continues
+    from, checked for this run (None: a fresh start), and one line per newer checkpoint of
+    ``run_dir`` skipped as incomplete or corrupt. Without ``resume`` (a new run) a ``run_dir``
+    that holds checkpoints is refused: it would mix two runs' histories.
 
     Without ``start``: the newest complete checkpoint in ``run_dir``; checkpoints there that are
     all damaged are refused (a fresh start would hide them). ``start`` (``--from-checkpoint``): that
@@ -263,6 +296,13 @@ def load_resume(
     hold no complete checkpoint newer than it (a later ``--resume`` would take that one, of
     another history).
     """
+    if not resume:
+        if scan_checkpoints(run_dir):
+            raise ValueError(
+                f"--run-dir {run_dir} already holds checkpoints: pass --resume to continue that run, "
+                "or choose a new --run-dir"
+            )
+        return None, []
     if start is None:
         ck, skipped = load_newest(run_dir, expect=expected_tensors)
         if ck is None and skipped:
@@ -281,9 +321,11 @@ def load_resume(
                 "continued there would mix two histories; pass a new --run-dir (the run continues "
                 "there from this checkpoint), or move those out of the run's checkpoints/ first"
             )
-    if ck is not None:
-        Manifest.from_json(ck.manifest).check_resume(cfg, plan, ck.url)
-    return ck, skipped
+    if ck is None:
+        return None, skipped
+    point = ResumePoint.of(ck)
+    point.manifest.check_resume(cfg, plan, ck.url)
+    return point, skipped
 
 
 def _int(v: Any) -> int:
@@ -356,11 +398,12 @@ class RunCheckpoints:
         found = list_checkpoints(self.run_dir)
         return found[-1] if found else None
 
-    def load_newest(self) -> tuple[Checkpoint | None, list[str]]:
+    def load_newest(self) -> tuple[ResumePoint | None, list[str]]:
         """The newest checkpoint that is complete and verifies (None: none), and one line per
         newer one skipped (see :func:`cluster.checkpoint.load_newest`)."""
         self.writer.wait(raise_errors=False)
-        return load_newest(self.run_dir, expect=expected_tensors)
+        ck, skipped = load_newest(self.run_dir, expect=expected_tensors)
+        return (None if ck is None else ResumePoint.of(ck)), skipped
 
     @property
     def failing(self) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 import ray
 import torch
 
-from cluster.evaluate import ValScore, val_input
+from cluster.evaluate import ValScore
 from cluster.faults import RankFaults
 from cluster.run import Run
 from cluster.val import ValClient
@@ -67,7 +67,7 @@ class TrainerActor:
         self.engine = None
         self.data = None  # cluster.data.DataClient
         self.consumer = -1
-        self.feed = None  # cluster.feed.Feed of the ranks that read batches
+        self.feed = None  # the step's inputs: cluster.feed.Feed or NoFeed, faults injected (setup)
         self._events: collections.deque = collections.deque(maxlen=max(1, self.cfg.metrics.trace_steps))
 
     def rendezvous(self) -> tuple[str, int]:
@@ -133,9 +133,10 @@ class TrainerActor:
         self.index = DatasetIndex.load(self.data_url)
         self.mean = self.index.mean_tensor(self.run.model.input_size, self.cfg.data.mean).to(self.device)
         self.data, self.consumer = data, consumer
-        if consumer >= 0:
-            from cluster.feed import Feed, FeedSpec
+        from cluster.feed import Feed, FeedSpec, NoFeed
 
+        feed = NoFeed()
+        if consumer >= 0:
             spec = FeedSpec(
                 consumer,
                 self.r,
@@ -145,7 +146,8 @@ class TrainerActor:
                 input_size=self.run.model.input_size,
                 scale=self.cfg.data.input_scale,
             )
-            self.feed = Feed(data, spec, self.device, self.mean, self.plan.total_steps)
+            feed = Feed(data, spec, self.device, self.mean, self.plan.total_steps)
+        self.feed = self.faults.inputs(feed)
 
     def load(self, state: dict) -> None:
         """Take this rank's slice of the full canonical ``{"model": ..., "optimizer": ...}`` state."""
@@ -169,14 +171,11 @@ class TrainerActor:
 
         tl, corrupt = self.engine.timeline, []
         for t in range(first_step, first_step + steps):
-            self.faults.before_step(t)
             tl.clear(t)
             with tl.span("data_wait"):
-                fed = self.feed.get(t) if self.feed is not None else None
-            images = self.faults.images(t, fed.images if fed is not None else None)
-            labels = fed.labels if fed is not None else None
-            self.engine.submit_step(t, lr, images, labels)
-            corrupt.append(list(fed.corrupt_keys) if fed is not None else [])
+                fed = self.feed.get(t)
+            self.engine.submit_step(t, lr, fed.images, fed.labels)
+            corrupt.append(list(fed.corrupt_keys))
         out = []
         for report, bad in zip(self.engine.read_steps(), corrupt, strict=True):
             res = dict(report.metrics)
@@ -195,14 +194,14 @@ class TrainerActor:
         # non-empty one: later stages need no batch count.
         score = ValScore((crop,))
         for batch in val.batches(pass_id, self.r, images=self.first):
-            if batch["n"] == 0:  # every sample of it was unusable (skipped and counted by the worker)
+            if batch.n == 0:  # every sample of it was unusable (skipped and counted by the worker)
                 continue
             images = None
             if self.first:
-                images = val_input(batch, crop, self.mean, self.cfg.data.input_scale, self.device)
+                images = batch.model_input(self.mean, self.cfg.data.input_scale, self.device)
             logits = self.engine.infer(images)
             if self.last:
-                score.add(crop, logits, torch.from_numpy(batch["labels"]).to(self.device))
+                score.add(crop, logits, torch.from_numpy(batch.labels).to(self.device))
         return score.totals()
 
     def trace_events(self, steps: int) -> list[dict]:

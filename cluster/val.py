@@ -35,6 +35,7 @@ from typing import Any
 
 import ray
 
+from alexnet.data.batch import ValBatch
 from alexnet.data.codec import VAL_CROPS as CROPS
 from alexnet.data.index import DatasetIndex, check_input_size
 from alexnet.data.records import ReaderStats
@@ -59,7 +60,7 @@ class _Pass:
         worker: int,
         consumers: dict[int, int],
         buffer: int,
-        batches: Iterator[dict],
+        batches: Iterator[ValBatch],
     ) -> None:
         self.pass_id, self.crop, self.plan, self.worker = pass_id, crop, plan, worker
         self.consumers = consumers
@@ -74,9 +75,8 @@ class _Pass:
         batch = next(self._batches, None)
         if batch is None:
             return False
-        j = batch["index"]
-        labels = {"labels": batch["labels"], "n": batch["n"], "index": j}
-        entry = [ray.put(batch), ray.put(labels), self.consumers[j % self.plan.replicas]]
+        j = batch.index
+        entry = [ray.put(batch), ray.put(batch.labels_only()), self.consumers[j % self.plan.replicas]]
         with self.producer.cond:
             if self.producer.stopped:  # replaced while decoding: keep nothing of it
                 return False
@@ -214,9 +214,9 @@ class ValClient:
     def _request(self, pass_id: int, j: int, images: bool) -> ray.ObjectRef:
         return self.workers[self.plan.worker_of(j)].val_get.remote(pass_id, j, images, self.timeout_s)
 
-    def batches(self, pass_id: int, replica: int, images: bool) -> Iterator[dict[str, Any]]:
-        """Replica ``replica``'s batches of the pass, in order: ``labels``, ``n``, ``index`` and
-        (``images``) ``images``; the next batch's request is in flight while one is used."""
+    def batches(self, pass_id: int, replica: int, images: bool) -> Iterator[ValBatch]:
+        """Replica ``replica``'s batches of the pass, in order (``images``: with their pixels, else
+        labels only); the next batch's request is in flight while one is used."""
         js = self.plan.replica_batches(replica)
         ahead = self._request(pass_id, js[0], images) if js else None
         for i in range(len(js)):

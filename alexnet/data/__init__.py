@@ -4,6 +4,7 @@
   header checks, lost records counted);
 * :mod:`alexnet.data.codec`: a record -> a sample -> a batch: worker pixels (decode, crop, flip,
   lighting) or JPEG bytes with the same draws for the device (:mod:`alexnet.data.encoded`);
+* :mod:`alexnet.data.batch`: the typed batches (a replica's rows, labels only, pixels on a device);
 * :mod:`alexnet.data.reader`: the epoch's plan as virtual streams, ``Stream`` (resumable);
 * :mod:`alexnet.data.val`: a validation pass's plan and batches (runs and ``alexnet eval`` alike);
 * :mod:`alexnet.data.index`: ``DatasetIndex.load(url)`` (classes, shard counts, mean, RGB PCA);

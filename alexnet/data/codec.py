@@ -11,9 +11,9 @@ two give the same pixels. :func:`val_sample` is the validation codec: a center c
 
 Element types::
 
-    PixelCodec.sample   Record -> Augmented | None        collate  [Augmented] -> batch dict
-    JpegCodec.sample    Record -> Encoded | None          collate  [Encoded]   -> encoded batch dict
-    val_sample          Record -> ValSample | None
+    PixelCodec.sample   Record -> Augmented | None        collate  [Augmented] -> Batch (images)
+    JpegCodec.sample    Record -> Encoded | None          collate  [Encoded]   -> Batch (encoded)
+    val_sample          Record -> ValSample | None        collate_val  [ValSample] -> ValBatch
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
+from alexnet.data.batch import Batch, ValBatch
 from alexnet.data.encoded import collate_encoded, draw_encoded
 from alexnet.data.records import ReaderStats, Record, check_record, corrupt
 from alexnet.data.transforms import (
@@ -91,7 +92,7 @@ class Codec(Protocol):
         """One record of ``epoch`` -> its sample, or None (counted in ``stats``)."""
         ...
 
-    def collate(self, samples: list[Any]) -> dict[str, Any]:
+    def collate(self, samples: list[Any]) -> Batch:
         """B samples -> one batch."""
         ...
 
@@ -114,7 +115,7 @@ class PixelCodec:
         crop = train_crop(d.image, a, self.size).contiguous()  # (3, S, S): the full image is freed now
         return Augmented(d.key, crop, d.label, lighting_offset(a.alpha, self.light))
 
-    def collate(self, samples: list[Augmented]) -> dict[str, Any]:
+    def collate(self, samples: list[Augmented]) -> Batch:
         """-> ``images`` uint8 (B, 3, S, S), ``labels`` int64 (B,), ``lighting`` float32 (B, 3), ``keys``."""
         B, S = len(samples), self.size
         images = np.empty((B, 3, S, S), np.uint8)
@@ -123,7 +124,7 @@ class PixelCodec:
         for i, a in enumerate(samples):
             out[i].copy_(a.crop)
             labels[i], lighting[i] = a.label, a.lighting
-        return {"images": images, "labels": labels, "lighting": lighting, "keys": [a.key for a in samples]}
+        return Batch(labels, [a.key for a in samples], lighting, images=images)
 
 
 class JpegCodec:
@@ -138,9 +139,10 @@ class JpegCodec:
         """Record -> :class:`alexnet.data.encoded.Encoded` (no pixel decode for a JPEG)."""
         return draw_encoded(rec, self.seed, epoch, self.side, self.size, self.light, stats, self.aug)
 
-    def collate(self, samples: list[Any]) -> dict[str, Any]:
-        """-> the encoded batch of :func:`alexnet.data.encoded.collate_encoded`."""
-        return collate_encoded(samples, self.size)
+    def collate(self, samples: list[Any]) -> Batch:
+        """-> a batch carrying :func:`alexnet.data.encoded.collate_encoded`'s payload."""
+        enc = collate_encoded(samples, self.size)
+        return Batch(enc["labels"], enc["keys"], enc["lighting"], encoded=enc)
 
 
 def training_codec(
@@ -162,12 +164,12 @@ def val_sample(rec: Record, side: int, input_size: int, crop: str, stats: Reader
     return ValSample(d.key, c.contiguous(), d.label)
 
 
-def collate_val(samples: list[ValSample], crop: str, input_size: int) -> dict[str, Any]:
-    """-> ``images`` uint8 (b, 3, S, S) or (b, 10, 3, S, S), ``labels`` int64 (b,), ``keys``, ``n``."""
+def collate_val(samples: list[ValSample], crop: str, input_size: int, index: int) -> ValBatch:
+    """-> val batch ``index``: ``images`` uint8 (b, 3, S, S) or (b, 10, 3, S, S), ``labels`` int64 (b,)."""
     shape = (3, input_size, input_size) if crop == "center" else (10, 3, input_size, input_size)
     images = np.empty((len(samples), *shape), np.uint8)
     out = torch.from_numpy(images)
     for i, s in enumerate(samples):
         out[i].copy_(s.crop)
     labels = np.asarray([s.label for s in samples], np.int64)
-    return {"images": images, "labels": labels, "keys": [s.key for s in samples], "n": len(samples)}
+    return ValBatch(labels, [s.key for s in samples], index, images)

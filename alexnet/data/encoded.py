@@ -3,8 +3,8 @@
 Why
     A stored 256 px image is 196,608 bytes of pixels; as the shards' quality-90 JPEG a photo takes
     1.5-3 bits per pixel, 12-25 KB, so a batch of bytes is ~0.1x the pixels it stands for (an
-    estimate: :func:`encoded_nbytes` measures a real batch): a tenth through the object store and
-    the network, and the decode (the workers' main cost) moves to the trainer's device, where
+    estimate: :attr:`alexnet.data.batch.Batch.nbytes` measures a real batch): a tenth through the
+    object store and the network, and the decode (the workers' main cost) moves to the trainer's device, where
     ``torchvision.io.decode_jpeg`` decodes a whole list in one call (nvJPEG on CUDA).
 
 Worker side (:func:`draw_encoded`, no pixel decode)
@@ -149,11 +149,6 @@ def collate_encoded(samples: list[Encoded], input_size: int) -> dict[str, Any]:
         "raw_rows": raw_rows,
         "raw": raw,
     }
-
-
-def encoded_nbytes(batch: dict[str, Any]) -> int:
-    """Bytes of a batch's arrays (what the object store carries, keys aside)."""
-    return sum(v.nbytes for v in batch.values() if isinstance(v, np.ndarray))
 
 
 def _tensor(a: np.ndarray) -> Tensor:

@@ -28,7 +28,7 @@ Stream
         samples    [sample]           the codec's (alexnet.data.codec): a checked record decoded and
                                       cropped at once, or its JPEG bytes with the same draws; unusable
                                       records skipped with a warning, counted once (in pass 0)
-        collate    batch dict         B samples -> one batch (the codec's)
+        collate    Batch              B samples -> one batch (the codec's; alexnet.data.batch)
 
     Records that cannot be used (corrupt JPEG, missing ``cls``, the rest of a truncated tar) are skipped
     and counted once (a padding pass re-reads them without counting them again); a shard that cannot be
@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from alexnet.data.batch import Batch
 from alexnet.data.codec import Codec, training_codec
 from alexnet.data.index import DatasetIndex, ShardInfo, check_input_size
 from alexnet.data.records import MAX_MEMBER_BYTES, ReaderStats, Record, Segment, read_records, shuffled
@@ -266,9 +267,8 @@ class Stream:
     """Training batches of stream ``stream`` of ``spec.streams``, epoch after epoch, resumable.
 
     ``position``: a dict from :meth:`position` (or None: epoch ``start_epoch``, first batch).
-    Iterate with :meth:`next_batch`. Batch dict (numpy): ``images`` uint8 (B, 3, S, S), ``labels``
-    int64 (B,), ``lighting`` float32 (B, 3) pixel units, ``keys`` list[str], ``epoch``, ``index``
-    (batch index within the epoch), ``stream``, ``position`` (where this batch started) and
+    Iterate with :meth:`next_batch`: :class:`alexnet.data.batch.Batch` es, each with its ``epoch``,
+    ``index`` (batch index within the epoch), ``stream``, ``position`` (where it started) and
     ``next_position`` (where the next one starts).
     """
 
@@ -296,7 +296,7 @@ class Stream:
         self._cursor = _Cursor(start_epoch, stream)
         if position is not None:
             self._restore(position)
-        self._it: Iterator[dict] | None = None
+        self._it: Iterator[Batch] | None = None
 
     # -- the resume cursor -------------------------------------------------------------------
     def position(self) -> dict[str, int]:
@@ -407,8 +407,8 @@ class Stream:
         self._replay(records)
         return self._samples(self._counted(records), epoch)
 
-    def _batches(self) -> Iterator[dict]:
-        """Batch dicts from the cursor on, epoch after epoch; moves the cursor at batch boundaries."""
+    def _batches(self) -> Iterator[Batch]:
+        """Batches from the cursor on, epoch after epoch; moves the cursor at batch boundaries."""
         c = self._cursor
         while True:
             if c.index >= self.steps_per_epoch:  # the epoch's batches are done: the next one's first
@@ -421,17 +421,23 @@ class Stream:
                 self.stats.decode_s += time.perf_counter() - t0
                 self.stats.batches += 1
                 c.index += self.spec.streams
-                where = {"epoch": c.epoch, "index": start["index"], "stream": self.stream}
-                yield {**batch, **where, "position": start, "next_position": self.position()}
+                yield dataclasses.replace(
+                    batch,
+                    epoch=c.epoch,
+                    index=start["index"],
+                    stream=self.stream,
+                    position=start,
+                    next_position=self.position(),
+                )
 
-    def next_batch(self) -> dict:
+    def next_batch(self) -> Batch:
         """The next batch of this stream (crossing into the next epoch when one ends)."""
         if self._it is None:
             self._it = self._batches()
         return next(self._it)
 
 
-def epoch_batches(spec: ReaderSpec, epoch: int, index: DatasetIndex | None = None) -> Iterator[dict]:
+def epoch_batches(spec: ReaderSpec, epoch: int, index: DatasetIndex | None = None) -> Iterator[Batch]:
     """Every batch of one epoch in order, batch t from stream t % V (the single-process reference:
     it does not depend on ``spec.workers``)."""
     index = index or DatasetIndex.load(spec.url)

@@ -11,7 +11,7 @@ once, sequentially. Every rank knows its replica's batches from the index alone,
 Stages (element types in brackets)::
 
     _records        [(position, Record)]   samples [start, stop) of the val order
-    worker_batches  [batch dict]           each record checked, decoded and cropped at once
+    worker_batches  [ValBatch]             each record checked, decoded and cropped at once
                                            (alexnet.data.codec.val_sample), B of them collated
 """
 
@@ -21,8 +21,8 @@ import bisect
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
+from alexnet.data.batch import ValBatch
 from alexnet.data.codec import VAL_CROPS, collate_val, val_sample
 from alexnet.data.index import DatasetIndex, ShardInfo, check_input_size
 from alexnet.data.records import MAX_MEMBER_BYTES, ReaderStats, Record, Segment, read_segment
@@ -100,8 +100,8 @@ def worker_batches(
     input_size: int,
     stats: ReaderStats,
     max_member_bytes: int = MAX_MEMBER_BYTES,
-) -> Iterator[dict[str, Any]]:
-    """Batch dicts (``images``, ``labels``, ``keys``, ``n``, ``index``) of worker ``worker``'s run, in order;
+) -> Iterator[ValBatch]:
+    """The val batches of worker ``worker``'s run, in order;
     unusable samples skipped and counted in ``stats`` (``samples``: images decoded and used), so a
     batch may be short or empty."""
     if crop not in VAL_CROPS:
@@ -122,7 +122,7 @@ def worker_batches(
                 stats.samples += 1
                 chunk.append(sample)
             nxt = next(records, None)
-        batch = {**collate_val(chunk, crop, input_size), "index": j}
+        batch = collate_val(chunk, crop, input_size, j)
         stats.decode_s += time.perf_counter() - t0
         stats.batches += 1
         yield batch

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.data.encoded import decode_rows
 from alexnet.data.reader import ReaderSpec, Stream
 from alexnet.data.transforms import Augmentation, center_crop, decode_image, draw_augmentation
 from alexnet.data.writer import build_synthetic
@@ -62,14 +61,11 @@ def test_augmentation_off_gives_center_crops_without_flip_or_lighting(syn, encod
     seen = 0
     for stream in (Stream(spec, 0), Stream(dataclasses.replace(spec, crop="random"), 0)):
         batch = stream.next_batch()
-        if encoded:
-            images, bad = decode_rows(batch, slice(0, B), S, torch.device("cpu"))
-            assert not bool(bad.any())
-            images = images.numpy()
-        else:
-            images = batch["images"]
-        np.testing.assert_array_equal(batch["lighting"], np.zeros((B, 3), np.float32))
-        centers = np.stack([center_crop(decode_image(stored[k]), S).numpy() for k in batch["keys"]])
+        images, bad = batch.pixels(S, torch.device("cpu"), torch.from_numpy)
+        assert (bad is not None) == encoded and (bad is None or not bool(bad.any()))
+        images = images.numpy()
+        np.testing.assert_array_equal(batch.lighting, np.zeros((B, 3), np.float32))
+        centers = np.stack([center_crop(decode_image(stored[k]), S).numpy() for k in batch.keys])
         if stream.spec.crop == "center":
             np.testing.assert_array_equal(images, centers)
             seen += B

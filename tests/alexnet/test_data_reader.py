@@ -40,7 +40,7 @@ def _spec(url: str, workers: int, **kw) -> ReaderSpec:
 
 
 def _keys(batches) -> list[str]:
-    return [k for b in batches for k in b["keys"]]
+    return [k for b in batches for k in b.keys]
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
@@ -49,13 +49,13 @@ def test_epoch_covers_every_sample_once(syn, workers):
     assert [s.count for s in ix.shards("train")] == [50] * 7 + [10]
     run1 = list(epoch_batches(_spec(syn, workers), epoch=0))
     keys = _keys(run1)
-    assert len(run1) == 360 // B and all(len(b["keys"]) == B for b in run1)
+    assert len(run1) == 360 // B and all(len(b.keys) == B for b in run1)
     assert len(set(keys)) == len(keys) == 360  # no remainder at B=20: every sample exactly once
-    assert [b["index"] for b in run1] == list(range(18))
-    assert [b["stream"] for b in run1] == [t % workers for t in range(18)]
+    assert [b.index for b in run1] == list(range(18))
+    assert [b.stream for b in run1] == [t % workers for t in range(18)]
     run2 = list(epoch_batches(_spec(syn, workers), epoch=0))
     assert _keys(run2) == keys and all(
-        np.array_equal(a["images"], b["images"]) for a, b in zip(run1, run2, strict=True)
+        np.array_equal(a.images, b.images) for a, b in zip(run1, run2, strict=True)
     )
     assert _keys(epoch_batches(_spec(syn, workers), epoch=1)) != keys  # a new epoch, a new order
 
@@ -97,17 +97,17 @@ def test_resume_from_position_is_exact(syn, k):
     ref = [straight.next_batch() for _ in range(n)]
     first = Stream(spec, 1)
     head = [first.next_batch() for _ in range(k)]
-    pos = head[-1]["next_position"]
-    assert pos == ref[k]["position"]
+    pos = head[-1].next_position
+    assert pos == ref[k].position
     assert set(pos) == {"epoch", "index", "consumed", "stream", "streams", "batch_size", "seed"}
     rest = Stream(spec, 1, position=pos)
     tail = [rest.next_batch() for _ in range(n - k)]
     for a, b in zip(head + tail, ref, strict=True):
-        assert a["keys"] == b["keys"] and (a["epoch"], a["index"]) == (b["epoch"], b["index"])
-        np.testing.assert_array_equal(a["images"], b["images"])
-        np.testing.assert_array_equal(a["lighting"], b["lighting"])
-        np.testing.assert_array_equal(a["labels"], b["labels"])
-    assert ref[9]["epoch"] == 1 and ref[9]["index"] == 1
+        assert a.keys == b.keys and (a.epoch, a.index) == (b.epoch, b.index)
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.lighting, b.lighting)
+        np.testing.assert_array_equal(a.labels, b.labels)
+    assert ref[9].epoch == 1 and ref[9].index == 1
     with pytest.raises(ValueError, match="same data.streams"):
         Stream(_spec(syn, 3), 1, position=pos)
 
@@ -121,7 +121,7 @@ def test_val_every_sample_once(syn, workers, crop):
     keys = _keys(batches)
     assert sorted(keys) == [f"val_{i:08d}" for i in range(40)]
     shape = (3, 32, 32) if crop == "center" else (10, 3, 32, 32)
-    assert all(b["images"].shape[1:] == shape and b["images"].dtype == np.uint8 for b in batches)
+    assert all(b.images.shape[1:] == shape and b.images.dtype == np.uint8 for b in batches)
 
 
 def _damage(src: str, dst: str) -> None:
@@ -148,7 +148,7 @@ def test_corrupt_and_truncated_shards_counted_never_hang(syn, tmp_path, workers)
     spec = _spec(bad, workers)
     streams = [Stream(spec, w) for w in range(workers)]
     batches = [streams[t % workers].next_batch() for t in range(18)]  # the full epoch, as planned
-    assert all(len(b["keys"]) == B and b["images"].shape == (B, 3, 32, 32) for b in batches)
+    assert all(len(b.keys) == B and b.images.shape == (B, 3, 32, 32) for b in batches)
     stats = [s.stats for s in streams]
     assert sum(s.skipped_corrupt for s in stats) == 1
     assert sum(s.skipped_missing for s in stats) == 1
@@ -168,7 +168,7 @@ def test_corrupt_and_truncated_shards_counted_never_hang(syn, tmp_path, workers)
     assert sum(len(p) for p in per_worker) == len(set(keys))
     # the next epoch also runs (the damage is met again, counted again)
     nxt = [streams[t % workers].next_batch() for t in range(18)]
-    assert all(b["epoch"] == 1 for b in nxt) and sum(s.stats.skipped_corrupt for s in streams) == 2
+    assert all(b.epoch == 1 for b in nxt) and sum(s.stats.skipped_corrupt for s in streams) == 2
 
 
 def test_check_plan_names_the_config_key(syn):
@@ -213,8 +213,8 @@ def test_batches_do_not_depend_on_the_worker_count(syn):
         got = list(epoch_batches(ReaderSpec(syn, B, 32, workers=w, seed=3, shuffle_buffer=40, streams=4), 0))
         assert _keys(got) == _keys(ref)
         for a, b in zip(got, ref, strict=True):
-            np.testing.assert_array_equal(a["images"], b["images"])
-            np.testing.assert_array_equal(a["lighting"], b["lighting"])
+            np.testing.assert_array_equal(a.images, b.images)
+            np.testing.assert_array_equal(a.lighting, b.lighting)
     # and they do depend on V (another sample order)
     other = list(epoch_batches(ReaderSpec(syn, B, 32, workers=1, seed=3, shuffle_buffer=40, streams=3), 0))
     assert _keys(other) != _keys(ref) and sorted(_keys(other)) != []
@@ -224,7 +224,7 @@ def test_a_position_of_the_worker_layout_is_refused(syn):
     """Positions keyed by worker (the layout before streams) have no compatibility path: checkpoints
     of that format are refused before a reader sees them, and a reader refuses such a position."""
     spec = _spec(syn, 2)
-    old = dict(Stream(spec, 1).next_batch()["position"])
+    old = dict(Stream(spec, 1).next_batch().position)
     old["worker"], old["workers"] = old.pop("stream"), old.pop("streams")
     with pytest.raises(ValueError, match="same data.streams, batch size and seed"):
         Stream(spec, 1, position=old)
@@ -251,12 +251,12 @@ def test_resume_inside_a_padding_pass_is_exact(syn, tmp_path):
         if not padding:
             continue  # this worker lost nothing
         k = padding[0]
-        rest = Stream(spec, w, position=ref[k]["position"])
+        rest = Stream(spec, w, position=ref[k].position)
         for a in ref[k:]:
             b = rest.next_batch()
-            assert a["keys"] == b["keys"] and (a["epoch"], a["index"]) == (b["epoch"], b["index"])
-            np.testing.assert_array_equal(a["images"], b["images"])
-            np.testing.assert_array_equal(a["lighting"], b["lighting"])
+            assert a.keys == b.keys and (a.epoch, a.index) == (b.epoch, b.index)
+            np.testing.assert_array_equal(a.images, b.images)
+            np.testing.assert_array_equal(a.lighting, b.lighting)
         break
     else:
         raise AssertionError("no worker padded: the damage should make one")
@@ -285,21 +285,19 @@ def test_encoded_stream_decodes_to_the_worker_streams_batches(syn):
     (here the CPU) gives the worker path's batches bit for bit, across an epoch boundary."""
     import torch
 
-    from alexnet.data.encoded import decode_rows
-
     spec = _spec(syn, 2)
     enc = ReaderSpec(**{**spec.to_dict(), "encoded": True})
     plain, coded = Stream(spec, 1), Stream(enc, 1)
     for _ in range(11):  # stream 1 owns 9 batches of epoch 0
         a, b = plain.next_batch(), coded.next_batch()
-        assert "images" not in b and b["jpeg"].dtype == np.uint8
-        assert a["keys"] == b["keys"] and a["position"] == b["position"]
-        np.testing.assert_array_equal(a["labels"], b["labels"])
-        np.testing.assert_array_equal(a["lighting"], b["lighting"])
-        images, bad = decode_rows(b, slice(0, B), 32, torch.device("cpu"))
+        assert b.images is None and b.encoded["jpeg"].dtype == np.uint8
+        assert a.keys == b.keys and a.position == b.position
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.lighting, b.lighting)
+        images, bad = b.pixels(32, torch.device("cpu"), torch.from_numpy)
         assert not bool(bad.any())
-        np.testing.assert_array_equal(images.numpy(), a["images"])
-    assert b["jpeg"].nbytes < a["images"].nbytes  # 40 px noise images: bench/data.py measures 256 px
+        np.testing.assert_array_equal(images.numpy(), a.images)
+    assert b.nbytes < a.nbytes  # 40 px noise images: bench/data.py measures 256 px
 
 
 def test_a_stream_whose_whole_share_is_unreadable_pads_from_the_other_shares(syn, tmp_path):
@@ -314,11 +312,11 @@ def test_a_stream_whose_whole_share_is_unreadable_pads_from_the_other_shares(syn
     Path(url).write_bytes(b"this is not a tar archive\n" * 40)
     stream = Stream(spec, v)
     a, b = stream.next_batch(), stream.next_batch()  # epoch 0, then epoch 1 (the damage met again)
-    assert (a["epoch"], a["index"], b["epoch"]) == (0, v, 1)
-    assert len(a["keys"]) == B and stream.stats.padded >= B  # every sample of epoch 0 is padding
+    assert (a.epoch, a.index, b.epoch) == (0, v, 1)
+    assert len(a.keys) == B and stream.stats.padded >= B  # every sample of epoch 0 is padding
     assert stream.stats.skipped_unreadable > 0
-    assert len(set(a["keys"])) == B  # padded from other shares' records, not one record repeated
+    assert len(set(a.keys)) == B  # padded from other shares' records, not one record repeated
     again = Stream(spec, v)
-    np.testing.assert_array_equal(again.next_batch()["images"], a["images"])  # a function of the seed
-    rest = Stream(spec, v, position=a["next_position"])
-    assert rest.next_batch()["keys"] == b["keys"]
+    np.testing.assert_array_equal(again.next_batch().images, a.images)  # a function of the seed
+    rest = Stream(spec, v, position=a.next_position)
+    assert rest.next_batch().keys == b.keys

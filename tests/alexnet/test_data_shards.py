@@ -166,7 +166,7 @@ def test_synthetic_on_fsspec_url_and_cli(tmp_path):
     assert ix.classes == [f"class_{i:03d}" for i in range(4)] and ix.size == 36
     assert fsspec.filesystem("memory").exists("/alexnet-test/syn/train-000002.tar")
     b = Stream(ReaderSpec(url, batch_size=16, input_size=32), 0).next_batch()
-    assert b["images"].shape == (16, 3, 32, 32) and set(b["labels"]) <= {0, 1, 2, 3}
+    assert b.images.shape == (16, 3, 32, 32) and set(b.labels) <= {0, 1, 2, 3}
     assert cli_main(["shards", "--synthetic", "200", str(tmp_path / "cli"), "--quiet", "--workers", "1"]) == 0
     meta = json.loads((tmp_path / "cli" / "dataset.json").read_text())
     assert meta["size"] == 40 and len(meta["classes"]) == 10 and meta["splits"]["train"]["count"] == 180

@@ -98,8 +98,8 @@ def test_same_sample_same_augmentation_in_any_worker(tmp_path):
         )
         out = {}
         for b in epoch_batches(spec, epoch=2):
-            for i, k in enumerate(b["keys"]):
-                out[k] = (b["images"][i].copy(), b["lighting"][i].copy(), int(b["labels"][i]))
+            for i, k in enumerate(b.keys):
+                out[k] = (b.images[i].copy(), b.lighting[i].copy(), int(b.labels[i]))
         return out
 
     one, three = by_key(1), by_key(3)

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from alexnet.data.batch import Batch
 from alexnet.data.codec import decode_record
-from alexnet.data.encoded import collate_encoded, decode_rows, draw_encoded, encoded_nbytes
+from alexnet.data.encoded import collate_encoded, decode_rows, draw_encoded
 from alexnet.data.index import DatasetIndex
 from alexnet.data.records import ReaderStats, Segment, read_records
 from alexnet.data.transforms import draw_augmentation, lighting_matrix, lighting_offset, train_crop
@@ -106,7 +107,10 @@ def test_a_batch_of_16_split_between_two_consumers(data):
     assert np.array_equal(batch["lighting"], np.stack([w[1] for w in want]))
     assert np.array_equal(batch["jpeg"], jpeg_before)
     fixed = 17 * 8 + 16 * 3 * 4 + 16 * 4 + 16 * 8 + 16 * 3 * 4  # offsets, crop, sides, labels, lighting
-    assert encoded_nbytes(batch) == batch["jpeg"].nbytes + fixed
+    assert (
+        Batch(batch["labels"], batch["keys"], batch["lighting"], encoded=batch).nbytes
+        == batch["jpeg"].nbytes + fixed
+    )
 
 
 def test_an_image_of_another_side_than_the_datasets_is_corrupt_on_both_paths(data):

@@ -20,6 +20,7 @@ from cluster.coordinator import (
     Coordinator,
 )
 from cluster.faults import CheckpointWriteFailed, DataLoss, TrainerDied
+from cluster.manifest import ResumePoint
 from cluster.metrics import Metrics
 from cluster.plan import RunPlan
 from cluster.reporting import Reporter, plot_history
@@ -160,7 +161,7 @@ def test_resume_continues_from_manifest(tmp_path):
     ck = load_checkpoint(str(tmp_path))
     assert ck.step == 7 and ck.manifest["data"]["positions"] == [{"w": 7}]
     g2 = FakeGroup()
-    c2 = _coordinator(tmp_path, g2, total=12, resume=ck)
+    c2 = _coordinator(tmp_path, g2, total=12, resume=ResumePoint.of(ck))
     assert c2.run() == FINISHED
     assert g2.calls[0] == ("start", [{"w": 7}]) and g2.calls[1] == ("load", 7)
     assert [x[1] for x in g2.calls if x[0] == "train"][0] == 7

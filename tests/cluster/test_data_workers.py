@@ -10,7 +10,6 @@ import pytest
 
 from alexnet.data.reader import ReaderSpec, epoch_batches
 from alexnet.data.writer import build_synthetic
-from cluster.data import rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 B = 20
@@ -35,18 +34,18 @@ def _spec(url: str, workers: int = 2, streams: int = 0) -> ReaderSpec:
     )
 
 
-def _reference(url: str, workers: int, steps: int, streams: int = 0) -> list[dict]:
+def _reference(url: str, workers: int, steps: int, streams: int = 0) -> list:
     spec = _spec(url, workers, streams)
     out = [b for e in range(2) for b in epoch_batches(spec, e)]
     return out[:steps]
 
 
-def _assert_same(parts: list[dict], ref: dict) -> None:
-    np.testing.assert_array_equal(np.concatenate([p["images"] for p in parts]), ref["images"])
-    np.testing.assert_array_equal(np.concatenate([p["labels"] for p in parts]), ref["labels"])
-    np.testing.assert_array_equal(np.concatenate([p["lighting"] for p in parts]), ref["lighting"])
-    assert [k for p in parts for k in p["keys"]] == ref["keys"]
-    assert all((p["epoch"], p["index"]) == (ref["epoch"], ref["index"]) for p in parts)
+def _assert_same(parts: list, ref) -> None:
+    np.testing.assert_array_equal(np.concatenate([p.images for p in parts]), ref.images)
+    np.testing.assert_array_equal(np.concatenate([p.labels for p in parts]), ref.labels)
+    np.testing.assert_array_equal(np.concatenate([p.lighting for p in parts]), ref.lighting)
+    assert [k for p in parts for k in p.keys] == ref.keys
+    assert all((p.epoch, p.index) == (ref.epoch, ref.index) for p in parts)
 
 
 def test_pool_stream_with_kill_equals_reference(ray_local, syn):
@@ -65,8 +64,8 @@ def test_pool_stream_with_kill_equals_reference(ray_local, syn):
             if s == 12:  # the refs are out, the objects not yet fetched: they die with their owner
                 ray.wait(refs, num_returns=2, timeout=120)
                 ray.kill(pool.workers[s % 2], no_restart=False)
-            parts = [rows(client.resolve(r, s, consumer=c), c, 2) for c, r in enumerate(refs)]
-            assert parts[0]["images"].shape == (B // 2, 3, 32, 32) and parts[0]["images"].dtype == np.uint8
+            parts = [client.resolve(r, s, consumer=c).part(c, 2) for c, r in enumerate(refs)]
+            assert parts[0].images.shape == (B // 2, 3, 32, 32) and parts[0].images.dtype == np.uint8
             _assert_same(parts, ref[s])
         stats = pool.stats()
         assert stats["restarts"] == 2
@@ -141,8 +140,8 @@ def test_one_object_per_batch_for_every_consumer(ray_local, syn):
         labels = ray.get(w.get_batch.remote(0, 0, consumer=2, images=False))[0]
         assert a.hex() == b.hex() and labels.hex() != a.hex()
         small = ray.get(labels)
-        assert "images" not in small and small["labels"].shape == (B,)
-        np.testing.assert_array_equal(small["labels"], ray.get(a)["labels"])
+        assert small.images is None and small.lighting is None and small.labels.shape == (B,)
+        np.testing.assert_array_equal(small.labels, ray.get(a).labels)
     finally:
         pool.shutdown()
 

@@ -6,20 +6,22 @@ import numpy as np
 import pytest
 import torch
 
+from alexnet.data.batch import ValBatch
 from alexnet.scoring import average_crops, hits
-from cluster.evaluate import ValScore, crop_errors, crop_kinds, val_input
+from cluster.evaluate import ValScore, crop_errors, crop_kinds
 
 
 def test_ten_crops_become_crop_major_rows():
     b, s = 3, 4
     images = np.arange(b * 10 * 3 * s * s, dtype=np.uint8).reshape(b, 10, 3, s, s)
     mean = torch.zeros(3, s, s)
-    x = val_input({"images": images}, "ten", mean, 1.0, torch.device("cpu"))
+    labels = np.zeros(b, np.int64)
+    x = ValBatch(labels, ["k"] * b, images=images).model_input(mean, 1.0, torch.device("cpu"))
     assert x.shape == (10 * b, 3, s, s)
     for crop in range(10):
         for i in range(b):
             assert torch.equal(x[crop * b + i], torch.from_numpy(images[i, crop]).float())
-    centre = val_input({"images": images[:, 0]}, "center", mean + 1, 0.5, torch.device("cpu"))
+    centre = ValBatch(labels, ["k"] * b, images=images[:, 0]).model_input(mean + 1, 0.5, torch.device("cpu"))
     assert torch.allclose(centre, (torch.from_numpy(images[:, 0]).float() - 1) * 0.5)
 
 

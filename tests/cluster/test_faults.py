@@ -11,6 +11,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from cluster.checkpoint import list_checkpoints
 from cluster.config import load_config
 from cluster.coordinator import FAILED, FINISHED, RECOVERING, RUNNING, STARTING
 from cluster.faults import FailurePolicy, FaultPlan, NonFiniteLoss, RankFaults, TrainerDied
+from cluster.feed import Fed, NoFeed
 from cluster.metrics import STATES
 from tests.cluster.test_coordinator import FakeGroup, _coordinator
 
@@ -160,10 +162,12 @@ def test_injected_faults_fire_once():
     assert plan.data_worker_to_kill(4, 2) is None  # once
     plan.trainer_failed()
     assert plan.for_rank(3).kill_step == -1  # the restarted group is not killed again
-    images = torch.ones(2, 3)
-    assert RankFaults(nan_step=6).images(5, images) is images
-    assert torch.isnan(RankFaults(nan_step=6).images(6, images)).all()
-    assert RankFaults(nan_step=6).images(6, None) is None  # a rank without images
+    feed = SimpleNamespace(get=lambda step: Fed(step, torch.ones(2, 3), None, []))
+    faulty = RankFaults(nan_step=6).inputs(feed)
+    assert torch.equal(faulty.get(5).images, torch.ones(2, 3))
+    assert torch.isnan(faulty.get(6).images).all()
+    assert RankFaults(nan_step=6).inputs(NoFeed()).get(6).images is None  # a rank without images
+    assert RankFaults().inputs(feed) is feed  # nothing injected: the feed as it is
     off = FaultPlan(load_config(preset="demo").faults)
     assert off.for_rank(0) == RankFaults() and off.data_worker_to_kill(0, 10**6) is None
 

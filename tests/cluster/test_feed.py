@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from alexnet.data.encoded import collate_encoded, draw_encoded
+from alexnet.data.batch import Batch
+from alexnet.data.codec import JpegCodec
+from alexnet.data.encoded import draw_encoded
 from alexnet.data.records import ReaderStats
 from cluster.feed import Feed, FeedSpec
 
@@ -22,19 +24,13 @@ B, S = 4, 8
 CPU = torch.device("cpu")
 
 
-def _plain(step: int) -> dict:
+def _plain(step: int) -> Batch:
     rng = np.random.default_rng(step)
     images = rng.integers(0, 255, (B, 3, S, S), dtype=np.uint8)
     images.flags.writeable = False  # as the object store hands them out
-    return {
-        "images": images,
-        "labels": np.arange(B, dtype=np.int64) + 10 * step,
-        "lighting": np.zeros((B, 3), np.float32),
-        "keys": [f"s{step}-{i}" for i in range(B)],
-        "epoch": 0,
-        "index": step,
-        "stream": 0,
-    }
+    labels = np.arange(B, dtype=np.int64) + 10 * step
+    keys = [f"s{step}-{i}" for i in range(B)]
+    return Batch(labels, keys, np.zeros((B, 3), np.float32), images=images, index=step)
 
 
 class FakeClient:
@@ -49,14 +45,14 @@ class FakeClient:
             self.log.append(("request", step, consumer))
         return step
 
-    def resolve(self, ref, step: int, consumer: int = 0, images: bool = True) -> dict:
+    def resolve(self, ref, step: int, consumer: int = 0, images: bool = True) -> Batch:
         with self.lock:
             requested = [s for kind, s, c in self.log if kind == "request" and c == consumer]
             assert max(requested) == step, f"step {max(requested)} asked for before {step} was held"
             self.log.append(("resolve", step, consumer))
         batch = self.make(step)
         if not images:
-            return {k: batch[k] for k in ("labels", "keys", "epoch", "index", "stream")}
+            return batch.labels_only()
         return batch
 
 
@@ -79,7 +75,7 @@ def test_steps_come_ahead_and_in_order():
     feed = Feed(client, _spec(), CPU, mean, end=10, depth=2)
     try:
         fed = feed.get(0)
-        want = torch.from_numpy(_plain(0)["images"]).float() - 100.0
+        want = torch.from_numpy(_plain(0).images).float() - 100.0
         assert torch.equal(fed.images, want) and fed.labels.tolist() == [0, 1, 2, 3]
         assert fed.corrupt_keys == ()
         # the thread works ahead: steps 1 and 2 are ready (depth 2), 3 fetched and waiting for room
@@ -112,7 +108,7 @@ def test_rows_of_a_replica_and_a_label_only_rank():
     try:
         fed = feed.get(0)
         assert fed.images.shape == (2, 3, S, S) and fed.keys == ["s0-2", "s0-3"]
-        assert torch.equal(fed.images, torch.from_numpy(_plain(0)["images"][2:]).float())
+        assert torch.equal(fed.images, torch.from_numpy(_plain(0).images[2:]).float())
         lab = labels_only.get(0)
         assert lab.images is None and lab.labels.tolist() == [2, 3] and lab.keys == ["s0-2", "s0-3"]
     finally:
@@ -137,8 +133,7 @@ def test_a_jpeg_that_does_not_decode_is_fed_as_the_mean_and_counted():
     broken = bytearray(samples[2].data)
     broken[len(broken) // 2 :] = b"\x00" * (len(broken) - len(broken) // 2)  # the scan zeroed
     samples[2] = samples[2]._replace(data=bytes(broken))
-    batch = collate_encoded(samples, S)
-    batch.update(epoch=0, index=0, stream=0)
+    batch = JpegCodec(0, 12, S, light).collate(samples)
     feed = Feed(FakeClient(lambda step: batch), _spec(), CPU, torch.full((3, S, S), 50.0), end=1)
     try:
         fed = feed.get(0)

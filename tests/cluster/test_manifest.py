@@ -110,8 +110,9 @@ def test_run_checkpoints_write_the_manifest(tmp_path):
     assert (m.step, m.epoch, m.data_workers, m.data_streams, m.steps_per_epoch) == (10, 2, 2, 2, 5)
     assert m.data_positions == [{"p": 0}, {"p": 1}] and m.lr_schedule["best"] == 0.5
     assert m.config == cfg.to_dict() and m.grid == cfg.to_grid().to_dict()
-    ck, skipped = cks.load_newest()
-    assert torch.equal(ck.model["conv1.0.weight"], t["conv1.0.weight"]) and skipped == []
+    point, skipped = cks.load_newest()
+    assert torch.equal(point.checkpoint.model["conv1.0.weight"], t["conv1.0.weight"]) and skipped == []
+    assert point.step == 10 and point.manifest.data_positions == [{"p": 0}, {"p": 1}]
     cks.close()
 
 
@@ -155,6 +156,8 @@ def test_load_resume(tmp_path):
     t = _model()
     write_checkpoint(str(tmp_path), 7, t, t, _manifest().to_json())
     assert load_resume(str(tmp_path), _cfg(), PLAN)[0].step == 7
+    with pytest.raises(ValueError, match="already holds checkpoints: pass --resume"):
+        load_resume(str(tmp_path), _cfg(), PLAN, resume=False)  # a new run never writes over one
     with pytest.raises(ValueError, match="optim.batch_size"):
         load_resume(str(tmp_path), _cfg(**{"optim.batch_size": 64}), PLAN)
     assert load_checkpoint(str(tmp_path)).manifest["format_version"] == 2

@@ -74,11 +74,11 @@ def test_workers_batches_are_the_global_order_decoded_once(syn, crop):
     ix, ref = DatasetIndex.load(syn), _reference(syn, crop)
     plan, stats = ValPlan(N_VAL, 4, 2, 3), [ReaderStats() for _ in range(3)]
     batches = [b for w in range(3) for b in worker_batches(ix, plan, w, crop, 32, stats[w])]
-    assert [b["index"] for b in batches] == list(range(plan.batches))
-    assert [b["n"] for b in batches] == [4] * 7 + [2]
-    np.testing.assert_array_equal(np.concatenate([b["images"] for b in batches]), ref["images"])
-    np.testing.assert_array_equal(np.concatenate([b["labels"] for b in batches]), ref["labels"])
-    assert [k for b in batches for k in b["keys"]] == ref["keys"]
+    assert [b.index for b in batches] == list(range(plan.batches))
+    assert [b.n for b in batches] == [4] * 7 + [2]
+    np.testing.assert_array_equal(np.concatenate([b.images for b in batches]), ref["images"])
+    np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), ref["labels"])
+    assert [k for b in batches for k in b.keys] == ref["keys"]
     assert sum(s.samples for s in stats) == N_VAL and sum(s.records for s in stats) == N_VAL
 
 
@@ -104,12 +104,12 @@ def test_unusable_samples_shorten_their_batch_and_shift_nothing(syn, tmp_path):
     ref_keys = _reference(syn, "center")["keys"]
     ix, plan, stats = DatasetIndex.load(bad), ValPlan(N_VAL, 2, 2, 2), ReaderStats()
     batches = [b for w in range(2) for b in worker_batches(ix, plan, w, "center", 32, stats)]
-    assert [b["index"] for b in batches] == list(range(15))
+    assert [b.index for b in batches] == list(range(15))
     for b in batches:  # each batch holds only samples of its own positions
-        j = b["index"]
-        assert set(b["keys"]) <= set(ref_keys[2 * j : 2 * j + 2]) and b["n"] == len(b["labels"])
-    assert batches[6]["n"] == 0 and batches[6]["images"].shape == (0, 3, 32, 32)  # positions 12, 13
-    got = [k for b in batches for k in b["keys"]]
+        j = b.index
+        assert set(b.keys) <= set(ref_keys[2 * j : 2 * j + 2]) and b.n == len(b.labels)
+    assert batches[6].n == 0 and batches[6].images.shape == (0, 3, 32, 32)  # positions 12, 13
+    got = [k for b in batches for k in b.keys]
     assert got == ref_keys[: len(got) - 16] + ref_keys[14:]  # shard 0's tail lost, then 12, 13
     assert stats.skipped_corrupt == 2 and stats.skipped_truncated >= 1 and stats.truncated_shards == 1
     assert stats.samples == len(got) == N_VAL - stats.skipped
@@ -151,17 +151,17 @@ def test_each_image_is_decoded_once_per_pass_and_read_by_every_consumer(ray_loca
         with ThreadPoolExecutor(2) as ex:  # the replicas read at the same time
             reads = [ex.submit(_read_replica, client, pass_id, r, 3) for r in range(2)]
             per_replica = [f.result() for f in reads]
-        steps = sorted((s for rep in per_replica for s in rep), key=lambda s: s[0]["index"])
-        assert [s[0]["index"] for s in steps] == list(range(plan.batches))
+        steps = sorted((s for rep in per_replica for s in rep), key=lambda s: s[0].index)
+        assert [s[0].index for s in steps] == list(range(plan.batches))
         for r, rep in enumerate(per_replica):
-            assert [s[0]["index"] for s in rep] == list(plan.replica_batches(r))
+            assert [s[0].index for s in rep] == list(plan.replica_batches(r))
         for pixels, *labels_only in steps:
             for other in labels_only:  # the small object: labels and count, no pixels
-                assert set(other) == {"labels", "n", "index"} and other["n"] == pixels["n"]
-                np.testing.assert_array_equal(other["labels"], pixels["labels"])
+                assert other.images is None and other.n == pixels.n and other.index == pixels.index
+                np.testing.assert_array_equal(other.labels, pixels.labels)
         ref = _reference(syn, crop)
-        np.testing.assert_array_equal(np.concatenate([s[0]["images"] for s in steps]), ref["images"])
-        np.testing.assert_array_equal(np.concatenate([s[0]["labels"] for s in steps]), ref["labels"])
+        np.testing.assert_array_equal(np.concatenate([s[0].images for s in steps]), ref["images"])
+        np.testing.assert_array_equal(np.concatenate([s[0].labels for s in steps]), ref["labels"])
         stats = ray_local.get([w.val_stats.remote() for w in workers])
         # decoded once per pass: the samples of this pass over both workers are the val split
         assert sum(s[pass_id]["samples"] for s in stats) == N_VAL
@@ -173,7 +173,7 @@ def test_each_image_is_decoded_once_per_pass_and_read_by_every_consumer(ray_loca
     small = ValPlan.of(DatasetIndex.load(syn), 4, replicas=2, workers=2, max_samples=10)
     client = start_pass(workers, 3, "center", small, 32, 10, {0: 1, 1: 1}, timeout_s=60)
     got = [b for r in range(2) for b in client.batches(3, r, images=True)]
-    assert sorted(k for b in got for k in b["keys"]) == _reference(syn, "center")["keys"][:10]
+    assert sorted(k for b in got for k in b.keys) == _reference(syn, "center")["keys"][:10]
     for w in workers:
         ray_local.kill(w)
 
@@ -183,17 +183,22 @@ def test_buffer_is_bounded_batches_released_and_a_new_pass_replaces_the_old(ray_
     (w,) = _workers(ray, syn, 1)
     assert ray.get(w.val_start.remote(1, "center", 2, 32, 0, 0, 1, {0: 2})) == 15
 
-    def made() -> int:
-        time.sleep(1.0)  # the producer has long filled its buffer (two 2-image batches)
+    def made(at_least: int) -> int:
+        """Batches made once there are ``at_least`` (waited for: a loaded machine decodes slowly),
+        read again a second later: a producer that does not stop there has made more by then."""
+        deadline = time.monotonic() + 120
+        while ray.get(w.val_stats.remote())[1]["batches"] < at_least and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
         return ray.get(w.val_stats.remote())[1]["batches"]
 
-    assert made() == BUFFER  # nothing fetched: it stops BUFFER batches ahead
+    assert made(BUFFER) == BUFFER  # nothing fetched: it stops BUFFER batches ahead
     first = ray.get(ray.get(w.val_get.remote(1, 0, True))[0])
-    assert first["n"] == 2 and first["index"] == 0
-    assert made() == BUFFER  # batch 0 still has a consumer to come
+    assert first.n == 2 and first.index == 0
+    assert made(BUFFER) == BUFFER  # batch 0 still has a consumer to come
     labels = ray.get(ray.get(w.val_get.remote(1, 0, False))[0])
-    np.testing.assert_array_equal(labels["labels"], first["labels"])
-    assert made() == BUFFER + 1  # both consumers fetched batch 0: it is dropped, one more is made
+    np.testing.assert_array_equal(labels.labels, first.labels)
+    assert made(BUFFER + 1) == BUFFER + 1  # both consumers fetched batch 0: it is dropped, one more is made
     with pytest.raises(ray.exceptions.RayTaskError, match="already fetched by all its consumers"):
         ray.get(w.val_get.remote(1, 0, True))
     assert ray.get(w.val_start.remote(2, "center", 2, 32, 0, 1, 2, {0: 1})) == 8  # as worker 1 of 2
@@ -206,5 +211,5 @@ def test_buffer_is_bounded_batches_released_and_a_new_pass_replaces_the_old(ray_
         ray.get(w.val_start.remote(3, "ten", 2, 32, 0, 0, 1, {0: 1}))
     with pytest.raises(ray.exceptions.RayTaskError, match="crop='five'"):
         ray.get(w.val_start.remote(4, "five", 2, 32, 0, 0, 1, {0: 1}))
-    assert ray.get(ray.get(w.val_get.remote(3, 0, True))[0])["images"].shape == (2, 10, 3, 32, 32)
+    assert ray.get(ray.get(w.val_get.remote(3, 0, True))[0]).images.shape == (2, 10, 3, 32, 32)
     ray.kill(w)

@@ -48,6 +48,23 @@ def shards(tmp_path_factory) -> str:
     return out
 
 
+# The undisturbed run the exactness tests compare with (resume, worker counts and decode sites,
+# injected faults): one run, shared, as every one of them would otherwise train it again
+REFERENCE = {"train.steps": 12, "checkpoint.every_steps": 4}
+_REFERENCE: dict[str, str] = {}
+
+
+@pytest.fixture
+def reference(ray_local, shards, tmp_path_factory) -> str:
+    """The reference run's directory (trained once per module; a function fixture, as ray_local)."""
+    if not _REFERENCE:
+        run_dir = str(tmp_path_factory.mktemp("reference") / "run")
+        res = run_training(_cfg(**REFERENCE), shards, run_dir)
+        assert res.state == FINISHED and res.step == REFERENCE["train.steps"], res.error
+        _REFERENCE["dir"] = run_dir
+    return _REFERENCE["dir"]
+
+
 def _cfg(**sets):
     base = {"train.steps_per_call": 2, "train.log_every_steps": 5, "checkpoint.background": True}
     base.update(sets)
@@ -162,12 +179,11 @@ def _weights(run_dir: str):
 
 
 @pytest.mark.timeout(420)
-def test_exact_resume_same_grid_and_other_grid(ray_local, shards, tmp_path):
-    n, k = 10, 5  # k inside the first epoch: the data position must resume mid-epoch
-    straight, split, other = (str(tmp_path / x) for x in ("straight", "split", "other"))
-    assert run_training(_cfg(**{"train.steps": n}), shards, straight).state == FINISHED
+def test_exact_resume_same_grid_and_other_grid(ray_local, shards, reference, tmp_path):
+    n, k = REFERENCE["train.steps"], 5  # k inside the first epoch: the data position must resume mid-epoch
+    straight, split, other = reference, str(tmp_path / "split"), str(tmp_path / "other")
     # the run's config.toml is the run's config, resolved against the shards: `--config` reruns it
-    assert load_config(path=f"{straight}/config.toml") == _cfg(**{"train.steps": n}).for_data(shards)
+    assert load_config(path=f"{straight}/config.toml") == _cfg(**REFERENCE).for_data(shards)
     assert run_training(_cfg(**{"train.steps": k}), shards, split).state == FINISHED
     shutil.copytree(split, other)
     with pytest.raises(ValueError, match="data.streams=16"):  # mid-epoch: the sample order is 16 streams'
@@ -193,24 +209,24 @@ def test_exact_resume_same_grid_and_other_grid(ray_local, shards, tmp_path):
 
 
 @pytest.mark.timeout(420)
-def test_batches_independent_of_workers_and_decode(ray_local, shards, tmp_path):
+def test_batches_independent_of_workers_and_decode(ray_local, shards, reference, tmp_path):
     """data.workers 1, 2 and 3 end at bit-identical weights (the workers host the epoch's streams),
     and data.decode=device (the stage-0 ranks decode the JPEG bytes, here on their CPU) trains to
     the same weights as data.decode=worker: the same pixels either way. Three runs prove both (the
     3-worker run decodes on the device; tests/cluster/test_data_workers.py holds worker counts
-    against each other with one decode, tests/alexnet/test_data_reader.py the decodes)."""
-    n = 8
+    against each other with one decode, tests/alexnet/test_data_reader.py the decodes); the
+    reference run is the 2-worker, worker-decode one."""
     runs = {
-        "w2": {"data.workers": 2, "data.decode": "worker"},
         "w1": {"data.workers": 1, "data.decode": "worker"},
         "w3-device": {"data.workers": 3, "data.decode": "device"},
     }
+    assert _cfg(**REFERENCE).data.workers == 2 and _cfg(**REFERENCE).data.decode == "worker"
     weights = {}
     for name, sets in runs.items():
-        res = run_training(_cfg(**{"train.steps": n, **sets}), shards, str(tmp_path / name))
-        assert res.state == FINISHED and res.step == n, res.error
+        res = run_training(_cfg(**{**REFERENCE, **sets}), shards, str(tmp_path / name))
+        assert res.state == FINISHED and res.step == REFERENCE["train.steps"], res.error
         weights[name] = _weights(str(tmp_path / name))
-    _, model_a, opt_a = weights["w2"]
+    _, model_a, opt_a = _weights(reference)
     for name in ("w1", "w3-device"):
         _, model_b, opt_b = weights[name]
         for key in model_a:
@@ -219,11 +235,10 @@ def test_batches_independent_of_workers_and_decode(ray_local, shards, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_killed_trainer_and_data_worker_recover_bit_exact(ray_local, shards, tmp_path):
+def test_killed_trainer_and_data_worker_recover_bit_exact(ray_local, shards, reference, tmp_path):
     """Fault injection (faults.*): a data worker dies at step 5 (Ray restarts it, its stream resumes),
     the last-stage column-1 trainer at step 7 (the group restarts from the step-4 checkpoint)."""
-    sets = {"train.steps": 12, "checkpoint.every_steps": 4}
-    assert run_training(_cfg(**sets), shards, str(tmp_path / "a")).state == FINISHED
+    sets = REFERENCE
     faults = {
         "faults.kill_data_worker": 1,
         "faults.kill_data_step": 5,
@@ -240,7 +255,7 @@ def test_killed_trainer_and_data_worker_recover_bit_exact(ray_local, shards, tmp
     assert len(failures) == 1 and "rank 3" in failures[0].split(";")[0], failures
     reg = coord.report.metrics.registry
     assert reg.get_sample_value("alexnet_restarts_total", {"run": "b", "reason": "trainer_failure"}) == 1
-    _, model_a, opt_a = _weights(str(tmp_path / "a"))
+    _, model_a, opt_a = _weights(reference)
     _, model_b, opt_b = _weights(str(tmp_path / "b"))
     for key in model_a:
         assert torch.equal(model_a[key], model_b[key]) and torch.equal(opt_a[key], opt_b[key]), key

@@ -95,7 +95,7 @@ def test_predict_is_the_validation_pass_on_the_same_images(trained):
     from alexnet.data.index import DatasetIndex
     from alexnet.data.records import ReaderStats
     from alexnet.data.val import ValPlan, worker_batches
-    from cluster.evaluate import load_for_inference, val_input
+    from cluster.evaluate import load_for_inference
     from cluster.predict import load_predictor
 
     p = load_predictor(trained.run, "cpu")
@@ -106,9 +106,9 @@ def test_predict_is_the_validation_pass_on_the_same_images(trained):
     plan = ValPlan.of(index, 64, replicas=1, workers=1)
     batch = next(worker_batches(index, plan, 0, "center", pre.input_size, ReaderStats()))
     with torch.no_grad():
-        logits = loaded.model(val_input(batch, "center", pre.mean, pre.input_scale, torch.device("cpu")))
+        logits = loaded.model(batch.model_input(pre.mean, pre.input_scale, torch.device("cpu")))
     want = torch.log_softmax(logits, dim=1)[:HELD_OUT].numpy()
-    assert batch["labels"][:HELD_OUT].tolist() == trained.labels
+    assert batch.labels[:HELD_OUT].tolist() == trained.labels
     np.testing.assert_allclose(logp, want, atol=1e-5)
     assert p.resize == 40 and len(files) == HELD_OUT  # the stored side the checkpoint records
 
