@@ -12,8 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = (
     "env",
@@ -37,7 +35,6 @@ def _without(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.timeout(1000)
 def test_gpu_check_runs_every_section_on_cpu_without_ray_or_webdataset(tmp_path):
     stubs = _without(tmp_path)
     env = {**os.environ, "PYTHONPATH": f"{stubs}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}

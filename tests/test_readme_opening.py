@@ -11,13 +11,10 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 CLEAN = {"HOME": "/tmp", "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # a new login, nothing activated
-
-pytestmark = pytest.mark.timeout(120)
 
 
 def _fresh_shell(script: str) -> subprocess.CompletedProcess:

@@ -22,7 +22,6 @@ from alexnet.data.records import ReaderStats
 from alexnet.data.val import ValPlan, worker_batches
 from alexnet.data.writer import build_synthetic
 
-pytestmark = pytest.mark.timeout(120)
 B = 20
 
 

@@ -18,7 +18,6 @@ from alexnet.data.reader import ReaderSpec, Stream
 from alexnet.data.sources import SourceFile, scan_source
 from alexnet.data.writer import build_shards, build_synthetic, shard_order
 
-pytestmark = pytest.mark.timeout(120)
 SIZE = 24
 
 

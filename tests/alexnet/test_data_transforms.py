@@ -20,8 +20,6 @@ from alexnet.data.transforms import (
 )
 from alexnet.data.writer import build_synthetic
 
-pytestmark = pytest.mark.timeout(120)
-
 
 def test_draws_deterministic_bounded_and_distributed():
     draws = [draw_augmentation(7, 3, f"train_{i:08d}", 40, 32) for i in range(4000)]

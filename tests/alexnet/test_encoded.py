@@ -20,7 +20,6 @@ from alexnet.data.records import ReaderStats, Segment, read_records
 from alexnet.data.transforms import draw_augmentation, lighting_matrix, lighting_offset, train_crop
 from alexnet.data.writer import build_synthetic
 
-pytestmark = pytest.mark.timeout(60)
 SIZE, S, SEED = 40, 32, 7
 CPU = torch.device("cpu")
 

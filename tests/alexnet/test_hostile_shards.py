@@ -24,7 +24,6 @@ from alexnet.data.records import ReaderStats, Segment, read_segment
 from alexnet.data.val import ValPlan, worker_batches
 from alexnet.data.writer import build_synthetic
 
-pytestmark = pytest.mark.timeout(120)
 SIZE = 40
 BIG = 768 << 20  # a member this large read whole breaks the memory bound below
 

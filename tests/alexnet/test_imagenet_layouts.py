@@ -27,8 +27,6 @@ from alexnet.cli import main as cli_main
 from alexnet.data.index import DatasetIndex
 from alexnet.data.writer import build_shards
 
-pytestmark = pytest.mark.timeout(180)
-
 SIZE = 16
 # ILSVRC ID -> WNID, words: IDs out of WNID order, as in the real devkit (ID 1 is n02119789)
 SYNSETS = {

@@ -15,7 +15,6 @@ from alexnet.cli import main as cli_main
 from alexnet.data.index import DatasetIndex
 from alexnet.data.writer import Progress, build_shards, build_synthetic
 
-pytestmark = pytest.mark.timeout(120)
 SIZE = 16
 
 

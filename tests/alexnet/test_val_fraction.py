@@ -15,8 +15,6 @@ from PIL import Image
 from alexnet.cli import main
 from alexnet.data.sources import Source, SourceFile, hold_out_val
 
-pytestmark = pytest.mark.timeout(120)
-
 
 def _source(sizes: list[int]) -> Source:
     train = [SourceFile(f"train/c{c}/{i:03d}.jpg", c, 100) for c, n in enumerate(sizes) for i in range(n)]

@@ -123,7 +123,6 @@ def test_keep_last_k_never_deletes_newest(tmp_path):
         prune_checkpoints(run, keep=0)
 
 
-@pytest.mark.timeout(60)
 def test_manager_background_write_and_prune(run_dir):
     model, opt = _state()
     mgr = CheckpointManager(run_dir, keep=2, background=True)

@@ -11,7 +11,7 @@ import pytest
 from alexnet.data.reader import ReaderSpec, epoch_batches
 from alexnet.data.writer import build_synthetic
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.ray
 B = 20
 
 

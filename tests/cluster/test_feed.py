@@ -19,7 +19,6 @@ from alexnet.data.encoded import draw_encoded
 from alexnet.data.records import ReaderStats
 from cluster.feed import Feed, FeedSpec
 
-pytestmark = pytest.mark.timeout(60)
 B, S = 4, 8
 CPU = torch.device("cpu")
 

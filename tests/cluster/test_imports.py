@@ -20,7 +20,6 @@ def _modules() -> list[str]:
     return sorted(out)
 
 
-@pytest.mark.timeout(120)
 def test_every_module_imports_in_a_ray_worker(ray_local):
     @ray_local.remote(num_cpus=0.1)
     def import_all(names: list[str]) -> list[str]:

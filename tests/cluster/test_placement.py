@@ -79,7 +79,6 @@ def test_data_workers_take_cpus_only_and_spread_over_replicas_first():
         plan_placement(grid, GPU_RANK, [], data_workers=-1)
 
 
-@pytest.mark.timeout(300)
 def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, tmp_path):
     """Two 4-CPU nodes, grid 1x2x2 and 2 data workers: stage 0 with both workers fills one node, stage 1
     goes to the other. The workers (real DataPool actors, started as a run starts them) must be on
@@ -154,7 +153,6 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
         cluster.shutdown()
 
 
-@pytest.mark.timeout(240)
 def test_replicas_spread_and_stages_packed_on_a_two_node_cluster(ray_local_shutdown):
     import ray
     from ray.cluster_utils import Cluster
@@ -199,7 +197,6 @@ def test_replicas_spread_and_stages_packed_on_a_two_node_cluster(ray_local_shutd
         cluster.shutdown()
 
 
-@pytest.mark.timeout(240)
 def test_trainer_ranks_share_their_nodes_gpus_and_take_the_one_ray_assigned(ray_local_shutdown):
     """Ray's fake GPUs on two nodes: every rank's CUDA_VISIBLE_DEVICES becomes its node's GPUs (Ray
     alone sets only the rank's own) and its device index is the position of the GPU Ray assigned."""

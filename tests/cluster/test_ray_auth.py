@@ -84,7 +84,6 @@ def _run(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(300)
 def test_real_ray_attached_without_auth_warns_once_and_local_has_it(tmp_path, ray_local_shutdown):
     attach = """
         import os

@@ -19,7 +19,6 @@ from alexnet.data.val import ValPlan, worker_batches
 from alexnet.data.writer import build_synthetic
 from cluster.val import BUFFER, ValServer, start_pass
 
-pytestmark = pytest.mark.timeout(240)
 N_VAL = 30  # in val shards of 12, 12, 6
 
 

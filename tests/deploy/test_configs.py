@@ -29,8 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBERAY = DEPLOY / "kuberay"
 
-pytestmark = pytest.mark.timeout(120)
-
 
 def load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())

@@ -42,14 +42,12 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.timeout(90)
 def test_promtool_check_config():
     r = promtool("check", "config", str(PROMETHEUS_YML))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout + r.stderr
 
 
-@pytest.mark.timeout(90)
 def test_promtool_check_rules():
     r = promtool("check", "rules", str(promql.ALERTS))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -57,7 +55,6 @@ def test_promtool_check_rules():
     assert f"SUCCESS: {n} rules found" in r.stdout
 
 
-@pytest.mark.timeout(90)
 def test_alert_rules_fire_on_their_cases(tmp_path):
     """`promtool test rules`: each alert fires when it should and not on a healthy run."""
     # promtool compares annotations verbatim; the logic is what is under test here (the
@@ -97,7 +94,6 @@ def served(expr: str) -> bool:
     return promql.metric_names(expr) <= exported_names() | ray_gpus
 
 
-@pytest.mark.timeout(180)
 def test_prometheus_scrapes_metrics_every_dashboard_query_has_data(tmp_path, standin):
     port, ray_port = standin
     sd = tmp_path / "ray_sd.json"

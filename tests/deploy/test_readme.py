@@ -12,14 +12,10 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
-
 from tests.deploy.test_configs import alexnet_parser, check_alexnet_command
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("Running on a cluster", "Monitoring", "Troubleshooting")
-
-pytestmark = pytest.mark.timeout(120)
 
 
 def sections() -> str:

@@ -31,7 +31,6 @@ def _run(argv: list[str], env: dict, timeout: float) -> str:
     return p.stdout + p.stderr
 
 
-@pytest.mark.timeout(900)
 def test_small_preset_learns_handwritten_digits(ray_local, tmp_path):
     digits_imagefolder(tmp_path / "src")
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}

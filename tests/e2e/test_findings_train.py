@@ -46,7 +46,6 @@ def _cfg(**sets):
     return load_config(preset="demo", overrides={**VARIANT, **sets})
 
 
-@pytest.mark.timeout(300)
 def test_a_variant_resumes_exactly_on_the_other_decode_path(ray_local, shards, tmp_path):
     n, k = 4, 2
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")

@@ -120,7 +120,6 @@ def submit(
     return ray_cli(env, *argv, timeout=420)
 
 
-@pytest.mark.timeout(600)
 def test_submit_monitor_and_resume_demo_on_a_ray_head(tmp_path, ray_local_shutdown):
     # Outside CI the Ray part runs without Prometheus, and the test ends skipped saying so.
     prometheus_bin = shutil.which("prometheus")

@@ -82,7 +82,6 @@ def _scrape(url: str) -> dict[str, list]:
     return {"families": families, "samples": samples}
 
 
-@pytest.mark.timeout(300)
 def test_demo_trains_and_serves_every_metric(ray_local, shards, tmp_path):
     run_dir = str(tmp_path / "run")
     cfg = _cfg(**{"train.steps": 30})
@@ -178,7 +177,6 @@ def _weights(run_dir: str):
     return ck.step, ck.model, ck.optimizer
 
 
-@pytest.mark.timeout(420)
 def test_exact_resume_same_grid_and_other_grid(ray_local, shards, reference, tmp_path):
     n, k = REFERENCE["train.steps"], 5  # k inside the first epoch: the data position must resume mid-epoch
     straight, split, other = reference, str(tmp_path / "split"), str(tmp_path / "other")
@@ -208,7 +206,6 @@ def test_exact_resume_same_grid_and_other_grid(ray_local, shards, reference, tmp
         torch.testing.assert_close(model_c[key], model_a[key], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.timeout(420)
 def test_batches_independent_of_workers_and_decode(ray_local, shards, reference, tmp_path):
     """data.workers 1, 2 and 3 end at bit-identical weights (the workers host the epoch's streams),
     and data.decode=device (the stage-0 ranks decode the JPEG bytes, here on their CPU) trains to
@@ -234,7 +231,6 @@ def test_batches_independent_of_workers_and_decode(ray_local, shards, reference,
             assert torch.equal(opt_a[key], opt_b[key]), (name, key)
 
 
-@pytest.mark.timeout(300)
 def test_killed_trainer_and_data_worker_recover_bit_exact(ray_local, shards, reference, tmp_path):
     """Fault injection (faults.*): a data worker dies at step 5 (Ray restarts it, its stream resumes),
     the last-stage column-1 trainer at step 7 (the group restarts from the step-4 checkpoint)."""
@@ -261,7 +257,6 @@ def test_killed_trainer_and_data_worker_recover_bit_exact(ray_local, shards, ref
         assert torch.equal(model_a[key], model_b[key]) and torch.equal(opt_a[key], opt_b[key]), key
 
 
-@pytest.mark.timeout(300)
 def test_demo_trains_in_bf16(ray_local, shards, tmp_path):
     """``--set train.precision=bf16`` on CPU: every rank autocasts to bfloat16 (what crosses stages
     and columns is bf16), the loss falls, and the checkpoint keeps float32 master weights."""
@@ -304,7 +299,6 @@ def test_bad_config_is_refused_before_anything_starts(shards, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.timeout(120)
 def test_grid_larger_than_cluster_is_a_clear_error(ray_local, shards, tmp_path):
     # 2x2x2 = 8 trainer ranks + 2 data workers > the session's 8 CPUs
     cfg = _cfg(**{"grid.shape": "2x2x2", "grid.placement_timeout_s": 3, "train.steps": 4})
@@ -350,7 +344,6 @@ class _Proc:
         return "".join(self.lines)
 
 
-@pytest.mark.timeout(300)
 def test_sigterm_checkpoints_and_resume_continues(ray_local, shards, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}

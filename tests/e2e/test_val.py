@@ -27,7 +27,6 @@ def shards(tmp_path_factory) -> str:
     return out  # 270 train, 30 val in shards of 12, 12, 6
 
 
-@pytest.mark.timeout(600)
 def test_2x2x2_validation_decodes_once_per_pass_and_equals_one_process(ray_local, shards):
     sets = {"grid.shape": "2x2x2", "grid.cpus_per_rank": 0.5, "eval.batch_size": 4, "train.steps": 1}
     sets["grid.collective_timeout_s"] = 300  # also the data workers' start: 10 processes on 2 shared cores

@@ -47,7 +47,6 @@ def test_train_compile_refuses_an_unknown_value():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_stage_trains_like_eager_over_20_steps():
     torch.manual_seed(0)

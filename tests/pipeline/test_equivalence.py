@@ -151,7 +151,6 @@ def _run(shape: str) -> dict:
     }
 
 
-@pytest.mark.timeout(280)
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("m", MICROBATCHES)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -162,7 +161,6 @@ def test_matches_the_two_column_reference(shape, m, schedule):
     assert errors["max_rel_update_error"] < 1e-4, errors
 
 
-@pytest.mark.timeout(280)
 @pytest.mark.parametrize("shape", ("1x2x2", "2x2x2"))
 def test_metrics_report_the_reference_loss(shape):
     run = _run(shape)
@@ -190,7 +188,6 @@ def test_metrics_report_the_reference_loss(shape):
         assert mean == pytest.approx(run["reference"][step]["loss"], rel=1e-5)
 
 
-@pytest.mark.timeout(280)
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_planted_faults_fail_the_check(fault):
     errors, _ = _run("1x2x2")[fault]
@@ -198,7 +195,6 @@ def test_planted_faults_fail_the_check(fault):
     assert errors["max_rel_weight_error"] > TOLERANCE, errors
 
 
-@pytest.mark.timeout(280)
 @pytest.mark.parametrize(("name", "schedule"), VARIANT_RUNS)
 def test_each_findings_variant_matches_its_own_reference(name, schedule):
     errors, results = _run(VARIANTS[name][0])[(name, schedule)]
@@ -210,7 +206,6 @@ def test_each_findings_variant_matches_its_own_reference(name, schedule):
     assert held == set(TwoColumnAlexNet(_variant(name)).state_dict())
 
 
-@pytest.mark.timeout(280)
 def test_a_variant_compared_with_the_paper_nets_reference_fails():
     """The check can tell the variants apart: tanh's run is far from the ReLU net's reference."""
     _, results = _run("1x2x2")[("tanh", "gpipe")]
@@ -218,7 +213,6 @@ def test_a_variant_compared_with_the_paper_nets_reference_fails():
     assert errors["max_rel_grad_error"] > 100 * TOLERANCE, errors
 
 
-@pytest.mark.timeout(280)
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("m", MICROBATCHES)
 def test_fused_ranks_holding_both_columns_match_the_reference(m, schedule):
@@ -229,7 +223,6 @@ def test_fused_ranks_holding_both_columns_match_the_reference(m, schedule):
     assert errors["max_rel_update_error"] < 1e-4, errors
 
 
-@pytest.mark.timeout(280)
 def test_bf16_crosses_stages_and_columns_in_bf16_and_keeps_the_loss():
     run = _run("1x2x2")
     _, results = run["bf16"]

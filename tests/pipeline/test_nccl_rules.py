@@ -37,7 +37,6 @@ def _grid(shape: str, m: int, schedule: str = "gpipe") -> Grid:
     return Grid.parse(shape, m, 2 * replicas * m, schedule=schedule)  # 2 rows per micro-batch
 
 
-@pytest.mark.timeout(300)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_grid_keeps_nccl_rules(shape):
     failures = {}
@@ -59,7 +58,6 @@ FINDINGS = {
 }
 
 
-@pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(FINDINGS))
 def test_each_findings_variant_keeps_nccl_rules(name):
     cfg = dataclasses.replace(CFG, **FINDINGS[name])
@@ -143,7 +141,6 @@ PLANTS = {
 }
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("plant", sorted(PLANTS))
 def test_a_planted_violation_fails_the_check(plant):
     engine_cls, grid, words = PLANTS[plant]
@@ -220,7 +217,6 @@ def _ops(log: RankLog) -> list[tuple]:
 
 
 @pytest.mark.dist
-@pytest.mark.timeout(300)
 def test_gloo_and_threads_record_the_same_ops_and_the_engine_matches_the_reference():
     grid = _grid("1x3x2", 1)  # the example: GPipe, M = 1, three stages of column pairs
     (results,) = run_configs(CFG, [{"grid": grid, "steps": 1, "lr": 0.05, "record": True}], timeout_s=240)
@@ -346,7 +342,6 @@ def test_only_the_comm_facade_calls_torch_distributed():
 
 # -- alexnet verify --nccl-rules ----------------------------------------------------------------
 @pytest.mark.dist
-@pytest.mark.timeout(300)
 def test_alexnet_verify_reports_nccl_rules_and_its_exit_code_follows(capsys, monkeypatch):
     from alexnet.cli import main
 

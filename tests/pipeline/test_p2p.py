@@ -118,14 +118,12 @@ def results():
     return spawn_ranks(_worker, STAGES, timeout_s=180)
 
 
-@pytest.mark.timeout(200)
 def test_a_bf16_send_arrives_as_bf16_with_the_same_bits(results):
     dtype, bits = results[1]["bf16"]
     assert dtype == torch.bfloat16
     assert np.array_equal(bits, _bits(_payload(1, dtype=torch.bfloat16))[1])
 
 
-@pytest.mark.timeout(200)
 def test_validation_headers_carry_rows_and_dtype(results):
     (first, more0), (second, more1) = results[1]["headed"]
     assert (more0, more1) == (True, False)
@@ -134,12 +132,10 @@ def test_validation_headers_carry_rows_and_dtype(results):
     assert second[0] == torch.float32 and np.array_equal(second[1], _bits(_payload(3, (2, 7)))[1])
 
 
-@pytest.mark.timeout(200)
 def test_neighbours_exchange_in_one_batch(results):
     assert results[0]["mutual"] and results[1]["mutual"]
 
 
-@pytest.mark.timeout(200)
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "gpipe-bf16", "1f1b-bf16"])
 def test_a_step_with_receives_ahead_delivers_every_message(results, schedule):
     # micro-batch i: stage 0 sends i + 1, stage 1 i + 2, the last stage's gradient is i + 3 and
