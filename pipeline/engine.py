@@ -305,9 +305,9 @@ class Engine:
 
     def _compiled_stage(self) -> Callable[..., list[Tensor]]:
         """``train.compile = "on"`` (or ``"cudagraphs"``, below): the stage's forward compiled between
-        exchange points, so every
-        collective and P2P transfer stays outside the compiled regions (Dynamo cannot trace gloo's
-        or NCCL's calls into a graph, and a graph break inside an autograd Function would split it).
+        exchange points, so every collective and P2P transfer stays outside the compiled regions
+        (Dynamo cannot trace gloo's or NCCL's calls into a graph, and a graph break inside an
+        autograd Function would split it).
 
         Without a column exchange (C = 1: the rank holds both columns, the exchanges are
         concatenations or, fused, nothing) the whole stage is one region; with one (C = 2) each

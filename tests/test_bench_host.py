@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from alexnet.config import ModelConfig
@@ -14,16 +13,6 @@ from bench.host import bare_step, engine_class, engine_step, interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ModelConfig.small(num_classes=10, input_size=32)
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread, as the benchmark runs (OMP_NUM_THREADS=1): two threads on the shared
-    2-core machine under load take 20x longer per step."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_host_benchmark_steps_its_engines_and_its_bare_loop(one_thread):

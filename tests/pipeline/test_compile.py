@@ -81,7 +81,7 @@ def _as_if_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "as-if-cuda"])
-def test_cudagraphs_compiles_with_its_mode_and_marks_each_step_once(monkeypatch, caplog, cuda):
+def test_cudagraphs_compiles_with_its_mode_and_marks_each_step_once(monkeypatch, caplog, cuda, one_thread):
     if cuda:
         _as_if_on_cuda(monkeypatch)
     monkeypatch.setattr(engine_mod, "_CPU_GRAPHS_NOTED", [])  # the once-per-process note, afresh
