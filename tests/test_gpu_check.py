@@ -86,3 +86,12 @@ def test_gpu_check_runs_every_section_on_cpu_without_ray_or_webdataset(tmp_path)
     assert p["compiled_speedup"] > 0
     assert p["cudagraphs"]["skipped"].startswith("CUDA graphs need CUDA")  # CUDA only; "on" here
     assert all(out[s]["seconds"] >= 0 for s in SECTIONS)
+
+
+def test_a_part_that_failed_alone_is_named_in_failed_and_the_section_kept():
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu_check import Budget, run_section
+
+    out: dict = {"failed": []}
+    run_section("step_path", lambda: {"eager": {"ok": 1}, "failed": ["cudagraphs"]}, 30, Budget(60), out)
+    assert out["failed"] == ["step_path.cudagraphs"] and out["step_path"]["eager"] == {"ok": 1}
