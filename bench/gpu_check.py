@@ -558,9 +558,7 @@ def _path_run(device, sizes, compile_mode: str, mines: list, steps: int) -> dict
     timer, lr = _step_timer(device), 0.001
     t0 = time.perf_counter()
     placed = [feed.ready(feed.place(i, m, m["keys"])) for i, m in enumerate(mines)]
-    # warm-up: cuDNN's choices, the allocator; compiled, the compilation; with CUDA graphs, step 0
-    # runs each graph's warm-up, step 1 records it, later steps replay it
-    for s in range(3):
+    for s in range(2):  # warm-up: cuDNN's choices, the allocator; with compile on, the compilation
         eng.submit_step(s, lr, placed[s % 2].images, placed[s % 2].labels)
     eng.read_steps()
     _sync(device)
@@ -607,7 +605,9 @@ def _path_run(device, sizes, compile_mode: str, mines: list, steps: int) -> dict
 
 def _cudagraphs_run(device, sizes, mines: list, steps: int) -> dict:
     """:func:`_path_run` with ``train.compile=cudagraphs`` and how many graphs Inductor kept out of
-    CUDA graphs (a reason per skip goes to the log: ``TORCH_LOGS=perf_hints``); on CPU a note."""
+    CUDA graphs (a reason per skip goes to the log: ``TORCH_LOGS=perf_hints``); on CPU a note. Its
+    two warm-up steps are the graphs' warm-up (step 0, with the compilation) and their recording
+    (step 1): every timed step replays them."""
     if device.type != "cuda":
         return {"skipped": "CUDA graphs need CUDA: on cpu train.compile=cudagraphs runs as 'on' ('compiled')"}
     from torch._dynamo.utils import counters
