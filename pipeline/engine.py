@@ -324,8 +324,8 @@ class Engine:
           never per micro-batch. Within the step every forward and backward is a node of one path
           of the tree, so GPipe's M forwards before their backwards (and 1F1B's interleaving) each
           get their own outputs, kept until their backward; torch's own heuristic (a new
-          generation at a compiled call with no backward pending) would start one in the middle
-          of 1F1B, after B0, while F1's backward is still pending;
+          generation at a compiled call once a backward has run since the last forward) may start
+          one in the middle of 1F1B, at F2 after B0, while F1's backward is still pending;
         * nothing a graph wrote outlives the step, as the next generation's replays overwrite it:
           the scores and losses are eager tensors made outside the regions (the last stage's
           logits concatenation, the cross-entropy), sends are waited before the update, and the
