@@ -38,11 +38,14 @@ Sections (keys of the JSON):
 * ``step_path``: the rank's per-step path without Ray, for a fixed number of steps: the feed's
   device side (:meth:`cluster.feed.Feed.place`: pinned copies on a side stream, the next step's
   placed by a second thread), the batched device decode of real 256 px JPEGs into crops, and the
-  engine's step in bf16, eager (``eager``) and with ``train.compile=on`` (``compiled``; its
-  ``warmup_s`` holds the compilation). Per mode: images/s of that path against the engine alone
-  on the same batches already on the device (``path_over_engine``: what the data path costs), and
-  the engine step's host time against its device time (CUDA events; ``host_over_device`` > 1: the
-  GPU waits on the host).
+  engine's step in bf16, eager (``eager``), with ``train.compile=on`` (``compiled``; its
+  ``warmup_s`` holds the compilation) and, on CUDA, with ``train.compile=cudagraphs``
+  (``cudagraphs``: the compiled step replayed as CUDA graphs; ``cudagraph_skips``: graphs Inductor
+  left out of them, 0 expected; skipped on CPU, where the setting runs as ``on``). Per mode:
+  images/s of that path against the engine alone on the same batches already on the device
+  (``path_over_engine``: what the data path costs), and the engine step's host time against its
+  device time (CUDA events; ``host_over_device`` > 1: the GPU waits on the host). A failure of the
+  cudagraphs run alone is reported under it and as ``step_path.cudagraphs`` in ``failed``.
 """
 
 from __future__ import annotations
@@ -108,7 +111,8 @@ class Budget:
 
 
 def run_section(name: str, fn: Callable[[], dict], cap_s: float, budget: Budget, out: dict) -> None:
-    """``out[name] = fn()``, or the error it raised (then ``name`` joins ``out["failed"]``)."""
+    """``out[name] = fn()``, or the error it raised (then ``name`` joins ``out["failed"]``); a part of
+    the section that failed alone (its result's ``failed`` list) joins it as ``name.part``."""
     t0 = time.perf_counter()
     seconds = budget.allow(cap_s)
     if seconds < 5:
@@ -123,6 +127,7 @@ def run_section(name: str, fn: Callable[[], dict], cap_s: float, budget: Budget,
             raise
         res = {"error": f"{type(e).__name__}: {str(e)[:500]}", "trace": traceback.format_exc()[-1500:]}
         out["failed"].append(name)
+    out["failed"].extend(f"{name}.{part}" for part in res.get("failed", []))
     res["seconds"] = round(time.perf_counter() - t0, 1)
     out[name] = res
     print(f"# {name}: {res.get('error', 'ok')} ({res['seconds']} s)", file=sys.stderr, flush=True)
@@ -598,13 +603,29 @@ def _path_run(device, sizes, compile_mode: str, mines: list, steps: int) -> dict
     return out
 
 
+def _cudagraphs_run(device, sizes, mines: list, steps: int) -> dict:
+    """:func:`_path_run` with ``train.compile=cudagraphs`` and how many graphs Inductor kept out of
+    CUDA graphs (a reason per skip goes to the log: ``TORCH_LOGS=perf_hints``); on CPU a note. Its
+    two warm-up steps are the graphs' warm-up (step 0, with the compilation) and their recording
+    (step 1): every timed step replays them."""
+    if device.type != "cuda":
+        return {"skipped": "CUDA graphs need CUDA: on cpu train.compile=cudagraphs runs as 'on' ('compiled')"}
+    from torch._dynamo.utils import counters
+
+    before = counters["inductor"]["cudagraph_skips"]
+    res = _path_run(device, sizes, "cudagraphs", mines, steps)
+    res["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - before
+    return res
+
+
 def section_step_path(device: torch.device, sizes: Sizes) -> dict:
     """The rank's per-step path without Ray: the feed's device side (pinned copies on a side
     stream), the batched device decode of real 256 px JPEGs into crops, the engine's step in bf16,
-    eager and with ``train.compile=on``, for a fixed number of steps. ``path_over_engine``: that
-    path's images/s over the engine's alone on the same batches (what the data path costs);
-    ``host_over_device``: the host's time per step (launching it) over the device's (CUDA events)
-    for the engine's step: above 1, the GPU waits on the host. On CPU the two are the same time."""
+    eager, with ``train.compile=on`` and (CUDA only) ``=cudagraphs``, for a fixed number of steps.
+    ``path_over_engine``: that path's images/s over the engine's alone on the same batches (what the
+    data path costs); ``host_over_device``: the host's time per step (launching it) over the
+    device's (CUDA events) for the engine's step: above 1, the GPU waits on the host. On CPU the two
+    are the same time."""
     cuda = device.type == "cuda"
     steps, side, crop = (20, 256, sizes.cfg.input_size) if cuda else (3, 256, sizes.cfg.input_size)
     classes = sizes.cfg.num_classes
@@ -620,6 +641,16 @@ def section_step_path(device: torch.device, sizes: Sizes) -> dict:
     out["compiled_speedup"] = round(
         out["eager"]["engine_device_ms_per_step"] / out["compiled"]["engine_device_ms_per_step"], 3
     )
+    try:  # its own failure (or the section's deadline) keeps the eager and compiled results
+        out["cudagraphs"] = _cudagraphs_run(device, sizes, mines, steps)
+    except Exception as e:  # noqa: BLE001 - reported as step_path.cudagraphs in "failed"
+        out["cudagraphs"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+        print(traceback.format_exc()[-1500:], file=sys.stderr)
+        out["failed"] = ["cudagraphs"]
+    if "engine_device_ms_per_step" in out["cudagraphs"]:
+        out["cudagraphs_speedup"] = round(
+            out["eager"]["engine_device_ms_per_step"] / out["cudagraphs"]["engine_device_ms_per_step"], 3
+        )
     return out
 
 
@@ -653,7 +684,8 @@ def main() -> int:
         ("deterministic", lambda: section_deterministic(device, args.batch), 120),
         ("decode", lambda: section_decode(device), 60),
         # on CPU the compilation alone (Inductor's C++) takes one to several minutes on a busy machine
-        ("step_path", lambda: section_step_path(device, sizes), 150 if device.type == "cuda" else 420),
+        # on CUDA three engines: eager, compiled, compiled with CUDA graphs (Inductor's kernels cached)
+        ("step_path", lambda: section_step_path(device, sizes), 240 if device.type == "cuda" else 420),
     ]
     with _world_of_one(device):  # fp16's loss scale agrees over the (one-rank) world
         for name, fn, cap_s in sections:

@@ -106,7 +106,11 @@ def engine_step(
     trainer reads once per chunk: :meth:`Engine.read_steps`)."""
     grid = Grid.parse("1x1x1", microbatches=m, global_batch=batch)
     kw = {"compile": compile} if compile != "off" else {}  # an older engine has no such setting
-    eng = cls(cfg, grid, 0, one_rank_groups(grid), device=torch.device("cpu"), **kw)
+    config = getattr(sys.modules[cls.__module__], "EngineConfig", None)
+    if config is not None:  # the engine takes its settings as one EngineConfig (since f2d00c0)
+        eng = cls(cfg, grid, 0, one_rank_groups(grid), config(device=torch.device("cpu"), **kw))
+    else:  # an engine from before: keyword arguments
+        eng = cls(cfg, grid, 0, one_rank_groups(grid), device=torch.device("cpu"), **kw)
     x, y = random_batch(cfg, batch, 0)
 
     def step(s: int) -> None:

@@ -311,7 +311,8 @@ class TrainSection:
     cudnn_benchmark: str = "auto"  # let cuDNN time its algorithms; auto: on CUDA, unless deterministic
     lrn_kernel: str = "auto"  # "compiled" (one kernel per direction) or "eager"; auto: compiled on CUDA
     # "on": each rank's stage compiled (torch.compile) between exchange points; the LRN inside the
-    # stage's graph (train.lrn_kernel then does not apply); the first steps pay the compilation
+    # stage's graph (train.lrn_kernel then does not apply); the first steps pay the compilation.
+    # "cudagraphs": the same, replayed as CUDA graphs on CUDA (mode="reduce-overhead"); "on" on CPU
     compile: str = "off"
     # fine-tuning (`--init-from`): blocks whose weights stay as loaded (no gradient, no update), e.g.
     # ["conv1", "conv2"]; a stage that only follows frozen blocks is refused (its backward has no use)

@@ -52,6 +52,7 @@ device time (CUDA events) on a GPU.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ from pipeline.precision import (
 from pipeline.schedules import Action, make_schedule
 from pipeline.timeline import Event, Timeline
 from pipeline.timeline import totals as totals_of
+
+log = logging.getLogger("alexnet.engine")
 
 
 class _GradSync:
@@ -150,6 +153,17 @@ class _ActivationMeter:
 
 LRN_KERNEL_CHOICES = LRN_KERNEL_SETTINGS
 _INFER = -1  # the timeline's step number of inference spans
+_CPU_GRAPHS_NOTED: list[bool] = []  # "cudagraphs" on CPU has been logged (once per process)
+
+
+def compile_mode(setting: str, device: torch.device) -> str | None:
+    """``torch.compile``'s ``mode`` for ``train.compile = setting`` on ``device``.
+
+    ``"cudagraphs"`` on CUDA is ``"reduce-overhead"`` (Inductor, its graphs replayed as CUDA graph
+    trees); everywhere else None, torch's default (``"cudagraphs"`` on CPU is ``"on"``: CUDA graphs
+    need CUDA). One code path, the mode a parameter.
+    """
+    return "reduce-overhead" if setting == "cudagraphs" and device.type == "cuda" else None
 
 
 @dataclass
@@ -170,7 +184,8 @@ class EngineConfig:
     ``ValueError``); ``fused`` (None: when the rank holds both columns) runs the stage the fused
     way (:class:`alexnet.model.Stage`); ``lrn_kernel`` ``auto`` is the compiled LRN on CUDA, the
     eager one on CPU; ``compile`` (``train.compile``) ``"on"`` runs the training forward (and so
-    its backward) compiled between exchange points; ``track_memory``: peak saved-activation bytes
+    its backward) compiled between exchange points, ``"cudagraphs"`` the same replayed as CUDA graphs
+    on CUDA (:func:`compile_mode`; on CPU as ``"on"``); ``track_memory``: peak saved-activation bytes
     per step (for benchmarks). The process-wide backend flags (TF32, cuDNN, determinism) are not
     the engine's: :func:`pipeline.precision.configure_backends` sets them once per process.
     """
@@ -230,7 +245,9 @@ class Engine:
         self._build_stage()
         self._build_comms()
         # compiled between exchange points: which those are is known once the comms are built
-        self._run_stage = self._compiled_stage() if config.compile == "on" else self.stage.run
+        self.compile_mode = compile_mode(config.compile, self.device)
+        self.cudagraphs = self.compile_mode == "reduce-overhead"
+        self._run_stage = self._compiled_stage() if config.compile != "off" else self.stage.run
 
     def _build_stage(self) -> None:
         """The stage's modules, layout, optimizer and (``compile``) compiled forward."""
@@ -240,7 +257,7 @@ class Engine:
         # contiguous layout's max-pool alone at ~4 ms of a ~25 ms small step)
         self.memory_format = torch.channels_last if cuda or self.fused else torch.contiguous_format
         kernel = ("compiled" if cuda else "eager") if cfg.lrn_kernel == "auto" else cfg.lrn_kernel
-        if cfg.compile == "on":
+        if cfg.compile != "off":
             kernel = "traced"  # in the stage's graph: no separately compiled LRN inside it
         self.stage = Stage(self.cfg, self.blocks, self.columns, self.fused, kernel).to(self.device)
         # fine-tuning: frozen blocks' parameters get no gradient, so neither SGD rule (both skip a
@@ -287,21 +304,56 @@ class Engine:
         self._unread: list[tuple[int, Tensor | None, int | None]] = []
 
     def _compiled_stage(self) -> Callable[..., list[Tensor]]:
-        """``train.compile = "on"``: the stage's forward compiled between exchange points, so every
-        collective and P2P transfer stays outside the compiled regions (Dynamo cannot trace gloo's
-        or NCCL's calls into a graph, and a graph break inside an autograd Function would split it).
+        """``train.compile = "on"`` (or ``"cudagraphs"``, below): the stage's forward compiled between
+        exchange points, so every collective and P2P transfer stays outside the compiled regions
+        (Dynamo cannot trace gloo's or NCCL's calls into a graph, and a graph break inside an
+        autograd Function would split it).
 
         Without a column exchange (C = 1: the rank holds both columns, the exchanges are
         concatenations or, fused, nothing) the whole stage is one region; with one (C = 2) each
         block is its own region, the all-gathers between them eager. The keyed dropout is a
         graph break (:func:`alexnet.layers.dropout_masks`: its keys are Python ints of the step,
         which a graph would bake in). The backward is compiled with the forward (AOTAutograd).
+
+        ``"cudagraphs"`` on CUDA: the same regions with ``mode="reduce-overhead"``, each compiled
+        graph (forward and backward) recorded once and replayed as a CUDA graph (CUDAGraph Trees,
+        one memory pool for all of this rank's graphs). The rules this engine keeps for them:
+
+        * one generation per optimizer step: :meth:`_run_step` calls
+          ``torch.compiler.cudagraph_mark_step_begin()`` once, before the step's first forward,
+          never per micro-batch. Within the step every forward and backward is a node of one path
+          of the tree, so GPipe's M forwards before their backwards (and 1F1B's interleaving) each
+          get their own outputs, kept until their backward; torch's own heuristic (a new
+          generation at a compiled call once a backward has run since the last forward) may start
+          one in the middle of 1F1B, at F2 after B0, while F1's backward is still pending;
+        * nothing a graph wrote outlives the step, as the next generation's replays overwrite it:
+          the scores and losses are eager tensors made outside the regions (the last stage's
+          logits concatenation, the cross-entropy), sends are waited before the update, and the
+          parameters' ``.grad`` (the backward graphs' outputs, accumulated over the step's
+          micro-batches, summed across replicas and read by the update in the same step) are set
+          to None by ``zero_grad(set_to_none=True)`` before the next step's first replay (a
+          ``.grad`` kept across steps is what fails in pytorch#169545); :meth:`grads` copies them;
+        * static addresses: parameters are updated in place by the update (eager, outside any
+          graph), so their addresses never change; the regions' other inputs (a micro-batch of
+          images, a received activation, the dropout masks drawn at the graph break) are copied
+          into the graph's own input buffers at each replay;
+        * static shapes: every micro-batch of a training step has B/(R M) rows (the grid refuses a
+          batch that does not divide), so each region has one shape and one recording;
+          inference (any rows, eval mode) does not enter the graphs (:meth:`infer`);
+        * collectives and P2P stay outside the regions (as for ``"on"``), so no NCCL call is
+          captured in a graph; the replica all-reduce runs from gradient hooks, eagerly.
         """
+        mode = self.compile_mode
+        if self.config.compile == "cudagraphs" and mode is None and not _CPU_GRAPHS_NOTED:
+            _CPU_GRAPHS_NOTED.append(True)
+            log.warning(
+                "train.compile=cudagraphs on %s: CUDA graphs need CUDA; compiling as 'on'", self.device.type
+            )
         if self.column_exchange is None:
-            return torch.compile(self.stage.run)
+            return torch.compile(self.stage.run, mode=mode)
         for blocks in self.stage.values():
             for block in blocks.values():
-                block.compile()
+                block.compile(mode=mode)
         return self.stage.run
 
     # -- overridable pieces (the tests plant faults by overriding them) ----------------------
@@ -345,6 +397,14 @@ class Engine:
         """Conv activations in the engine's memory format (channels_last on CUDA)."""
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
+    def _eager(self):
+        """A context that runs compiled code eagerly: compiled blocks (``train.compile`` with one
+        column per rank compiles the blocks themselves) in :meth:`infer`, where another batch size
+        and eval mode would recompile them and, with CUDA graphs, record graphs outside a step."""
+        if self.compile == "off":
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager")  # sets the stance now; its exit restores it
+
     def _autocast(self):
         if self.autocast_dtype is None:  # fp32 / tf32: a disabled autocast costs its setup per call
             return contextlib.nullcontext()
@@ -381,7 +441,9 @@ class Engine:
             self.meter.reset()
         if not self.stage.training:  # train() walks every module: not once per step
             self.stage.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)  # before any replay: see _compiled_stage
+        if self.cudagraphs:  # the step is one generation of the CUDA graph trees (_compiled_stage)
+            torch.compiler.cudagraph_mark_step_begin()
         imgs = self._layout(images).split(mbs) if self.first else None
         labs = labels.split(mbs) if self.last else None
         live: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # mb -> (inputs, outputs or [loss])
@@ -506,7 +568,7 @@ class Engine:
         step_before = self.timeline.step
         self.timeline.clear(_INFER)  # its spans are not a training step's: dropped at the end
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._eager():
                 chunks = list(self._layout(images).split(self.grid.microbatch_size)) if self.first else None
                 mb, more = 0, True
                 while more:

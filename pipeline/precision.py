@@ -24,7 +24,9 @@ import os
 import torch
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
-COMPILE_CHOICES = ("off", "on")  # train.compile: each rank's stage compiled between exchange points
+# train.compile: each rank's stage compiled between exchange points; "cudagraphs" also replays it
+# as CUDA graphs on CUDA (Inductor's mode="reduce-overhead"; on CPU it runs as "on")
+COMPILE_CHOICES = ("off", "on", "cudagraphs")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # what deterministic mode puts in a rank's environment (a value the user set is kept):

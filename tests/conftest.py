@@ -25,6 +25,16 @@ def _torch_defaults():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (as the benchmarks run, OMP_NUM_THREADS=1): a tiny net's step on
+    two threads of the shared 2-core machine under load takes 10-20x longer."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 _RAY = {"started": False}
 
 

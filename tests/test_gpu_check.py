@@ -81,4 +81,14 @@ def test_gpu_check_runs_every_section_on_cpu_without_ray_or_webdataset(tmp_path)
         assert r["engine_host_ms_per_step"] > 0 and r["engine_device_ms_per_step"] > 0
         assert r["host_over_device"] == 1.0  # on CPU the host's time is the step's
     assert p["compiled_speedup"] > 0
+    assert p["cudagraphs"]["skipped"].startswith("CUDA graphs need CUDA")  # CUDA only; "on" here
     assert all(out[s]["seconds"] >= 0 for s in SECTIONS)
+
+
+def test_a_part_that_failed_alone_is_named_in_failed_and_the_section_kept():
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu_check import Budget, run_section
+
+    out: dict = {"failed": []}
+    run_section("step_path", lambda: {"eager": {"ok": 1}, "failed": ["cudagraphs"]}, 30, Budget(60), out)
+    assert out["failed"] == ["step_path.cudagraphs"] and out["step_path"]["eager"] == {"ok": 1}

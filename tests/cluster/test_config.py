@@ -202,7 +202,7 @@ def test_grid_refusals_name_the_config_keys():
         (["train.precision=half"], ["train.precision", "bf16", "fp16"]),
         (["train.cudnn_benchmark=yes"], ["train.cudnn_benchmark", "auto"]),
         (["train.lrn_kernel=triton"], ["train.lrn_kernel", "compiled"]),
-        (["train.compile=yes"], ["train.compile", "'yes'", "off", "on"]),
+        (["train.compile=yes"], ["train.compile", "'yes'", "off", "on", "cudagraphs"]),
         # deterministic mode refuses what has no reproducible result
         (
             ["train.deterministic=true", "train.cudnn_benchmark=on"],
@@ -231,7 +231,8 @@ def test_numerics_defaults_and_what_they_allow():
     det = load_config(preset="paper", overrides={"train.deterministic": "true"})
     assert not det.train.benchmark_cudnn(cuda=True)  # auto: off when deterministic
     assert paper.train.compile == "off"  # eager unless asked
-    assert load_config(preset="demo", overrides={"train.compile": "on"}).train.compile == "on"
+    for value in ("on", "cudagraphs"):  # cudagraphs: CUDA graphs on CUDA, "on" on CPU (the engine's)
+        assert load_config(preset="demo", overrides={"train.compile": value}).train.compile == value
     # fractions of a GPU stay possible without NCCL (gloo ranks on CPU)
     load_config(preset="demo", overrides={"grid.gpus_per_rank": "0.5", "train.device": "cpu"})
     load_config(preset="demo", overrides={"train.precision": "bf16", "train.deterministic": "true"})
