@@ -99,6 +99,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     print(f"# alexnet config {' + '.join(layers)}: every key with the value a run would use")
     if not cfg.model.input_size:
         print("# model.input_size = 0: 227/256 of the stored images' side (pass --data to resolve it)")
+    print(f"# batch and learning rate: {cfg.describe_batch()}")
+    if cfg.grid.is_auto:
+        print('# grid.shape = auto: see the grid a cluster gets with `alexnet plan` (README "Scaling out")')
     print(cfg.to_toml(sources if args.sources else None), end="")
     return 0
 
