@@ -5,6 +5,8 @@ fake-GPU cluster)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -195,3 +197,37 @@ def test_costs_of_the_paper_grid_are_the_geometry_s():
     assert r0.stage_bytes == 192 * 13 * 13 * 4 * 64
     assert r0.allreduce_bytes == r0.params * 4  # a ring of 2: 2 (R-1)/R = 1
     assert saved_bytes_per_image(cfg, ("fc8",), (0,), last=True) == 4096 * 4 + 1000 * 4
+
+
+def test_alexnet_plan_recommends_a_grid_using_all_32_gpus_and_prints_its_table(capsys):
+    from alexnet.cli import main
+
+    assert main(["plan", "--preset", "paper", "--nodes", "4", "--gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "alexnet plan for the command line: 4 node(s), 32 GPUs" in out
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    shapes = [r[0] for r in rows]
+    assert shapes[:3] == ["16x1x2", "8x2x2", "4x4x2"] and all(int(r[2]) == 32 for r in rows)  # every GPU
+    assert "recommended: grid.shape = 16x1x2" in out and "predicted: " in out and "90 epochs" in out
+    for origin in ("memory: computed", "bytes: computed", "time: estimated"):
+        assert origin in out
+    # the 8 images per replica are warned about, and the per-replica batch offered with its recipe
+    assert (
+        "or, not the paper's recipe, --set optim.replica_batch_size=32 --set optim.lr_scaling=linear" in out
+    )
+    assert main(["plan", "--preset", "paper", "--nodes", "1", "--gpus-per-node", "6", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["recommended"]["shape"] == "2x1x2" and "2 GPUs idle" in plan["recommended"]["why"]
+    row = next(r for r in plan["grids"] if r["shape"] == "2x1x2")
+    assert row["memory_bytes"] == row["state_bytes"] + row["activation_bytes"] and row["images_per_s"] > 0
+
+
+def test_alexnet_plan_without_a_cluster_says_how_to_give_one(capsys, monkeypatch):
+    from alexnet.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["plan", "--preset", "paper"]) == 2
+    err = capsys.readouterr().err
+    assert "no cluster to plan for" in err and "--nodes 4 --gpus-per-node 8" in err and "RAY_ADDRESS" in err
+    assert main(["plan", "--preset", "paper", "--nodes", "2"]) == 2
+    assert "give both" in capsys.readouterr().err
