@@ -296,8 +296,9 @@ class BlockRates:
 
 
 def measure_block_seconds(cfg: ModelConfig, batch: int = 16, repeats: int = 3) -> BlockRates:
-    """Each block's forward + backward on this machine's CPU (one thread, the median of ``repeats``),
-    per image: one column (the C = 2 path) and both fused (the C = 1 path); and the paper update."""
+    """Each block's forward + backward on this machine's CPU at ``batch`` rows (one thread, the fastest
+    of ``repeats``), per image: one column (the C = 2 path) and both fused (the C = 1 path); and the
+    paper update per parameter."""
     import torch
 
     from alexnet.layers import StepContext
@@ -315,6 +316,8 @@ def measure_block_seconds(cfg: ModelConfig, batch: int = 16, repeats: int = 3) -
             for cols, into in (((0,), per), (net_columns(cfg), fused)):
                 stage = Stage(cfg, [spec.name], cols, fused=len(cols) > 1)
                 xs = _block_inputs(cfg, spec.name, cols, batch)
+                if len(cols) > 1:  # the engine's layout of a fused stage on CPU (pipeline.engine)
+                    xs = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in xs]
                 other = _other_part(cfg, spec.name, batch)
 
                 def exchange(_spec, parts, other=other):
@@ -324,12 +327,12 @@ def measure_block_seconds(cfg: ModelConfig, batch: int = 16, repeats: int = 3) -
                     outs = stage.run(xs, exchange, ctx)
                     sum(o.float().sum() for o in outs).backward()
 
-                into[spec.name] = _median_seconds(once, repeats) / batch
+                into[spec.name] = _best_seconds(once, repeats) / batch
             stage = Stage(cfg, [spec.name], net_columns(cfg))
             opt = make_optimizer(stage.named_parameters(), "paper", 0.01)
             for p in stage.parameters():
                 p.grad = torch.zeros_like(p)
-            seconds_update += _median_seconds(opt.step, repeats)
+            seconds_update += _best_seconds(opt.step, repeats)
             params += sum(p.numel() for p in stage.parameters())
     finally:
         torch.set_num_threads(threads)
@@ -355,14 +358,15 @@ def _other_part(cfg: ModelConfig, name: str, batch: int):
     return torch.randn(batch, *geometry(cfg, previous_block(cfg, name), 1).out)
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def _best_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of ``repeats`` calls after a warm-up: on a shared machine the least disturbed."""
     fn()  # warm-up: allocations, oneDNN's primitive cache
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 @dataclass(frozen=True)
@@ -381,9 +385,9 @@ class Estimate:
 def estimate_step(
     cfg: ModelConfig, grid: Grid, costs: list[RankCost], rates: BlockRates, links: Links, nodes_spanned: int
 ) -> Estimate:
-    """The step time of ``grid``: its pipeline's (M + S - 1) slots of the slowest stage's micro-batch
-    (compute, column exchanges and stage sends, serial within a rank), then the all-reduce (over the
-    network when the replicas span nodes) and the update."""
+    """The step time of ``grid``: a micro-batch through every stage, then M - 1 more at the pace of the
+    slowest (a stage's micro-batch: compute, column exchanges and stage sends, serial within a rank),
+    then the all-reduce (over the network when the replicas span nodes) and the update."""
     mb, m, s_count = grid.microbatch_size, grid.microbatches, grid.stages
     slot = []
     parts = {"compute": 0.0, "column": 0.0, "stage": 0.0}
@@ -397,14 +401,18 @@ def estimate_step(
         ) + cost.column_messages / m * links.latency_s
         stage = (cost.stage_bytes / m) / (links.node_gb_s * 1e9) + (links.latency_s if s_count > 1 else 0.0)
         slot.append((compute + column + stage, compute, column, stage))
+    # the pipeline: a micro-batch through every stage (fill and drain), and M - 1 more at the pace
+    # of the slowest; (M + S - 1) slots of the slowest when the stages are equal
     worst = max(slot)
     slots = m + s_count - 1
+    fill = sum(x[0] for x in slot) - worst[0]
     link = links.network_gb_s if nodes_spanned > 1 else links.node_gb_s
     biggest = max(costs, key=lambda c: c.allreduce_bytes)
     allreduce = biggest.allreduce_bytes / (link * 1e9) + (links.latency_s if grid.replicas > 1 else 0.0)
     update = max(c.params for c in costs) * rates.update_per_param
-    parts = {"compute": worst[1] * slots, "column": worst[2] * slots, "stage": worst[3] * slots}
-    step = worst[0] * slots + allreduce + update
+    scale = (fill + m * worst[0]) / (slots * worst[0])  # parts as shares of the slowest stage's
+    parts = {k: worst[i] * slots * scale for i, k in ((1, "compute"), (2, "column"), (3, "stage"))}
+    step = fill + m * worst[0] + allreduce + update
     return Estimate(
         step, parts["compute"], parts["column"], parts["stage"], allreduce, update, grid.global_batch / step
     )

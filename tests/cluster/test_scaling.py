@@ -231,3 +231,22 @@ def test_alexnet_plan_without_a_cluster_says_how_to_give_one(capsys, monkeypatch
     assert "no cluster to plan for" in err and "--nodes 4 --gpus-per-node 8" in err and "RAY_ADDRESS" in err
     assert main(["plan", "--preset", "paper", "--nodes", "2"]) == 2
     assert "give both" in capsys.readouterr().err
+
+
+def test_resources_read_from_ray_nodes_six_gpus_on_one_node():
+    """``ray.nodes()`` as Ray returns it: a CPU head, a dead node, one 6-GPU worker: 2x1x2, 2 idle."""
+    nodes = [
+        {"NodeID": "head0000aaaa", "Alive": True, "Resources": {"CPU": 2.0}},
+        {"NodeID": "dead0000bbbb", "Alive": False, "Resources": {"CPU": 8.0, "GPU": 8.0}},
+        {"NodeID": "gpu00000cccc", "Alive": True, "Resources": {"CPU": 8.0, "GPU": 6.0}},
+    ]
+    res = Resources.from_ray_nodes(nodes)
+    assert res.gpus == 6 and res.cpus == 10 and [n.name for n in res.nodes] == ["head0000", "gpu00000"]
+    cfg, (line,) = resolve_grid(PAPER, res)
+    assert cfg.grid.shape == "2x1x2" and cfg.to_grid().replica_batch == 64
+    assert line.startswith(
+        "6 GPUs on 1 node: grid 2x1x2 (2 replicas x 1 stage x 2 columns), 64 images per replica"
+    )
+    assert line.endswith(
+        "2 GPUs idle: 3 replicas would not split optim.batch_size=128 into equal whole shares, 2 do"
+    )
