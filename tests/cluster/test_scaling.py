@@ -250,3 +250,30 @@ def test_resources_read_from_ray_nodes_six_gpus_on_one_node():
     assert line.endswith(
         "2 GPUs idle: 3 replicas would not split optim.batch_size=128 into equal whole shares, 2 do"
     )
+
+
+def test_alexnet_config_prints_how_the_batch_and_the_rate_combine(capsys):
+    from alexnet.cli import main
+
+    sets = [
+        "--set",
+        "grid.shape=16x1x2",
+        "--set",
+        "optim.replica_batch_size=32",
+        "--set",
+        "optim.lr_scaling=linear",
+    ]
+    assert main(["config", "--preset", "paper", *sets]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "# batch and learning rate: global batch 512 = 16 replica(s) x 32 (optim.replica_batch_size); "
+        "lr 0.01 x 512/128 = 0.04 (optim.lr_scaling='linear'), reached by a linear warm-up from 0.01 over "
+        "5 epochs"
+    ) in out
+    assert 'lr_scaling = "linear"' in out and "replica_batch_size = 32" in out and "warmup_epochs = 5" in out
+    assert main(["config", "--preset", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        'shape = "auto"' in out
+        and "# grid.shape = auto: see the grid a cluster gets with `alexnet plan`" in out
+    )
