@@ -126,11 +126,14 @@ def read_resources(args: argparse.Namespace) -> Resources:
     from cluster.job import check_ray_version
 
     check_ray_version(ray.__version__)
-    ray.init(log_to_driver=False, configure_logging=False)
+    joined = not ray.is_initialized()  # leave a Ray this process had joined before as it was
+    if joined:
+        ray.init(log_to_driver=False, configure_logging=False)
     try:
         return Resources.from_ray_nodes(ray.nodes(), f"the Ray cluster at {os.environ['RAY_ADDRESS']}")
     finally:
-        ray.shutdown()
+        if joined:
+            ray.shutdown()
 
 
 def make_plan(cfg: JobConfig, res: Resources, args: argparse.Namespace) -> dict[str, Any]:
