@@ -97,7 +97,7 @@ def _load_optional() -> None:
     """Register subcommands that live in other modules (they may import heavier packages)."""
     import importlib
 
-    for mod in ("alexnet.shards_cli", "pipeline.verify", "cluster.cli"):
+    for mod in ("alexnet.shards_cli", "pipeline.verify", "cluster.cli", "cluster.plan_cli"):
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:

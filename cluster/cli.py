@@ -12,6 +12,7 @@ The config is layered: the preset (``paper`` when only files are given), each ``
     alexnet eval --checkpoint DIR --data SHARDS
     alexnet predict --checkpoint CKPT [--json] [--ten-crop] [--features LAYER] PATH...   (cluster/predict.py)
     alexnet export --checkpoint CKPT OUT --images PATH... [--onnx]                  (cluster/export.py)
+    alexnet plan [--preset NAME] [--nodes N --gpus-per-node G] [--json]             (cluster/plan_cli.py)
 
 All validate everything before any actor starts (``alexnet config`` starts none); a ``ValueError``
 becomes a clean error message and exit code 2 (see ``alexnet/cli.py``).
@@ -99,12 +100,25 @@ def cmd_config(args: argparse.Namespace) -> int:
     print(f"# alexnet config {' + '.join(layers)}: every key with the value a run would use")
     if not cfg.model.input_size:
         print("# model.input_size = 0: 227/256 of the stored images' side (pass --data to resolve it)")
+    print(f"# batch and learning rate: {cfg.describe_batch()}")
+    if cfg.grid.is_auto:
+        print('# grid.shape = auto: see the grid a cluster gets with `alexnet plan` (README "Scaling out")')
     print(cfg.to_toml(sources if args.sources else None), end="")
     return 0
 
 
 def _config_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments that make a job config, shared by ``train`` and ``config``."""
+    config_source_arguments(p)
+    p.add_argument("--data", metavar="SHARDS", help="shard directory or URL (with dataset.json)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="total steps of the run (counted from step 0)")
+    length.add_argument("--epochs", type=int, help="total epochs of the run")
+    p.add_argument("--metrics-port", type=int, help="Prometheus endpoint port (0: any free port, -1: none)")
+
+
+def config_source_arguments(p: argparse.ArgumentParser) -> None:
+    """``--preset``, ``--config``, ``--set``: the layers of a job config (``alexnet plan`` takes these)."""
     p.add_argument(
         "--preset",
         choices=PRESETS,
@@ -122,11 +136,6 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one config value, e.g. --set optim.lr=0.02 (repeatable; wins over the files)",
     )
-    p.add_argument("--data", metavar="SHARDS", help="shard directory or URL (with dataset.json)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="total steps of the run (counted from step 0)")
-    length.add_argument("--epochs", type=int, help="total epochs of the run")
-    p.add_argument("--metrics-port", type=int, help="Prometheus endpoint port (0: any free port, -1: none)")
 
 
 def add_config(sub: argparse._SubParsersAction) -> None:

@@ -53,6 +53,8 @@ PRESETS = ("paper", "demo", "small")
 BASE_PRESET = "paper"
 LR_SCHEDULES = ("plateau", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+AUTO = "auto"  # grid.shape chosen from the cluster (cluster.scaling)
+LR_SCALINGS = ("none", "linear")
 SWITCHES = ("auto", "on", "off")
 
 
@@ -129,6 +131,10 @@ class ModelSection:
 class GridSection:
     """The parallel layout: ``shape = "RxSxC"`` (replicas x stages x columns) and its placement.
 
+    ``shape = "auto"`` (the paper preset's): chosen from the cluster's resources when the run starts,
+    before any actor (:func:`cluster.run.resolve_grid`, the rule in :mod:`cluster.scaling`); from
+    then on the run's config holds the chosen shape. ``alexnet plan`` shows the choice beforehand.
+
     The layout's rules (sizes, cuts, schedule, the batch split) are :class:`pipeline.grid.Grid`'s,
     checked when :meth:`JobConfig.to_grid` builds it; this section checks what only placement
     and the process groups use.
@@ -159,8 +165,18 @@ class GridSection:
         )
 
     @property
+    def is_auto(self) -> bool:
+        """Whether the shape is left to the cluster (``"auto"``)."""
+        return self.shape.strip().lower() == AUTO
+
+    @property
     def dims(self) -> tuple[int, int, int]:
         """(R, S, C) parsed from ``shape`` by :func:`pipeline.grid.parse_shape`."""
+        if self.is_auto:
+            raise ValueError(
+                "grid.shape='auto' is chosen from the cluster when the run starts (alexnet plan shows the "
+                "choice): resolve it first (cluster.run.resolve_grid), or give RxSxC"
+            )
         try:
             return parse_shape(self.shape)
         except ValueError as e:
@@ -201,6 +217,16 @@ class OptimSection:
     (the rate inside the momentum, as cuda-convnet), weight decay on the weights only; ``"torch"``,
     ``torch.optim.SGD`` (the rate outside the momentum, weight decay on every parameter). A run
     resumes only under the rule its checkpoint was written with.
+
+    The batch and the rate on more GPUs (README "Scaling out"): ``batch_size`` is the global batch
+    (every replica's rows summed; the paper's 128), each replica takes ``batch_size / R``, and
+    ``lr`` is its rate. ``replica_batch_size`` > 0 fixes each replica's batch instead, so the global
+    batch becomes R x ``replica_batch_size`` and ``batch_size`` stays the recipe's batch, the one
+    ``lr`` is for. ``lr_scaling = "linear"`` then multiplies ``lr`` by (global batch / ``batch_size``),
+    reached by a linear warm-up from ``lr`` over ``warmup_epochs`` epochs (Goyal et al. 2017,
+    "Accurate, Large Minibatch SGD"), the rate raised at each epoch end (where the coordinator sets
+    rates); ``"none"`` (the paper's recipe) keeps ``lr``. Both are off by default;
+    :meth:`JobConfig.describe_batch` says how they combine.
     """
 
     batch_size: int = 128
@@ -208,6 +234,9 @@ class OptimSection:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     rule: str = "paper"
+    replica_batch_size: int = 0  # 0: batch_size / replicas
+    lr_scaling: str = "none"  # "linear": lr x global batch / batch_size, after a warm-up
+    warmup_epochs: int = 5  # with lr_scaling = "linear": epochs from lr up to the scaled rate
 
     def __post_init__(self) -> None:
         _need(self.batch_size >= 1, "optim.batch_size", self.batch_size, "use >= 1")
@@ -215,6 +244,16 @@ class OptimSection:
         _need(0 <= self.momentum < 1, "optim.momentum", self.momentum, "use a value in [0, 1)")
         _need(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use >= 0")
         _need(self.rule in OPTIM_RULES, "optim.rule", self.rule, f"use one of {OPTIM_RULES}")
+        _need(
+            self.replica_batch_size >= 0,
+            "optim.replica_batch_size",
+            self.replica_batch_size,
+            "use >= 1 (images per replica), or 0 (optim.batch_size split over the replicas)",
+        )
+        _need(
+            self.lr_scaling in LR_SCALINGS, "optim.lr_scaling", self.lr_scaling, f"use one of {LR_SCALINGS}"
+        )
+        _need(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, "use >= 0 (0: no warm-up)")
 
 
 @dataclass(frozen=True)
@@ -559,11 +598,13 @@ class JobConfig:
     def validate(self) -> None:
         """Checks that span sections (each section checked its own values already); builds the one
         Grid of this config, which :meth:`to_grid` returns from then on."""
+        self._check_batch_scaling()
         grid = self._build_grid()
-        object.__setattr__(self, "_grid", grid)  # not a field: neither compared nor written out
+        # not a field: neither compared nor written out; None until an auto shape is resolved
+        object.__setattr__(self, "_grid", None if self.grid.is_auto else grid)
         # 1F1B with fewer micro-batches than stages runs in GPipe's order (pipeline/schedules.py):
         # no refusal; tests/pipeline/test_equivalence.py and test_nccl_rules.py cover M < S
-        if self.faults.kill_rank >= 0:
+        if self.faults.kill_rank >= 0 and not self.grid.is_auto:
             _need(
                 self.faults.kill_rank < grid.world_size,
                 "faults.kill_rank",
@@ -581,6 +622,85 @@ class JobConfig:
             _need(self.grid.gpus_per_rank > 0, "grid.gpus_per_rank", 0, 'train.device="cuda" needs > 0')
         self._check_gpus_per_rank()
         self._check_freeze(grid)
+
+    def _check_batch_scaling(self) -> None:
+        """A per-replica batch splits into the micro-batches; a step rule's cut is not inside the warm-up."""
+        o, g = self.optim, self.grid
+        if o.replica_batch_size:
+            _need(
+                o.replica_batch_size % g.microbatches == 0,
+                "optim.replica_batch_size",
+                o.replica_batch_size,
+                f"does not split into grid.microbatches={g.microbatches}: use a multiple of it",
+            )
+        warm = self.warmup_epochs()
+        if warm and self.schedule.kind == "step":
+            _need(
+                self.schedule.milestones[0] > warm,
+                "schedule.milestones",
+                list(self.schedule.milestones),
+                f"the first cut falls inside the optim.warmup_epochs={warm} warm-up: put the milestones "
+                "after it, or shorten the warm-up",
+            )
+
+    @property
+    def global_batch(self) -> int:
+        """Images per step over all replicas: ``optim.batch_size``, or R x ``optim.replica_batch_size``."""
+        o = self.optim
+        return o.replica_batch_size * self.grid.dims[0] if o.replica_batch_size else o.batch_size
+
+    def lr_factor(self) -> float:
+        """What ``optim.lr_scaling`` multiplies ``optim.lr`` by: global batch / ``optim.batch_size``
+        (linear), or 1."""
+        return self.global_batch / self.optim.batch_size if self.optim.lr_scaling == "linear" else 1.0
+
+    def warmup_epochs(self) -> int:
+        """Epochs of the linear warm-up: ``optim.warmup_epochs`` when the scaled rate differs from
+        ``optim.lr``, else 0 (an auto grid's factor is not known yet: the key's value)."""
+        o = self.optim
+        if o.lr_scaling != "linear" or not o.replica_batch_size:
+            return 0
+        return o.warmup_epochs if self.grid.is_auto or self.lr_factor() != 1.0 else 0
+
+    def describe_batch(self) -> str:
+        """How the batch and the rate combine, in words: the run's first line and ``alexnet config``."""
+        o, g = self.optim, self.grid
+        if g.is_auto:
+            split = (
+                f"{o.replica_batch_size} images per replica (optim.replica_batch_size) x the replicas"
+                if o.replica_batch_size
+                else f"global batch {o.batch_size} (optim.batch_size) split over the replicas"
+            )
+            rate = (
+                f"lr {o.lr:g} x (global batch / {o.batch_size}) after a {o.warmup_epochs}-epoch "
+                "linear warm-up"
+                if o.lr_scaling == "linear" and o.replica_batch_size
+                else f"lr {o.lr:g}"
+            )
+            when = "grid.shape='auto' (chosen when the run starts)"
+            return f"{split} of {when}; {rate} (optim.lr_scaling={o.lr_scaling!r})"
+        r = g.dims[0]
+        per = o.replica_batch_size or o.batch_size // r
+        source = (
+            "optim.replica_batch_size" if o.replica_batch_size else f"optim.batch_size={o.batch_size} / {r}"
+        )
+        text = f"global batch {self.global_batch} = {r} replica(s) x {per} ({source})"
+        factor = self.lr_factor()
+        if o.lr_scaling == "linear" and factor != 1.0:
+            scaled = f"{self.global_batch}/{o.batch_size} = {o.lr * factor:g}"
+            rate = f"lr {o.lr:g} x {scaled} (optim.lr_scaling='linear')"
+            warm = self.warmup_epochs()
+            rate += (
+                f", reached by a linear warm-up from {o.lr:g} over {warm} epochs" if warm else ", no warm-up"
+            )
+        else:
+            rate = f"lr {o.lr:g} (optim.lr_scaling={o.lr_scaling!r}"
+            if self.global_batch != o.batch_size:
+                rate += (
+                    f": unscaled at {self.global_batch / o.batch_size:g}x the recipe's batch {o.batch_size}"
+                )
+            rate += ")"
+        return f"{text}; {rate}"
 
     def _check_freeze(self, grid: Grid) -> None:
         """A stage whose blocks and every block before it are frozen has nothing to backpropagate
@@ -634,7 +754,27 @@ class JobConfig:
         that cannot act in this run (no validation to watch, or a run, counted in epochs, that ends
         before its patience could). Such a run keeps ``optim.lr`` throughout, a normal thing for a
         short run; ``alexnet train`` and ``alexnet config`` print each as a warning. A step rule's
-        milestones past the run's end say nothing, as torchvision's recipe allows them."""
+        milestones past the run's end say nothing, as torchvision's recipe allows them. And the batch:
+        a linear rate scaling with nothing to scale, a per-replica batch too small for a GPU."""
+        return self._plateau_warnings() + self._batch_warnings()
+
+    def _batch_warnings(self) -> list[str]:
+        from cluster.scaling import GPU_BUSY_BATCH, small_batch_warning
+
+        o, out = self.optim, []
+        if o.lr_scaling == "linear" and not o.replica_batch_size:
+            out.append(
+                "optim.lr_scaling='linear' multiplies optim.lr by the global batch over optim.batch_size, "
+                "which stays 1 while optim.replica_batch_size=0 (the global batch is optim.batch_size): set "
+                "optim.replica_batch_size to grow the batch with the replicas"
+            )
+        if not self.grid.is_auto and self.grid.gpus_per_rank > 0 and self.train.device != "cpu":
+            r, per = self.grid.dims[0], self.global_batch // self.grid.dims[0]
+            if per < GPU_BUSY_BATCH:
+                out.append(small_batch_warning(per, r, self.global_batch))
+        return out
+
+    def _plateau_warnings(self) -> list[str]:
         s, lr = self.schedule, f"the rate stays optim.lr={self.optim.lr!r} throughout"
         if s.kind != "plateau":
             return []
@@ -657,18 +797,31 @@ class JobConfig:
         ]
 
     def to_grid(self) -> Grid:
-        """The engine's :class:`pipeline.grid.Grid` of ``[grid]``, ``optim.batch_size`` and the
-        model's blocks, built once when this config was checked."""
+        """The engine's :class:`pipeline.grid.Grid` of ``[grid]``, the global batch and the
+        model's blocks, built once when this config was checked (an auto shape: once resolved)."""
+        if self._grid is None:
+            self.grid.dims  # noqa: B018  the error saying how to resolve grid.shape='auto'
         return self._grid
 
     def _build_grid(self) -> Grid:
-        """The Grid owns the layout's rules; its refusals come back naming the config keys to change."""
+        """The Grid owns the layout's rules; its refusals come back naming the config keys to change.
+        An auto shape is checked as one replica of one stage (what it may choose is checked again
+        when it is resolved)."""
         g = self.grid
-        r, s, c = g.dims
         # the model's blocks and columns (input_size plays no part in them)
         model = self.model._model_config(self.model.input_size or None)
+        if g.is_auto:
+            _need(
+                not g.cuts,
+                "grid.cuts",
+                list(g.cuts),
+                "grid.shape='auto' chooses the stages itself: leave grid.cuts empty, or give an explicit "
+                "shape",
+            )
+        r, s, c = (1, 1, model.columns) if g.is_auto else g.dims
         try:
-            cuts, b = tuple(g.cuts) or None, self.optim.batch_size
+            cuts = tuple(g.cuts) or None
+            b = self.optim.replica_batch_size * r if self.optim.replica_batch_size else self.optim.batch_size
             return Grid(r, s, c, g.microbatches, b, cuts, g.schedule, **model_fields(model))
         except ValueError as e:
             values = {

@@ -48,7 +48,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from cluster.faults import CheckpointWriteFailed, DataLossBound, FailurePolicy, TrainerDied, checkpoint_crash
-from cluster.lr_schedule import Cut, LRSchedule
+from cluster.lr_schedule import Cut, LRSchedule, warmup_of
 from cluster.manifest import Preprocess, ResumePoint, RunCheckpoints
 from cluster.metrics import Metrics
 from cluster.plan import Milestones
@@ -126,7 +126,7 @@ class Coordinator:
         self.cfg, self.group, self.plan = cfg, group, plan
         self.milestones = Milestones.of(cfg, plan)
         self.report = report or Reporter(
-            Metrics(run="run"), plan, cfg.optim.batch_size, cfg.train.log_every_steps
+            Metrics(run="run"), plan, cfg.global_batch, cfg.train.log_every_steps
         )
         self.checkpoints = RunCheckpoints(
             run_dir,
@@ -138,9 +138,7 @@ class Coordinator:
             checkpoint_crash(cfg.faults),
         )
         self.policy = FailurePolicy(cfg.faults)
-        self.data_loss = DataLossBound(
-            cfg.data.max_skipped_fraction, plan.steps_per_epoch * cfg.optim.batch_size
-        )
+        self.data_loss = DataLossBound(cfg.data.max_skipped_fraction, plan.steps_per_epoch * cfg.global_batch)
         self.init = init
         self._snap: tuple[int, Any] | None = None  # (step, group.snapshot(step)), see _snapshot
         self.state = STARTING
@@ -157,11 +155,11 @@ class Coordinator:
         rule = self.cfg.schedule
         if point is None:
             self.step_no, self.positions = 0, None
-            self.lr_schedule = LRSchedule(rule, self.cfg.optim.lr)
+            self.lr_schedule = LRSchedule.for_run(self.cfg)
         else:
             m = point.manifest
             self.step_no, self.positions = m.step, m.positions_for(self.plan.streams)
-            self.lr_schedule = LRSchedule.from_state(rule, m.lr_schedule, m.epoch)
+            self.lr_schedule = LRSchedule.from_state(rule, m.lr_schedule, m.epoch, warmup_of(self.cfg))
         self.to_load = None if point is None else point.checkpoint
         self._snap = None  # the group's state is the restored one now
         # what was due at the restored step is done: it was validated before it was checkpointed

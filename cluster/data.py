@@ -455,7 +455,7 @@ def start_pool(
     cfg, plan, d = run.cfg, run.plan, run.cfg.data
     spec = ReaderSpec(
         run.data_url,
-        cfg.optim.batch_size,
+        cfg.global_batch,
         run.model.input_size,
         workers=d.workers,
         seed=cfg.data_seed,

@@ -146,7 +146,7 @@ class RayTrainerGroup:
         except TrainerDied:
             self.faults.trainer_failed()
             raise
-        B = self.cfg.optim.batch_size
+        B = self.cfg.global_batch
         out = [reduce_step(self.grid, B, first_step + i, [r[i] for r in per_rank]) for i in range(steps)]
         self.device_lost.add(out)
         return out

@@ -35,7 +35,8 @@ from cluster.manifest import Preprocess, ResumePoint, load_resume
 from cluster.metrics import Metrics
 from cluster.plan import RunPlan, plan_run
 from cluster.reporting import Reporter, TensorBoardLog, write_bytes, write_outputs
-from cluster.run import Run, resolve_run
+from cluster.run import Run, resolve_grid, resolve_run
+from cluster.scaling import Resources
 
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a complete checkpoint
 
@@ -84,6 +85,7 @@ def run_training(
     if from_checkpoint is not None and not resume:
         raise ValueError(f"--from-checkpoint {from_checkpoint} continues a run: add --resume")
     cfg = cfg.for_data(data_url)  # model.input_size from the stored images when unset
+    cfg = _resolve_grid(cfg)  # grid.shape "auto": from the cluster's resources, read once, here
     plan, index = plan_run(cfg, data_url)
     check_run_dir(run_dir)
     point = _resume_point(run_dir, resume, cfg, plan, from_checkpoint)
@@ -102,7 +104,7 @@ def run_training(
         metrics.close()
         raise
     report = Reporter(
-        metrics, plan, cfg.optim.batch_size, cfg.train.log_every_steps, tensorboard=TensorBoardLog(run_dir)
+        metrics, plan, cfg.global_batch, cfg.train.log_every_steps, tensorboard=TensorBoardLog(run_dir)
     )
     coord = Coordinator(
         run, group, run_dir, report, resume=point, preprocess=Preprocess.of(cfg, index), init=init
@@ -262,6 +264,44 @@ def _init_weights(init_from: str, cfg: JobConfig, classes) -> dict:
     return state
 
 
+def _resolve_grid(cfg: JobConfig) -> JobConfig:
+    """``grid.shape = "auto"`` chosen for the cluster the run will use (:func:`cluster.run.resolve_grid`),
+    the choice printed: the run's first line. An explicit shape is returned as it is."""
+    if not cfg.grid.is_auto:
+        return cfg
+    cfg, lines = resolve_grid(cfg, cluster_resources())
+    for line in lines:
+        print(f"[alexnet] {line}", flush=True)
+    return cfg
+
+
+def cluster_resources() -> Resources:
+    """What the run's cluster has: the one in ``RAY_ADDRESS`` (attached to now, as :func:`init_ray`
+    would; or the Ray this process already joined), else this machine, which the embedded local Ray
+    will be."""
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        _attach_ray()
+        return Resources.from_ray_nodes(ray.nodes(), "the Ray cluster")
+    return Resources.this_machine()
+
+
+def _attach_ray() -> None:
+    """Join the cluster in ``RAY_ADDRESS`` (a warning when its token authentication is off)."""
+    import ray
+
+    check_ray_version(ray.__version__)
+    if ray.is_initialized():
+        return
+    ctx = ray.init(log_to_driver=True)
+    warning = auth_warning(
+        cluster_auth_mode(ctx.dashboard_url), f"the Ray cluster at {ctx.address_info['gcs_address']}"
+    )
+    if warning:
+        print(warning, flush=True)
+
+
 def init_ray(cfg: JobConfig, plan: RunPlan) -> None:
     """Attach to the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it; a warning when its
     token authentication is off) or start a local one, with token authentication on."""
@@ -271,12 +311,7 @@ def init_ray(cfg: JobConfig, plan: RunPlan) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ctx = ray.init(log_to_driver=True)
-        warning = auth_warning(
-            cluster_auth_mode(ctx.dashboard_url), f"the Ray cluster at {ctx.address_info['gcs_address']}"
-        )
-        if warning:
-            print(warning, flush=True)
+        _attach_ray()
         return
     warning = auth_warning(_local_auth_on(), "the embedded local Ray")
     if warning:
@@ -316,12 +351,12 @@ def _serve_metrics(
         device=cfg.train.device,
         model=cfg.model.variant,
         classes=cfg.model.num_classes,
-        batch=cfg.optim.batch_size,
+        batch=cfg.global_batch,
     )
     r, s, c = cfg.grid.dims
     print(
         f"[alexnet] run {name}: grid {cfg.grid.shape} ({r} replica(s) x {s} stage(s) x {c} column(s)), "
-        f"batch {cfg.optim.batch_size}, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, "
+        f"{cfg.describe_batch()}; {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, "
         f"{plan.data_workers} data workers" + (f"; metrics at {url}" if url else ""),
         flush=True,
     )

@@ -220,6 +220,13 @@ class Manifest:
                 f"{url}: saved with optim.batch_size={b_saved}, this run has {cfg.optim.batch_size}; "
                 f"the data position is counted in batches: --set optim.batch_size={b_saved}"
             )
+        if saved.global_batch != cfg.global_batch:  # optim.replica_batch_size x another replica count
+            raise ValueError(
+                f"{url}: saved with a global batch of {saved.global_batch} (grid.shape="
+                f"{saved.grid.shape!r} x optim.replica_batch_size={saved.optim.replica_batch_size}), this "
+                f"run's is {cfg.global_batch}; the data position is counted in batches: --set "
+                f"grid.shape={saved.grid.shape}"
+            )
         if self.steps_per_epoch != plan.steps_per_epoch:
             raise ValueError(
                 f"{url}: saved with {self.steps_per_epoch} steps per epoch, the dataset at --data gives "

@@ -42,7 +42,7 @@ def plan_run(cfg: JobConfig, data_url: str) -> tuple[RunPlan, DatasetIndex]:
             f"{index.num_classes} classes: --set model.num_classes={index.num_classes}"
         )
     d = cfg.data
-    spe = check_plan(index, cfg.optim.batch_size, cfg.model.input_size, d.workers, streams=d.streams)
+    spe = check_plan(index, cfg.global_batch, cfg.model.input_size, d.workers, streams=d.streams)
     total = cfg.train.steps or cfg.train.epochs * spe
     validates = _check_val_split(index, cfg.eval.every_epochs, spe, total)
     check_shards(index, ("train", "val") if validates else ("train",))

@@ -269,7 +269,7 @@ class ValPasses:
             self._index = DatasetIndex.load(self.data_url)
         g, cfg = self.grid, self.cfg
         plan = ValPlan.of(
-            self._index, cfg.eval.batch_size or cfg.optim.batch_size, g.replicas, len(workers), max_samples
+            self._index, cfg.eval.batch_size or cfg.global_batch, g.replicas, len(workers), max_samples
         )
         consumers = {r: g.stages * g.columns for r in range(g.replicas)}
         self.started += 1

@@ -78,7 +78,7 @@ def test_paper_preset_is_the_paper():
     assert cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 5e-4
     assert cfg.schedule.kind == "plateau" and cfg.schedule.factor == 0.1 and cfg.schedule.max_reductions == 3
     assert cfg.train.epochs == 90
-    assert cfg.grid.dims == (1, 1, 2) and cfg.grid.gpus_per_rank == 1
+    assert cfg.grid.shape == "auto" and cfg.grid.gpus_per_rank == 1  # from the cluster
     assert cfg.eval.ten_crop and cfg.eval.ten_crop_every_epochs == 0  # the 10-crop pass at the end only
 
 

@@ -122,6 +122,11 @@ def test_run_checkpoints_write_the_manifest(tmp_path):
         ({}, {"model.dropout": 0.3}, ["saved with model", "same [model] section"]),
         ({}, {"optim.batch_size": 64}, ["optim.batch_size=32", "--set optim.batch_size=32"]),
         ({"spe": 4}, {}, ["saved with 4 steps per epoch", "gives 5", "the shards the run was started on"]),
+        (  # a per-replica batch on another replica count: another global batch
+            {"cfg": _cfg(**{"optim.replica_batch_size": 16})},
+            {"optim.replica_batch_size": 16, "grid.shape": "2x2x2"},
+            ["saved with a global batch of 16", "this run's is 32", "--set grid.shape=1x2x2"],
+        ),
         ({"workers": 3}, {"data.streams": 2}, ["step 7 is inside an epoch", "--set data.streams=3"]),
         ({"data_streams": 4}, {"data.streams": 2}, ["sample order belongs to data.streams=4"]),
         ({"workers": 1}, {}, ["data.workers=2 exceeds the run's data.streams=1", "--set data.workers=1"]),

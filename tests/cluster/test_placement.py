@@ -153,7 +153,11 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
         cluster.shutdown()
 
 
-def test_replicas_spread_and_stages_packed_on_a_two_node_cluster(ray_local_shutdown):
+def test_replicas_spread_and_stages_packed_on_a_two_node_cluster(
+    ray_local_shutdown, tmp_path, monkeypatch, capsys
+):
+    """... and on the same cluster (one cluster start for both: each costs ~20 s here), the paper
+    preset's grid.shape = "auto" reads it and fills it: 4x1x2, which the run's first line says."""
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.placement_group import placement_group
@@ -192,9 +196,42 @@ def test_replicas_spread_and_stages_packed_on_a_two_node_cluster(ray_local_shutd
         assert node_of[grid.rank_of(0, 0, 0)] == node_of[grid.rank_of(0, 0, 1)]
         assert node_of[grid.rank_of(1, 0, 0)] == node_of[grid.rank_of(1, 0, 1)]
         assert node_of[grid.rank_of(0, 0, 0)] != node_of[grid.rank_of(1, 0, 0)]
+        _check_auto_grid_first_line(tmp_path, monkeypatch, capsys)
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+class _Resolved(Exception):
+    """Raised where the run would plan the dataset: its grid is resolved by then."""
+
+
+def _check_auto_grid_first_line(tmp_path, monkeypatch, capsys) -> None:
+    """``alexnet train --preset paper`` on the joined 2 x 4 fake-GPU cluster, stopped right after it
+    resolved grid.shape = "auto" (nothing trains on fake GPUs; the other clusters, 6 GPUs on one node
+    and more, are unit tests of the same pure rule in tests/cluster/test_scaling.py)."""
+    import cluster.job as job
+    from alexnet.data.writer import build_synthetic
+    from cluster.config import load_config
+
+    url = str(tmp_path / "shards")  # 256 px, so the paper's 227 px crops resolve against them
+    build_synthetic(4, url, size=256, classes=2, shard_size=4, workers=1, progress=False)
+    seen = []
+
+    def stop(cfg, data_url):
+        seen.append(cfg.grid.shape)
+        raise _Resolved
+
+    monkeypatch.setattr(job, "plan_run", stop)
+    capsys.readouterr()
+    with pytest.raises(_Resolved):
+        job.run_training(
+            load_config(preset="paper", overrides={"metrics.port": -1}), url, str(tmp_path / "run")
+        )
+    first = capsys.readouterr().out.splitlines()[0]
+    assert seen == ["4x1x2"]
+    want = "8 GPUs on 2 nodes: grid 4x1x2 (4 replicas x 1 stage x 2 columns), 32 images per replica"
+    assert first.startswith(f"[alexnet] {want}"), first
 
 
 def test_trainer_ranks_share_their_nodes_gpus_and_take_the_one_ray_assigned(ray_local_shutdown):
