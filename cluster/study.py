@@ -490,7 +490,12 @@ class StudyRunner:
             eta = self._eta()
             entry.update(status="running", error=None)
             save_state(self.dir, self.state)
-        how = "continuing (cut off before)" if was in ("running", "stopped", "failed") else "starting"
+        how = {
+            "running": "continuing (cut off before)",
+            "stopped": "continuing",
+            "failed": "again (it failed)",
+        }
+        how = how.get(was, "starting")
         _say(f"run {number}/{total} {spec.key}: {how}, {spec.total_steps} steps; study ETA {eta}")
         t0 = time.perf_counter()
         try:
@@ -715,7 +720,9 @@ def run_study(
         lambda s: run_result_of(s, data, threshold),
         Slots(1),
     )
-    if runner.todo():
+    if not runner.todo():
+        _say(f"{study.name}: all {len(specs)} runs finished already: nothing to train")
+    else:
         runner.slots = _start_ray(runner.todo())
         if runner.slots.at_once > 1:  # runs side by side cannot share one metrics port: any free one each
             runner.specs = [_any_port(s) for s in runner.specs]
