@@ -12,6 +12,8 @@ The config is layered: the preset (``paper`` when only files are given), each ``
     alexnet eval --checkpoint DIR --data SHARDS
     alexnet predict --checkpoint CKPT [--json] [--ten-crop] [--features LAYER] PATH...   (cluster/predict.py)
     alexnet export --checkpoint CKPT OUT --images PATH... [--onnx]                  (cluster/export.py)
+    alexnet study [NAME|FILE.toml] --preset P --data SHARDS --study-dir DIR [--seeds ...]  (cluster/study.py)
+    alexnet filters CHECKPOINT [--out FILE.png] [--json]          (alexnet/filters.py, Figure 3)
 
 All validate everything before any actor starts (``alexnet config`` starts none); a ``ValueError``
 becomes a clean error message and exit code 2 (see ``alexnet/cli.py``).

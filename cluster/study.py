@@ -243,8 +243,8 @@ def plan_runs(
     from cluster.plan import plan_run
 
     specs = []
-    for v in study.variants:
-        for seed in seeds:
+    for seed in seeds:  # seed by seed: a study cut short still has every variant of its first seeds
+        for v in study.variants:
             layers = [
                 *base_layers,
                 Layer(f"variant {v.name}", dict(v.sets)),

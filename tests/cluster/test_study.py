@@ -300,3 +300,41 @@ def test_tensorboard_draws_the_one_column_nets_only_column(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     assert acc.Tags()["images"] == ["conv1/column0"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    from alexnet.data.writer import build_synthetic
+
+    out = str(tmp_path_factory.mktemp("data") / "tiny")
+    build_synthetic(80, out, workers=1, progress=False)  # 72 train: 2 batches, one per data worker
+    return out
+
+
+@pytest.mark.parametrize(
+    "sets, words",
+    [
+        ({"model.pooling": "max"}, "study s, variant v: model.pooling='max'"),
+        ({"model.lrn": True}, "variant v sets model.lrn, which the base config already has"),
+    ],
+)
+def test_a_bad_variant_is_refused_before_any_run(tiny, tmp_path, sets, words):
+    study = st.Study("s", (st.Variant("base"), st.Variant("v", sets)))
+    with pytest.raises(ValueError, match=words):
+        st.run_study(study, config_layers("demo"), tiny, str(tmp_path / "d"), train=_never)
+    assert not (tmp_path / "d").exists()  # nothing written
+
+
+def _never(spec, on_coordinator):
+    raise AssertionError("trained")
+
+
+def test_bad_seeds_and_study_dirs_are_refused(tiny, tmp_path):
+    study = st.Study("s", (st.Variant("base"),))
+    with pytest.raises(ValueError, match=r"--seeds \[1, 1\]: give distinct integers"):
+        st.run_study(study, config_layers("demo"), tiny, str(tmp_path), [1, 1], train=_never)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match="--study-dir .*f is a file"):
+        st.run_study(study, config_layers("demo"), tiny, str(tmp_path / "f"), train=_never)
+    with pytest.raises(ValueError, match="--threshold = 1.5"):
+        st.run_study(study, config_layers("demo"), tiny, str(tmp_path / "d"), threshold=1.5, train=_never)

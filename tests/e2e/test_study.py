@@ -1,7 +1,7 @@
 """``alexnet study`` end to end on the session's local Ray: a tiny study file (the baseline and
 no-LRN, one seed, 6 steps of the demo preset on a generated dataset) trains both runs, its report's
-numbers are the runs' own (read here from their ``metrics.jsonl``), and the same command again
-trains nothing."""
+numbers are the runs' own (read here from their ``metrics.jsonl``), ``alexnet filters`` on its
+baseline gives the report's colour measure, and the same command again trains nothing."""
 
 from __future__ import annotations
 
@@ -78,6 +78,11 @@ def test_a_study_reports_its_runs_numbers_and_a_second_call_trains_nothing(
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG", png
     colour = runs["baseline-seed0"]["result"]["colour"]
     assert set(colour["columns"]) == {"0", "1"} and colour["greyscale"] is False  # the demo set is in colour
+    png = tmp_path / "f" / "conv1.png"
+    assert main(["filters", str(out / "baseline-seed0"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    written = json.loads(png.with_suffix(".json").read_text())
+    assert written["colour_specificity"] == colour["columns"] and written["greyscale"] is False
 
     # the same command again: nothing is trained, the runs and their checkpoints stay as they were
     checkpoints = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/*/manifest.json")}
