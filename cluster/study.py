@@ -32,13 +32,14 @@ placement group (:func:`runs_at_once`, the one place that decides it).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -440,14 +441,8 @@ class StudyRunner:
         result: Callable[[RunSpec], dict[str, Any]],
         slots: Slots,
     ) -> None:
-        self.dir, self.state, self.specs, self.train, self.result, self.slots = (
-            study_dir,
-            state,
-            list(specs),
-            train,
-            result,
-            slots,
-        )
+        self.dir, self.state, self.specs, self.slots = study_dir, state, list(specs), slots
+        self.train, self.result = train, result
         self.entries = {r["key"]: r for r in state["runs"]}
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -534,34 +529,27 @@ class StudyRunner:
             if self.stop.is_set():
                 coord.request_stop()
 
-    def _stop_on_signals(self):
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
         """With runs in threads (which cannot take signals), SIGTERM and Ctrl-C stop every run in
         flight at its next checkpoint and start no more."""
-        import contextlib
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
 
-        runner = self
+        def on_signal(signum, frame):
+            _say(f"{signal.Signals(signum).name}: stopping the runs in flight at their next checkpoint")
+            with self.lock:
+                self.stop.set()
+                for c in self.coordinators:
+                    c.request_stop()
 
-        @contextlib.contextmanager
-        def handlers():
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-
-            def on_signal(signum, frame):
-                _say(f"{signal.Signals(signum).name}: stopping the runs in flight at their next checkpoint")
-                with runner.lock:
-                    runner.stop.set()
-                    for c in runner.coordinators:
-                        c.request_stop()
-
-            previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-            try:
-                yield
-            finally:
-                for s, h in previous.items():
-                    signal.signal(s, h)
-
-        return handlers()
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
 
 # -- the whole command -----------------------------------------------------------------------------
