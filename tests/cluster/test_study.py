@@ -338,3 +338,8 @@ def test_bad_seeds_and_study_dirs_are_refused(tiny, tmp_path):
         st.run_study(study, config_layers("demo"), tiny, str(tmp_path / "f"), train=_never)
     with pytest.raises(ValueError, match="--threshold = 1.5"):
         st.run_study(study, config_layers("demo"), tiny, str(tmp_path / "d"), threshold=1.5, train=_never)
+
+
+def test_figure_1s_plot_is_drawn_from_the_curves():  # the e2e test draws the other plots
+    r = rep.run_result(_steps([0.9, 0.5, 0.2, 0.1]), [], None, 2, 4, 0.25)
+    assert rep.plot_speed({"relu": [r], "tanh": [r]}, 0.25)[:4] == b"\x89PNG"
