@@ -9,7 +9,8 @@ with the paper's dropout 0.5 kept in the baseline (its no-dropout variant is one
 ablations). Prints the study's ``study.md`` (the table recorded in bench/RESULTS.md); the study
 directory keeps every run, and the same command again continues a study that was cut off.
 
-    PYTHONPATH=. .venv/bin/python bench/study.py [--seeds 0 1 2] [--epochs 15] [--study-dir DIR]
+    PYTHONPATH=. .venv/bin/python bench/study.py [--seeds 0 1 2] [--epochs 15] [--threshold 0.25]
+        [--study-dir DIR]
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--study-dir", default="", help="default: a new temporary directory")
+    ap.add_argument("--threshold", type=float, default=0.25, help="training error timed (ReLU vs tanh)")
     args = ap.parse_args()
 
     from alexnet.cli import main as alexnet
@@ -59,9 +61,10 @@ def main() -> None:
         str(root / "study"),
         "--epochs",
         str(args.epochs),
-        "--seeds",
-        *map(str, args.seeds),
+        "--threshold",
+        str(args.threshold),
     ]
+    cmd += ["--seeds", *map(str, args.seeds)]
     for s in [*RECIPE, f"schedule.milestones={milestones(args.epochs)}"]:
         cmd += ["--set", s]
     print("alexnet " + " ".join(cmd), flush=True)

@@ -389,6 +389,19 @@ def is_finished(spec: RunSpec, entry: Mapping[str, Any]) -> bool:
     return ck is not None and int(ck.rstrip("/").rsplit("-", 1)[1]) >= spec.total_steps
 
 
+def rethreshold(state: dict, specs: Sequence[RunSpec], threshold: float) -> None:
+    """Finished runs measured against another ``--threshold`` get its crossing from their history
+    (nothing is trained or evaluated again)."""
+    from cluster.study_report import crossing, read_history
+
+    for spec, entry in zip(specs, state["runs"], strict=True):
+        res = entry.get("result")
+        if res and res["threshold"] != threshold:
+            res.update(
+                crossing(read_history(spec.run_dir)[0], spec.steps_per_epoch, spec.total_steps, threshold)
+            )
+
+
 def keep_history(run_dir: Path) -> None:
     """Before a run resumes: keep its ``metrics.jsonl`` as the next ``metrics.part-K.jsonl``
     (a resumed run writes only the steps after its checkpoint; the report reads all parts)."""
@@ -699,6 +712,7 @@ def run_study(
     specs = plan_runs(study, base_layers, data, root, seeds)
     root.mkdir(parents=True, exist_ok=True)
     state = load_state(root, study, data, specs, threshold)
+    rethreshold(state, specs, threshold)
     save_state(root, state)
     runner = StudyRunner(
         root,

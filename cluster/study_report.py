@@ -143,6 +143,30 @@ def first_below(steps: Sequence[int], smoothed: Sequence[float], threshold: floa
     return next((s for s, e in zip(steps, smoothed, strict=True) if e <= threshold), None)
 
 
+def training_error(
+    step_rows: Sequence[Mapping[str, Any]], steps_per_epoch: int, total_steps: int
+) -> tuple[list[int], list[float]]:
+    """The steps done (1-based) and the training top-1 error after each, averaged over the
+    :func:`train_window` steps before it."""
+    rows = [r for r in step_rows if "top1_error" in r]
+    steps = [int(r["step"]) + 1 for r in rows]  # a row's step is the step's index: done after it
+    window = train_window(steps_per_epoch, total_steps)
+    return steps, trailing_mean([float(r["top1_error"]) for r in rows], window)
+
+
+def crossing(
+    step_rows: Sequence[Mapping[str, Any]], steps_per_epoch: int, total_steps: int, threshold: float
+) -> dict[str, Any]:
+    """When the training error (:func:`training_error`) first reached ``threshold``: its step and
+    epoch (None: never), as :func:`run_result` has them."""
+    reached = first_below(*training_error(step_rows, steps_per_epoch, total_steps), threshold)
+    return {
+        "threshold": threshold,
+        "threshold_step": reached,
+        "threshold_epochs": None if reached is None else reached / steps_per_epoch,
+    }
+
+
 def run_result(
     step_rows: Sequence[Mapping[str, Any]],
     eval_rows: Sequence[Mapping[str, Any]],
@@ -157,20 +181,14 @@ def run_result(
     ``gap`` (final center top-1 minus it: overfitting), the step (and epoch) at which the trailing
     training error first reached ``threshold``, and the training and validation curves (for the
     plots)."""
-    rows = [r for r in step_rows if "top1_error" in r]
-    steps = [int(r["step"]) + 1 for r in rows]  # a row's step is the step's index: done after it
-    window = train_window(steps_per_epoch, total_steps)
-    smoothed = trailing_mean([float(r["top1_error"]) for r in rows], window)
-    reached = first_below(steps, smoothed, threshold)
+    steps, smoothed = training_error(step_rows, steps_per_epoch, total_steps)
     train = smoothed[-1] if smoothed else None
     every = max(1, math.ceil(len(steps) / CURVE_POINTS))
     return {
         "final": dict(final) if final else None,
         "train_top1_error": train,
         "gap": final["top1_error"] - train if final and train is not None else None,
-        "threshold": threshold,
-        "threshold_step": reached,
-        "threshold_epochs": None if reached is None else reached / steps_per_epoch,
+        **crossing(step_rows, steps_per_epoch, total_steps, threshold),
         "steps": total_steps,
         "steps_per_epoch": steps_per_epoch,
         "epochs": total_steps / steps_per_epoch,
@@ -373,11 +391,12 @@ def measured_words(m: Mapping[str, Any]) -> tuple[str, str]:
     """A finding's measured value and verdict, as the report's table cells."""
     if m["metric"] == "speed":
         r = m["ratio"]
+        top1 = f"; final top-1 {_delta(m['top1'])} ({m['top1']['verdict']})"
         if r["geomean"] is None:
-            return "-", "not measured (the baseline never reached the threshold)"
+            return "the baseline never reached the threshold" + top1, "speed not measured"
         low = ">= " if r["censored"] else ""
         per = ", ".join(f"{low}{x:.2f}x" for x in r["per_seed"])
-        return f"epochs to threshold {low}{r['geomean']:.2f}x the baseline's ({per})", r["verdict"]
+        return f"epochs to threshold {low}{r['geomean']:.2f}x the baseline's ({per})" + top1, r["verdict"]
     if m["metric"] == "columns":
         per = m.get("per_seed") or []
         cells = "; ".join(" / ".join(f"{v:.3f}" for _, v in sorted(c["columns"].items())) for c in per)

@@ -343,3 +343,16 @@ def test_bad_seeds_and_study_dirs_are_refused(tiny, tmp_path):
 def test_figure_1s_plot_is_drawn_from_the_curves():  # the e2e test draws the other plots
     r = rep.run_result(_steps([0.9, 0.5, 0.2, 0.1]), [], None, 2, 4, 0.25)
     assert rep.plot_speed({"relu": [r], "tanh": [r]}, 0.25)[:4] == b"\x89PNG"
+
+
+def test_another_threshold_is_measured_from_the_history_without_training(tmp_path):
+    spec = _spec(tmp_path, "a")  # 16 steps per epoch, 20 steps: the training error over 5 steps
+    spec.run_dir.mkdir()
+    rows = _steps([0.9] * 10 + [0.4] * 10)
+    (spec.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = rep.run_result(rows, [], None, 16, 20, 0.25)
+    assert result["threshold_step"] is None
+    state = {"runs": [{"key": "a-seed0", "result": result}]}
+    st.rethreshold(state, [spec], 0.55)
+    # trailing 5-step means: after step 13 (0.9 x 2 + 0.4 x 3) / 5 = 0.6, after 14 0.5 (<= 0.55)
+    assert (result["threshold"], result["threshold_step"], result["threshold_epochs"]) == (0.55, 14, 14 / 16)
