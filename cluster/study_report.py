@@ -189,6 +189,9 @@ def run_result(
         "train_top1_error": train,
         "gap": final["top1_error"] - train if final and train is not None else None,
         **crossing(step_rows, steps_per_epoch, total_steps, threshold),
+        # steps whose rows no metrics.jsonl holds: a run killed outright (SIGKILL) wrote none for the
+        # steps before the checkpoint it resumed from; its curve and crossing lack them
+        "missing_steps": total_steps - len(steps),
         "steps": total_steps,
         "steps_per_epoch": steps_per_epoch,
         "epochs": total_steps / steps_per_epoch,
@@ -435,6 +438,8 @@ def markdown(study: Mapping[str, Any]) -> str:
             if not res
             else ("not reached" if reached is None else f"{reached} ({res['threshold_epochs']:.2f})")
         )
+        if res.get("missing_steps"):
+            at += f" ({res['missing_steps']} steps' history lost)"
         lines.append(
             f"| {r['variant']} | {r['seed']} | {r['status']} | {_pct(f.get('top1_error'))} | "
             f"{_pct(f.get('top5_error'))} | {_pct(f.get('top1_error_10crop'))} | "

@@ -56,8 +56,9 @@ def test_run_result_reads_train_error_gap_and_the_threshold_step():
     # trailing means: .9 .85 .7 .5 .35 ... -> first <= 0.36 after step 5 (the row of step index 4)
     assert r["threshold_step"] == 5 and r["threshold_epochs"] == 1.25
     assert r["val_curve"] == {"epochs": [1.0, 2.0], "top1_error": [0.5, 0.3]}
-    never = rep.run_result(_steps(errors), [], None, 4, 8, 0.05)
-    assert never["threshold_step"] is None and never["gap"] is None
+    assert r["missing_steps"] == 0
+    never = rep.run_result(_steps(errors)[3:], [], None, 4, 8, 0.05)  # steps 0-2 killed outright
+    assert never["threshold_step"] is None and never["gap"] is None and never["missing_steps"] == 3
 
 
 def _result(top1, top5=None, ten=None, epochs_to=None, gap=None, epochs=10.0):
