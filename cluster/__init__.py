@@ -22,6 +22,7 @@ One owner per concern::
     export.py       alexnet export: torch.export (and ONNX) programs, checked against predict
     finetune.py     alexnet train --init-from: a new run's starting weights from a checkpoint
     data.py         the Ray data workers
+    studies.py      the studies: paper-ablations, relu-vs-tanh, a study file (TOML)
     study.py        alexnet study: a study's runs (alexnet train runs over variants and seeds), study.json
     study_report.py the study's arithmetic, verdicts, study.md and plots (pure)
 """

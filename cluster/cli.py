@@ -332,7 +332,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Train a study's runs (those not finished yet) and write its report."""
-    from cluster.study import get_study, run_study
+    from cluster.studies import get_study
+    from cluster.study import run_study
 
     layers = job_layers(args)
     base, _ = resolve_layers(layers)  # checked once here: a bad --set is named before anything else
@@ -343,7 +344,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def add_study(sub: argparse._SubParsersAction) -> None:
-    from cluster.study import DEFAULT_THRESHOLD, STUDIES, STUDY_FORMAT
+    from cluster.studies import DEFAULT_THRESHOLD, STUDIES, STUDY_FORMAT
 
     p = subparser(
         sub,

@@ -9,9 +9,10 @@ import math
 
 import pytest
 
+from cluster import studies as sd
 from cluster import study as st
 from cluster import study_report as rep
-from cluster.config import config_layers, load_config, resolve_layers
+from cluster.config import Layer, config_layers, load_config, resolve_layers
 
 # -- the report's arithmetic ----------------------------------------------------------------------
 
@@ -159,7 +160,7 @@ set = ["data.flip=false", "model.dropout=0"]
 def test_a_study_file_reads_its_variants(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(GOOD)
-    s = st.load_study_file(f)
+    s = sd.load_study_file(f)
     assert (s.name, s.seeds, s.threshold) == ("mine", (0, 3), 0.4)
     assert [(v.name, v.finding, dict(v.sets)) for v in s.variants] == [
         ("baseline", None, {}),
@@ -186,7 +187,7 @@ def test_a_bad_study_file_is_refused_naming_the_file_and_key(tmp_path, text, wor
     f = tmp_path / "bad.toml"
     f.write_text(text)
     with pytest.raises(ValueError, match="study file .*bad.toml") as e:
-        st.load_study_file(f)
+        sd.load_study_file(f)
     assert words in str(e.value)
 
 
@@ -197,11 +198,11 @@ def test_a_bad_study_file_is_refused_naming_the_file_and_key(tmp_path, text, wor
 def test_every_paper_ablation_is_a_valid_config_unlike_the_baseline(preset):
     layers = config_layers(preset)
     base = resolve_layers(layers)[0]
-    study = st.paper_ablations(base)
+    study = sd.paper_ablations(base)
     findings = {v.finding for v in study.variants[1:]}
     assert findings == {"relu", "columns", "lrn", "pooling", "augmentation", "lighting", "dropout", "depth"}
     for v in study.variants[1:]:
-        cfg = resolve_layers([*layers, st.Layer(v.name, dict(v.sets))])[0]  # validates, grid included
+        cfg = resolve_layers([*layers, Layer(v.name, dict(v.sets))])[0]  # validates, grid included
         assert cfg.to_dict() != base.to_dict(), v.name
     one = next(v for v in study.variants if v.name == "one-column")
     assert one.sets["grid.shape"] == base.grid.shape[:-1] + "1"
@@ -212,7 +213,7 @@ def test_every_paper_ablation_is_a_valid_config_unlike_the_baseline(preset):
 
 def _spec(tmp_path, name, seed=0, **sets):
     cfg = load_config(preset="demo", overrides={"train.seed": seed, **sets})
-    return st.RunSpec(st.Variant(name, sets), seed, tmp_path / f"{name}-seed{seed}", cfg, 16, 20, 2)
+    return st.RunSpec(sd.Variant(name, sets), seed, tmp_path / f"{name}-seed{seed}", cfg, 16, 20, 2)
 
 
 def test_runs_at_once_fits_the_cluster_and_is_one_on_a_laptop():
@@ -224,7 +225,7 @@ def test_runs_at_once_fits_the_cluster_and_is_one_on_a_laptop():
 
 
 def test_study_json_keeps_status_adds_seeds_and_refuses_changed_settings(tmp_path):
-    study = st.Study("s", (st.Variant("a"),))
+    study = sd.Study("s", (sd.Variant("a"),))
     specs = [_spec(tmp_path, "a", 0)]
     state = st.load_state(tmp_path, study, "d", specs, 0.25)
     state["runs"][0]["status"] = "running"  # cut off there
@@ -239,7 +240,7 @@ def test_study_json_keeps_status_adds_seeds_and_refuses_changed_settings(tmp_pat
     with pytest.raises(ValueError, match=r"run a-seed0 was trained with other settings \(optim.lr: 0.005"):
         st.load_state(tmp_path, study, "d", changed, 0.25)
     with pytest.raises(ValueError, match="holds study 's', not 'other'"):
-        st.load_state(tmp_path, st.Study("other", study.variants), "d", specs, 0.25)
+        st.load_state(tmp_path, sd.Study("other", study.variants), "d", specs, 0.25)
 
 
 def test_a_resumed_runs_history_is_its_parts_later_winning(tmp_path):
@@ -257,7 +258,7 @@ def test_a_resumed_runs_history_is_its_parts_later_winning(tmp_path):
 
 def test_a_second_call_trains_only_what_is_not_finished(tmp_path, monkeypatch):
     specs = [_spec(tmp_path, n) for n in ("done", "cut", "new", "later")]
-    state = st.load_state(tmp_path, st.Study("s", tuple(s.variant for s in specs)), "d", specs, 0.25)
+    state = st.load_state(tmp_path, sd.Study("s", tuple(s.variant for s in specs)), "d", specs, 0.25)
     for r, status in zip(state["runs"], ("finished", "running", "pending", "pending"), strict=True):
         r["status"] = status
     monkeypatch.setattr(st, "is_finished", lambda spec, entry: entry["status"] == "finished")
@@ -320,7 +321,7 @@ def tiny(tmp_path_factory) -> str:
     ],
 )
 def test_a_bad_variant_is_refused_before_any_run(tiny, tmp_path, sets, words):
-    study = st.Study("s", (st.Variant("base"), st.Variant("v", sets)))
+    study = sd.Study("s", (sd.Variant("base"), sd.Variant("v", sets)))
     with pytest.raises(ValueError, match=words):
         st.run_study(study, config_layers("demo"), tiny, str(tmp_path / "d"), train=_never)
     assert not (tmp_path / "d").exists()  # nothing written
@@ -331,7 +332,7 @@ def _never(spec, on_coordinator):
 
 
 def test_bad_seeds_and_study_dirs_are_refused(tiny, tmp_path):
-    study = st.Study("s", (st.Variant("base"),))
+    study = sd.Study("s", (sd.Variant("base"),))
     with pytest.raises(ValueError, match=r"--seeds \[1, 1\]: give distinct integers"):
         st.run_study(study, config_layers("demo"), tiny, str(tmp_path), [1, 1], train=_never)
     (tmp_path / "f").write_text("")
