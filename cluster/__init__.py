@@ -2,7 +2,7 @@
 
 One owner per concern::
 
-    cli.py          alexnet train / config / eval / predict / export (arguments -> calls)
+    cli.py          alexnet train / config / eval / predict / export / study / filters (arguments -> calls)
     job.py          run_training: the driver's outline, top to bottom
     config.py       the typed job config; its one validation builds the Grid and the ModelConfig
     plan.py         RunPlan (the dataset checked once) and Milestones (what happens at step N)
@@ -22,4 +22,7 @@ One owner per concern::
     export.py       alexnet export: torch.export (and ONNX) programs, checked against predict
     finetune.py     alexnet train --init-from: a new run's starting weights from a checkpoint
     data.py         the Ray data workers
+    studies.py      the studies: paper-ablations, relu-vs-tanh, a study file (TOML)
+    study.py        alexnet study: a study's runs (alexnet train runs over variants and seeds), study.json
+    study_report.py the study's arithmetic, verdicts, study.md and plots (pure)
 """

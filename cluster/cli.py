@@ -13,6 +13,8 @@ The config is layered: the preset (``paper`` when only files are given), each ``
     alexnet predict --checkpoint CKPT [--json] [--ten-crop] [--features LAYER] PATH...   (cluster/predict.py)
     alexnet export --checkpoint CKPT OUT --images PATH... [--onnx]                  (cluster/export.py)
     alexnet plan [--preset NAME] [--nodes N --gpus-per-node G] [--json]             (cluster/plan_cli.py)
+    alexnet study [NAME|FILE.toml] --preset P --data SHARDS --study-dir DIR [--seeds ...]  (cluster/study.py)
+    alexnet filters CHECKPOINT [--out FILE.png] [--json]          (alexnet/filters.py, Figure 3)
 
 All validate everything before any actor starts (``alexnet config`` starts none); a ``ValueError``
 becomes a clean error message and exit code 2 (see ``alexnet/cli.py``).
@@ -31,6 +33,15 @@ from cluster.config import BASE_PRESET, PRESETS, JobConfig, Layer, config_layers
 def job_config(args: argparse.Namespace) -> tuple[JobConfig, dict[str, str]]:
     """The validated :class:`cluster.config.JobConfig` of ``alexnet train``'s arguments, layered
     ``--preset``, ``--config`` (each), ``--set``, then the flags; and each key's origin."""
+    cfg, sources = resolve_layers(job_layers(args))
+    for w in cfg.warnings():
+        print(f"alexnet {args.command}: warning: {w}", file=sys.stderr, flush=True)
+    return cfg, sources
+
+
+def job_layers(args: argparse.Namespace) -> list[Layer]:
+    """The config layers of ``alexnet train``'s (and ``study``'s) arguments: ``--preset``,
+    ``--config`` (each), ``--set``, then the flags."""
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps}: use >= 1, or leave it out to run train.epochs")
     if args.epochs is not None and args.epochs < 1:
@@ -45,10 +56,7 @@ def job_config(args: argparse.Namespace) -> tuple[JobConfig, dict[str, str]]:
         layers.append(Layer("--metrics-port", {"metrics.port": args.metrics_port}))
     if args.data:
         layers.append(Layer("--data", {"data.path": args.data}))
-    cfg, sources = resolve_layers(layers)
-    for w in cfg.warnings():
-        print(f"alexnet {args.command}: warning: {w}", file=sys.stderr, flush=True)
-    return cfg, sources
+    return layers
 
 
 def resolved_config(args: argparse.Namespace) -> tuple[JobConfig, dict[str, str]]:
@@ -331,4 +339,115 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
-SUBCOMMANDS = [add_train, add_config, add_eval, add_predict, add_export]
+def cmd_study(args: argparse.Namespace) -> int:
+    """Train a study's runs (those not finished yet) and write its report."""
+    from cluster.studies import get_study
+    from cluster.study import run_study
+
+    layers = job_layers(args)
+    base, _ = resolve_layers(layers)  # checked once here: a bad --set is named before anything else
+    if not base.data.path:
+        raise ValueError("no data: pass --data SHARDS (a directory or URL with dataset.json)")
+    study = get_study(args.name, base)
+    return run_study(study, layers, base.data.path, args.study_dir, args.seeds, args.threshold, args.preset)
+
+
+def add_study(sub: argparse._SubParsersAction) -> None:
+    from cluster.studies import DEFAULT_THRESHOLD, STUDIES, STUDY_FORMAT
+
+    p = subparser(
+        sub,
+        "study",
+        "train the paper's ablations (or a study of your own) as runs over seeds, and report the deltas",
+        "alexnet study --preset demo --data data/demo --study-dir studies/demo --steps 20",
+        "alexnet study relu-vs-tanh --preset small --data data/mine --study-dir studies/race --seeds 0 1 2",
+        "alexnet study mine.toml --preset small --data data/mine --study-dir studies/mine",
+    )
+    p.epilog += (
+        "\n\n"
+        + STUDY_FORMAT
+        + (
+            "\n\nEach run is an `alexnet train` run in STUDY_DIR/<variant>-seed<k>/; STUDY_DIR/study.json "
+            "lists them\nwith their status, so the same command again trains only what is not finished "
+            "(a run cut off\nresumes from its checkpoint). Report: STUDY_DIR/study.md, study.json, "
+            "plots/*.png."
+        )
+    )
+    p.add_argument(
+        "name",
+        nargs="?",
+        default="paper-ablations",
+        metavar="NAME",
+        help=f"{', '.join(STUDIES)} (default paper-ablations), or a study file FILE.toml",
+    )
+    _config_arguments(p)
+    p.add_argument("--study-dir", required=True, metavar="DIR", help="the study's run directories and report")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="train.seed of each run (default: the file's, or 0)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help=f"training top-1 error whose first crossing is timed (default {DEFAULT_THRESHOLD}, Figure 1's)",
+    )
+    p.set_defaults(func=cmd_study, unknown_hint=set_hint)
+
+
+def cmd_filters(args: argparse.Namespace) -> int:
+    """conv1's kernels per column as one PNG, and each column's colour measure (printed, and as JSON)."""
+    from pathlib import Path
+
+    from alexnet.filters import RANDOM_COLOUR, colour_specificity, figure3_png
+    from cluster.study import conv1_of
+
+    cols, grey, url = conv1_of(args.checkpoint)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(figure3_png(cols, f"conv1 of {url}" + (" (greyscale data)" if grey else "")))
+    measure = {str(c): colour_specificity(w) for c, w in cols.items()}
+    note = (
+        "greyscale data (R = G = B in its mean image): conv1 saw no colour, so the measure is meaningless"
+        if grey
+        else f"0: colour-agnostic kernels, 1: pure colour opposition, ~{RANDOM_COLOUR:.2f}: random kernels"
+    )
+    tree = {
+        "checkpoint": url,
+        "png": str(out),
+        "colour_specificity": measure,
+        "greyscale": grey,
+        "note": note,
+    }
+    out.with_suffix(".json").write_text(json.dumps(tree, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(tree))
+        return 0
+    for c, v in measure.items():
+        print(f"column {c}: colour specificity {v:.3f} ({cols[int(c)].shape[0]} kernels)")
+    print(f"({note})")
+    print(f"alexnet filters: {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def add_filters(sub: argparse._SubParsersAction) -> None:
+    p = subparser(
+        sub,
+        "filters",
+        "conv1's kernels, one panel per column (the paper's Figure 3), and how colour-specific each is",
+        "alexnet filters runs/demo --out conv1.png",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint dir, or a run dir (newest)")
+    p.add_argument(
+        "--out",
+        default="filters.png",
+        metavar="FILE.png",
+        help="the image (default filters.png); the measure goes to FILE.json beside it",
+    )
+    p.add_argument("--json", action="store_true", help="print the measure as one JSON line")
+    p.set_defaults(func=cmd_filters)
+
+
+SUBCOMMANDS = [add_train, add_config, add_eval, add_predict, add_export, add_study, add_filters]

@@ -343,7 +343,7 @@ class TensorBoardLog:
         """conv1's kernels per column (canonical weights ``conv1.C.weight``) as images."""
         from alexnet.filters import kernel_grid
 
-        for c in (0, 1):
+        for c in (c for c in (0, 1) if f"conv1.{c}.weight" in model):  # the one-column net has one
             img = kernel_grid(model[f"conv1.{c}.weight"])
             self.writer.add_image(f"conv1/column{c}", img, step, dataformats="HWC")
         self.writer.flush()
