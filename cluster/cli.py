@@ -348,6 +348,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     base, _ = resolve_layers(layers)  # checked once here: a bad --set is named before anything else
     if not base.data.path:
         raise ValueError("no data: pass --data SHARDS (a directory or URL with dataset.json)")
+    if base.grid.is_auto:  # one grid for every run, chosen once from the cluster as a run would
+        from cluster.job import choose_cluster_grid
+
+        base = choose_cluster_grid(base)
+        layers.append(Layer("grid.shape auto", {"grid.shape": base.grid.shape}))
     study = get_study(args.name, base)
     return run_study(study, layers, base.data.path, args.study_dir, args.seeds, args.threshold, args.preset)
 

@@ -85,7 +85,7 @@ def run_training(
     if from_checkpoint is not None and not resume:
         raise ValueError(f"--from-checkpoint {from_checkpoint} continues a run: add --resume")
     cfg = cfg.for_data(data_url)  # model.input_size from the stored images when unset
-    cfg = _resolve_grid(cfg)  # grid.shape "auto": from the cluster's resources, read once, here
+    cfg = choose_cluster_grid(cfg)  # grid.shape "auto": from the cluster's resources, read once, here
     plan, index = plan_run(cfg, data_url)
     check_run_dir(run_dir)
     point = _resume_point(run_dir, resume, cfg, plan, from_checkpoint)
@@ -264,9 +264,10 @@ def _init_weights(init_from: str, cfg: JobConfig, classes) -> dict:
     return state
 
 
-def _resolve_grid(cfg: JobConfig) -> JobConfig:
+def choose_cluster_grid(cfg: JobConfig) -> JobConfig:
     """``grid.shape = "auto"`` chosen for the cluster the run will use (:func:`cluster.run.resolve_grid`),
-    the choice printed: the run's first line. An explicit shape is returned as it is."""
+    the choice printed: the run's first line (a study's, for all its runs). An explicit shape is
+    returned as it is."""
     if not cfg.grid.is_auto:
         return cfg
     cfg, lines = resolve_grid(cfg, cluster_resources())

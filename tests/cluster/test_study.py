@@ -13,6 +13,8 @@ from cluster import studies as sd
 from cluster import study as st
 from cluster import study_report as rep
 from cluster.config import Layer, config_layers, load_config, resolve_layers
+from cluster.run import resolve_grid
+from cluster.scaling import Resources
 
 # -- the report's arithmetic ----------------------------------------------------------------------
 
@@ -198,6 +200,9 @@ def test_a_bad_study_file_is_refused_naming_the_file_and_key(tmp_path, text, wor
 def test_every_paper_ablation_is_a_valid_config_unlike_the_baseline(preset):
     layers = config_layers(preset)
     base = resolve_layers(layers)[0]
+    if base.grid.is_auto:  # the paper preset: the grid alexnet study chooses on 8 GPUs of one node
+        base = resolve_grid(base, Resources.uniform(1, 8))[0]
+        layers.append(Layer("grid.shape auto", {"grid.shape": base.grid.shape}))
     study = sd.paper_ablations(base)
     findings = {v.finding for v in study.variants[1:]}
     assert findings == {"relu", "columns", "lrn", "pooling", "augmentation", "lighting", "dropout", "depth"}
