@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from alexnet.cli import subparser
@@ -348,13 +349,35 @@ def cmd_study(args: argparse.Namespace) -> int:
     base, _ = resolve_layers(layers)  # checked once here: a bad --set is named before anything else
     if not base.data.path:
         raise ValueError("no data: pass --data SHARDS (a directory or URL with dataset.json)")
-    if base.grid.is_auto:  # one grid for every run, chosen once from the cluster as a run would
-        from cluster.job import choose_cluster_grid
-
-        base = choose_cluster_grid(base)
+    if base.grid.is_auto:
+        base = _study_grid(base, args)
         layers.append(Layer("grid.shape auto", {"grid.shape": base.grid.shape}))
     study = get_study(args.name, base)
     return run_study(study, layers, base.data.path, args.study_dir, args.seeds, args.threshold, args.preset)
+
+
+def _study_grid(base: JobConfig, args: argparse.Namespace) -> JobConfig:
+    """``grid.shape = "auto"`` for a study: one grid for every run, chosen once. On a Ray cluster
+    (``RAY_ADDRESS``, where a study starts runs side by side) for the share of it each run gets, so
+    the runs started together fill it rather than the first taking all of it
+    (:func:`cluster.scaling.study_share`); else for the whole machine, as a run would."""
+    from cluster.job import cluster_resources
+    from cluster.run import resolve_grid
+    from cluster.scaling import study_share
+    from cluster.studies import get_study
+
+    res = cluster_resources()
+    runs = 1
+    if os.environ.get("RAY_ADDRESS"):
+        variants = get_study(args.name, resolve_grid(base, res)[0]).variants  # their count only
+        runs = len(variants) * len(args.seeds)
+    at_once, share = study_share(res, runs)
+    base, lines = resolve_grid(base, share)
+    if at_once > 1:
+        lines.insert(0, f"study: {at_once} runs at once on {res.where}, each on {share.where}")
+    for line in lines:
+        print(f"[alexnet] {line}", flush=True)
+    return base
 
 
 def add_study(sub: argparse._SubParsersAction) -> None:

@@ -401,12 +401,23 @@ def _drive(coord: Coordinator, group, metrics: Metrics, trace_steps: int, on_coo
 
 
 @contextlib.contextmanager
-def _stop_on_signals(coord: Coordinator) -> Iterator[None]:
-    """SIGTERM (``ray job stop``) and Ctrl-C: finish the chunk, checkpoint, exit (main thread only;
-    a second Ctrl-C interrupts at once). The previous handlers are back when the run ends."""
+def on_stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler(signum, frame)`` on SIGTERM (``ray job stop``) and SIGINT (Ctrl-C) while the block
+    runs, the previous handlers back after it; nothing in a thread other than the main one (only it
+    can take signals)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _stop_on_signals(coord: Coordinator) -> contextlib.AbstractContextManager[None]:
+    """SIGTERM and Ctrl-C: finish the chunk, checkpoint, exit (a second Ctrl-C interrupts at once)."""
 
     def on_signal(signum, frame):
         if coord.stop_requested.is_set() and signum == signal.SIGINT:
@@ -414,12 +425,7 @@ def _stop_on_signals(coord: Coordinator) -> Iterator[None]:
         print(f"[alexnet] {signal.Signals(signum).name}: checkpointing, then exiting", flush=True)
         coord.request_stop()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return on_stop_signals(on_signal)
 
 
 def _print_result(res: JobResult) -> None:

@@ -29,6 +29,7 @@ The cost model, per rank and per step (``alexnet plan`` labels each number by it
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -566,3 +567,39 @@ def small_batch_warning(per_replica: int, replicas: int, global_batch: int) -> s
         "mostly wait. Fewer replicas (an explicit grid.shape), or a per-replica batch "
         '(optim.replica_batch_size, with optim.lr_scaling=linear: README "Scaling out")'
     )
+
+
+# -- a study's runs side by side ------------------------------------------------------------------
+def _share(nodes: Sequence[Node], k: int, unit_gpus: int) -> Node | tuple[Node, ...] | None:
+    """One run's share when ``k`` runs split ``nodes`` evenly: whole nodes each (as many nodes as
+    runs or more), else a node's GPUs split among the runs placed on it (whole replicas); None when
+    a share would hold no replica."""
+    if len(nodes) >= k:
+        return tuple(nodes[: len(nodes) // k])
+    per_node = math.ceil(k / len(nodes))
+    small = min(nodes, key=lambda n: n.gpus)
+    gpus = small.gpus // per_node // unit_gpus * unit_gpus
+    if gpus < unit_gpus:
+        return None
+    return dataclasses.replace(small, gpus=gpus, cpus=small.cpus / per_node)
+
+
+def study_share(res: Resources, runs: int, unit_gpus: int = 2) -> tuple[int, Resources]:
+    """How many of ``runs`` runs a study starts together on ``res``, and the share of it each run's
+    ``grid.shape = "auto"`` is chosen for: the split that keeps the most GPUs busy (of those, the
+    one with the most runs at once), each run at least one replica (``unit_gpus``: its two columns)
+    on one node. Without GPUs (a laptop, a CPU cluster) the runs go one after another, each on all
+    of ``res``."""
+    nodes = [n for n in res.nodes if n.gpus >= unit_gpus]
+    pairs = sum(n.gpus // unit_gpus for n in nodes)
+    whole = sum(n.gpus for n in res.nodes)
+    best = (sum(n.gpus for n in nodes), 1, res)  # one run on all of it (busy GPUs, runs, share)
+    for k in range(2, min(runs, pairs) + 1):
+        part = _share(nodes, k, unit_gpus)
+        if part is None:
+            continue
+        part = part if isinstance(part, tuple) else (part,)
+        busy = k * sum(n.gpus for n in part)
+        if busy > best[0] or (busy == best[0] and k > best[1]):
+            best = (busy, k, Resources(part, f"1/{k} of {res.where} ({whole} GPUs)"))
+    return best[1], best[2]

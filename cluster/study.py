@@ -37,7 +37,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,11 +116,11 @@ def plan_runs(
 
 @dataclass(frozen=True)
 class Slots:
-    """How many runs start together (``at_once``) and the share of the cluster each gets
-    (``share``: None, each run its own grid as configured)."""
+    """How many runs start together (``at_once``). Under ``grid.shape = "auto"`` each run's grid
+    was chosen for its share of the cluster before (``alexnet study``:
+    :func:`cluster.scaling.study_share`), so that many fit side by side."""
 
     at_once: int
-    share: Mapping[str, float] | None = None
 
 
 def run_resources(cfg: JobConfig, data_workers: int) -> dict[str, float]:
@@ -137,9 +137,7 @@ def run_resources(cfg: JobConfig, data_workers: int) -> dict[str, float]:
 def runs_at_once(cluster: Mapping[str, float] | None, need: Mapping[str, float], runs: int) -> Slots:
     """How many of ``runs`` runs, each reserving ``need``, a study starts together on ``cluster``
     (``ray.cluster_resources()``; None: an embedded local Ray, whose logical CPUs are only a count,
-    so the runs go one after another). THE HOOK for ``grid.shape = "auto"`` (issue 23): there a
-    study shares the cluster among the runs it starts together (``share``) instead of giving the
-    first run all of it."""
+    so the runs go one after another)."""
     if cluster is None or runs <= 1:
         return Slots(1)
     fits = min(int(cluster.get(k, 0.0) // v) for k, v in need.items() if v > 0)
@@ -378,13 +376,10 @@ class StudyRunner:
             if self.stop.is_set():
                 coord.request_stop()
 
-    @contextlib.contextmanager
-    def _stop_on_signals(self) -> Iterator[None]:
+    def _stop_on_signals(self) -> contextlib.AbstractContextManager[None]:
         """With runs in threads (which cannot take signals), SIGTERM and Ctrl-C stop every run in
         flight at its next checkpoint and start no more."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+        from cluster.job import on_stop_signals
 
         def on_signal(signum, frame):
             _say(f"{signal.Signals(signum).name}: stopping the runs in flight at their next checkpoint")
@@ -393,12 +388,7 @@ class StudyRunner:
                 for c in self.coordinators:
                     c.request_stop()
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+        return on_stop_signals(on_signal)
 
 
 # -- the whole command -----------------------------------------------------------------------------

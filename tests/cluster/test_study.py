@@ -363,3 +363,38 @@ def test_another_threshold_is_measured_from_the_history_without_training(tmp_pat
     st.rethreshold(state, [spec], 0.55)
     # trailing 5-step means: after step 13 (0.9 x 2 + 0.4 x 3) / 5 = 0.6, after 14 0.5 (<= 0.55)
     assert (result["threshold"], result["threshold_step"], result["threshold_epochs"]) == (0.55, 14, 14 / 16)
+
+
+def test_a_study_on_a_cluster_shares_it_among_the_runs_it_starts_together():
+    """grid.shape = "auto": the split of the cluster that keeps the most GPUs busy, then the most
+    runs at once, each run at least one replica on one node; without GPUs one run after another."""
+    from cluster.scaling import study_share
+
+    at_once, share = study_share(Resources.uniform(4, 8), 9)
+    assert at_once == 8 and [n.gpus for n in share.nodes] == [4]  # 8 runs x 4 GPUs: all 32 busy
+    at_once, share = study_share(Resources.uniform(4, 8), 27)
+    assert at_once == 16 and [n.gpus for n in share.nodes] == [2]  # 16 runs x 2 GPUs
+    at_once, share = study_share(Resources.uniform(4, 8), 2)
+    assert at_once == 2 and [n.gpus for n in share.nodes] == [8, 8]  # two whole nodes each
+    at_once, share = study_share(Resources.uniform(1, 6), 9)
+    assert at_once == 3 and [n.gpus for n in share.nodes] == [2]
+    cpu = Resources.uniform(1, 0, cpus=8)
+    assert study_share(cpu, 9) == (1, cpu) and study_share(Resources.uniform(4, 8), 1)[0] == 1
+
+
+def test_alexnet_study_chooses_each_runs_grid_for_its_share(monkeypatch, capsys):
+    import argparse
+
+    import cluster.job
+    from cluster.cli import _study_grid
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a cluster: runs side by side (never joined here)
+    monkeypatch.setattr(cluster.job, "cluster_resources", lambda: Resources.uniform(2, 4))
+    args = argparse.Namespace(name="paper-ablations", seeds=[0, 1, 2])
+    cfg = _study_grid(load_config(preset="paper"), args)
+    out = capsys.readouterr().out
+    assert cfg.grid.shape == "1x1x2", out  # 4 runs x 2 GPUs of the 8
+    assert "study: 4 runs at once" in out and "grid 1x1x2" in out, out
+    monkeypatch.delenv("RAY_ADDRESS")  # the embedded local Ray: one run at a time, on all of it
+    monkeypatch.setattr(cluster.job, "cluster_resources", lambda: Resources.uniform(1, 8))
+    assert _study_grid(load_config(preset="paper"), args).grid.shape == "4x1x2"
