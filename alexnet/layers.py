@@ -399,15 +399,6 @@ class StepContext:
         return self.sample_index.to(device=device, dtype=torch.int64)
 
 
-# A graph break under train.compile: the keys are Python ints of (seed, step), which a compiled
-# graph would bake in as constants and so recompile at every step. torch's own lazy form of
-# ``torch.compiler.disable`` (importing Dynamo costs ~1.5 s of CPU in every process that imports
-# the model, each Ray actor of a run, when the decorator runs at import; this one imports it at
-# the first call, in the processes that run a dropout layer).
-_graph_break = getattr(torch, "_disable_dynamo", torch.compiler.disable)
-
-
-@_graph_break
 def dropout_masks(
     ctx: StepContext,
     layer_columns: Sequence[tuple[int, int]],
@@ -422,6 +413,19 @@ def dropout_masks(
     over all of them costs the same few dozen elementwise ops as one mask does, which is what
     matters on a CPU, where each op on a (B, units) int64 tensor is cheap but not free.
     """
+    if torch.compiler.is_compiling():
+        return _dropout_masks_graph_break(ctx, layer_columns, batch, units, p, device)
+    return _dropout_masks(ctx, layer_columns, batch, units, p, device)
+
+
+def _dropout_masks(
+    ctx: StepContext,
+    layer_columns: Sequence[tuple[int, int]],
+    batch: int,
+    units: int,
+    p: float,
+    device: torch.device,
+) -> Tensor:
     keys = [_key32(ctx.seed, ctx.step, layer, column) for layer, column in layer_columns]
     rows = ctx.indices(batch, device) * 0x9E3779B1  # (B,)
     # each key enters as a Python scalar (a kernel argument): no tensor built from host data,
@@ -430,6 +434,13 @@ def dropout_masks(
     cols = torch.arange(units, device=device, dtype=torch.int64) * 0x85EBCA6B & _M32  # (U,)
     h = _mix32(_mix32(row_key[:, :, None] ^ cols))  # (B, K, U) uniform uint32
     return h >= int(p * 2**32)
+
+
+# A graph break under train.compile: the keys are Python ints of (seed, step), which a compiled
+# graph would bake in as constants and so recompile at every step. Reached only while Dynamo
+# traces, through torch's lazy form of ``torch.compiler.disable``: an eager process never imports
+# Dynamo for it (with sympy, ~1.3 s of CPU in every trainer rank of a run).
+_dropout_masks_graph_break = getattr(torch, "_disable_dynamo", torch.compiler.disable)(_dropout_masks)
 
 
 def dropout_mask(

@@ -1,4 +1,4 @@
-"""The paper's update rule as a ``torch.optim.Optimizer``, and the choice between it and torch's SGD.
+"""The paper's update rule as an optimizer, and the choice between it and torch's SGD.
 
 The paper (section 5) and cuda-convnet's ``weights.cu`` keep the learning rate inside the
 momentum buffer::
@@ -28,6 +28,7 @@ convert them only for a run whose rate never changed, and not for the biases' we
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -36,13 +37,20 @@ from torch import Tensor, nn
 OPTIM_RULES = ("paper", "torch")
 
 
-class PaperSGD(torch.optim.Optimizer):
+class PaperSGD:
     """The paper's momentum SGD: ``v <- mu v - wd lr w - lr g; w <- w + v`` (see the module doc).
 
     Per parameter group: ``lr``, ``momentum``, ``weight_decay`` (give biases a group with 0:
     :func:`make_optimizer` does). The buffers start at zero, so the first step is ``-lr (g + wd w)``,
     as torch's. The update is ``torch._foreach_*`` over each group's tensors, with ``lr`` a Python
     float: no per-parameter kernel loop on the host and no host-device synchronisation.
+
+    Not a ``torch.optim.Optimizer``: that base class imports Dynamo (with sympy, about as much CPU
+    as torch itself) on its first call, which every trainer rank paid at start-up for an update of
+    four lines. This class keeps the part of its interface that its callers and
+    ``torch.amp.GradScaler`` use: ``param_groups``, ``state`` (``state[p]["momentum_buffer"]``),
+    :meth:`step`, :meth:`zero_grad`, and :meth:`state_dict` / :meth:`load_state_dict` in torch's
+    layout.
     """
 
     def __init__(
@@ -53,7 +61,15 @@ class PaperSGD(torch.optim.Optimizer):
                 f"PaperSGD(lr={lr}, momentum={momentum}, weight_decay={weight_decay}): "
                 "use lr >= 0, momentum in [0, 1), weight_decay >= 0"
             )
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        self.defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.param_groups: list[dict] = [{**self.defaults, **g, "params": list(g["params"])} for g in groups]
+        self.state: defaultdict[Tensor, dict[str, Tensor]] = defaultdict(dict)
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -82,6 +98,47 @@ class PaperSGD(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["momentum_buffer"]
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop every parameter's gradient (``set_to_none``) or zero it in place."""
+        for p in self._params():
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_().requires_grad_(False).zero_()
+
+    def state_dict(self) -> dict:
+        """``{"state": {i: {"momentum_buffer": v}}, "param_groups": [...]}``, parameters by their
+        index across the groups, as ``torch.optim.Optimizer.state_dict`` lays it out."""
+        index = {id(p): i for i, p in enumerate(self._params())}
+        groups, start = [], 0
+        for g in self.param_groups:
+            groups.append(
+                {
+                    **{k: v for k, v in g.items() if k != "params"},
+                    "params": list(range(start, start + len(g["params"]))),
+                }
+            )
+            start += len(g["params"])
+        state = {index[id(p)]: dict(st) for p, st in self.state.items()}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Take a :meth:`state_dict` of an optimizer over parameters of the same shapes, in the same
+        order: the hyperparameters of each group and a copy of each buffer, on its parameter's
+        device and in its dtype."""
+        saved = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("PaperSGD.load_state_dict: the saved groups hold other parameters than these")
+        for group, g in zip(self.param_groups, saved, strict=True):
+            group.update({k: v for k, v in g.items() if k != "params"})
+        params = self._params()
+        self.state = defaultdict(dict)
+        for i, st in state_dict["state"].items():
+            p = params[int(i)]
+            self.state[p] = {k: v.detach().clone().to(p.device, p.dtype) for k, v in st.items()}
+
 
 def is_bias(name: str) -> bool:
     """Whether parameter ``name`` (``conv1.0.bias``, ``fc8.bias``) is a bias: no weight decay
@@ -95,7 +152,7 @@ def make_optimizer(
     lr: float = 0.0,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
-) -> torch.optim.Optimizer:
+) -> PaperSGD | torch.optim.SGD:
     """The optimizer of ``rule`` (``OPTIM_RULES``) over named parameters.
 
     ``"paper"``: :class:`PaperSGD` with two groups, the weights (``weight_decay``) then the biases

@@ -164,3 +164,28 @@ def test_a_trainer_or_data_actor_imports_neither_torchvision_nor_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_an_eager_training_step_imports_no_dynamo():
+    """A trainer rank's set-up and steps (the process flags, the real engine with the paper's
+    update and keyed dropout, here on a 1x2x2 grid of threads) import no Dynamo when nothing
+    compiles: torch's optimizer base class and ``torch.compiler.disable`` import it on their first
+    call (~1.3 s of CPU with sympy, in every rank of every run) for what only a compiled run uses.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from alexnet.config import ModelConfig\n"
+        "from pipeline.grid import Grid\n"
+        "from pipeline.precision import configure_backends\n"
+        "from pipeline.verify import check_nccl_rules\n"
+        "configure_backends(torch.device('cpu'), 'fp32', False, False)\n"
+        "grid = Grid.parse('1x2x2', 2, 4)\n"
+        "assert check_nccl_rules(ModelConfig.small(num_classes=10, input_size=32), grid) == []\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

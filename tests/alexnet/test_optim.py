@@ -142,3 +142,37 @@ def test_bad_rule_and_cross_rule_resume_are_refused():
         check_resume_rule("torch", "paper", "ck")
     with pytest.raises(ValueError, match="--set optim.rule=paper"):
         check_resume_rule("paper", "torch", "ck")
+
+
+def test_the_fp16_loss_scaler_steps_the_paper_rule_and_skips_an_overflow():
+    """``torch.amp.GradScaler`` (the engine's fp16 path) drives :class:`PaperSGD` as it would a
+    torch optimizer: a scaled step (a power of two: exact) equals the plain one; a step whose
+    gradients overflowed changes nothing, and the scale is halved."""
+    plain, scaled = _params(), _params()
+    opts = [make_optimizer(p.items(), "paper", 0.1, MU, WD) for p in (plain, scaled)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def loss(params, grads):  # d loss / d p = grads[p]
+        return sum((p * grads[k]).sum() for k, p in params.items())
+
+    for step in range(3):
+        grads = _grads(step, plain)
+        for opt in opts:
+            opt.zero_grad()
+        loss(plain, grads).backward()
+        opts[0].step()
+        scaler.scale(loss(scaled, grads)).backward()
+        scaler.step(opts[1])
+        scaler.update()
+    for k in plain:
+        assert torch.equal(plain[k].detach(), scaled[k].detach()), k
+    before = {k: p.detach().clone() for k, p in scaled.items()}
+    scale = scaler.get_scale()
+    grads = _grads(3, scaled)
+    grads["fc8.bias"][0] = float("inf")
+    opts[1].zero_grad()
+    scaler.scale(loss(scaled, grads)).backward()
+    scaler.step(opts[1])
+    scaler.update()
+    assert all(torch.equal(scaled[k].detach(), before[k]) for k in scaled)
+    assert scaler.get_scale() == scale / 2
