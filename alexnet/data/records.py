@@ -209,9 +209,10 @@ def read_segment(
 ) -> Iterator[Record]:
     """Records ``[start, stop)`` of a shard; never raises on bad data.
 
-    A shard that fails before its first record (cannot be opened, or not a tar) is tried
-    ``retries`` more times, then skipped with an error naming it, its records counted in
-    ``skipped_unreadable``; a compressed shard is skipped at once (:class:`ShardFormatError`). A
+    A shard that cannot be opened or read before its first record (an ``OSError``: a missing file,
+    a network blip) is tried ``retries`` more times, then skipped with an error naming it, its
+    records counted in ``skipped_unreadable``; one whose bytes are not a plain tar (compressed, or
+    no tar at all) is skipped at once: reading the same bytes again gives the same answer. A
     shard that ends early (truncated, or a read error mid-way) keeps the records read so far; the
     rest of the segment is counted in ``skipped_truncated``. Retrying is safe only before the first
     record: after it, a second try would repeat records.
@@ -231,16 +232,18 @@ def read_segment(
             _count_lost(seg, 0, attempt + 1, str(e), stats)
             return
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            error = f"{type(e).__name__}: {e}"
+            error, transient = f"{type(e).__name__}: {e}", isinstance(e, OSError)
+        else:
+            transient = False
         if i >= seg.stop:
             return
-        if i == 0 and attempt < retries:
+        if i == 0 and transient and attempt < retries:
             log.warning(
                 "shard %s: cannot read it (%s); try %d of %d", seg.url, error, attempt + 2, retries + 1
             )
             time.sleep(wait_s * 2**attempt)
             continue
-        _count_lost(seg, i, retries + 1, error, stats)
+        _count_lost(seg, i, attempt + 1, error, stats)
         return
 
 

@@ -217,6 +217,22 @@ def test_truncated_shard_counts_the_samples_it_lost(syn, tmp_path):
     assert stats2.skipped == 0 and stats2.truncated_shards == 0
 
 
+def test_a_shard_that_is_not_a_tar_is_skipped_at_once_not_retried(syn, tmp_path, caplog):
+    """Its bytes are there and are not a tar: reading them again gives the same answer, so no try
+    and no wait is spent on it (the retries are for an ``OSError``: a missing file, the network)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(syn, bad)
+    shard = DatasetIndex.load(str(bad)).shards("train")[1]
+    Path(shard.url).write_bytes(b"this is not a tar archive\n" * 40)
+    stats = ReaderStats()
+    with caplog.at_level(logging.WARNING, logger="alexnet.data"):
+        got = list(read_segment(Segment(shard.url, 5, 20), stats, retries=2, wait_s=60))
+    assert got == [] and stats.unreadable_shards == 1 and stats.skipped_unreadable == 15
+    assert not [r for r in caplog.records if "cannot read it" in r.getMessage()]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "after 1 tries" in errors[0].getMessage()
+
+
 def test_unopenable_shard_is_retried_then_skipped_with_an_error_naming_it(syn, tmp_path, caplog):
     bad = tmp_path / "bad"
     shutil.copytree(syn, bad)
