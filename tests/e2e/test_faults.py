@@ -1,12 +1,13 @@
 """Fault tolerance on real Ray actors (demo grid 1x2x2, small model, CPU, one short epoch).
 
-One undisturbed reference run (module fixture) is compared with:
+The session's undisturbed reference run (tests/e2e/conftest.py, shared with test_train.py) is
+compared with:
 
-* a trainer actor killed (``faults.kill_rank/kill_step``) on the first stage, and on the last
-  stage's second column: the run finishes at the same step, one restart counted, final weights and
-  optimizer state bit for bit equal to the reference (so the same samples consumed: a sample lost,
-  repeated or out of order changes a gradient);
-* a data worker killed mid-epoch: bit for bit the reference's weights, no trainer restart;
+* a trainer actor killed (``faults.kill_rank/kill_step``) on the first stage: the run finishes at
+  the same step, one restart counted, final weights and optimizer state bit for bit equal to the
+  reference (so the same samples consumed: a sample lost, repeated or out of order changes a
+  gradient); the last stage's second column killed together with a data worker (which Ray restarts
+  without the trainers noticing) is tests/e2e/test_train.py's;
 * NaN injected at step k: the run fails clearly and the newest complete checkpoint is from before k;
 * the driver SIGKILLed inside a checkpoint write: the previous checkpoint is complete and
   ``--resume`` continues from it to the reference's weights;
@@ -36,6 +37,7 @@ from cluster.checkpoint import list_checkpoints, load_checkpoint
 from cluster.config import load_config
 from cluster.coordinator import FAILED, FINISHED
 from cluster.job import run_training
+from tests.e2e import conftest as shared
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
@@ -73,21 +75,6 @@ def _run(cfg, shards: str, run_dir: str):
     return res, holder["c"]
 
 
-_REFERENCE: dict = {}
-
-
-@pytest.fixture
-def reference(ray_local, shards, tmp_path_factory) -> dict:
-    """The undisturbed run (computed once per module): its final checkpoint."""
-    if not _REFERENCE:
-        run_dir = str(tmp_path_factory.mktemp("ref") / "run")
-        res, coord = _run(_cfg(), shards, run_dir)
-        assert res.state == FINISHED and res.step == STEPS, res.error
-        assert [row["step"] for row in coord.report.history.steps] == list(range(STEPS))
-        _REFERENCE.update(dir=run_dir, ck=load_checkpoint(run_dir))
-    return _REFERENCE
-
-
 def _counter(coord, name: str, **labels) -> float:
     m = coord.report.metrics
     return m.registry.get_sample_value(f"alexnet_{name}", {"run": m.run, **labels}) or 0.0
@@ -104,20 +91,22 @@ def _assert_same_weights(ck, ref_ck) -> None:
 @pytest.mark.parametrize(
     "rank, step, where",
     # rank 0: stage 0, column 0 (rank 3, the last stage's second column, killed mid-run together
-    # with a data worker: tests/e2e/test_train.py::test_killed_trainer_and_data_worker_recover_bit_exact)
+    # with a data worker: tests/e2e/test_train.py::test_killed_trainer_and_data_worker_recover_bit_exact,
+    # which also shows that a killed data worker loses and repeats no sample)
     [(0, 5, "first stage")],
     ids=["first-stage"],
 )
 def test_killed_trainer_restarts_and_matches_the_undisturbed_run(
-    ray_local, shards, reference, tmp_path, rank, step, where
+    ray_local, demo_shards, reference, tmp_path, rank, step, where
 ):
-    cfg = _cfg(**{"faults.kill_rank": rank, "faults.kill_step": step})
+    cfg = shared.demo_cfg(**shared.REFERENCE, **{"faults.kill_rank": rank, "faults.kill_step": step})
+    steps = shared.REFERENCE["train.steps"]
     r, s, c = cfg.to_grid().coords(rank)
     assert (s, c) == ((0, 0) if where == "first stage" else (1, 1))
     run_dir = str(tmp_path / "run")
     t0 = time.monotonic()
-    res, coord = _run(cfg, shards, run_dir)
-    assert res.state == FINISHED and res.step == STEPS, res.error
+    res, coord = _run(cfg, demo_shards, run_dir)
+    assert res.state == FINISHED and res.step == steps, res.error
     failures = coord.policy.failures
     assert len(failures) == 1, failures
     assert failures[0].split(";")[0].split(": ", 1)[1].startswith("train steps")
@@ -125,20 +114,9 @@ def test_killed_trainer_restarts_and_matches_the_undisturbed_run(
     assert _counter(coord, "restarts_total", reason="trainer_failure") == 1
     assert _counter(coord, "state_transitions_total", to_state="recovering") == 1
     # restored from the newest checkpoint before the kill, then exactly the reference's steps
-    assert [row["step"] for row in coord.report.history.steps] == list(range(STEPS))
-    _assert_same_weights(load_checkpoint(run_dir), reference["ck"])
+    assert [row["step"] for row in coord.report.history.steps] == list(range(steps))
+    _assert_same_weights(load_checkpoint(run_dir), load_checkpoint(reference))
     assert time.monotonic() - t0 < 120
-
-
-def test_killed_data_worker_loses_and_repeats_no_sample(ray_local, shards, reference, tmp_path):
-    cfg = _cfg(**{"faults.kill_data_worker": 1, "faults.kill_data_step": 5})
-    res, coord = _run(cfg, shards, str(tmp_path / "run"))
-    assert res.state == FINISHED and res.step == STEPS, res.error
-    assert coord.policy.failures == []  # the trainers never noticed: Ray restarted the worker
-    assert _counter(coord, "data_worker_restarts_total") == 1
-    # every step saw the uninterrupted stream's batch: any sample lost, repeated or out of order
-    # would change a gradient, and so the weights and momentum
-    _assert_same_weights(load_checkpoint(str(tmp_path / "run")), reference["ck"])
 
 
 def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(ray_local, shards, tmp_path):
@@ -154,14 +132,23 @@ def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(ray_local, shar
 
 
 def test_driver_killed_inside_a_checkpoint_write_resumes_from_the_previous(
-    ray_local, shards, reference, tmp_path
+    ray_local, demo_shards, reference, tmp_path
 ):
     run_dir = tmp_path / "run"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    argv = [str(BIN / "alexnet"), "train", "--preset", "demo", "--data", shards, "--run-dir", str(run_dir)]
-    for k, v in BASE.items():
+    argv = [
+        str(BIN / "alexnet"),
+        "train",
+        "--preset",
+        "demo",
+        "--data",
+        demo_shards,
+        "--run-dir",
+        str(run_dir),
+    ]
+    for k, v in {**shared.BASE, **shared.REFERENCE}.items():  # the reference's run, to step 8
         if k != "train.steps":
-            argv += ["--set", f"{k}={v}"]
+            argv += ["--set", f"{k}={str(v).lower()}"]
     argv += ["--steps", "8"]
     # SIGKILL between the tensor files and the manifest of the step-8 checkpoint ([faults])
     kill = ["--set", "faults.kill_in_checkpoint_step=8"]
@@ -176,7 +163,7 @@ def test_driver_killed_inside_a_checkpoint_write_resumes_from_the_previous(
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "(step 4)" in r.stdout and "finished at step 8" in r.stdout, r.stdout[-3000:]
     ck = load_checkpoint(str(run_dir))
-    ref8 = load_checkpoint(f"{reference['dir']}/checkpoints/step-00000008")
+    ref8 = load_checkpoint(f"{reference}/checkpoints/step-00000008")
     _assert_same_weights(ck, ref8)
 
 

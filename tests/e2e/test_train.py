@@ -2,11 +2,15 @@
 
 * the demo trains, its loss falls, it validates and checkpoints, and the metrics endpoint serves
   every documented metric with plausible values while it runs;
-* exact resume: N steps straight == k steps + --resume + N-k steps, bit for bit on CPU (same grid,
-  also onto another data worker count mid-epoch), and within float tolerance on another grid;
+* exact resume: the shared reference's mid-epoch checkpoint resumed == the reference, bit for bit on
+  CPU (also onto another data worker count), and within float tolerance on another grid;
 * the weights do not depend on data.workers or on where the JPEGs are decoded (data.decode);
+* a killed trainer and data worker recover to the reference's weights; bf16 tracks fp32;
 * a bad config and a grid larger than the cluster fail with clear errors before training;
-* SIGTERM to the driver mid-run leaves a complete checkpoint at the step reached; --resume goes on.
+* SIGTERM to the driver mid-run leaves a complete checkpoint at the step reached (``--resume``
+  through the CLI: tests/e2e/test_faults.py and test_ray_job.py).
+
+The demo shards and the reference run are shared with test_faults.py (tests/e2e/conftest.py).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,43 +35,20 @@ from cluster.config import load_config
 from cluster.coordinator import FAILED, FINISHED
 from cluster.job import run_training
 from cluster.metrics import PREFIX, SPECS, exported_names
+from tests.e2e.conftest import REFERENCE, demo_cfg
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
 BIN = Path(sys.executable).parent
-N_IMAGES = 640  # 576 train (18 steps of 32 per epoch) + 64 val
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    from alexnet.data.writer import build_synthetic
-
-    out = str(tmp_path_factory.mktemp("data") / "demo")
-    build_synthetic(N_IMAGES, out, workers=1, progress=False)
-    return out
-
-
-# The undisturbed run the exactness tests compare with (resume, worker counts and decode sites,
-# injected faults): one run, shared, as every one of them would otherwise train it again
-REFERENCE = {"train.steps": 12, "checkpoint.every_steps": 4}
-_REFERENCE: dict[str, str] = {}
 
 
 @pytest.fixture
-def reference(ray_local, shards, tmp_path_factory) -> str:
-    """The reference run's directory (trained once per module; a function fixture, as ray_local)."""
-    if not _REFERENCE:
-        run_dir = str(tmp_path_factory.mktemp("reference") / "run")
-        res = run_training(_cfg(**REFERENCE), shards, run_dir)
-        assert res.state == FINISHED and res.step == REFERENCE["train.steps"], res.error
-        _REFERENCE["dir"] = run_dir
-    return _REFERENCE["dir"]
+def shards(demo_shards) -> str:
+    return demo_shards
 
 
 def _cfg(**sets):
-    base = {"train.steps_per_call": 2, "train.log_every_steps": 5, "checkpoint.background": True}
-    base.update(sets)
-    return load_config(preset="demo", overrides=base)
+    return demo_cfg(**sets)
 
 
 def _scrape(url: str) -> dict[str, list]:
@@ -177,59 +157,58 @@ def _weights(run_dir: str):
     return ck.step, ck.model, ck.optimizer
 
 
-def test_exact_resume_same_grid_and_other_grid(ray_local, shards, reference, tmp_path):
-    n, k = REFERENCE["train.steps"], 5  # k inside the first epoch: the data position must resume mid-epoch
-    straight, split, other = reference, str(tmp_path / "split"), str(tmp_path / "other")
-    # the run's config.toml is the run's config, resolved against the shards: `--config` reruns it
-    assert load_config(path=f"{straight}/config.toml") == _cfg(**REFERENCE).for_data(shards)
-    assert run_training(_cfg(**{"train.steps": k}), shards, split).state == FINISHED
-    shutil.copytree(split, other)
-    with pytest.raises(ValueError, match="data.streams=16"):  # mid-epoch: the sample order is 16 streams'
-        run_training(_cfg(**{"train.steps": n, "data.streams": 3}), shards, split, resume=True)
-    # the checkpoint was written with 2 data workers; resumed with 3 (they host the same 16 streams)
-    res = run_training(_cfg(**{"train.steps": n, "data.workers": 3}), shards, split, resume=True)
-    assert res.state == FINISHED and res.step == n
-    step_a, model_a, opt_a = _weights(straight)
-    step_b, model_b, opt_b = _weights(split)
-    assert step_a == step_b == n
+def _assert_equal_weights(run_a: str, run_b: str) -> None:
+    step_a, model_a, opt_a = _weights(run_a)
+    step_b, model_b, opt_b = _weights(run_b)
+    assert step_a == step_b
     for key in model_a:
         assert torch.equal(model_a[key], model_b[key]), key
         assert torch.equal(opt_a[key], opt_b[key]), key
 
-    # the step-k checkpoint of the 1x2x2 run, resumed on 2x1x2 (2 replicas of 1 stage x 2 columns:
-    # each replica reads its half of every batch from the data workers)
-    other_grid = {"train.steps": n, "grid.shape": "2x1x2", "grid.microbatches": 1}
-    res = run_training(_cfg(**other_grid), shards, other, resume=True)
-    assert res.state == FINISHED and res.step == n
+
+def test_exact_resume_same_grid_and_other_grid(ray_local, shards, reference, tmp_path):
+    """The reference's step-4 checkpoint (inside the first epoch: the data position resumes
+    mid-epoch), resumed in a new run directory, ends at the reference's bit-identical weights, also
+    with 3 data workers where it was written with 2 (they host the same 16 streams); on another grid,
+    within float tolerance."""
+    n = REFERENCE["train.steps"]
+    step4 = f"{reference}/checkpoints/step-00000004"
+    split, other = str(tmp_path / "split"), str(tmp_path / "other")
+    # the run's config.toml is the run's config, resolved against the shards: `--config` reruns it
+    assert load_config(path=f"{reference}/config.toml") == _cfg(**REFERENCE).for_data(shards)
+    with pytest.raises(ValueError, match="data.streams=16"):  # mid-epoch: the sample order is 16 streams'
+        run_training(
+            _cfg(**{**REFERENCE, "data.streams": 3}), shards, split, resume=True, from_checkpoint=step4
+        )
+    res = run_training(
+        _cfg(**{**REFERENCE, "data.workers": 3}), shards, split, resume=True, from_checkpoint=step4
+    )
+    assert res.state == FINISHED and res.step == n, res.error
+    assert [s for s, _ in list_checkpoints(split)] == [8, 12]  # it went on from step 4
+    _assert_equal_weights(reference, split)
+
+    # on 2x1x2 (2 replicas of 1 stage x 2 columns: each replica reads its half of every batch from
+    # the data workers)
+    other_grid = {**REFERENCE, "grid.shape": "2x1x2", "grid.microbatches": 1}
+    res = run_training(_cfg(**other_grid), shards, other, resume=True, from_checkpoint=step4)
+    assert res.state == FINISHED and res.step == n, res.error
+    _, model_a, _ = _weights(reference)
     _, model_c, _ = _weights(other)
     for key in model_a:
         torch.testing.assert_close(model_c[key], model_a[key], rtol=1e-4, atol=1e-5)
 
 
 def test_batches_independent_of_workers_and_decode(ray_local, shards, reference, tmp_path):
-    """data.workers 1, 2 and 3 end at bit-identical weights (the workers host the epoch's streams),
-    and data.decode=device (the stage-0 ranks decode the JPEG bytes, here on their CPU) trains to
-    the same weights as data.decode=worker: the same pixels either way. Three runs prove both (the
-    3-worker run decodes on the device; tests/cluster/test_data_workers.py holds worker counts
-    against each other with one decode, tests/alexnet/test_data_reader.py the decodes); the
-    reference run is the 2-worker, worker-decode one."""
-    runs = {
-        "w1": {"data.workers": 1, "data.decode": "worker"},
-        "w3-device": {"data.workers": 3, "data.decode": "device"},
-    }
+    """One data worker decoding nothing (data.decode=device: the stage-0 ranks decode the JPEG bytes,
+    here on their CPU) trains to the bit-identical weights of the reference's two workers decoding
+    on the host: the same batches, the same pixels. tests/cluster/test_data_workers.py holds worker
+    counts against each other with one decode, tests/alexnet/test_data_reader.py the decodes."""
     ref = _cfg(**REFERENCE).data
     assert ref.workers == 2 and ref.decode == "auto"  # auto: the data workers decode on a CPU run
-    weights = {}
-    for name, sets in runs.items():
-        res = run_training(_cfg(**{**REFERENCE, **sets}), shards, str(tmp_path / name))
-        assert res.state == FINISHED and res.step == REFERENCE["train.steps"], res.error
-        weights[name] = _weights(str(tmp_path / name))
-    _, model_a, opt_a = _weights(reference)
-    for name in ("w1", "w3-device"):
-        _, model_b, opt_b = weights[name]
-        for key in model_a:
-            assert torch.equal(model_a[key], model_b[key]), (name, key)
-            assert torch.equal(opt_a[key], opt_b[key]), (name, key)
+    run = str(tmp_path / "w1-device")
+    res = run_training(_cfg(**{**REFERENCE, "data.workers": 1, "data.decode": "device"}), shards, run)
+    assert res.state == FINISHED and res.step == REFERENCE["train.steps"], res.error
+    _assert_equal_weights(reference, run)
 
 
 def test_killed_trainer_and_data_worker_recover_bit_exact(ray_local, shards, reference, tmp_path):
@@ -252,51 +231,52 @@ def test_killed_trainer_and_data_worker_recover_bit_exact(ray_local, shards, ref
     assert len(failures) == 1 and "rank 3" in failures[0].split(";")[0], failures
     reg = coord.report.metrics.registry
     assert reg.get_sample_value("alexnet_restarts_total", {"run": "b", "reason": "trainer_failure"}) == 1
+    # Ray restarted the data worker: counted, and no trainer failure of its own (the one failure
+    # above is rank 3's); its stream resumed where it was, as the weights below show
+    assert reg.get_sample_value("alexnet_data_worker_restarts_total", {"run": "b"}) == 1
     _, model_a, opt_a = _weights(reference)
     _, model_b, opt_b = _weights(str(tmp_path / "b"))
     for key in model_a:
         assert torch.equal(model_a[key], model_b[key]) and torch.equal(opt_a[key], opt_b[key]), key
 
 
-def test_demo_trains_in_bf16(ray_local, shards, tmp_path):
+def test_demo_trains_in_bf16(ray_local, shards, reference, tmp_path):
     """``--set train.precision=bf16`` on CPU: every rank autocasts to bfloat16 (what crosses stages
-    and columns is bf16), the loss falls, and the checkpoint keeps float32 master weights."""
+    and columns is bf16), its loss tracks the fp32 reference's at every step, and the checkpoint
+    keeps float32 master weights."""
     holder = {}
-    # 30 steps, as the fp32 demo: both curves fall ~2.37 -> ~2.30 by step 20, just short of the 5 %
-    # fall this asks for (measured: bf16 and fp32 track each other to ~0.01 at every step)
-    cfg = _cfg(**{"train.steps": 30, "train.precision": "bf16"})
+    cfg = _cfg(**{**REFERENCE, "train.precision": "bf16"})
     res = run_training(cfg, shards, str(tmp_path / "run"), on_coordinator=lambda c: holder.update(c=c))
-    assert res.state == FINISHED and res.step == 30, res.error
+    assert res.state == FINISHED and res.step == REFERENCE["train.steps"], res.error
     losses = [r["loss"] for r in holder["c"].report.history.steps]
-    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5  # from the chance loss, as the fp32 demo
-    assert last < 0.95 * first and last < math.log(10), losses
+    rows = [json.loads(line) for line in Path(reference, "metrics.jsonl").read_text().splitlines()]
+    fp32 = [r["loss"] for r in rows if r["kind"] == "step"]
+    assert len(losses) == len(fp32) == REFERENCE["train.steps"]
+    # the same batches, dropout and start: bf16's 8-bit mantissa moves the loss by ~0.01 (measured)
+    assert max(abs(a - b) for a, b in zip(losses, fp32, strict=True)) < 0.1, (losses, fp32)
+    assert losses != fp32  # it did compute in bf16
     _, model, opt = _weights(str(tmp_path / "run"))
     assert {v.dtype for v in model.values()} == {v.dtype for v in opt.values()} == {torch.float32}
 
 
-def test_bad_config_is_refused_before_anything_starts(shards, tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    cmd = [
-        str(BIN / "alexnet"),
-        "train",
-        "--preset",
-        "demo",
-        "--data",
-        shards,
-        "--run-dir",
-        str(tmp_path / "r"),
-    ]
-    r = subprocess.run(cmd + ["--set", "optim.lr=fast"], capture_output=True, text=True, timeout=60, env=env)
-    assert r.returncode == 2 and "optim.lr='fast'" in r.stderr and "number" in r.stderr, r.stderr
-    r = subprocess.run(
-        cmd + ["--set", "grid.shape=1x2x3"], capture_output=True, text=True, timeout=60, env=env
-    )
-    assert r.returncode == 2 and "grid.shape" in r.stderr, r.stderr
-    r = subprocess.run(
-        cmd + ["--set", "model.num_classes=7"], capture_output=True, text=True, timeout=60, env=env
-    )
-    assert r.returncode == 2 and "model.num_classes=10" in r.stderr, r.stderr
+def test_bad_config_is_refused_before_anything_starts(shards, tmp_path, monkeypatch, capsys):
+    """Through the CLI (in this process: it refuses before it would attach to any Ray)."""
+    from alexnet.cli import main
+
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    argv = ["train", "--preset", "demo", "--data", shards, "--run-dir", str(tmp_path / "r")]
+    for sets, want in (
+        ("optim.lr=fast", ("optim.lr='fast'", "number")),
+        ("grid.shape=1x2x3", ("grid.shape",)),
+        ("model.num_classes=7", ("model.num_classes=10",)),
+    ):
+        capsys.readouterr()
+        try:
+            code = main(argv + ["--set", sets])
+        except SystemExit as e:  # an argparse refusal
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and all(w in err for w in want), (sets, err)
     assert not (tmp_path / "r").exists()
 
 
@@ -345,7 +325,7 @@ class _Proc:
         return "".join(self.lines)
 
 
-def test_sigterm_checkpoints_and_resume_continues(ray_local, shards, tmp_path):
+def test_sigterm_leaves_a_complete_checkpoint_at_the_step_reached(ray_local, shards, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     argv = [str(BIN / "alexnet"), "train", "--preset", "demo", "--data", shards, "--run-dir", str(run_dir)]
@@ -353,26 +333,14 @@ def test_sigterm_checkpoints_and_resume_continues(ray_local, shards, tmp_path):
     proc = _Proc(argv + ["--steps", "400"], env)
     try:
         proc.wait_for("step 6/400", 180)
-        t0 = time.monotonic()
         proc.p.send_signal(signal.SIGTERM)
-        rc = proc.p.wait(60)
+        rc = proc.p.wait(120)  # the grace a job gets is longer: a hang, not a time, fails this
         proc.t.join(10)
     finally:
         proc.kill()
-    assert time.monotonic() - t0 < 60
     assert rc == 143, proc.text[-3000:]
     assert "stopped at step" in proc.text, proc.text[-3000:]
     stopped = int(proc.text.split("stopped at step ")[1].split(";")[0])
     assert 6 <= stopped < 400
     assert [s for s, _ in list_checkpoints(str(run_dir))][-1] == stopped
     assert load_checkpoint(str(run_dir)).step == stopped  # complete: sizes and sha256 verified
-
-    proc = _Proc(argv + ["--steps", str(stopped + 4), "--resume"], env)
-    try:
-        rc = proc.p.wait(180)
-        proc.t.join(10)
-    finally:
-        proc.kill()
-    assert rc == 0, proc.text[-3000:]
-    assert f"(step {stopped})" in proc.text and f"finished at step {stopped + 4}" in proc.text
-    assert load_checkpoint(str(run_dir)).step == stopped + 4
