@@ -181,19 +181,40 @@ def _run_config(cfg: ModelConfig, grid: Grid, rank: int, groups: pdist.Groups, c
 
 
 def run_configs(
-    cfg: ModelConfig, configs: list[dict], timeout_s: float = 120.0, collective_timeout_s: float = 60.0
+    cfg: ModelConfig,
+    configs: list[dict],
+    timeout_s: float = 120.0,
+    collective_timeout_s: float = 60.0,
+    threads: bool = False,
 ) -> list[list[dict[str, Any]]]:
     """Run several configs that share one grid shape in ONE set of local processes (spawning
     is the slow part on a small machine). A config: ``{"grid": Grid, "steps": int, "lr": float,
     "engine_cls": optional Engine subclass, "record": optional bool, "model": optional ModelConfig
-    (instead of ``cfg``)}``. Returns ``[config][rank] -> run_rank result``."""
+    (instead of ``cfg``)}``. Returns ``[config][rank] -> run_rank result``.
+
+    ``threads``: the ranks as threads of this process (:mod:`pipeline.local_world`, gloo's
+    semantics; one intra-op thread in all) instead of gloo processes: no torch import per rank.
+    ``tests/pipeline/test_nccl_rules.py`` shows the two record the same operations and both
+    train like the reference."""
     shapes = {c["grid"].shape for c in configs}
     if len(shapes) != 1:
         raise ValueError(f"run_configs needs one grid shape per call, got {sorted(shapes)}")
+    world_size = configs[0]["grid"].world_size
+    if threads:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # the ranks share the process: no oversubscription
+        try:
+            return [
+                run_threads(
+                    lambda r, w, c=c: _run_config(cfg, c["grid"], r, local_groups(w, c["grid"], r), c),
+                    world_size,
+                )
+                for c in configs
+            ]
+        finally:
+            torch.set_num_threads(before)
     wire = [{**c, "grid": c["grid"].to_dict()} for c in configs]
-    per_rank = spawn_ranks(
-        _worker, configs[0]["grid"].world_size, (cfg, wire, collective_timeout_s), timeout_s=timeout_s
-    )
+    per_rank = spawn_ranks(_worker, world_size, (cfg, wire, collective_timeout_s), timeout_s=timeout_s)
     return [[per_rank[r][i] for r in range(len(per_rank))] for i in range(len(configs))]
 
 
