@@ -184,6 +184,24 @@ def test_trainer_failure_recovers_from_newest_checkpoint(tmp_path):
     )
 
 
+def test_a_restart_the_cluster_can_no_longer_hold_fails_clearly_keeping_the_checkpoints(tmp_path):
+    """A node lost with its trainer: the restart's reservation is refused (what
+    ``cluster.placement`` says, tests/cluster/test_placement.py), and the run fails with that
+    message at once, its checkpoints kept (on a real two-node cluster: tests/e2e/test_faults.py)."""
+    refusal = "cannot hold grid.shape='1x2x2' on this cluster (...); add nodes"
+
+    class NodeLost(FakeGroup):
+        def start(self, step, data_positions):
+            if any(c[0] == "start" for c in self.calls):
+                raise ValueError(refusal)
+            super().start(step, data_positions)
+
+    c = _coordinator(tmp_path, NodeLost(die_at=9))
+    assert c.run() == FAILED
+    assert refusal in str(c.error), c.error
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [4, 5, 8]  # 5: the epoch end
+
+
 def test_too_many_failures_fail_with_the_list(tmp_path):
     class Dying(FakeGroup):
         def train(self, first_step, steps, lr):

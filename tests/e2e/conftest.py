@@ -1,6 +1,6 @@
 """What the end-to-end modules share: the demo shards and one undisturbed reference run.
 
-The reference (demo preset, 1x2x2, 2 data workers, 12 steps inside the first epoch, a checkpoint
+The reference (demo preset, 1x2x2, 1 data worker, 12 steps inside the first epoch, a checkpoint
 every 4) is what the exactness tests of ``test_train.py`` and ``test_faults.py`` compare with: a
 resume, other worker counts and decode sites, killed trainers and data workers, a driver killed
 inside a checkpoint write. It is trained once per session, as every one of them would otherwise
@@ -15,8 +15,14 @@ from cluster.config import load_config
 from tests.conftest import start_ray_local
 
 N_IMAGES = 640  # 576 train (18 steps of 32 per epoch) + 64 val
-# the settings every run of the modules takes (the reference's and its variants')
-BASE = {"train.steps_per_call": 2, "train.log_every_steps": 5, "checkpoint.background": True}
+# the settings every run of the modules takes (the reference's and its variants'); one data worker
+# (the demo's 2 where a test says so): each is a process importing torch and torchvision
+BASE = {
+    "train.steps_per_call": 2,
+    "train.log_every_steps": 5,
+    "checkpoint.background": True,
+    "data.workers": 1,
+}
 REFERENCE = {"train.steps": 12, "checkpoint.every_steps": 4, "checkpoint.keep": 5}
 
 

@@ -15,7 +15,9 @@ compared with:
   run completes and the skipped count equals what was planted; beyond it (the default 1%) the run
   fails naming the shards;
 * a node removed from a 2-node ``ray.cluster_utils.Cluster`` (fake GPUs): recovery onto the
-  remaining node, or a clear error when the grid no longer fits (last: it replaces the session Ray).
+  remaining node (last: it replaces the session Ray). When the grid no longer fits what is left,
+  the restart fails with the reservation's error: tests/cluster/test_coordinator.py (the refusal),
+  tests/cluster/test_placement.py (its message on a real two-node cluster).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ BASE = {
     "metrics.port": -1,
     "metrics.trace_steps": 0,
     "grid.collective_timeout_s": 60.0,
+    "data.workers": 1,  # each is a process importing torch and torchvision
 }
 
 
@@ -273,7 +276,7 @@ def test_an_epoch_losing_more_than_max_skipped_fraction_fails_naming_the_shards(
 # -- multi-node: must stay last in this module (it shuts the session's Ray down) ---------------------
 
 
-def test_node_loss_recovers_on_the_remaining_node_or_fails_clearly(ray_local_shutdown, shards, tmp_path):
+def test_node_loss_recovers_on_the_remaining_node(ray_local_shutdown, shards, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -336,22 +339,6 @@ def test_node_loss_recovers_on_the_remaining_node_or_fails_clearly(ray_local_shu
         assert len(ray.nodes()) >= 1 and sum(n["Alive"] for n in ray.nodes()) == 1
         assert load_checkpoint(str(tmp_path / "a")).step == 60
 
-        # the 1x2x2 grid needs both nodes' GPUs: after losing one, the restart is a clear error
-        worker = cluster.add_node(num_cpus=4, num_gpus=2)
-        cluster.wait_for_nodes()
-        sets.update({"grid.shape": "1x2x2", "grid.placement_timeout_s": 5.0})
-
-        def on_coord2(c):
-            watcher["t"] = threading.Thread(target=lose_worker_node, args=(c,), daemon=True)
-            watcher["t"].start()
-
-        t0 = time.monotonic()
-        res = run_training(_cfg(**sets), shards, str(tmp_path / "b"), on_coordinator=on_coord2)
-        watcher["t"].join(30)
-        assert res.state == FAILED and res.exit_code == 1
-        assert "cannot hold grid.shape='1x2x2'" in res.error and "add nodes" in res.error, res.error
-        assert time.monotonic() - t0 < 150
-        assert load_checkpoint(str(tmp_path / "b")).step >= 4  # the work done so far is kept
     finally:
         ray.shutdown()
         cluster.shutdown()
