@@ -415,17 +415,6 @@ def dropout_masks(
     """
     if torch.compiler.is_compiling():
         return _dropout_masks_graph_break(ctx, layer_columns, batch, units, p, device)
-    return _dropout_masks(ctx, layer_columns, batch, units, p, device)
-
-
-def _dropout_masks(
-    ctx: StepContext,
-    layer_columns: Sequence[tuple[int, int]],
-    batch: int,
-    units: int,
-    p: float,
-    device: torch.device,
-) -> Tensor:
     keys = [_key32(ctx.seed, ctx.step, layer, column) for layer, column in layer_columns]
     rows = ctx.indices(batch, device) * 0x9E3779B1  # (B,)
     # each key enters as a Python scalar (a kernel argument): no tensor built from host data,
@@ -438,9 +427,10 @@ def _dropout_masks(
 
 # A graph break under train.compile: the keys are Python ints of (seed, step), which a compiled
 # graph would bake in as constants and so recompile at every step. Reached only while Dynamo
-# traces, through torch's lazy form of ``torch.compiler.disable``: an eager process never imports
-# Dynamo for it (with sympy, ~1.3 s of CPU in every trainer rank of a run).
-_dropout_masks_graph_break = getattr(torch, "_disable_dynamo", torch.compiler.disable)(_dropout_masks)
+# traces (the masks are then made eagerly, where is_compiling() is False), through torch's lazy
+# form of ``torch.compiler.disable``: an eager process never imports Dynamo for it (with sympy,
+# ~1.3 s of CPU in every trainer rank of a run).
+_dropout_masks_graph_break = getattr(torch, "_disable_dynamo", torch.compiler.disable)(dropout_masks)
 
 
 def dropout_mask(

@@ -17,6 +17,12 @@ import torch
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray starts its workers (every actor: trainer ranks, data workers) at nice 15, for a cluster where
+# they are the only load. On a shared test machine two CPU-bound processes at nice 0 then take ~95 %
+# of the CPU and a test's actors run ~20x slower (measured: 4 % CPU each). At nice 0 they get their
+# fair share: the suite is as steady on a loaded machine as its timeouts assume. Every Ray a test
+# starts (ray.init, Cluster, `ray start`, a CLI's) inherits this from the environment.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -279,7 +279,7 @@ def test_lost_samples_are_counted_per_epoch_and_shard(syn, tmp_path):
     index = DatasetIndex.load(str(bad))
     shards = index.shards("train")
     gone = shards[1].url
-    Path(gone).unlink()
+    Path(gone).write_bytes(b"this is not a tar archive\n" * 40)  # unreadable, and not retried
     spec = ReaderSpec(str(bad), batch_size=16, input_size=32, workers=1, shuffle_buffer=0)
     stream = Stream(spec, 0, index=index)
     for _ in range(2 * stream.steps_per_epoch):  # two epochs

@@ -133,6 +133,7 @@ def test_submit_monitor_and_resume_demo_on_a_ray_head(tmp_path, ray_local_shutdo
         PATH=f"{BIN}:{env.get('PATH', '')}",  # the project installed on the "node"
         RAY_AUTH_MODE="token",
         RAY_USAGE_STATS_ENABLED="0",
+        RAY_worker_niceness="0",  # as every Ray of the suite (tests/conftest.py)
         OMP_NUM_THREADS="1",
     )
     r = ray_cli(env, "get-auth-token", "--generate")
