@@ -107,7 +107,6 @@ def test_killed_trainer_restarts_and_matches_the_undisturbed_run(
     r, s, c = cfg.to_grid().coords(rank)
     assert (s, c) == ((0, 0) if where == "first stage" else (1, 1))
     run_dir = str(tmp_path / "run")
-    t0 = time.monotonic()
     res, coord = _run(cfg, demo_shards, run_dir)
     assert res.state == FINISHED and res.step == steps, res.error
     failures = coord.policy.failures
@@ -119,7 +118,6 @@ def test_killed_trainer_restarts_and_matches_the_undisturbed_run(
     # restored from the newest checkpoint before the kill, then exactly the reference's steps
     assert [row["step"] for row in coord.report.history.steps] == list(range(steps))
     _assert_same_weights(load_checkpoint(run_dir), load_checkpoint(reference))
-    assert time.monotonic() - t0 < 120
 
 
 def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(ray_local, shards, tmp_path):

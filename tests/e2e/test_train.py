@@ -283,9 +283,7 @@ def test_bad_config_is_refused_before_anything_starts(shards, tmp_path, monkeypa
 def test_grid_larger_than_cluster_is_a_clear_error(ray_local, shards, tmp_path):
     # 2x2x2 = 8 trainer ranks + 1 data worker > the session's 8 CPUs
     cfg = _cfg(**{"grid.shape": "2x2x2", "grid.placement_timeout_s": 3, "train.steps": 4})
-    t0 = time.monotonic()
     res = run_training(cfg, shards, str(tmp_path / "r"))
-    assert time.monotonic() - t0 < 60
     assert res.state == FAILED and res.step == 0 and res.exit_code == 1
     assert "cannot hold grid.shape='2x2x2'" in res.error and "placement_timeout_s" in res.error, res.error
     assert list_checkpoints(str(tmp_path / "r")) == []
