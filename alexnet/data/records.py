@@ -32,7 +32,7 @@ import logging
 import re
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -143,11 +143,12 @@ def _check_plain(f: Any, url: str) -> None:
     f.seek(0)
 
 
-def _members(f: Any, url: str, cap: int) -> Iterator[tuple[str, bytes | None, int]]:
-    """(name, data or None when over ``cap``, size) of each regular member, in tar order.
+def _members(f: Any, url: str) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
+    """(name, size, read) of each regular member, in tar order; ``read()`` returns its data and must
+    be called before the next member, or not at all.
 
-    Stream mode (``r|``, no compression): a member's data is read only when it is kept, and one
-    skipped is read past in blocks, so memory stays at one member of at most ``cap`` bytes.
+    Stream mode (``r|``, no compression): a member's data is read only when ``read`` is called; one
+    not read is read past in blocks, so memory stays at one member's data.
     """
     _check_plain(f, url)
     with tarfile.open(fileobj=f, mode="r|") as tf:
@@ -155,17 +156,24 @@ def _members(f: Any, url: str, cap: int) -> Iterator[tuple[str, bytes | None, in
             tf.members = []  # stream mode keeps every header read; a shard has thousands (webdataset too)
             if not m.isreg():
                 continue
-            if m.size > cap:
-                yield m.name, None, m.size
-                continue
-            member = tf.extractfile(m)
-            yield m.name, member.read() if member is not None else b"", m.size
+
+            def read(m: tarfile.TarInfo = m) -> bytes:
+                member = tf.extractfile(m)
+                return member.read() if member is not None else b""
+
+            yield m.name, m.size, read
 
 
-def _grouped(members: Iterable[tuple[str, bytes | None, int]], url: str, cap: int) -> Iterator[Record]:
-    """Members -> records: consecutive members with the same key (webdataset's rule)."""
+def _grouped(
+    members: Iterable[tuple[str, int, Callable[[], bytes]]], url: str, cap: int, skip: int = 0
+) -> Iterator[Record]:
+    """Members -> records: consecutive members with the same key (webdataset's rule). The first
+    ``skip`` records come without their data (only the headers were read: a segment that starts
+    inside a shard counts its way there); a member over ``cap`` bytes is never read, its record
+    marked bad."""
     rec: Record | None = None
-    for name, data, size in members:
+    records = 0
+    for name, size, read in members:
         m = _NAME.match(name)
         if m is None:
             continue  # no suffix: not a sample's member (webdataset skips these too)
@@ -173,13 +181,15 @@ def _grouped(members: Iterable[tuple[str, bytes | None, int]], url: str, cap: in
         if rec is None or rec["__key__"] != key:
             if rec is not None:
                 yield rec
-            rec = {"__key__": key, "__url__": url}
-        if data is None:
+            rec, records = {"__key__": key, "__url__": url}, records + 1
+        if records <= skip:
+            continue
+        if size > cap:
             rec[BAD] = f"member {name!r} is {size} bytes, over data.max_sample_bytes={cap}"
         elif suffix in rec:
             rec[BAD] = f"member {name!r} appears twice"
         else:
-            rec[suffix] = data
+            rec[suffix] = read()
     if rec is not None:
         yield rec
 
@@ -221,12 +231,15 @@ def read_segment(
         i = 0
         try:
             with fsspec.open(seg.url, "rb") as f:
-                for rec in _grouped(_members(f, seg.url, max_member_bytes), seg.url, max_member_bytes):
+                # the records before the segment's start come without their data: headers only
+                for rec in _grouped(_members(f, seg.url), seg.url, max_member_bytes, skip=seg.start):
                     if i >= seg.stop:
                         return
                     if i >= seg.start:
                         yield rec
                     i += 1
+                    if i >= seg.stop:  # before the next record's data is read
+                        return
             error = "the tar ends early"
         except ShardFormatError as e:
             _count_lost(seg, 0, attempt + 1, str(e), stats)

@@ -179,7 +179,7 @@ def write_shard(task: ShardTask) -> ShardResult:
     skipped, count = [], 0
     with ExitStack() as stack:
         f = stack.enter_context(fs.open(tmp, "wb"))
-        tw = stack.enter_context(wds.TarWriter(f, encoder=False, mtime=0.0))
+        tw = stack.enter_context(wds.TarWriter(f, encoder=False, mtime=0))
         read = _SourceBytes(task.source.get("root", ""), stack)
         for j, item in enumerate(task.items):
             try:

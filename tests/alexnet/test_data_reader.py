@@ -319,3 +319,37 @@ def test_a_stream_whose_whole_share_is_unreadable_pads_from_the_other_shares(syn
     np.testing.assert_array_equal(again.next_batch().images, a.images)  # a function of the seed
     rest = Stream(spec, v, position=a.next_position)
     assert rest.next_batch().keys == b.keys
+
+
+def test_shard_members_carry_no_pax_header(syn):
+    """The writer's members are plain ustar (an integer mtime: a float one adds a pax header to each
+    member, which doubles the headers every reader parses; bench/streams.py)."""
+    shard = DatasetIndex.load(syn).shards("train")[0].url
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    assert len(members) == 3 * 50  # cls, jpg, json per sample
+    assert all(m.pax_headers == {} and m.mtime == 0 for m in members), members[0].pax_headers
+
+
+def test_a_segment_inside_a_shard_reads_no_data_before_its_start(syn, monkeypatch):
+    """Records before a segment's start are counted from their headers: only the segment's own
+    members are extracted, and they are the records a whole read finds at those positions."""
+    from alexnet.data.records import Segment, read_segment
+
+    shard = DatasetIndex.load(syn).shards("train")[0].url
+    whole = [r["__key__"] for r in read_segment(Segment(shard, 0, 50), ReaderStats())]
+    extracted: list[str] = []
+    real = tarfile.TarFile.extractfile
+
+    def counting(self, member):
+        extracted.append(member.name)
+        return real(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", counting)
+    stats = ReaderStats()
+    got = list(read_segment(Segment(shard, 30, 33), stats))
+    assert [r["__key__"] for r in got] == whole[30:33]
+    assert all({"jpg", "cls", "json"} <= set(r) for r in got)
+    assert sorted({name.rsplit(".", 1)[0] for name in extracted}) == whole[30:33], extracted
+    assert len(extracted) == 3 * 3
+    assert stats.skipped == 0
