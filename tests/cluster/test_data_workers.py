@@ -107,7 +107,8 @@ def test_checkpoint_positions_resume_exactly(ray_local, syn):
 
 
 def test_mid_epoch_positions_resume_onto_another_worker_count(ray_local, syn):
-    """Positions of 3 streams taken with 2 workers resume with 1 or 3 workers: the same batches."""
+    """Positions of 3 streams taken with 2 workers resume with 1 worker: the same batches (onto more
+    workers than wrote them: tests/e2e/test_train.py resumes 1 worker's positions with 3)."""
     from cluster.data import DataPool
 
     ref = _reference(syn, 1, 22, streams=3)
@@ -119,13 +120,12 @@ def test_mid_epoch_positions_resume_onto_another_worker_count(ray_local, syn):
     finally:
         pool.shutdown()
     assert [p["stream"] for p in positions] == [0, 1, 2]
-    for workers in (3, 1):
-        pool = DataPool(_spec(syn, workers, streams=3), consumers=1, prefetch=1, positions=positions)
-        try:
-            for s in range(10, 22):  # crosses into epoch 1 at 18
-                _assert_same([_get(pool, s)], ref[s])
-        finally:
-            pool.shutdown()
+    pool = DataPool(_spec(syn, 1, streams=3), consumers=1, prefetch=1, positions=positions)
+    try:
+        for s in range(10, 22):  # crosses into epoch 1 at 18
+            _assert_same([_get(pool, s)], ref[s])
+    finally:
+        pool.shutdown()
 
 
 def test_one_object_per_batch_for_every_consumer(ray_local, syn):
@@ -160,12 +160,12 @@ def test_backpressure_bounds_the_queue(ray_local, syn):
     pool = DataPool(_spec(syn, 1), consumers=1, prefetch=2)
     try:
         _until(pool, "queue_depth", [3])  # prefetch + the batch held until consumers move past
-        time.sleep(1.0)  # time to run ahead, if nothing stopped it
+        time.sleep(0.5)  # time to run ahead, if nothing stopped it
         assert pool.stats()["queue_depth"] == [3] and pool.stats()["batches"] == 3
         _get(pool, 0)
         _get(pool, 1)
         _until(pool, "batches", 4)  # batch 0 released: one more made
-        time.sleep(1.0)
+        time.sleep(0.5)
         assert pool.stats()["queue_depth"] == [3] and pool.stats()["batches"] == 4
     finally:
         pool.shutdown()

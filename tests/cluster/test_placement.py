@@ -98,8 +98,8 @@ def test_data_workers_run_on_the_nodes_of_the_stage0_ranks(ray_local_shutdown, t
     cluster = Cluster()
     group = None
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=4)
+        for _ in range(2):  # no dashboard: ~10 more processes on the head that nothing here uses
+            cluster.add_node(num_cpus=4, include_dashboard=False)
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()
         sets = {"data.workers": "2", "grid.placement_timeout_s": "60"}
@@ -249,8 +249,8 @@ def test_trainer_ranks_share_their_nodes_gpus_and_take_the_one_ray_assigned(ray_
 
     cluster = Cluster()
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=2, num_gpus=2)
+        for _ in range(2):  # no dashboard: ~10 more processes on the head that nothing here uses
+            cluster.add_node(num_cpus=2, num_gpus=2, include_dashboard=False)
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()
         cfg = load_config(preset="demo", overrides={"grid.gpus_per_rank": "1", "train.device": "auto"})

@@ -98,7 +98,7 @@ def test_prometheus_scrapes_metrics_every_dashboard_query_has_data(tmp_path, sta
     port, ray_port = standin
     sd = tmp_path / "ray_sd.json"
     sd.write_text(json.dumps([{"targets": [f"127.0.0.1:{ray_port}"], "labels": {}}]))
-    config = prometheus_config(tmp_path, f"127.0.0.1:{port}", ray_sd_file=sd)
+    config = prometheus_config(tmp_path, f"127.0.0.1:{port}", ray_sd_file=sd, interval="500ms")
     r = promtool("check", "config", str(config))
     assert r.returncode == 0, r.stdout + r.stderr
     start = time.time()

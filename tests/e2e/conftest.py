@@ -5,6 +5,11 @@ every 4) is what the exactness tests of ``test_train.py`` and ``test_faults.py``
 resume, other worker counts and decode sites, killed trainers and data workers, a driver killed
 inside a checkpoint write. It is trained once per session, as every one of them would otherwise
 train it again.
+
+Where a test is not about the pipeline, its run takes :data:`ONE_STAGE` (1x1x2): cutting the net
+into stages changes no bit (the same kernels on the same tensors; what crosses a stage is copied
+exactly), so such a run must still end bit-identical to the 1x2x2 reference, and it starts two
+processes fewer. Killed trainers keep the reference's two stages.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ BASE = {
     "data.workers": 1,
 }
 REFERENCE = {"train.steps": 12, "checkpoint.every_steps": 4, "checkpoint.keep": 5}
+ONE_STAGE = {"grid.shape": "1x1x2"}  # the reference's columns, its two stages as one
 
 
 def demo_cfg(**sets):

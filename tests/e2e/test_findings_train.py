@@ -30,6 +30,7 @@ VARIANT = {
     "eval.every_epochs": 0,
     "schedule.kind": "constant",
     "train.steps_per_call": 2,
+    "data.workers": 1,  # not the demo's 2: each is a process importing torch and torchvision
 }
 
 

@@ -47,12 +47,12 @@ from tests.deploy.standin_exporter import RAY_GPU_GAUGES
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-N_IMAGES = 640  # 576 train (18 steps of 32 per epoch) + 64 val
-# Run 1 crosses two epoch ends (evaluation, checkpoints at 18 and 36: the coordinator's
+N_IMAGES = 320  # 288 train (9 steps of 32 per epoch) + 32 val
+# Run 1 crosses two epoch ends (evaluation, checkpoints at 9 and 18: the coordinator's
 # endpoint lives long enough after them to be scraped) and stops inside epoch 2, so run 2
 # resumes mid-epoch, from the data position in the checkpoint. Run 2 is long; `ray job stop`
 # ends it soon after it has shown progress.
-STEPS_1, STEPS_2 = 45, 900
+STEPS_1, STEPS_2 = 22, 900
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
@@ -193,7 +193,7 @@ def test_submit_monitor_and_resume_demo_on_a_ray_head(tmp_path, ray_local_shutdo
                 missing = [e for e in missing if not prom.has_data(e, start)]
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
-            time.sleep(2)
+            time.sleep(0.5)
         logs = ray_cli(env, "job", "logs", "--address", head.address, "e2e-run-1").stdout
         assert status == "SUCCEEDED", f"run 1 ended {status}:\n{logs[-4000:]}"
         if prom is not None:

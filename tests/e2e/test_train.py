@@ -35,7 +35,7 @@ from cluster.config import load_config
 from cluster.coordinator import FAILED, FINISHED
 from cluster.job import run_training
 from cluster.metrics import PREFIX, SPECS, exported_names
-from tests.e2e.conftest import REFERENCE, demo_cfg
+from tests.e2e.conftest import ONE_STAGE, REFERENCE, demo_cfg
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
@@ -169,8 +169,8 @@ def _assert_equal_weights(run_a: str, run_b: str) -> None:
 def test_exact_resume_same_grid_and_other_grid(ray_local, shards, reference, tmp_path):
     """The reference's step-4 checkpoint (inside the first epoch: the data position resumes
     mid-epoch), resumed in a new run directory, ends at the reference's bit-identical weights, also
-    with 3 data workers where it was written with 1 (they host the same 16 streams); on another grid,
-    within float tolerance."""
+    with 3 data workers where it was written with 1 (they host the same 16 streams) and on one stage
+    where it was written on two; on other replicas, within float tolerance."""
     n = REFERENCE["train.steps"]
     step4 = f"{reference}/checkpoints/step-00000004"
     split, other = str(tmp_path / "split"), str(tmp_path / "other")
@@ -181,7 +181,11 @@ def test_exact_resume_same_grid_and_other_grid(ray_local, shards, reference, tmp
             _cfg(**{**REFERENCE, "data.streams": 3}), shards, split, resume=True, from_checkpoint=step4
         )
     res = run_training(
-        _cfg(**{**REFERENCE, "data.workers": 3}), shards, split, resume=True, from_checkpoint=step4
+        _cfg(**{**REFERENCE, **ONE_STAGE, "data.workers": 3}),
+        shards,
+        split,
+        resume=True,
+        from_checkpoint=step4,
     )
     assert res.state == FINISHED and res.step == n, res.error
     assert [s for s, _ in list_checkpoints(split)] == [8, 12]  # it went on from step 4
@@ -200,13 +204,15 @@ def test_exact_resume_same_grid_and_other_grid(ray_local, shards, reference, tmp
 
 def test_batches_independent_of_workers_and_decode(ray_local, shards, reference, tmp_path):
     """Two data workers decoding nothing (data.decode=device: the stage-0 ranks decode the JPEG bytes,
-    here on their CPU) train to the bit-identical weights of the reference's one worker decoding
-    on the host: the same batches, the same pixels. tests/cluster/test_data_workers.py holds worker
+    here on their CPU; one stage) train to the bit-identical weights of the reference's one worker
+    decoding on the host: the same batches, the same pixels. tests/cluster/test_data_workers.py holds worker
     counts against each other with one decode, tests/alexnet/test_data_reader.py the decodes."""
     ref = _cfg(**REFERENCE).data
     assert ref.workers == 1 and ref.decode == "auto"  # auto: the data workers decode on a CPU run
     run = str(tmp_path / "w2-device")
-    res = run_training(_cfg(**{**REFERENCE, "data.workers": 2, "data.decode": "device"}), shards, run)
+    res = run_training(
+        _cfg(**{**REFERENCE, **ONE_STAGE, "data.workers": 2, "data.decode": "device"}), shards, run
+    )
     assert res.state == FINISHED and res.step == REFERENCE["train.steps"], res.error
     _assert_equal_weights(reference, run)
 
@@ -245,7 +251,7 @@ def test_demo_trains_in_bf16(ray_local, shards, reference, tmp_path):
     and columns is bf16), its loss tracks the fp32 reference's at every step, and the checkpoint
     keeps float32 master weights."""
     holder = {}
-    cfg = _cfg(**{**REFERENCE, "train.precision": "bf16"})
+    cfg = _cfg(**{**REFERENCE, **ONE_STAGE, "train.precision": "bf16"})
     res = run_training(cfg, shards, str(tmp_path / "run"), on_coordinator=lambda c: holder.update(c=c))
     assert res.state == FINISHED and res.step == REFERENCE["train.steps"], res.error
     losses = [r["loss"] for r in holder["c"].report.history.steps]
@@ -282,7 +288,7 @@ def test_bad_config_is_refused_before_anything_starts(shards, tmp_path, monkeypa
 
 def test_grid_larger_than_cluster_is_a_clear_error(ray_local, shards, tmp_path):
     # 2x2x2 = 8 trainer ranks + 1 data worker > the session's 8 CPUs
-    cfg = _cfg(**{"grid.shape": "2x2x2", "grid.placement_timeout_s": 3, "train.steps": 4})
+    cfg = _cfg(**{"grid.shape": "2x2x2", "grid.placement_timeout_s": 1, "train.steps": 4})
     res = run_training(cfg, shards, str(tmp_path / "r"))
     assert res.state == FAILED and res.step == 0 and res.exit_code == 1
     assert "cannot hold grid.shape='2x2x2'" in res.error and "placement_timeout_s" in res.error, res.error
@@ -328,6 +334,7 @@ def test_sigterm_leaves_a_complete_checkpoint_at_the_step_reached(ray_local, sha
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     argv = [str(BIN / "alexnet"), "train", "--preset", "demo", "--data", shards, "--run-dir", str(run_dir)]
     argv += ["--set", "train.steps_per_call=2", "--set", "train.log_every_steps=2"]
+    argv += ["--set", "data.workers=1", "--set", "grid.shape=1x1x2"]  # 3 processes, not the demo's 6
     proc = _Proc(argv + ["--steps", "400"], env)
     try:
         proc.wait_for("step 6/400", 180)

@@ -59,6 +59,9 @@ def trained(tmp_path_factory, _ray_finalizer) -> SimpleNamespace:
     data, run = str(root / "data"), str(root / "run")
     build_synthetic(N_IMAGES, data, workers=1, progress=False)
     argv = ["train", "--preset", "demo", "--data", data, "--run-dir", run, "--epochs", "2"]
+    # 2 trainer ranks and 1 data worker, not the demo's 4 and 2 (each a process importing torch):
+    # the trained network is the same whatever ran it
+    argv += ["--set", "grid.shape=1x1x2", "--set", "data.workers=1"]
     assert main(argv + ["--set", "metrics.port=-1"]) == 0
     rows = [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
     labels = _write_val_pngs(data, root / "held_out", HELD_OUT)
@@ -209,7 +212,7 @@ def test_init_from_fine_tunes_to_five_classes_with_conv1_frozen(trained, tmp_pat
     build_synthetic(200, data, classes=5, workers=1, progress=False)  # 180 train: 5 steps of 32 per epoch
     argv = ["train", "--preset", "demo", "--data", data, "--run-dir", run, "--steps", "6", "--init-from"]
     sets = ["--set", "model.num_classes=5", "--set", 'train.freeze=["conv1"]', "--set", "metrics.port=-1"]
-    sets += ["--set", "grid.shape=1x1x2"]  # 2 ranks start faster than the demo's 4; the freeze is the same
+    sets += ["--set", "grid.shape=1x1x2", "--set", "data.workers=1"]  # fewer processes; the same freeze
     capsys.readouterr()
     assert main(argv + [trained.run, *sets]) == 0
     out = capsys.readouterr().out
