@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -37,6 +38,30 @@ def pytest_sessionstart(session):
     root = Path(__file__).resolve().parents[1]
     for package in ("alexnet", "cluster", "pipeline", "tests", "bench"):
         compileall.compile_dir(root / package, quiet=2)
+
+
+def pytest_collection_finish(session):
+    """Start the GPU check's CPU run (``tests/test_gpu_check.py``) now, when its test was collected:
+    one core for ~30 s, beside the first tests rather than alone at its turn."""
+    name = "tests/test_gpu_check.py::test_gpu_check_runs_every_section_on_cpu_without_ray_or_webdataset"
+    if any(item.nodeid == name for item in session.items):
+        import tempfile
+        from pathlib import Path
+
+        from tests import test_gpu_check
+
+        folder = Path(tempfile.mkdtemp(prefix="gpu_check"))
+        test_gpu_check.EARLY["check"] = (test_gpu_check.start(folder), folder)
+
+
+def pytest_sessionfinish(session):
+    """An early GPU check whose test never ran (deselected after all, or the session stopped)."""
+    from tests import test_gpu_check
+
+    for proc, folder in test_gpu_check.EARLY.values():
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
