@@ -23,8 +23,9 @@ demo: $(STAMP)
 	rm -rf $(DEMO_RUN)
 	$(BIN)/alexnet train --preset demo --data $(DEMO_DATA) --run-dir $(DEMO_RUN)
 
+# Two workers: the tests with a Ray in one, in order, the others beside them (tests/streams.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
