@@ -75,7 +75,7 @@ def pytest_unconfigure(config):
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent without it
 def pytest_xdist_make_scheduler(config, log):
     """The streams of :mod:`tests.streams`."""
-    return streams.RayStreamScheduling(config, log)
+    return streams.scheduler(config, log)
 
 
 def _compile_project():

@@ -40,9 +40,10 @@ def write(units: dict[str, str]) -> None:
     tmp.replace(path)
 
 
-def RayStreamScheduling(config, log=None):  # noqa: N802 (a class, made where xdist is imported)
+def scheduler(config, log=None):
     """pytest-xdist's load-by-scope scheduling with the units above, in the collection's order (the
-    workers sort it: :func:`tests.conftest.pytest_collection_modifyitems`)."""
+    workers sort it: :func:`tests.conftest.pytest_collection_modifyitems`). Its class is made here,
+    where pytest-xdist is imported: a plain run does without it."""
     from xdist.scheduler import LoadScopeScheduling
 
     class _Scheduling(LoadScopeScheduling):

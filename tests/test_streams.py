@@ -81,7 +81,7 @@ def test_the_scheduler_deals_each_ray_stream_as_one_unit_in_the_workers_order(tm
     order = _sorted(True, tmp_path, monkeypatch)
     option = SimpleNamespace(loadscopereorder=True)
     config = SimpleNamespace(option=option, getvalue=lambda name: {"tx": ["2*popen"]}[name])  # -n 2
-    sched = streams.RayStreamScheduling(config)
+    sched = streams.scheduler(config)
     assert isinstance(sched, LoadScopeScheduling)
     assert config.option.loadscopereorder is False  # the biggest unit first would put CLUSTERS first
     units = [sched._split_scope(nodeid) for nodeid in order]
