@@ -2,23 +2,15 @@
 what the GPU run will be read for (the script must not die halfway on the first GPU it meets).
 
 It runs as on the bare GPU machine: ``ray`` and ``webdataset`` unimportable (modules that raise
-ImportError, first on the path of the check and of every process it spawns).
-
-The check takes ~30 s of one core (one torch thread, as on the GPU machine's CPU side), most of it
-Inductor compiling a step. When this test is among those collected, ``tests/conftest.py`` starts it
-right after collection (:func:`start`), so it runs beside the suite's first, mostly one-threaded
-tests instead of with the other core idle; the test then reads its answer (or starts it, when it
-was not started early)."""
+ImportError, first on the path of the check and of every process it spawns)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = (
@@ -43,52 +35,21 @@ def _without(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _env(stubs: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{stubs}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
-
-
-def start(folder: Path) -> subprocess.Popen:
-    """``bench/gpu_check.py --device cpu`` in a process of its own, ``ABSENT`` stubbed out (in
-    ``folder``), its output in ``folder``'s files; its answer: :func:`finish`."""
-    stubs = _without(folder)
-    with (
-        open(folder / "stdout", "w") as out,
-        open(folder / "stderr", "w") as err,
-    ):  # the child keeps its copies
-        return subprocess.Popen(
-            # a budget above the GPU's 450 s: on a busy CPU the compiled step takes minutes to build
-            [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--budget-s", "900"],
-            stdout=out,
-            stderr=err,
-            env=_env(stubs),
-            cwd=ROOT,
-        )
-
-
-def finish(proc: subprocess.Popen, folder: Path, timeout_s: float = 980) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of :func:`start`'s process; killed after ``timeout_s``."""
-    try:
-        rc = proc.wait(timeout_s)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return rc, (folder / "stdout").read_text(), (folder / "stderr").read_text()
-
-
-EARLY: dict[str, tuple[subprocess.Popen, Path]] = {}  # started by tests/conftest.py after collection
-
-
 def test_gpu_check_runs_every_section_on_cpu_without_ray_or_webdataset(tmp_path):
     stubs = _without(tmp_path)
+    env = {**os.environ, "PYTHONPATH": f"{stubs}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
     for name in ABSENT:  # the stubs work: the package cannot be imported
-        probe = subprocess.run([sys.executable, "-c", f"import {name}"], env=_env(stubs), capture_output=True)
+        probe = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True)
         assert probe.returncode != 0
-    proc, folder = EARLY.pop("check", None) or (start(tmp_path), tmp_path)
-    returncode, stdout, stderr = finish(proc, folder)
-    if folder != tmp_path:
-        shutil.rmtree(folder, ignore_errors=True)
-    proc = SimpleNamespace(returncode=returncode, stdout=stdout, stderr=stderr)
+    proc = subprocess.run(
+        # a budget above the GPU's 450 s: on a busy CPU the compiled step takes minutes to build
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--budget-s", "900"],
+        capture_output=True,
+        text=True,
+        timeout=980,
+        env=env,
+        cwd=ROOT,
+    )
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr[-3000:]
     out = json.loads(lines[-1])  # one JSON line, last

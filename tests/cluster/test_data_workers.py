@@ -160,12 +160,12 @@ def test_backpressure_bounds_the_queue(ray_local, syn):
     pool = DataPool(_spec(syn, 1), consumers=1, prefetch=2)
     try:
         _until(pool, "queue_depth", [3])  # prefetch + the batch held until consumers move past
-        time.sleep(0.5)  # time to run ahead, if nothing stopped it
+        time.sleep(1.0)  # time to run ahead, if nothing stopped it
         assert pool.stats()["queue_depth"] == [3] and pool.stats()["batches"] == 3
         _get(pool, 0)
         _get(pool, 1)
         _until(pool, "batches", 4)  # batch 0 released: one more made
-        time.sleep(0.5)
+        time.sleep(1.0)
         assert pool.stats()["queue_depth"] == [3] and pool.stats()["batches"] == 4
     finally:
         pool.shutdown()

@@ -184,11 +184,11 @@ def test_buffer_is_bounded_batches_released_and_a_new_pass_replaces_the_old(ray_
 
     def made(at_least: int) -> int:
         """Batches made once there are ``at_least`` (waited for: a loaded machine decodes slowly),
-        read again half a second later: a producer that does not stop there has made more by then."""
+        read again a second later: a producer that does not stop there has made more by then."""
         deadline = time.monotonic() + 120
         while ray.get(w.val_stats.remote())[1]["batches"] < at_least and time.monotonic() < deadline:
             time.sleep(0.2)
-        time.sleep(0.5)
+        time.sleep(1.0)
         return ray.get(w.val_stats.remote())[1]["batches"]
 
     assert made(BUFFER) == BUFFER  # nothing fetched: it stops BUFFER batches ahead
