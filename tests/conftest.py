@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 import torch
@@ -92,33 +91,8 @@ def _compile_project():
         compileall.compile_dir(root / package, quiet=2)
 
 
+# the longest test without a Ray (~30 s of one core): first in its worker under pytest-xdist
 GPU_CHECK = "tests/test_gpu_check.py::test_gpu_check_runs_every_section_on_cpu_without_ray_or_webdataset"
-
-
-def pytest_collection_finish(session):
-    """In a plain run, start the GPU check's CPU run (``tests/test_gpu_check.py``) now, when its test
-    was collected: one core for ~30 s, beside the first tests rather than alone at its turn. (Under
-    pytest-xdist every worker collects; the test runs first in the worker without Ray instead.)"""
-    if hasattr(session.config, "workerinput"):
-        return
-    if any(item.nodeid == GPU_CHECK for item in session.items):
-        import tempfile
-        from pathlib import Path
-
-        from tests import test_gpu_check
-
-        folder = Path(tempfile.mkdtemp(prefix="gpu_check"))
-        test_gpu_check.EARLY["check"] = (test_gpu_check.start(folder), folder)
-
-
-def pytest_sessionfinish(session):
-    """An early GPU check whose test never ran (deselected after all, or the session stopped)."""
-    from tests import test_gpu_check
-
-    for proc, folder in test_gpu_check.EARLY.values():
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 # The fixtures through which a test starts or uses a Ray (``item.fixturenames`` is the closure, so

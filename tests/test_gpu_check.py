@@ -2,7 +2,11 @@
 what the GPU run will be read for (the script must not die halfway on the first GPU it meets).
 
 It runs as on the bare GPU machine: ``ray`` and ``webdataset`` unimportable (modules that raise
-ImportError, first on the path of the check and of every process it spawns)."""
+ImportError, first on the path of the check and of every process it spawns).
+
+The check takes ~30 s of one core (one torch thread, as on the GPU machine's CPU side), most of it
+Inductor compiling a step. Under ``make test`` (pytest-xdist) it is the first test of the worker
+without Ray, beside the tests on Ray (tests/streams.py)."""
 
 from __future__ import annotations
 
